@@ -1,0 +1,140 @@
+//! Avro encoding in the Confluent wire format (magic byte, 4-byte schema id, Avro datum),
+//! with schemas registered under TopicRecordNameStrategy so one topic carries many event types.
+
+use std::collections::HashMap;
+
+use schema_registry_converter::async_impl::avro::{AvroDecoder, AvroEncoder};
+use schema_registry_converter::async_impl::schema_registry::SrSettings;
+use schema_registry_converter::error::SRCError;
+use schema_registry_converter::schema_registry_common::{SchemaType, SubjectNameStrategy, SuppliedSchema};
+
+use crate::error::PipelineError;
+use crate::events::{self, erased::ErasedWire, Event, CATALOGUE};
+use crate::schemas;
+use crate::topics::Topics;
+
+/// Encodes and decodes medpipe events against one Schema Registry.
+pub struct Codec {
+    encoder: AvroEncoder,
+    decoder: AvroDecoder,
+    /// Subject strategy per event type; each carries its schema so first use registers it.
+    strategies: HashMap<&'static str, SubjectNameStrategy>,
+}
+
+impl std::fmt::Debug for Codec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Codec")
+            .field("event_types", &self.strategies.len())
+            .finish()
+    }
+}
+
+fn sr_error(context: impl Into<String>, e: SRCError) -> PipelineError {
+    PipelineError::SchemaRegistry {
+        context: context.into(),
+        message: e.to_string(),
+        retriable: e.retriable,
+    }
+}
+
+impl Codec {
+    /// Builds a codec for the pipeline whose topics are `topics`. Makes no network call.
+    pub fn new(registry_url: &str, topics: &Topics) -> Result<Self, PipelineError> {
+        let settings = || {
+            SrSettings::new_builder(registry_url.to_string())
+                .no_proxy()
+                .set_timeout(std::time::Duration::from_secs(10))
+                .build()
+                .map_err(|e| sr_error("settings", e))
+        };
+        let mut strategies = HashMap::new();
+        for spec in CATALOGUE {
+            let schema = schemas::event_schema(spec)?;
+            let supplied = SuppliedSchema::new(Some(spec.full_name()), SchemaType::Avro, schema);
+            strategies.insert(
+                spec.name,
+                SubjectNameStrategy::TopicRecordNameStrategyWithSchema(
+                    topics.name(spec.topic),
+                    supplied,
+                ),
+            );
+        }
+        Ok(Codec {
+            encoder: AvroEncoder::new(settings()?),
+            decoder: AvroDecoder::new(settings()?),
+            strategies,
+        })
+    }
+
+    /// Registers every event schema, in the catalogue's fixed order. The registry keeps
+    /// schemas in memory only, so a fixed order gives the same ids after a registry restart.
+    pub async fn register_all(&self) -> Result<(), PipelineError> {
+        for spec in CATALOGUE {
+            let strategy = self.strategy(spec.name)?;
+            let subject = strategy
+                .get_subject()
+                .map_err(|e| sr_error(spec.name, e))?;
+            self.encoder
+                .get_schema_and_id(&subject, strategy.clone())
+                .await
+                .map_err(|e| sr_error(format!("register {subject}"), e))?;
+        }
+        Ok(())
+    }
+
+    fn strategy(&self, event_type: &str) -> Result<&SubjectNameStrategy, PipelineError> {
+        self.strategies
+            .get(event_type)
+            .ok_or_else(|| PipelineError::Encode {
+                event_type: event_type.to_string(),
+                message: "not in the event catalogue".into(),
+            })
+    }
+
+    /// Encodes an event in the Confluent wire format.
+    pub async fn encode(&self, event: &Event) -> Result<Vec<u8>, PipelineError> {
+        let event_type = event.event_type();
+        let strategy = self.strategy(event_type)?;
+        let value = events::with_wire(event, |w: &dyn ErasedWire| w.to_avro_value()).map_err(
+            |e| PipelineError::Encode {
+                event_type: event_type.to_string(),
+                message: e.to_string(),
+            },
+        )?;
+        self.encoder
+            .encode_value(value, strategy)
+            .await
+            .map_err(|e| {
+                if e.retriable {
+                    sr_error(format!("encode {event_type}"), e)
+                } else {
+                    PipelineError::Encode {
+                        event_type: event_type.to_string(),
+                        message: e.to_string(),
+                    }
+                }
+            })
+    }
+
+    /// Decodes a Confluent-framed Avro event. Bad bytes, unknown schema ids and unknown
+    /// event types are `Decode` errors (dead-letter); an unreachable registry is retriable.
+    pub async fn decode(&self, bytes: &[u8]) -> Result<Event, PipelineError> {
+        let result = self.decoder.decode(Some(bytes)).await.map_err(|e| {
+            if e.retriable {
+                sr_error("decode", e)
+            } else {
+                PipelineError::Decode(e.to_string())
+            }
+        })?;
+        let name = result
+            .name
+            .ok_or_else(|| PipelineError::Decode("message is not an Avro record".into()))?;
+        events::from_avro(name.name(), result.value).map_err(PipelineError::Decode)
+    }
+
+    /// Forgets cached registry failures, so a retry after an outage reaches the registry.
+    pub fn clear_cached_errors(&self) {
+        self.encoder.remove_errors_from_cache();
+        self.decoder.remove_errors_from_cache();
+    }
+}

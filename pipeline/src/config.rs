@@ -1,0 +1,141 @@
+//! Command-line and environment configuration shared by every stage binary.
+//! Each field has an `env = "MEDPIPE_..."` twin, since Kubernetes injects env.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::crypto::{KeyRef, Secret};
+use crate::error::PipelineError;
+use crate::topics::Topics;
+
+/// Where Kafka and the Schema Registry are, and which topics this pipeline uses.
+#[derive(clap::Args, Debug, Clone)]
+pub struct KafkaArgs {
+    #[arg(long, env = "MEDPIPE_BOOTSTRAP_SERVERS", default_value = "127.0.0.1:9092")]
+    pub bootstrap_servers: String,
+    #[arg(long, env = "MEDPIPE_SCHEMA_REGISTRY_URL", default_value = "http://127.0.0.1:8081")]
+    pub schema_registry_url: String,
+    /// All topic names start with this prefix (`<prefix>.ingestion.v1`, ...).
+    #[arg(long, env = "MEDPIPE_TOPIC_PREFIX", default_value = "medpipe")]
+    pub topic_prefix: String,
+    /// Partitions for topics this process creates when they are missing.
+    #[arg(long, env = "MEDPIPE_TOPIC_PARTITIONS", default_value_t = 3)]
+    pub topic_partitions: i32,
+}
+
+impl KafkaArgs {
+    pub fn topics(&self) -> Topics {
+        Topics::new(self.topic_prefix.clone())
+    }
+
+    pub fn validate(&self) -> Result<(), PipelineError> {
+        if self.topic_partitions < 1 {
+            return Err(PipelineError::Config(
+                "--topic-partitions must be at least 1".into(),
+            ));
+        }
+        if self.topic_prefix.is_empty() || self.topic_prefix.contains(char::is_whitespace) {
+            return Err(PipelineError::Config(
+                "--topic-prefix must be non-empty and contain no spaces".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// How the transactional runner batches work.
+#[derive(clap::Args, Debug, Clone)]
+pub struct RunnerArgs {
+    /// Distinguishes replicas of one stage; part of the transactional id, so it must be
+    /// stable across restarts of the same replica (a StatefulSet ordinal, for example).
+    #[arg(long, env = "MEDPIPE_INSTANCE_ID", default_value = "0")]
+    pub instance_id: String,
+    /// Consumer group; defaults to `<topic prefix>-<stage>`.
+    #[arg(long, env = "MEDPIPE_GROUP_ID")]
+    pub group_id: Option<String>,
+    /// Most input messages in one transaction.
+    #[arg(long, env = "MEDPIPE_BATCH_MAX_MESSAGES", default_value_t = 500)]
+    pub batch_max_messages: usize,
+    /// Longest time spent collecting one transaction's input.
+    #[arg(long, env = "MEDPIPE_BATCH_MAX_WAIT", default_value = "100ms", value_parser = humantime::parse_duration)]
+    pub batch_max_wait: Duration,
+    #[arg(long, env = "MEDPIPE_TRANSACTION_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
+    pub transaction_timeout: Duration,
+    /// Upper bound of librdkafka's prefetch queue, so a slow stage has bounded memory.
+    #[arg(long, env = "MEDPIPE_QUEUED_MAX_KBYTES", default_value_t = 16384)]
+    pub queued_max_kbytes: u32,
+}
+
+impl RunnerArgs {
+    pub fn validate(&self) -> Result<(), PipelineError> {
+        if self.batch_max_messages == 0 {
+            return Err(PipelineError::Config(
+                "--batch-max-messages must be at least 1".into(),
+            ));
+        }
+        if self.transaction_timeout < Duration::from_secs(2) {
+            return Err(PipelineError::Config(
+                "--transaction-timeout must be at least 2s".into(),
+            ));
+        }
+        if self.batch_max_wait * 4 > self.transaction_timeout {
+            return Err(PipelineError::Config(
+                "--batch-max-wait must be well below --transaction-timeout (at most a quarter)"
+                    .into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Metrics endpoint and log format.
+#[derive(clap::Args, Debug, Clone)]
+pub struct TelemetryArgs {
+    /// Address for /metrics, /healthz and /readyz. Port 0 picks a free port (logged).
+    #[arg(long, env = "MEDPIPE_METRICS_ADDR")]
+    pub metrics_addr: Option<SocketAddr>,
+    #[arg(long, env = "MEDPIPE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// A 32-byte key given inline (hex) or as a file holding the hex, with its id.
+#[derive(Debug, Clone)]
+pub struct KeySource {
+    pub id: String,
+    pub hex: Option<Secret<String>>,
+    pub file: Option<PathBuf>,
+}
+
+impl KeySource {
+    /// Loads the key; `what` names it in errors (e.g. "--master-key").
+    pub fn load(&self, what: &str) -> Result<KeyRef, PipelineError> {
+        let hex = match (&self.hex, &self.file) {
+            (Some(h), None) => h.expose().clone(),
+            (None, Some(path)) => std::fs::read_to_string(path)
+                .map_err(|e| PipelineError::io(path.display().to_string(), e))?,
+            (Some(_), Some(_)) => {
+                return Err(PipelineError::Config(format!(
+                    "give {what} inline or as a file, not both"
+                )))
+            }
+            (None, None) => {
+                return Err(PipelineError::Config(format!(
+                    "{what} is required (64 hex characters, or {what}-file)"
+                )))
+            }
+        };
+        KeyRef::from_hex(&self.id, &hex)
+    }
+}
+
+/// clap value parser that wraps the value so it never shows in `Debug`.
+pub fn parse_secret(s: &str) -> Result<Secret<String>, String> {
+    Ok(Secret::new(s.to_string()))
+}

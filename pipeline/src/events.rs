@@ -1,0 +1,345 @@
+//! The event envelope and every event type medpipe emits. The set is closed: one
+//! `Payload` variant per Avro schema in `schemas/`, declared once in `catalogue!`.
+
+use chrono::Utc;
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::topics::TopicKind;
+
+/// The envelope fields every event carries (see `schemas/envelope.avsc`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Header {
+    pub event_id: String,
+    pub event_type: String,
+    /// Microseconds since the Unix epoch, UTC.
+    pub occurred_at: i64,
+    /// The batch id.
+    pub correlation_id: String,
+    /// The event that caused this one, if any.
+    pub causation_id: Option<String>,
+    pub source_service: String,
+    pub schema_version: i32,
+}
+
+/// One medpipe event: the envelope plus a payload that needs no further lookup.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Event {
+    pub header: Header,
+    pub payload: Payload,
+}
+
+impl Event {
+    /// A new event with a fresh id and the current time.
+    pub fn new(
+        source_service: &str,
+        correlation_id: &str,
+        causation_id: Option<&str>,
+        payload: Payload,
+    ) -> Self {
+        Event {
+            header: Header {
+                event_id: Uuid::new_v4().to_string(),
+                event_type: payload.event_type().to_string(),
+                occurred_at: Utc::now().timestamp_micros(),
+                correlation_id: correlation_id.to_string(),
+                causation_id: causation_id.map(str::to_string),
+                source_service: source_service.to_string(),
+                schema_version: payload.schema_version(),
+            },
+            payload,
+        }
+    }
+
+    /// A new event caused by `cause`, in the same batch.
+    pub fn caused_by(cause: &Event, source_service: &str, payload: Payload) -> Self {
+        Event::new(
+            source_service,
+            &cause.header.correlation_id,
+            Some(&cause.header.event_id),
+            payload,
+        )
+    }
+
+    pub fn event_type(&self) -> &'static str {
+        self.payload.event_type()
+    }
+}
+
+/// How an event looks on the wire, borrowed for encoding.
+#[derive(Serialize)]
+pub(crate) struct WireOut<'a, P> {
+    pub event_id: &'a str,
+    pub event_type: &'a str,
+    pub occurred_at: i64,
+    pub correlation_id: &'a str,
+    pub causation_id: Option<&'a str>,
+    pub source_service: &'a str,
+    pub schema_version: i32,
+    pub payload: &'a P,
+}
+
+/// How an event looks on the wire, owned for decoding.
+#[derive(Deserialize)]
+pub(crate) struct WireIn<P> {
+    pub event_id: String,
+    pub event_type: String,
+    pub occurred_at: i64,
+    pub correlation_id: String,
+    pub causation_id: Option<String>,
+    pub source_service: String,
+    pub schema_version: i32,
+    pub payload: P,
+}
+
+impl<P> WireIn<P> {
+    pub(crate) fn split(self) -> (Header, P) {
+        (
+            Header {
+                event_id: self.event_id,
+                event_type: self.event_type,
+                occurred_at: self.occurred_at,
+                correlation_id: self.correlation_id,
+                causation_id: self.causation_id,
+                source_service: self.source_service,
+                schema_version: self.schema_version,
+            },
+            self.payload,
+        )
+    }
+}
+
+pub(crate) fn wire_out<'a, P>(h: &'a Header, payload: &'a P) -> WireOut<'a, P> {
+    WireOut {
+        event_id: &h.event_id,
+        event_type: &h.event_type,
+        occurred_at: h.occurred_at,
+        correlation_id: &h.correlation_id,
+        causation_id: h.causation_id.as_deref(),
+        source_service: &h.source_service,
+        schema_version: h.schema_version,
+        payload,
+    }
+}
+
+/// Static description of one event type.
+#[derive(Debug)]
+pub struct EventSpec {
+    /// Record name, also the `event_type` string.
+    pub name: &'static str,
+    /// Avro namespace; the registered record's full name is `namespace.name`.
+    pub namespace: &'static str,
+    /// The topic the event lives on.
+    pub topic: TopicKind,
+    /// Version of the schema file, carried in `schema_version`.
+    pub version: i32,
+    /// Path below `schemas/`.
+    pub file: &'static str,
+    /// The payload record schema, as written in `schemas/`.
+    pub payload_schema: &'static str,
+}
+
+impl EventSpec {
+    pub fn full_name(&self) -> String {
+        format!("{}.{}", self.namespace, self.name)
+    }
+}
+
+macro_rules! catalogue {
+    ($( $variant:ident { ns: $ns:literal, topic: $topic:expr, version: $version:literal, file: $file:literal } )*) => {
+        /// Every event payload. Adding a variant means adding a schema file too.
+        #[derive(Debug, Clone, PartialEq)]
+        pub enum Payload {
+            $( $variant($variant), )*
+        }
+
+        impl Payload {
+            pub fn event_type(&self) -> &'static str {
+                match self { $( Payload::$variant(_) => stringify!($variant), )* }
+            }
+
+            pub fn schema_version(&self) -> i32 {
+                match self { $( Payload::$variant(_) => $version, )* }
+            }
+
+            pub fn topic_kind(&self) -> TopicKind {
+                match self { $( Payload::$variant(_) => $topic, )* }
+            }
+        }
+
+        /// Every event type, in the fixed order schemas are registered in.
+        pub static CATALOGUE: &[EventSpec] = &[
+            $( EventSpec {
+                name: stringify!($variant),
+                namespace: $ns,
+                topic: $topic,
+                version: $version,
+                file: $file,
+                payload_schema: include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/../schemas/", $file)),
+            }, )*
+        ];
+
+        /// Serializes an event with the payload's concrete type.
+        pub(crate) fn with_wire<R>(
+            event: &Event,
+            f: impl FnOnce(&dyn erased::ErasedWire) -> R,
+        ) -> R {
+            match &event.payload {
+                $( Payload::$variant(p) => f(&wire_out(&event.header, p)), )*
+            }
+        }
+
+        /// Rebuilds an event from a decoded Avro value, dispatching on the record name.
+        pub(crate) fn from_avro(
+            name: &str,
+            value: apache_avro::types::Value,
+        ) -> Result<Event, String> {
+            match name {
+                $( stringify!($variant) => {
+                    let wire: WireIn<$variant> =
+                        apache_avro::from_value(&value).map_err(|e| format!("{} does not match its schema: {e}", name))?;
+                    let (header, payload) = wire.split();
+                    Ok(Event { header, payload: Payload::$variant(payload) })
+                } )*
+                other => Err(format!("unknown event type {other}")),
+            }
+        }
+    };
+}
+
+/// Lets the codec encode any `WireOut<P>` without knowing `P`.
+pub(crate) mod erased {
+    pub trait ErasedWire {
+        fn to_avro_value(&self) -> Result<apache_avro::types::Value, apache_avro::Error>;
+    }
+
+    impl<T: serde::Serialize> ErasedWire for T {
+        fn to_avro_value(&self) -> Result<apache_avro::types::Value, apache_avro::Error> {
+            apache_avro::to_value(self)
+        }
+    }
+}
+
+catalogue! {
+    DataIngestionCreated { ns: "medpipe.ingestion", topic: TopicKind::Ingestion, version: 1, file: "ingestion/DataIngestionCreated.avsc" }
+    DataIngestionStarted { ns: "medpipe.ingestion", topic: TopicKind::Ingestion, version: 1, file: "ingestion/DataIngestionStarted.avsc" }
+    SourceRecordIngested { ns: "medpipe.ingestion", topic: TopicKind::Ingestion, version: 1, file: "ingestion/SourceRecordIngested.avsc" }
+    RecordRejected { ns: "medpipe.ingestion", topic: TopicKind::Ingestion, version: 1, file: "ingestion/RecordRejected.avsc" }
+    DataIngestionFinished { ns: "medpipe.ingestion", topic: TopicKind::Ingestion, version: 1, file: "ingestion/DataIngestionFinished.avsc" }
+    DataIngestionFailed { ns: "medpipe.ingestion", topic: TopicKind::Ingestion, version: 1, file: "ingestion/DataIngestionFailed.avsc" }
+    AnonymizationStarted { ns: "medpipe.anonymization", topic: TopicKind::Anonymization, version: 1, file: "anonymization/AnonymizationStarted.avsc" }
+    RecordAnonymized { ns: "medpipe.anonymization", topic: TopicKind::Anonymization, version: 1, file: "anonymization/RecordAnonymized.avsc" }
+    AnonymizationFinished { ns: "medpipe.anonymization", topic: TopicKind::Anonymization, version: 1, file: "anonymization/AnonymizationFinished.avsc" }
+    CanonicalPatient { ns: "medpipe.canonical", topic: TopicKind::CanonicalPatient, version: 1, file: "canonical/CanonicalPatient.avsc" }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DataIngestionCreated {
+    pub batch_id: String,
+    pub file_name: String,
+    pub file_sha256: String,
+    pub file_size_bytes: i64,
+    pub format: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DataIngestionStarted {
+    pub batch_id: String,
+    pub format: String,
+    pub file_sha256: String,
+}
+
+/// An AES-256-GCM sealed blob with its wrapped data key (see `crypto`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SealedPayload {
+    pub key_id: String,
+    #[serde(with = "apache_avro::serde::bytes")]
+    pub wrapped_key: Vec<u8>,
+    #[serde(with = "apache_avro::serde::bytes")]
+    pub nonce: Vec<u8>,
+    #[serde(with = "apache_avro::serde::bytes")]
+    pub ciphertext: Vec<u8>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SourceRecordIngested {
+    pub batch_id: String,
+    pub position: i64,
+    pub source_format: String,
+    pub record_type: String,
+    pub sealed: SealedPayload,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RecordRejected {
+    pub batch_id: String,
+    pub file_name: String,
+    pub position: i64,
+    pub error_kind: String,
+    pub reason: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DataIngestionFinished {
+    pub batch_id: String,
+    pub records_emitted: i64,
+    pub records_rejected: i64,
+    pub file_size_bytes: i64,
+    pub file_sha256: String,
+    pub archive_location: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DataIngestionFailed {
+    pub batch_id: String,
+    pub file_name: String,
+    pub error_kind: String,
+    pub reason: String,
+    pub quarantine_location: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AnonymizationStarted {
+    pub batch_id: String,
+    pub policy_version: String,
+    pub key_id: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RecordAnonymized {
+    pub batch_id: String,
+    pub position: i64,
+    pub source_format: String,
+    pub record_type: String,
+    pub patient_pseudonym: String,
+    pub policy_version: String,
+    pub key_id: String,
+    pub content_json: String,
+    pub fields_redacted: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AnonymizationFinished {
+    pub batch_id: String,
+    pub upstream_records_emitted: i64,
+    pub policy_version: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Provenance {
+    pub source_format: String,
+    pub batch_id: String,
+    pub source_position: i64,
+    pub policy_version: String,
+    pub concept_map_version: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CanonicalPatient {
+    pub resource_id: String,
+    pub patient_pseudonym: String,
+    pub gender: Option<String>,
+    pub birth_year: Option<i32>,
+    pub fhir_json: String,
+    pub provenance: Provenance,
+}

@@ -1,0 +1,20 @@
+//! Shared plumbing for every medpipe stage: the event envelope, the Avro and
+//! Schema Registry codec, topics, the transactional Kafka runner, config,
+//! telemetry, shutdown and crypto helpers.
+
+pub mod codec;
+pub mod config;
+pub mod crypto;
+pub mod error;
+pub mod events;
+pub mod runner;
+pub mod schemas;
+pub mod shutdown;
+pub mod telemetry;
+pub mod topics;
+
+pub use codec::Codec;
+pub use error::{ErrorClass, PipelineError};
+pub use events::{Event, Header, Payload};
+pub use runner::{Delivery, Input, Outcome, Output, Stage};
+pub use topics::Topics;

@@ -1,0 +1,120 @@
+//! Topic names, derived from one prefix so tests can run isolated pipelines side by side,
+//! and explicit topic creation.
+
+use std::time::Duration;
+
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::types::RDKafkaErrorCode;
+
+use crate::error::PipelineError;
+
+/// The kinds of topic an event can live on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum TopicKind {
+    Ingestion,
+    Anonymization,
+    CanonicalPatient,
+    Audit,
+}
+
+/// Every topic name of one pipeline, all under `prefix` (default `medpipe`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Topics {
+    pub prefix: String,
+}
+
+/// The stages that own a dead-letter topic.
+pub const DLQ_STAGES: [&str; 3] = ["anonymization", "canonization", "auditing"];
+
+impl Topics {
+    pub fn new(prefix: impl Into<String>) -> Self {
+        Topics {
+            prefix: prefix.into(),
+        }
+    }
+
+    pub fn name(&self, kind: TopicKind) -> String {
+        let suffix = match kind {
+            TopicKind::Ingestion => "ingestion.v1",
+            TopicKind::Anonymization => "anonymization.v1",
+            TopicKind::CanonicalPatient => "canonical.patient.v1",
+            TopicKind::Audit => "audit.v1",
+        };
+        format!("{}.{suffix}", self.prefix)
+    }
+
+    pub fn dlq(&self, stage: &str) -> String {
+        format!("{}.dlq.{stage}.v1", self.prefix)
+    }
+
+    /// The regex that matches every topic of this pipeline (librdkafka regex syntax).
+    pub fn all_regex(&self) -> String {
+        format!("^{}\\..*", self.prefix.replace('.', "\\."))
+    }
+
+    /// Every topic of the pipeline, in a fixed order.
+    pub fn all(&self) -> Vec<String> {
+        let mut v: Vec<String> = [
+            TopicKind::Ingestion,
+            TopicKind::Anonymization,
+            TopicKind::CanonicalPatient,
+            TopicKind::Audit,
+        ]
+        .into_iter()
+        .map(|k| self.name(k))
+        .collect();
+        v.extend(DLQ_STAGES.iter().map(|s| self.dlq(s)));
+        v
+    }
+}
+
+/// Creates the topics that do not exist yet. Existing topics are left alone.
+pub async fn ensure_topics(
+    bootstrap: &str,
+    names: &[String],
+    partitions: i32,
+) -> Result<(), PipelineError> {
+    let admin: AdminClient<DefaultClientContext> = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .create()
+        .map_err(|e| PipelineError::kafka("create admin client", e))?;
+    let new: Vec<NewTopic> = names
+        .iter()
+        .map(|n| NewTopic::new(n, partitions, TopicReplication::Fixed(1)))
+        .collect();
+    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
+    let results = admin
+        .create_topics(new.iter(), &opts)
+        .await
+        .map_err(|e| PipelineError::kafka("create topics", e))?;
+    for r in results {
+        match r {
+            Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((topic, code)) => {
+                return Err(PipelineError::Config(format!(
+                    "cannot create topic {topic}: {code}"
+                )))
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_follow_the_prefix() {
+        let t = Topics::new("medpipe");
+        assert_eq!(t.name(TopicKind::Ingestion), "medpipe.ingestion.v1");
+        assert_eq!(
+            t.name(TopicKind::CanonicalPatient),
+            "medpipe.canonical.patient.v1"
+        );
+        assert_eq!(t.dlq("anonymization"), "medpipe.dlq.anonymization.v1");
+        assert_eq!(t.all_regex(), "^medpipe\\..*");
+        assert_eq!(t.all().len(), 7);
+    }
+}
