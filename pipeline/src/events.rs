@@ -343,3 +343,22 @@ pub struct CanonicalPatient {
     pub fhir_json: String,
     pub provenance: Provenance,
 }
+
+/// The clear-text body of a `SourceRecordIngested`, as sealed by ingestion and opened by
+/// anonymization. It holds PHI and exists in clear only inside those two processes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SourceRecordBody {
+    /// The patient link as found in the source (MRN, Patient id or PID-3), if any.
+    pub patient_link: Option<String>,
+    /// Structured content: column name → value for CSV, the resource for FHIR, and so on.
+    pub content: serde_json::Value,
+    /// The record's original text.
+    pub original: String,
+}
+
+impl SourceRecordIngested {
+    /// Additional authenticated data binding a sealed body to its batch and position.
+    pub fn aad(batch_id: &str, position: i64) -> Vec<u8> {
+        format!("{batch_id}:{position}").into_bytes()
+    }
+}

@@ -10,6 +10,7 @@ pub mod events;
 pub mod runner;
 pub mod schemas;
 pub mod shutdown;
+pub mod stage;
 pub mod telemetry;
 pub mod topics;
 

@@ -457,24 +457,12 @@ impl<S: Stage> Runner<S> {
         self.send(record)
     }
 
-    fn send<K, P>(&self, mut record: BaseRecord<'_, K, P>) -> Result<(), PipelineError>
+    fn send<K, P>(&self, record: BaseRecord<'_, K, P>) -> Result<(), PipelineError>
     where
         K: rdkafka::message::ToBytes + ?Sized,
         P: rdkafka::message::ToBytes + ?Sized,
     {
-        loop {
-            match self.producer.send(record) {
-                Ok(()) => {
-                    self.producer.poll(Duration::ZERO);
-                    return Ok(());
-                }
-                Err((KafkaError::MessageProduction(rdkafka::types::RDKafkaErrorCode::QueueFull), r)) => {
-                    record = r;
-                    self.producer.poll(Duration::from_millis(50));
-                }
-                Err((e, _)) => return Err(PipelineError::kafka("produce", e)),
-            }
-        }
+        send_record(&self.producer, record)
     }
 
     /// Aborts the open transaction and seeks every batch partition back to its first
@@ -505,6 +493,27 @@ impl<S: Stage> Runner<S> {
             }
         }
         Ok(())
+    }
+}
+
+/// Produces one record, waiting while librdkafka's queue is full instead of failing.
+pub fn send_record<K, P>(producer: &BaseProducer, mut record: BaseRecord<'_, K, P>) -> Result<(), PipelineError>
+where
+    K: rdkafka::message::ToBytes + ?Sized,
+    P: rdkafka::message::ToBytes + ?Sized,
+{
+    loop {
+        match producer.send(record) {
+            Ok(()) => {
+                producer.poll(Duration::ZERO);
+                return Ok(());
+            }
+            Err((KafkaError::MessageProduction(rdkafka::types::RDKafkaErrorCode::QueueFull), r)) => {
+                record = r;
+                producer.poll(Duration::from_millis(50));
+            }
+            Err((e, _)) => return Err(PipelineError::kafka("produce", e)),
+        }
     }
 }
 

@@ -1,0 +1,94 @@
+//! Start-up shared by the Kafka-fed stage binaries: config, schemas, topics, metrics
+//! endpoint, then the transactional runner.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::codec::Codec;
+use crate::config::{KafkaArgs, RunnerArgs, TelemetryArgs};
+use crate::error::PipelineError;
+use crate::runner::{self, Delivery, RunnerConfig, Stage};
+use crate::telemetry::{self, StageMetrics};
+use crate::topics;
+
+/// The flags every stage binary shares.
+#[derive(clap::Args, Debug, Clone)]
+pub struct CommonArgs {
+    #[command(flatten)]
+    pub kafka: KafkaArgs,
+    #[command(flatten)]
+    pub runner: RunnerArgs,
+    #[command(flatten)]
+    pub telemetry: TelemetryArgs,
+}
+
+/// Connects to the registry, registers every schema and creates missing topics.
+/// Retries for up to `wait` so a stage started alongside the stack does not fail at once.
+pub async fn prepare(kafka: &KafkaArgs, wait: Duration) -> Result<Arc<Codec>, PipelineError> {
+    kafka.validate()?;
+    let topics = kafka.topics();
+    let codec = Codec::new(&kafka.schema_registry_url, &topics)?;
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        match codec.register_all().await {
+            Ok(()) => break,
+            Err(e) if tokio::time::Instant::now() < deadline => {
+                tracing::warn!(error = %e, registry = %kafka.schema_registry_url, "Schema Registry not ready; retrying.");
+                codec.clear_cached_errors();
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    topics::ensure_topics(&kafka.bootstrap_servers, &topics.all(), kafka.topic_partitions).await?;
+    Ok(Arc::new(codec))
+}
+
+/// Starts the metrics endpoint on the configured address, or on 127.0.0.1:`default_port`.
+pub async fn serve_metrics(
+    telemetry_args: &TelemetryArgs,
+    default_port: u16,
+    metrics: &StageMetrics,
+    shutdown: &CancellationToken,
+) -> Result<SocketAddr, PipelineError> {
+    let addr = telemetry_args
+        .metrics_addr
+        .unwrap_or_else(|| SocketAddr::from((Ipv4Addr::LOCALHOST, default_port)));
+    telemetry::serve(addr, metrics.clone(), shutdown.clone()).await
+}
+
+/// Runs a Kafka-fed stage end to end: prepare, serve metrics, run the runner.
+pub async fn run_stage<S: Stage>(
+    stage: S,
+    input_topics: Vec<String>,
+    args: &CommonArgs,
+    default_metrics_port: u16,
+    shutdown: CancellationToken,
+) -> Result<(), PipelineError> {
+    args.runner.validate()?;
+    let name = stage.name();
+    let codec = prepare(&args.kafka, Duration::from_secs(60)).await?;
+    let metrics = StageMetrics::new(name)?;
+    serve_metrics(&args.telemetry, default_metrics_port, &metrics, &shutdown).await?;
+    let prefix = &args.kafka.topic_prefix;
+    let config = RunnerConfig {
+        bootstrap_servers: args.kafka.bootstrap_servers.clone(),
+        group_id: args
+            .runner
+            .group_id
+            .clone()
+            .unwrap_or_else(|| format!("{prefix}-{name}")),
+        transactional_id: format!("{prefix}-{name}-{}", args.runner.instance_id),
+        input_topics,
+        topics: args.kafka.topics(),
+        delivery: Delivery::ExactlyOnce,
+        batch_max_messages: args.runner.batch_max_messages,
+        batch_max_wait: args.runner.batch_max_wait,
+        transaction_timeout: args.runner.transaction_timeout,
+        queued_max_kbytes: args.runner.queued_max_kbytes,
+    };
+    runner::run(stage, config, codec, metrics, shutdown).await
+}
