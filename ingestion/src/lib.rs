@@ -25,9 +25,8 @@ use pipeline::events::{
 use pipeline::runner::send_record;
 use pipeline::telemetry::StageMetrics;
 use pipeline::{Codec, Event, PipelineError, Topics};
-use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
-use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
+use rdkafka::ClientConfig;
 use tokio::runtime::Handle;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -324,64 +323,14 @@ impl Ingestor {
 /// Reads every committed `DataIngestionFinished` to learn which files are done.
 fn completed_files(config: &IngestConfig, codec: &Codec, rt: &Handle) -> Result<HashSet<String>, PipelineError> {
     let topic = config.topics.name(pipeline::topics::TopicKind::Ingestion);
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", &config.bootstrap_servers)
-        .set("group.id", format!("{}-ingestion-ledger", config.topics.prefix))
-        .set("enable.auto.commit", "false")
-        .set("isolation.level", "read_committed")
-        .create()
-        .map_err(kafka("create ledger consumer"))?;
-    let md = consumer
-        .fetch_metadata(Some(&topic), Duration::from_secs(10))
-        .map_err(kafka("fetch metadata"))?;
-    let mut tpl = TopicPartitionList::new();
-    let mut ends = Vec::new();
-    for t in md.topics() {
-        for p in t.partitions() {
-            let (_, high) = consumer
-                .fetch_watermarks(&topic, p.id(), Duration::from_secs(10))
-                .map_err(kafka("fetch watermarks"))?;
-            if high > 0 {
-                tpl.add_partition_offset(&topic, p.id(), Offset::Beginning).map_err(kafka("assign"))?;
-                ends.push((p.id(), high));
-            }
-        }
-    }
-    let mut done = HashSet::new();
-    if ends.is_empty() {
-        return Ok(done);
-    }
-    consumer.assign(&tpl).map_err(kafka("assign"))?;
-    let deadline = std::time::Instant::now() + Duration::from_secs(120);
-    let mut remaining: std::collections::HashMap<i32, i64> = ends.into_iter().collect();
-    while !remaining.is_empty() && std::time::Instant::now() < deadline {
-        match consumer.poll(Duration::from_millis(200)) {
-            Some(Ok(m)) => {
-                if let Some(Ok(ev)) = m.payload().map(|b| rt.block_on(codec.decode(b))) {
-                    if let Payload::DataIngestionFinished(f) = ev.payload {
-                        done.insert(f.file_sha256);
-                    }
-                }
-                if m.offset() + 1 >= remaining.get(&m.partition()).copied().unwrap_or(0) {
-                    remaining.remove(&m.partition());
-                }
-            }
-            Some(Err(e)) => warn!(error = %e, "Ledger read error."),
-            None => {
-                // read_committed may stop short of the high watermark (transaction markers).
-                if let Ok(pos) = consumer.position() {
-                    for e in pos.elements() {
-                        if let Offset::Offset(o) = e.offset() {
-                            if o + 1 >= remaining.get(&e.partition()).copied().unwrap_or(0) {
-                                remaining.remove(&e.partition());
-                            }
-                        }
-                    }
-                }
-            }
-        }
-    }
-    Ok(done)
+    let records = pipeline::readback::read_all(&config.bootstrap_servers, &[topic], Some((codec, rt)), Duration::from_secs(300))?;
+    Ok(records
+        .into_iter()
+        .filter_map(|r| match r.event.map(|e| e.payload) {
+            Some(Payload::DataIngestionFinished(f)) => Some(f.file_sha256),
+            _ => None,
+        })
+        .collect())
 }
 
 fn write_archive(path: &Path, key: &DataKey, batch_id: &str, bytes: &[u8]) -> Result<(), PipelineError> {

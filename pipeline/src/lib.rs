@@ -7,6 +7,7 @@ pub mod config;
 pub mod crypto;
 pub mod error;
 pub mod events;
+pub mod readback;
 pub mod runner;
 pub mod schemas;
 pub mod shutdown;

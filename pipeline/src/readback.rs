@@ -1,0 +1,118 @@
+//! Reads whole topics back with `read_committed`, from the beginning to their current
+//! end. Used by the operator CLI, ingestion's start-up scan and the end-to-end tests.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Message, OwnedMessage};
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use tokio::runtime::Handle;
+
+use crate::codec::Codec;
+use crate::error::PipelineError;
+use crate::events::Event;
+
+/// One message read back, with its decoded event when it is one.
+#[derive(Debug)]
+pub struct Record {
+    pub message: OwnedMessage,
+    pub event: Option<Event>,
+}
+
+fn kafka(op: &'static str) -> impl FnOnce(rdkafka::error::KafkaError) -> PipelineError {
+    move |e| PipelineError::kafka(op, e)
+}
+
+/// Reads every committed message of `topics` that exists now. Blocking: call it from a
+/// blocking thread when inside a runtime. Topics that do not exist are skipped.
+pub fn read_all(
+    bootstrap: &str,
+    topics: &[String],
+    codec: Option<(&Codec, &Handle)>,
+    timeout: Duration,
+) -> Result<Vec<Record>, PipelineError> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("group.id", format!("medpipe-readback-{}", uuid::Uuid::new_v4()))
+        .set("enable.auto.commit", "false")
+        .set("isolation.level", "read_committed")
+        .set("fetch.wait.max.ms", "10")
+        .create()
+        .map_err(kafka("create consumer"))?;
+    let mut tpl = TopicPartitionList::new();
+    let mut ends: HashMap<(String, i32), i64> = HashMap::new();
+    for topic in topics {
+        let md = consumer
+            .fetch_metadata(Some(topic), Duration::from_secs(10))
+            .map_err(kafka("fetch metadata"))?;
+        for t in md.topics() {
+            for p in t.partitions() {
+                let (_, high) = consumer
+                    .fetch_watermarks(topic, p.id(), Duration::from_secs(10))
+                    .map_err(kafka("fetch watermarks"))?;
+                if high > 0 {
+                    tpl.add_partition_offset(topic, p.id(), Offset::Beginning)
+                        .map_err(kafka("assign"))?;
+                    ends.insert((topic.clone(), p.id()), high);
+                }
+            }
+        }
+    }
+    let mut out = Vec::new();
+    if ends.is_empty() {
+        return Ok(out);
+    }
+    consumer.assign(&tpl).map_err(kafka("assign"))?;
+    let deadline = Instant::now() + timeout;
+    let mut idle_since = Instant::now();
+    while !ends.is_empty() {
+        if Instant::now() > deadline {
+            return Err(PipelineError::Config(format!(
+                "reading back {} partition(s) did not reach their end within {timeout:?}",
+                ends.len()
+            )));
+        }
+        match consumer.poll(Duration::from_millis(100)) {
+            Some(Ok(m)) => {
+                idle_since = Instant::now();
+                let m = m.detach();
+                let event = match (codec, m.payload()) {
+                    (Some((c, rt)), Some(b)) => rt.block_on(c.decode(b)).ok(),
+                    _ => None,
+                };
+                out.push(Record { message: m, event });
+            }
+            Some(Err(e)) => tracing::warn!(error = %e, "Read-back consumer error."),
+            None => {}
+        }
+        // Positions move past transaction markers and aborted data, so a partition is
+        // done once its position reaches the end seen at the start.
+        let pos = consumer.position().map_err(kafka("position"))?;
+        for e in pos.elements() {
+            if let Offset::Offset(o) = e.offset() {
+                let key = (e.topic().to_string(), e.partition());
+                if ends.get(&key).is_some_and(|&end| o >= end) {
+                    ends.remove(&key);
+                }
+            }
+        }
+        // A commit marker as the very last offset can leave the position one short.
+        if idle_since.elapsed() > Duration::from_secs(3) {
+            let near: Vec<_> = pos
+                .elements()
+                .iter()
+                .filter_map(|e| match e.offset() {
+                    Offset::Offset(o) => Some(((e.topic().to_string(), e.partition()), o)),
+                    _ => None,
+                })
+                .filter(|(k, o)| ends.get(k).is_some_and(|&end| *o + 1 >= end))
+                .map(|(k, _)| k)
+                .collect();
+            for k in near {
+                ends.remove(&k);
+            }
+        }
+    }
+    Ok(out)
+}
