@@ -1,1 +1,287 @@
-//! placeholder
+//! Harness for the end-to-end tests: an isolated pipeline (own topic prefix, groups,
+//! transactional ids, folders and keys) on the real Kafka and Schema Registry, with the
+//! real stage binaries started and killed as processes.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use pipeline::events::Payload;
+use pipeline::readback::Record;
+use pipeline::{Codec, Topics};
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Message;
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+
+pub const BOOTSTRAP: &str = "127.0.0.1:9092";
+pub const REGISTRY: &str = "http://127.0.0.1:8081";
+pub const MASTER_KEY: &str = "1111111111111111111111111111111111111111111111111111111111111111";
+pub const PSEUDONYM_KEY: &str = "2222222222222222222222222222222222222222222222222222222222222222";
+
+/// Directory holding the stage binaries: the test executable lives in `<target>/debug/deps`.
+pub fn bin_dir() -> PathBuf {
+    let exe = std::env::current_exe().unwrap_or_default();
+    exe.parent().and_then(Path::parent).map(Path::to_path_buf).unwrap_or_default()
+}
+
+/// One isolated pipeline.
+pub struct Pipeline {
+    pub prefix: String,
+    pub topics: Topics,
+    pub dir: tempfile::TempDir,
+    pub rt: tokio::runtime::Runtime,
+    pub codec: Codec,
+    children: HashMap<String, Child>,
+}
+
+impl Pipeline {
+    /// Registers schemas and creates topics for a fresh prefix. Fails with a clear message
+    /// when the dev stack is not running.
+    pub fn new() -> Pipeline {
+        let prefix = format!("t{}", &uuid::Uuid::new_v4().simple().to_string()[..10]);
+        let topics = Topics::new(prefix.clone());
+        let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
+        let kafka = pipeline::config::KafkaArgs {
+            bootstrap_servers: BOOTSTRAP.into(),
+            schema_registry_url: REGISTRY.into(),
+            topic_prefix: prefix.clone(),
+            topic_partitions: 3,
+        };
+        rt.block_on(pipeline::stage::prepare(&kafka, Duration::from_secs(5)))
+            .unwrap_or_else(|e| panic!("the dev stack is not reachable ({e}); start it with scripts/devstack.sh start"));
+        let codec = Codec::new(REGISTRY, &topics).expect("codec");
+        let dir = tempfile::Builder::new().prefix(&format!("medpipe-{prefix}-")).tempdir().expect("tempdir");
+        eprintln!("pipeline {prefix}: logs and data in {}", dir.path().display());
+        Pipeline { prefix, topics, dir, rt, codec, children: HashMap::new() }
+    }
+
+    pub fn landing(&self) -> PathBuf {
+        self.dir.path().join("ingestion/landing")
+    }
+
+    pub fn audit_dir(&self) -> PathBuf {
+        self.dir.path().join("audit")
+    }
+
+    /// Starts a stage binary (`ingestion`, `anonymization`, ...) with extra env.
+    pub fn start(&mut self, stage: &str, extra_env: &[(&str, &str)]) {
+        let exe = bin_dir().join(format!("medpipe-{stage}"));
+        assert!(exe.exists(), "{} is missing: run `cargo build --workspace --bins` first", exe.display());
+        let log_path = self.dir.path().join(format!("{stage}.log"));
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&log_path).expect("log file");
+        let mut cmd = Command::new(exe);
+        cmd.env("MEDPIPE_BOOTSTRAP_SERVERS", BOOTSTRAP)
+            .env("MEDPIPE_SCHEMA_REGISTRY_URL", REGISTRY)
+            .env("MEDPIPE_TOPIC_PREFIX", &self.prefix)
+            .env("MEDPIPE_MASTER_KEY", MASTER_KEY)
+            .env("MEDPIPE_PSEUDONYM_KEY", PSEUDONYM_KEY)
+            .env("MEDPIPE_METRICS_ADDR", "127.0.0.1:0")
+            .env("MEDPIPE_INGESTION_DIR", self.dir.path().join("ingestion"))
+            .env("MEDPIPE_AUDIT_DIR", self.audit_dir())
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log);
+        for (k, v) in extra_env {
+            cmd.env(k, v);
+        }
+        let child = cmd.spawn().expect("spawn stage");
+        self.children.insert(stage.to_string(), child);
+    }
+
+    /// SIGKILL: no chance to finish or abort the open transaction.
+    pub fn kill(&mut self, stage: &str) {
+        if let Some(mut c) = self.children.remove(stage) {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM, then wait for a clean exit.
+    pub fn stop(&mut self, stage: &str) {
+        if let Some(mut c) = self.children.remove(stage) {
+            let _ = Command::new("kill").arg("-TERM").arg(c.id().to_string()).status();
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while Instant::now() < deadline {
+                if let Ok(Some(status)) = c.try_wait() {
+                    assert!(status.success(), "{stage} exited with {status} after SIGTERM; see its log");
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            let _ = c.kill();
+            panic!("{stage} did not stop within 30s of SIGTERM");
+        }
+    }
+
+    pub fn stop_all(&mut self) {
+        let names: Vec<String> = self.children.keys().cloned().collect();
+        for n in names {
+            self.stop(&n);
+        }
+    }
+
+    /// Drops a file atomically: written under a dot-name, then renamed into place.
+    pub fn drop_file(&self, name: &str, contents: &[u8]) {
+        let landing = self.landing();
+        std::fs::create_dir_all(&landing).expect("landing dir");
+        let tmp = landing.join(format!(".{name}.part"));
+        std::fs::write(&tmp, contents).expect("write");
+        std::fs::rename(&tmp, landing.join(name)).expect("rename");
+    }
+
+    /// Every committed message on every topic of this pipeline, decoded where possible.
+    pub fn read_all(&self) -> Vec<Record> {
+        pipeline::readback::read_all(BOOTSTRAP, &self.topics.all(), Some((&self.codec, self.rt.handle())), Duration::from_secs(120))
+            .expect("read back")
+    }
+
+    /// A live read_committed view of every topic, for waiting on progress.
+    pub fn tail(&self) -> Tail {
+        Tail::start(&self.topics)
+    }
+
+    pub fn log(&self, stage: &str) -> String {
+        std::fs::read_to_string(self.dir.path().join(format!("{stage}.log"))).unwrap_or_default()
+    }
+}
+
+impl Drop for Pipeline {
+    fn drop(&mut self) {
+        for (_, mut c) in self.children.drain() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        if std::thread::panicking() {
+            // Keep logs of a failed test for inspection.
+            let kept = self.dir.path().to_path_buf();
+            let _ = std::mem::replace(&mut self.dir, tempfile::tempdir().expect("tempdir")).keep();
+            eprintln!("test failed; logs kept in {}", kept.display());
+        }
+    }
+}
+
+/// Counts committed messages per (topic, event type) as they arrive.
+pub struct Tail {
+    counts: Arc<Mutex<HashMap<(String, String), usize>>>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    handle: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Tail {
+    fn start(topics: &Topics) -> Tail {
+        let counts = Arc::new(Mutex::new(HashMap::new()));
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (c, s, names) = (counts.clone(), stop.clone(), topics.all());
+        let handle = std::thread::spawn(move || {
+            let rt = tokio::runtime::Runtime::new().expect("runtime");
+            let codec = Codec::new(REGISTRY, &Topics::new("unused")).expect("codec");
+            let consumer: BaseConsumer = ClientConfig::new()
+                .set("bootstrap.servers", BOOTSTRAP)
+                .set("group.id", format!("tail-{}", uuid::Uuid::new_v4()))
+                .set("isolation.level", "read_committed")
+                .set("enable.auto.commit", "false")
+                .set("fetch.wait.max.ms", "10")
+                .create()
+                .expect("tail consumer");
+            let mut tpl = TopicPartitionList::new();
+            for n in &names {
+                for p in 0..3 {
+                    tpl.add_partition_offset(n, p, Offset::Beginning).expect("tpl");
+                }
+            }
+            consumer.assign(&tpl).expect("assign");
+            while !s.load(std::sync::atomic::Ordering::SeqCst) {
+                if let Some(Ok(m)) = consumer.poll(Duration::from_millis(100)) {
+                    let t = m
+                        .payload()
+                        .and_then(|b| rt.block_on(codec.decode(b)).ok())
+                        .map_or("(raw)".to_string(), |e| e.header.event_type);
+                    if let Ok(mut c) = c.lock() {
+                        *c.entry((m.topic().to_string(), t)).or_default() += 1;
+                    }
+                }
+            }
+        });
+        Tail { counts, stop, handle: Some(handle) }
+    }
+
+    pub fn count(&self, topic: &str, event_type: &str) -> usize {
+        self.counts
+            .lock()
+            .map(|c| c.get(&(topic.to_string(), event_type.to_string())).copied().unwrap_or(0))
+            .unwrap_or(0)
+    }
+
+    /// Waits until `f` holds; panics with `what` after `timeout`.
+    pub fn wait_until(&self, what: &str, timeout: Duration, f: impl Fn(&Tail) -> bool) {
+        let deadline = Instant::now() + timeout;
+        while !f(self) {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Tail {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+/// A synthetic Synthea-style patients.csv with `n` patients. Every identifier is unique
+/// and recognisable (`Given<i>`, `999-..`), so tests can look for leaks.
+pub fn synthetic_patients(n: usize) -> (Vec<u8>, Vec<String>) {
+    let mut csv = String::from("Id,BIRTHDATE,SSN,FIRST,LAST,ADDRESS,CITY,STATE,ZIP,GENDER\n");
+    let mut identifiers = Vec::new();
+    for i in 0..n {
+        let id = format!("pat-{i:06}-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+        let ssn = format!("999-{:02}-{:04}", i % 100, i % 10000);
+        let first = format!("Given{i:05}x");
+        let last = format!("Family{i:05}y");
+        let addr = format!("{} Synthetic Lane {i}", 100 + i);
+        csv.push_str(&format!(
+            "{id},19{:02}-0{}-1{},{ssn},{first},{last},\"{addr}\",Springfield,Massachusetts,01{:03},{}\n",
+            40 + i % 60,
+            1 + i % 9,
+            i % 10,
+            i % 1000,
+            if i % 2 == 0 { "F" } else { "M" }
+        ));
+        identifiers.extend([id, ssn, first, last, addr]);
+    }
+    (csv.into_bytes(), identifiers)
+}
+
+/// Positions (1-based record index) of canonical patients, with how often each occurs.
+pub fn canonical_positions(records: &[Record]) -> HashMap<i64, usize> {
+    let mut seen = HashMap::new();
+    for r in records {
+        if let Some(Payload::CanonicalPatient(p)) = r.event.as_ref().map(|e| &e.payload) {
+            *seen.entry(p.provenance.source_position).or_default() += 1;
+        }
+    }
+    seen
+}
+
+/// Asserts that positions 1..=n each occur exactly once, naming lost and duplicated ones.
+pub fn assert_exactly_once(what: &str, seen: &HashMap<i64, usize>, n: usize) {
+    let lost: Vec<i64> = (1..=n as i64).filter(|p| !seen.contains_key(p)).collect();
+    let dup: Vec<(i64, usize)> = seen.iter().filter(|(_, &c)| c > 1).map(|(&p, &c)| (p, c)).collect();
+    let extra: Vec<i64> = seen.keys().filter(|&&p| p < 1 || p > n as i64).copied().collect();
+    assert!(
+        lost.is_empty() && dup.is_empty() && extra.is_empty(),
+        "{what}: {} lost (first {:?}), {} duplicated (first {:?}), {} unexpected",
+        lost.len(),
+        &lost[..lost.len().min(5)],
+        dup.len(),
+        &dup[..dup.len().min(5)],
+        extra.len()
+    );
+}

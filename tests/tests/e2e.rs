@@ -1,0 +1,186 @@
+//! End-to-end tests on the real Kafka broker and Schema Registry, with the real stage
+//! binaries as separate processes. Start the stack first: `scripts/devstack.sh start`.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use pipeline::events::Payload;
+use pipeline::runner::dlq_headers;
+use pipeline::topics::TopicKind;
+use rdkafka::message::{Headers, Message};
+use tests::{assert_exactly_once, canonical_positions, synthetic_patients, Pipeline};
+
+const ALL: [&str; 4] = ["ingestion", "anonymization", "canonization", "auditing"];
+
+#[test]
+fn every_record_reaches_the_canonical_topic_exactly_once_with_no_phi_in_clear() {
+    let mut p = Pipeline::new();
+    for s in ALL {
+        p.start(s, &[]);
+    }
+    let n = 200;
+    let (csv, identifiers) = synthetic_patients(n);
+    p.drop_file("patients.csv", &csv);
+    let canonical = p.topics.name(TopicKind::CanonicalPatient);
+    let tail = p.tail();
+    tail.wait_until("all canonical patients", Duration::from_secs(180), |t| t.count(&canonical, "CanonicalPatient") >= n);
+    let anon = p.topics.name(TopicKind::Anonymization);
+    tail.wait_until("AnonymizationFinished", Duration::from_secs(60), |t| t.count(&anon, "AnonymizationFinished") >= 1);
+    // Let auditing catch up with everything committed, then stop every stage cleanly.
+    std::thread::sleep(Duration::from_secs(3));
+    p.stop_all();
+    drop(tail);
+
+    let records = p.read_all();
+    assert_exactly_once("canonical patients", &canonical_positions(&records), n);
+
+    // Lifecycle order within the batch on the ingestion topic (one partition per batch).
+    let ingestion = p.topics.name(TopicKind::Ingestion);
+    let types: Vec<&str> = records
+        .iter()
+        .filter(|r| r.message.topic() == ingestion)
+        .filter_map(|r| r.event.as_ref().map(|e| e.event_type()))
+        .collect();
+    assert_eq!(types.first(), Some(&"DataIngestionCreated"));
+    assert_eq!(types.get(1), Some(&"DataIngestionStarted"));
+    assert_eq!(types.last(), Some(&"DataIngestionFinished"));
+    assert_eq!(types.iter().filter(|t| **t == "SourceRecordIngested").count(), n);
+
+    // No input identifier appears in the raw bytes of any topic.
+    for r in &records {
+        let bytes = r.message.payload().unwrap_or_default();
+        for id in &identifiers {
+            assert!(
+                !bytes.windows(id.len()).any(|w| w == id.as_bytes()),
+                "an input identifier appears in clear on {} offset {}",
+                r.message.topic(),
+                r.message.offset()
+            );
+        }
+    }
+    for s in ALL {
+        let log = p.log(s);
+        assert!(!identifiers.iter().any(|id| log.contains(id.as_str())), "{s}'s log contains an input identifier");
+    }
+
+    // The audit trail holds one entry per committed event on the audited topics and verifies.
+    let audit_path = p.audit_dir().join(auditing::chain::ChainStore::FILE);
+    let summary = auditing::chain::verify(&audit_path).expect("audit chain verifies");
+    let audited = records.iter().filter(|r| r.message.topic() != p.topics.name(TopicKind::Audit)).count();
+    assert_eq!(summary.entries as usize, audited, "audit entries vs committed events");
+    let batch = records
+        .iter()
+        .find_map(|r| match r.event.as_ref().map(|e| &e.payload) {
+            Some(Payload::DataIngestionFinished(f)) => Some(f.batch_id.clone()),
+            _ => None,
+        })
+        .expect("a finished batch");
+    let trace = auditing::chain::trace(&audit_path, &batch).expect("trace");
+    assert_eq!(trace.len(), audited, "every audited event belongs to the one batch");
+}
+
+/// Kills `victim` with SIGKILL while records are flowing through it, restarts it, and
+/// checks every record downstream exactly once.
+fn crash_and_restart(victim: &str, progress_topic: TopicKind, progress_type: &str) {
+    let mut p = Pipeline::new();
+    // Small transactions, so the kill lands between and inside many of them.
+    let small = [("MEDPIPE_BATCH_MAX_MESSAGES", "5"), ("MEDPIPE_BATCH_MAX_WAIT", "20ms")];
+    for s in ["ingestion", "anonymization", "canonization"] {
+        p.start(s, &small);
+    }
+    let n = 3000;
+    let (csv, _) = synthetic_patients(n);
+    let tail = p.tail();
+    p.drop_file("patients.csv", &csv);
+    let topic = p.topics.name(progress_topic);
+    tail.wait_until("first output of the victim", Duration::from_secs(180), |t| t.count(&topic, progress_type) >= 50);
+    p.kill(victim);
+    let at_kill = tail.count(&topic, progress_type);
+    assert!(at_kill < n, "{victim} finished all {n} records before the kill; the test did not test a crash");
+    p.start(victim, &small);
+    let canonical = p.topics.name(TopicKind::CanonicalPatient);
+    tail.wait_until("all canonical patients after restart", Duration::from_secs(300), |t| {
+        t.count(&canonical, "CanonicalPatient") >= n
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    p.stop_all();
+    drop(tail);
+    let records = p.read_all();
+    assert_exactly_once("canonical patients", &canonical_positions(&records), n);
+    let mut anonymized: HashMap<i64, usize> = HashMap::new();
+    for r in &records {
+        if let Some(Payload::RecordAnonymized(a)) = r.event.as_ref().map(|e| &e.payload) {
+            *anonymized.entry(a.position).or_default() += 1;
+        }
+    }
+    assert_exactly_once("anonymized records", &anonymized, n);
+    eprintln!("{victim} killed after {at_kill} of {n} {progress_type} events");
+}
+
+#[test]
+fn sigkill_of_anonymization_mid_stream_loses_and_duplicates_nothing() {
+    crash_and_restart("anonymization", TopicKind::Anonymization, "RecordAnonymized");
+}
+
+#[test]
+fn sigkill_of_canonization_mid_stream_loses_and_duplicates_nothing() {
+    crash_and_restart("canonization", TopicKind::CanonicalPatient, "CanonicalPatient");
+}
+
+#[test]
+fn a_poison_message_goes_to_the_dlq_with_context_and_later_records_flow() {
+    let mut p = Pipeline::new();
+    p.start("anonymization", &[]);
+    let ingestion = p.topics.name(TopicKind::Ingestion);
+    let producer: rdkafka::producer::BaseProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", tests::BOOTSTRAP)
+        .create()
+        .expect("producer");
+    use rdkafka::producer::{BaseRecord, Producer};
+    // Same key as the good event, so both land on one partition, poison first.
+    producer
+        .send(BaseRecord::to(&ingestion).key("b-poison").payload(&b"\x00\x00\x00\x00\x07not avro at all"[..]))
+        .map_err(|(e, _)| e)
+        .expect("send poison");
+    let good = pipeline::Event::new(
+        "test",
+        "b-poison",
+        None,
+        Payload::DataIngestionStarted(pipeline::events::DataIngestionStarted {
+            batch_id: "b-poison".into(),
+            format: "csv".into(),
+            file_sha256: "00".into(),
+        }),
+    );
+    let bytes = p.rt.block_on(p.codec.encode(&good)).expect("encode");
+    producer.send(BaseRecord::to(&ingestion).key("b-poison").payload(&bytes)).map_err(|(e, _)| e).expect("send good");
+    producer.flush(Duration::from_secs(10)).expect("flush");
+
+    let tail = p.tail();
+    let anon = p.topics.name(TopicKind::Anonymization);
+    let dlq = p.topics.dlq("anonymization");
+    tail.wait_until("the good event's output", Duration::from_secs(120), |t| t.count(&anon, "AnonymizationStarted") >= 1);
+    tail.wait_until("the dead letter", Duration::from_secs(30), |t| t.count(&dlq, "(raw)") >= 1);
+    p.stop_all();
+    drop(tail);
+    let records = p.read_all();
+    let dead: Vec<_> = records.iter().filter(|r| r.message.topic() == dlq).collect();
+    assert_eq!(dead.len(), 1);
+    let m = &dead[0].message;
+    assert_eq!(m.payload(), Some(&b"\x00\x00\x00\x00\x07not avro at all"[..]), "the original bytes are kept");
+    let headers: HashMap<String, String> = m
+        .headers()
+        .map(|hs| hs.iter().map(|h| (h.key.to_string(), String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned())).collect())
+        .unwrap_or_default();
+    assert_eq!(headers.get(dlq_headers::STAGE).map(String::as_str), Some("anonymization"));
+    assert_eq!(headers.get(dlq_headers::ERROR_CLASS).map(String::as_str), Some("dead_letter"));
+    assert_eq!(headers.get(dlq_headers::ERROR_TYPE).map(String::as_str), Some("decode"));
+    assert_eq!(headers.get(dlq_headers::SOURCE_TOPIC), Some(&ingestion));
+    assert!(headers.contains_key(dlq_headers::SOURCE_PARTITION) && headers.contains_key(dlq_headers::SOURCE_OFFSET));
+    assert!(!headers.get(dlq_headers::ERROR_MESSAGE).map(String::is_empty).unwrap_or(true));
+    let started = records
+        .iter()
+        .filter(|r| matches!(r.event.as_ref().map(|e| &e.payload), Some(Payload::AnonymizationStarted(_))))
+        .count();
+    assert_eq!(started, 1, "the record after the poison was processed exactly once");
+}
