@@ -103,7 +103,11 @@ impl Anonymizer {
             if KEEP.contains(&name.as_str()) {
                 out.insert(name.clone(), value.clone());
             } else if name == "BIRTHDATE" {
-                match value.as_str().and_then(|d| d.get(..4)).and_then(|y| y.parse::<i32>().ok()) {
+                match value
+                    .as_str()
+                    .and_then(|d| d.get(..4))
+                    .and_then(|y| y.parse::<i32>().ok())
+                {
                     Some(year) if self.current_year - year > 89 => {
                         out.insert("AGE_OVER_89".into(), Value::Bool(true));
                     }
@@ -143,7 +147,10 @@ impl Stage for Anonymizer {
                 }),
             ),
             Payload::SourceRecordIngested(rec) => match self.anonymize(rec) {
-                Ok(out) => emit(&out.patient_pseudonym.clone(), Payload::RecordAnonymized(out)),
+                Ok(out) => emit(
+                    &out.patient_pseudonym.clone(),
+                    Payload::RecordAnonymized(out),
+                ),
                 Err(e) => Outcome::DeadLetter {
                     error_type: e.error_type(),
                     reason: format!("batch {} position {}: {e}", rec.batch_id, rec.position),
@@ -206,7 +213,12 @@ mod tests {
             original: "raw".into(),
         };
         let ev = sealed_event(&body);
-        let input = Input { topic: "t", partition: 0, offset: 0, event: &ev };
+        let input = Input {
+            topic: "t",
+            partition: 0,
+            offset: 0,
+            event: &ev,
+        };
         match a.process(&input) {
             Outcome::Emit(outs) => {
                 assert_eq!(outs.len(), 1);
@@ -217,7 +229,10 @@ mod tests {
                 assert_eq!(got, expected);
                 assert_eq!(r.fields_redacted, expected_redacted);
                 assert_eq!(outs[0].key, r.patient_pseudonym);
-                assert_eq!(outs[0].event.header.causation_id.as_deref(), Some(ev.header.event_id.as_str()));
+                assert_eq!(
+                    outs[0].event.header.causation_id.as_deref(),
+                    Some(ev.header.event_id.as_str())
+                );
                 assert!(!r.content_json.contains("patient-123"));
             }
             other => panic!("expected Emit, got {other:?}"),
@@ -236,7 +251,11 @@ mod tests {
 
     #[test]
     fn ages_over_89_become_one_category() {
-        check(json!({"BIRTHDATE": "1920-01-01"}), json!({"AGE_OVER_89": true}), 0);
+        check(
+            json!({"BIRTHDATE": "1920-01-01"}),
+            json!({"AGE_OVER_89": true}),
+            0,
+        );
         check(json!({"BIRTHDATE": "not a date"}), json!({}), 1);
     }
 
@@ -261,7 +280,12 @@ mod tests {
             KeyRef::from_hex("m1", &"44".repeat(32)).expect("key"),
             keys().1,
         );
-        let input = Input { topic: "t", partition: 0, offset: 0, event: &ev };
+        let input = Input {
+            topic: "t",
+            partition: 0,
+            offset: 0,
+            event: &ev,
+        };
         match a.process(&input) {
             Outcome::DeadLetter { error_type, reason } => {
                 assert_eq!(error_type, "decrypt");

@@ -8,7 +8,11 @@ use pipeline::stage::{run_stage, CommonArgs};
 use pipeline::topics::TopicKind;
 
 #[derive(Parser, Debug)]
-#[command(name = "medpipe-anonymization", version, about = "De-identifies ingested records.")]
+#[command(
+    name = "medpipe-anonymization",
+    version,
+    about = "De-identifies ingested records."
+)]
 struct Args {
     #[command(flatten)]
     common: CommonArgs,
@@ -32,10 +36,18 @@ struct Args {
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     pipeline::telemetry::init_tracing(args.common.telemetry.log_format);
-    let master = KeySource { id: args.master_key_id, hex: args.master_key, file: args.master_key_file }
-        .load("--master-key")?;
-    let pseudonym = KeySource { id: args.pseudonym_key_id, hex: args.pseudonym_key, file: args.pseudonym_key_file }
-        .load("--pseudonym-key")?;
+    let master = KeySource {
+        id: args.master_key_id,
+        hex: args.master_key,
+        file: args.master_key_file,
+    }
+    .load("--master-key")?;
+    let pseudonym = KeySource {
+        id: args.pseudonym_key_id,
+        hex: args.pseudonym_key,
+        file: args.pseudonym_key_file,
+    }
+    .load("--pseudonym-key")?;
     let stage = anonymization::Anonymizer::new(master, pseudonym);
     let input = vec![args.common.kafka.topics().name(TopicKind::Ingestion)];
     let shutdown = pipeline::shutdown::on_signals();

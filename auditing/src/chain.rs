@@ -64,13 +64,23 @@ pub struct NewEntry {
 #[derive(Debug, thiserror::Error)]
 pub enum ChainError {
     #[error("I/O error on {path}: {source}")]
-    Io { path: String, source: std::io::Error },
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("audit entry at line {line}{} is broken: {reason}", seq.map(|s| format!(" (seq {s})")).unwrap_or_default())]
-    Broken { line: usize, seq: Option<u64>, reason: String },
+    Broken {
+        line: usize,
+        seq: Option<u64>,
+        reason: String,
+    },
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> ChainError + '_ {
-    move |source| ChainError::Io { path: path.display().to_string(), source }
+    move |source| ChainError::Io {
+        path: path.display().to_string(),
+        source,
+    }
 }
 
 /// The result of a successful verification.
@@ -94,10 +104,22 @@ pub fn verify(path: &Path) -> Result<VerifySummary, ChainError> {
     Ok(VerifySummary { entries, head })
 }
 
-fn check_link(line: usize, expected_seq: u64, prev: &str, e: &AuditEntry) -> Result<(), ChainError> {
-    let broken = |reason: String| ChainError::Broken { line, seq: Some(e.seq), reason };
+fn check_link(
+    line: usize,
+    expected_seq: u64,
+    prev: &str,
+    e: &AuditEntry,
+) -> Result<(), ChainError> {
+    let broken = |reason: String| ChainError::Broken {
+        line,
+        seq: Some(e.seq),
+        reason,
+    };
     if e.seq != expected_seq {
-        return Err(broken(format!("sequence is {}, expected {expected_seq}", e.seq)));
+        return Err(broken(format!(
+            "sequence is {}, expected {expected_seq}",
+            e.seq
+        )));
     }
     if e.prev_hash != prev {
         return Err(broken("does not chain to the previous entry".into()));
@@ -153,14 +175,26 @@ impl ChainStore {
         let mut head = GENESIS.to_string();
         read_entries(&path, |line, e| {
             check_link(line, next_seq, &head, &e)?;
-            let p = positions.entry((e.topic.clone(), e.partition)).or_insert(e.offset);
+            let p = positions
+                .entry((e.topic.clone(), e.partition))
+                .or_insert(e.offset);
             *p = (*p).max(e.offset);
             head = e.hash;
             next_seq += 1;
             Ok(())
         })?;
-        let file = OpenOptions::new().create(true).append(true).open(&path).map_err(io(&path))?;
-        Ok(ChainStore { path, file, next_seq, head, positions })
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .map_err(io(&path))?;
+        Ok(ChainStore {
+            path,
+            file,
+            next_seq,
+            head,
+            positions,
+        })
     }
 
     /// True when the message at this position is already in the chain.
@@ -206,7 +240,8 @@ impl ChainStore {
             let line = serde_json::to_string(&e).unwrap_or_default();
             buf.extend_from_slice(line.as_bytes());
             buf.push(b'\n');
-            self.positions.insert((e.topic.clone(), e.partition), e.offset);
+            self.positions
+                .insert((e.topic.clone(), e.partition), e.offset);
             self.head = e.hash;
             self.next_seq += 1;
             added += 1;
@@ -229,7 +264,10 @@ fn cut_torn_tail(path: &Path) -> Result<(), ChainError> {
         return Ok(());
     }
     let keep = bytes.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
-    let f = OpenOptions::new().write(true).open(path).map_err(io(path))?;
+    let f = OpenOptions::new()
+        .write(true)
+        .open(path)
+        .map_err(io(path))?;
     f.set_len(keep as u64).map_err(io(path))?;
     f.sync_all().map_err(io(path))
 }
@@ -275,7 +313,11 @@ mod tests {
     }
 
     fn lines(p: &Path) -> Vec<String> {
-        std::fs::read_to_string(p).expect("read").lines().map(str::to_string).collect()
+        std::fs::read_to_string(p)
+            .expect("read")
+            .lines()
+            .map(str::to_string)
+            .collect()
     }
 
     fn write_lines(p: &Path, l: &[String]) {
@@ -294,7 +336,11 @@ mod tests {
         let (dir, p) = chain(5);
         assert_eq!(verify(&p).expect("verifies").entries, 5);
         let mut s = ChainStore::open(dir.path()).expect("reopen");
-        assert_eq!(s.append(vec![entry(3), entry(4), entry(5)], 43).expect("append"), 1);
+        assert_eq!(
+            s.append(vec![entry(3), entry(4), entry(5)], 43)
+                .expect("append"),
+            1
+        );
         assert_eq!(verify(&p).expect("verifies").entries, 6);
     }
 
@@ -310,7 +356,10 @@ mod tests {
         l.swap(1, 2);
         write_lines(&p, &l);
         assert_eq!(broken_line(&p), 2);
-        let l: Vec<String> = orig.iter().map(|s| s.replace("\"event_type\":\"X\"", "\"event_type\":\"Y\"")).collect();
+        let l: Vec<String> = orig
+            .iter()
+            .map(|s| s.replace("\"event_type\":\"X\"", "\"event_type\":\"Y\""))
+            .collect();
         write_lines(&p, &l);
         assert_eq!(broken_line(&p), 1);
     }

@@ -57,7 +57,11 @@ pub fn entry_for(msg: &OwnedMessage, decoded: Option<&pipeline::Event>) -> NewEn
                 partition: msg.partition(),
                 offset: msg.offset(),
                 event_id: None,
-                event_type: if stage.is_some() { "DeadLetter".into() } else { "Undecodable".into() },
+                event_type: if stage.is_some() {
+                    "DeadLetter".into()
+                } else {
+                    "Undecodable".into()
+                },
                 correlation_id: None,
                 causation_id: None,
                 source_service: stage.map(|s| format!("medpipe-{s}")),
@@ -155,12 +159,18 @@ fn run_blocking(
                 _ => None,
             };
             let e = entry_for(m, decoded.as_ref());
-            metrics.events_in.with_label_values(&[e.event_type.as_str()]).inc();
+            metrics
+                .events_in
+                .with_label_values(&[e.event_type.as_str()])
+                .inc();
             entries.push(e);
         }
         let now = chrono::Utc::now().timestamp_micros();
         let added = store.append(entries, now).map_err(chain_err)?;
-        metrics.events_out.with_label_values(&["AuditEntry"]).inc_by(added as u64);
+        metrics
+            .events_out
+            .with_label_values(&["AuditEntry"])
+            .inc_by(added as u64);
         // The chain is durable now; the commit only saves re-reading on restart.
         if let Err(e) = consumer.commit(&offsets, CommitMode::Async) {
             warn!(error = %e, "Offset commit failed; entries are deduplicated on restart.");

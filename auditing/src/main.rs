@@ -9,13 +9,21 @@ use pipeline::config::{KafkaArgs, TelemetryArgs};
 use pipeline::telemetry::StageMetrics;
 
 #[derive(Parser, Debug)]
-#[command(name = "medpipe-auditing", version, about = "Records every pipeline event in a hash-chained log.")]
+#[command(
+    name = "medpipe-auditing",
+    version,
+    about = "Records every pipeline event in a hash-chained log."
+)]
 struct Args {
     #[command(flatten)]
     kafka: KafkaArgs,
     #[command(flatten)]
     telemetry: TelemetryArgs,
-    #[arg(long, env = "MEDPIPE_AUDIT_DIR", default_value = "./medpipe-data/audit")]
+    #[arg(
+        long,
+        env = "MEDPIPE_AUDIT_DIR",
+        default_value = "./medpipe-data/audit"
+    )]
     audit_dir: PathBuf,
     #[arg(long, env = "MEDPIPE_GROUP_ID")]
     group_id: Option<String>,
@@ -35,7 +43,9 @@ async fn main() -> anyhow::Result<()> {
     pipeline::stage::serve_metrics(&args.telemetry, 9104, &metrics, &shutdown).await?;
     let config = auditing::AuditConfig {
         bootstrap_servers: args.kafka.bootstrap_servers.clone(),
-        group_id: args.group_id.unwrap_or_else(|| format!("{}-auditing", args.kafka.topic_prefix)),
+        group_id: args
+            .group_id
+            .unwrap_or_else(|| format!("{}-auditing", args.kafka.topic_prefix)),
         topics: args.kafka.topics(),
         audit_dir: args.audit_dir,
         batch_max_messages: args.batch_max_messages,

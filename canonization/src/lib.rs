@@ -17,7 +17,11 @@ const ID_NAMESPACE: Uuid = Uuid::from_u128(0x6d65_6470_6970_6545_8000_0000_0000_
 
 /// The deterministic id of a resource: the same inputs give the same id on every replay.
 pub fn resource_id(resource_type: &str, pseudonym: &str, source_identity: &str) -> String {
-    Uuid::new_v5(&ID_NAMESPACE, format!("{resource_type}|{pseudonym}|{source_identity}").as_bytes()).to_string()
+    Uuid::new_v5(
+        &ID_NAMESPACE,
+        format!("{resource_type}|{pseudonym}|{source_identity}").as_bytes(),
+    )
+    .to_string()
 }
 
 #[derive(Debug, Default)]
@@ -79,16 +83,21 @@ impl Stage for Canonizer {
     fn process(&mut self, input: &Input<'_>) -> Outcome {
         let ev = input.event;
         match &ev.payload {
-            Payload::RecordAnonymized(rec) if rec.record_type == "Patient" => match canonical_patient(rec) {
-                Ok(p) => Outcome::Emit(vec![Output {
-                    key: p.patient_pseudonym.clone(),
-                    event: Event::caused_by(ev, SERVICE, Payload::CanonicalPatient(p)),
-                }]),
-                Err(reason) => Outcome::DeadLetter {
-                    error_type: "mapping",
-                    reason: format!("batch {} position {}: {reason}", rec.batch_id, rec.position),
-                },
-            },
+            Payload::RecordAnonymized(rec) if rec.record_type == "Patient" => {
+                match canonical_patient(rec) {
+                    Ok(p) => Outcome::Emit(vec![Output {
+                        key: p.patient_pseudonym.clone(),
+                        event: Event::caused_by(ev, SERVICE, Payload::CanonicalPatient(p)),
+                    }]),
+                    Err(reason) => Outcome::DeadLetter {
+                        error_type: "mapping",
+                        reason: format!(
+                            "batch {} position {}: {reason}",
+                            rec.batch_id, rec.position
+                        ),
+                    },
+                }
+            }
             Payload::RecordAnonymized(rec) => Outcome::DeadLetter {
                 error_type: "unsupported_record_type",
                 reason: format!(
@@ -125,14 +134,23 @@ mod tests {
     }
 
     fn run(ev: &Event) -> Outcome {
-        Canonizer.process(&Input { topic: "t", partition: 0, offset: 0, event: ev })
+        Canonizer.process(&Input {
+            topic: "t",
+            partition: 0,
+            offset: 0,
+            event: ev,
+        })
     }
 
     #[test]
     fn patient_maps_to_a_fhir_patient_with_a_deterministic_id() {
         let ev = anonymized("Patient", json!({"GENDER": "F", "BIRTH_YEAR": 1980}));
-        let Outcome::Emit(outs) = run(&ev) else { panic!("expected Emit") };
-        let Payload::CanonicalPatient(p) = &outs[0].event.payload else { panic!("not a patient") };
+        let Outcome::Emit(outs) = run(&ev) else {
+            panic!("expected Emit")
+        };
+        let Payload::CanonicalPatient(p) = &outs[0].event.payload else {
+            panic!("not a patient")
+        };
         assert_eq!(outs[0].key, "abc");
         assert_eq!(p.gender.as_deref(), Some("female"));
         assert_eq!(p.birth_year, Some(1980));
@@ -142,24 +160,37 @@ mod tests {
         assert_eq!(fhir["birthDate"], "1980");
         assert_eq!(fhir["id"], p.resource_id.as_str());
         // Replaying the same input gives the same id.
-        let Outcome::Emit(again) = run(&ev) else { panic!("expected Emit") };
-        let Payload::CanonicalPatient(q) = &again[0].event.payload else { panic!("not a patient") };
+        let Outcome::Emit(again) = run(&ev) else {
+            panic!("expected Emit")
+        };
+        let Payload::CanonicalPatient(q) = &again[0].event.payload else {
+            panic!("not a patient")
+        };
         assert_eq!(p.resource_id, q.resource_id);
     }
 
     #[test]
     fn unknown_record_types_are_dead_lettered_not_dropped() {
         match run(&anonymized("Observation", json!({}))) {
-            Outcome::DeadLetter { error_type, .. } => assert_eq!(error_type, "unsupported_record_type"),
+            Outcome::DeadLetter { error_type, .. } => {
+                assert_eq!(error_type, "unsupported_record_type")
+            }
             other => panic!("expected DeadLetter, got {other:?}"),
         }
     }
 
     #[test]
     fn lifecycle_events_produce_nothing() {
-        let ev = Event::new("x", "b1", None, Payload::AnonymizationFinished(pipeline::events::AnonymizationFinished {
-            batch_id: "b1".into(), upstream_records_emitted: 1, policy_version: "p".into(),
-        }));
+        let ev = Event::new(
+            "x",
+            "b1",
+            None,
+            Payload::AnonymizationFinished(pipeline::events::AnonymizationFinished {
+                batch_id: "b1".into(),
+                upstream_records_emitted: 1,
+                policy_version: "p".into(),
+            }),
+        );
         assert_eq!(run(&ev), Outcome::Emit(vec![]));
     }
 }

@@ -6,7 +6,11 @@ use pipeline::stage::{run_stage, CommonArgs};
 use pipeline::topics::TopicKind;
 
 #[derive(Parser, Debug)]
-#[command(name = "medpipe-canonization", version, about = "Maps anonymized records to the canonical model.")]
+#[command(
+    name = "medpipe-canonization",
+    version,
+    about = "Maps anonymized records to the canonical model."
+)]
 struct Args {
     #[command(flatten)]
     common: CommonArgs,

@@ -7,7 +7,10 @@ use serde_json::{Map, Value};
 #[derive(Debug, Clone, PartialEq)]
 pub enum Row {
     Record(SourceRecordBody),
-    Rejected { error_kind: &'static str, reason: String },
+    Rejected {
+        error_kind: &'static str,
+        reason: String,
+    },
 }
 
 /// A whole file's parse result.
@@ -31,7 +34,11 @@ pub enum FileError {
 
 /// Record type of a Synthea CSV file, from its name.
 pub fn record_type_for(file_name: &str) -> &'static str {
-    let stem = file_name.rsplit('/').next().unwrap_or(file_name).to_ascii_lowercase();
+    let stem = file_name
+        .rsplit('/')
+        .next()
+        .unwrap_or(file_name)
+        .to_ascii_lowercase();
     let stem = stem.trim_end_matches(".gz").trim_end_matches(".csv");
     match stem {
         s if s.starts_with("patients") => "Patient",
@@ -85,18 +92,28 @@ pub fn parse(file_name: &str, bytes: &[u8]) -> Result<ParsedFile, FileError> {
                     csv::ErrorKind::Utf8 { .. } => format!("line {line}: invalid UTF-8"),
                     _ => format!("line {line}: malformed CSV row"),
                 };
-                rows.push(Row::Rejected { error_kind: "csv_row", reason });
+                rows.push(Row::Rejected {
+                    error_kind: "csv_row",
+                    reason,
+                });
             }
         }
     }
-    Ok(ParsedFile { record_type: record_type.into(), rows })
+    Ok(ParsedFile {
+        record_type: record_type.into(),
+        rows,
+    })
 }
 
 fn row(headers: &[String], record: &csv::ByteRecord, line: u64, link_col: &str) -> Row {
     if record.len() != headers.len() {
         return Row::Rejected {
             error_kind: "csv_field_count",
-            reason: format!("line {line}: expected {} fields, found {}", headers.len(), record.len()),
+            reason: format!(
+                "line {line}: expected {} fields, found {}",
+                headers.len(),
+                record.len()
+            ),
         };
     }
     let mut content = Map::new();
@@ -113,9 +130,18 @@ fn row(headers: &[String], record: &csv::ByteRecord, line: u64, link_col: &str) 
             }
         }
     }
-    let patient_link = content.get(link_col).and_then(Value::as_str).map(str::to_string);
-    let mut w = csv::WriterBuilder::new().terminator(csv::Terminator::Any(b'\n')).from_writer(vec![]);
-    let original = match w.write_byte_record(record).ok().and_then(|_| w.into_inner().ok()) {
+    let patient_link = content
+        .get(link_col)
+        .and_then(Value::as_str)
+        .map(str::to_string);
+    let mut w = csv::WriterBuilder::new()
+        .terminator(csv::Terminator::Any(b'\n'))
+        .from_writer(vec![]);
+    let original = match w
+        .write_byte_record(record)
+        .ok()
+        .and_then(|_| w.into_inner().ok())
+    {
         Some(b) => String::from_utf8_lossy(&b).trim_end().to_string(),
         None => String::new(),
     };
@@ -143,7 +169,8 @@ mod tests {
 
     #[test]
     fn synthea_patients_parse_with_bom_crlf_and_quoted_newlines() {
-        let csv = "\u{FEFF}Id,FIRST,ADDRESS\r\np1,Ann,\"1 Main St\r\nApt 2\"\r\np2,Bob,\"x, y\"\r\n";
+        let csv =
+            "\u{FEFF}Id,FIRST,ADDRESS\r\np1,Ann,\"1 Main St\r\nApt 2\"\r\np2,Bob,\"x, y\"\r\n";
         let p = parse("patients.csv", csv.as_bytes()).expect("parses");
         assert_eq!(p.record_type, "Patient");
         assert_eq!(kinds(&p), vec!["ok", "ok"]);
@@ -158,10 +185,17 @@ mod tests {
         csv.extend_from_slice(&[0xff, 0xfe]);
         csv.extend_from_slice(b"\np4,Dee\n");
         let p = parse("patients.csv", &csv).expect("parses");
-        assert_eq!(kinds(&p), vec!["ok", "csv_field_count", "invalid_utf8", "ok"]);
-        let Row::Rejected { reason, .. } = &p.rows[1] else { panic!() };
+        assert_eq!(
+            kinds(&p),
+            vec!["ok", "csv_field_count", "invalid_utf8", "ok"]
+        );
+        let Row::Rejected { reason, .. } = &p.rows[1] else {
+            panic!()
+        };
         assert_eq!(reason, "line 3: expected 2 fields, found 1");
-        let Row::Rejected { reason, .. } = &p.rows[2] else { panic!() };
+        let Row::Rejected { reason, .. } = &p.rows[2] else {
+            panic!()
+        };
         assert_eq!(reason, "line 4: column 2 (FIRST) is not valid UTF-8");
     }
 

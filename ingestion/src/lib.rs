@@ -19,8 +19,8 @@ use std::time::Duration;
 use base64::Engine;
 use pipeline::crypto::{sha256_hex, DataKey, KeyRef};
 use pipeline::events::{
-    DataIngestionCreated, DataIngestionFailed, DataIngestionFinished, DataIngestionStarted, Payload,
-    RecordRejected, SourceRecordIngested,
+    DataIngestionCreated, DataIngestionFailed, DataIngestionFinished, DataIngestionStarted,
+    Payload, RecordRejected, SourceRecordIngested,
 };
 use pipeline::runner::send_record;
 use pipeline::telemetry::StageMetrics;
@@ -59,8 +59,14 @@ impl Folders {
     }
 
     pub fn create(&self) -> Result<(), PipelineError> {
-        for d in [&self.landing, &self.processing, &self.archive, &self.quarantine] {
-            std::fs::create_dir_all(d).map_err(|e| PipelineError::io(d.display().to_string(), e))?;
+        for d in [
+            &self.landing,
+            &self.processing,
+            &self.archive,
+            &self.quarantine,
+        ] {
+            std::fs::create_dir_all(d)
+                .map_err(|e| PipelineError::io(d.display().to_string(), e))?;
         }
         Ok(())
     }
@@ -105,7 +111,8 @@ pub fn batch_events(
         let payload = match row {
             Row::Record(body) => {
                 let plain = serde_json::to_vec(&body).unwrap_or_default();
-                match data_key.seal_record(&plain, &SourceRecordIngested::aad(&batch_id, position)) {
+                match data_key.seal_record(&plain, &SourceRecordIngested::aad(&batch_id, position))
+                {
                     Ok(sealed) => {
                         emitted += 1;
                         Payload::SourceRecordIngested(SourceRecordIngested {
@@ -249,35 +256,59 @@ impl Ingestor {
     /// Ingests one claimed file in one transaction.
     fn ingest(&mut self, path: &Path, recovering: bool) -> Result<(), PipelineError> {
         let name = file_name(path);
-        let bytes = std::fs::read(path).map_err(|e| PipelineError::io(path.display().to_string(), e))?;
+        let bytes =
+            std::fs::read(path).map_err(|e| PipelineError::io(path.display().to_string(), e))?;
         let sha = sha256_hex(&bytes);
         let batch_id = batch_id_for(&sha);
         if self.completed.contains(&sha) {
             if recovering {
-                info!(batch_id, "File's batch had committed before the restart; cleaning up.");
+                info!(
+                    batch_id,
+                    "File's batch had committed before the restart; cleaning up."
+                );
                 return remove(path);
             }
-            return self.fail(path, &Uuid::new_v4().to_string(), "duplicate", &format!("same content as batch {batch_id}, which already committed"));
+            return self.fail(
+                path,
+                &Uuid::new_v4().to_string(),
+                "duplicate",
+                &format!("same content as batch {batch_id}, which already committed"),
+            );
         }
         let archive = self.config.folders.archive.join(format!("{batch_id}.enc"));
         let data_key = DataKey::generate(&self.master)?;
         let events = match batch_events(&name, &bytes, &data_key, &archive.display().to_string()) {
             Ok(ev) => ev,
-            Err((batch_id, e)) => return self.fail(path, &batch_id, "unreadable_file", &e.to_string()),
+            Err((batch_id, e)) => {
+                return self.fail(path, &batch_id, "unreadable_file", &e.to_string())
+            }
         };
         write_archive(&archive, &data_key, &batch_id, &bytes)?;
         self.commit(&batch_id, &events)?;
         self.completed.insert(sha);
         for e in &events {
-            self.metrics.events_out.with_label_values(&[e.event_type()]).inc();
+            self.metrics
+                .events_out
+                .with_label_values(&[e.event_type()])
+                .inc();
         }
         info!(batch_id, records = events.len() - 3, "Batch committed.");
         remove(path)
     }
 
     /// Moves the file to quarantine and emits `DataIngestionFailed`. Never deletes it.
-    fn fail(&mut self, path: &Path, batch_id: &str, kind: &str, reason: &str) -> Result<(), PipelineError> {
-        let dest = self.config.folders.quarantine.join(format!("{batch_id}-{}", file_name(path)));
+    fn fail(
+        &mut self,
+        path: &Path,
+        batch_id: &str,
+        kind: &str,
+        reason: &str,
+    ) -> Result<(), PipelineError> {
+        let dest = self
+            .config
+            .folders
+            .quarantine
+            .join(format!("{batch_id}-{}", file_name(path)));
         warn!(batch_id, error_kind = kind, reason, "File quarantined.");
         let event = Event::new(
             SERVICE,
@@ -291,20 +322,29 @@ impl Ingestor {
                 quarantine_location: dest.display().to_string(),
             }),
         );
-        std::fs::rename(path, &dest).map_err(|e| PipelineError::io(path.display().to_string(), e))?;
+        std::fs::rename(path, &dest)
+            .map_err(|e| PipelineError::io(path.display().to_string(), e))?;
         self.commit(batch_id, &[event])
     }
 
     fn commit(&self, batch_id: &str, events: &[Event]) -> Result<(), PipelineError> {
-        let topic = self.config.topics.name(pipeline::topics::TopicKind::Ingestion);
+        let topic = self
+            .config
+            .topics
+            .name(pipeline::topics::TopicKind::Ingestion);
         let mut encoded = Vec::with_capacity(events.len());
         for e in events {
             encoded.push(self.rt.block_on(self.codec.encode(e))?);
         }
-        self.producer.begin_transaction().map_err(kafka("begin transaction"))?;
-        let sent: Result<(), PipelineError> = encoded
-            .iter()
-            .try_for_each(|b| send_record(&self.producer, BaseRecord::to(&topic).key(batch_id).payload(b)));
+        self.producer
+            .begin_transaction()
+            .map_err(kafka("begin transaction"))?;
+        let sent: Result<(), PipelineError> = encoded.iter().try_for_each(|b| {
+            send_record(
+                &self.producer,
+                BaseRecord::to(&topic).key(batch_id).payload(b),
+            )
+        });
         let result = sent.and_then(|()| {
             self.producer
                 .commit_transaction(self.config.transaction_timeout)
@@ -312,7 +352,9 @@ impl Ingestor {
         });
         if let Err(e) = result {
             self.metrics.transactions_aborted.inc();
-            let _ = self.producer.abort_transaction(self.config.transaction_timeout);
+            let _ = self
+                .producer
+                .abort_transaction(self.config.transaction_timeout);
             return Err(e);
         }
         self.metrics.transactions_committed.inc();
@@ -321,9 +363,18 @@ impl Ingestor {
 }
 
 /// Reads every committed `DataIngestionFinished` to learn which files are done.
-fn completed_files(config: &IngestConfig, codec: &Codec, rt: &Handle) -> Result<HashSet<String>, PipelineError> {
+fn completed_files(
+    config: &IngestConfig,
+    codec: &Codec,
+    rt: &Handle,
+) -> Result<HashSet<String>, PipelineError> {
     let topic = config.topics.name(pipeline::topics::TopicKind::Ingestion);
-    let records = pipeline::readback::read_all(&config.bootstrap_servers, &[topic], Some((codec, rt)), Duration::from_secs(300))?;
+    let records = pipeline::readback::read_all(
+        &config.bootstrap_servers,
+        &[topic],
+        Some((codec, rt)),
+        Duration::from_secs(300),
+    )?;
     Ok(records
         .into_iter()
         .filter_map(|r| match r.event.map(|e| e.payload) {
@@ -333,7 +384,12 @@ fn completed_files(config: &IngestConfig, codec: &Codec, rt: &Handle) -> Result<
         .collect())
 }
 
-fn write_archive(path: &Path, key: &DataKey, batch_id: &str, bytes: &[u8]) -> Result<(), PipelineError> {
+fn write_archive(
+    path: &Path,
+    key: &DataKey,
+    batch_id: &str,
+    bytes: &[u8],
+) -> Result<(), PipelineError> {
     let sealed = key.seal_record(bytes, batch_id.as_bytes())?;
     let b64 = |b: &[u8]| base64::engine::general_purpose::STANDARD.encode(b);
     let doc = serde_json::json!({
@@ -368,7 +424,9 @@ fn files_in(dir: &Path) -> Result<Vec<PathBuf>, PipelineError> {
 }
 
 fn file_name(p: &Path) -> String {
-    p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
+    p.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default()
 }
 
 fn remove(path: &Path) -> Result<(), PipelineError> {
@@ -390,16 +448,29 @@ mod tests {
         let types: Vec<_> = events.iter().map(|e| e.event_type()).collect();
         assert_eq!(
             types,
-            vec!["DataIngestionCreated", "DataIngestionStarted", "SourceRecordIngested", "RecordRejected", "SourceRecordIngested", "DataIngestionFinished"]
+            vec![
+                "DataIngestionCreated",
+                "DataIngestionStarted",
+                "SourceRecordIngested",
+                "RecordRejected",
+                "SourceRecordIngested",
+                "DataIngestionFinished"
+            ]
         );
         let batch = batch_id_for(&sha256_hex(csv));
         assert!(events.iter().all(|e| e.header.correlation_id == batch));
-        let Payload::DataIngestionFinished(f) = &events[5].payload else { panic!() };
+        let Payload::DataIngestionFinished(f) = &events[5].payload else {
+            panic!()
+        };
         assert_eq!((f.records_emitted, f.records_rejected), (2, 1));
         // The sealed body opens with the master key and holds the row.
-        let Payload::SourceRecordIngested(r) = &events[4].payload else { panic!() };
-        let plain = open_record(&master, &r.sealed, &SourceRecordIngested::aad(&batch, 3)).expect("open");
-        let body: pipeline::events::SourceRecordBody = serde_json::from_slice(&plain).expect("json");
+        let Payload::SourceRecordIngested(r) = &events[4].payload else {
+            panic!()
+        };
+        let plain =
+            open_record(&master, &r.sealed, &SourceRecordIngested::aad(&batch, 3)).expect("open");
+        let body: pipeline::events::SourceRecordBody =
+            serde_json::from_slice(&plain).expect("json");
         assert_eq!(body.patient_link.as_deref(), Some("p3"));
         // No clear-text field of any event holds the names.
         let dbg = format!("{events:?}");

@@ -11,14 +11,22 @@ use pipeline::crypto::Secret;
 use pipeline::telemetry::StageMetrics;
 
 #[derive(Parser, Debug)]
-#[command(name = "medpipe-ingestion", version, about = "Claims batch files and emits their records.")]
+#[command(
+    name = "medpipe-ingestion",
+    version,
+    about = "Claims batch files and emits their records."
+)]
 struct Args {
     #[command(flatten)]
     kafka: KafkaArgs,
     #[command(flatten)]
     telemetry: TelemetryArgs,
     /// Holds landing/, processing/, archive/ and quarantine/.
-    #[arg(long, env = "MEDPIPE_INGESTION_DIR", default_value = "./medpipe-data/ingestion")]
+    #[arg(
+        long,
+        env = "MEDPIPE_INGESTION_DIR",
+        default_value = "./medpipe-data/ingestion"
+    )]
     data_dir: PathBuf,
     #[arg(long, env = "MEDPIPE_INSTANCE_ID", default_value = "0")]
     instance_id: String,
@@ -39,8 +47,12 @@ struct Args {
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     pipeline::telemetry::init_tracing(args.telemetry.log_format);
-    let master = KeySource { id: args.master_key_id, hex: args.master_key, file: args.master_key_file }
-        .load("--master-key")?;
+    let master = KeySource {
+        id: args.master_key_id,
+        hex: args.master_key,
+        file: args.master_key_file,
+    }
+    .load("--master-key")?;
     let shutdown = pipeline::shutdown::on_signals();
     let codec = pipeline::stage::prepare(&args.kafka, Duration::from_secs(60)).await?;
     let metrics = StageMetrics::new("ingestion")?;

@@ -51,13 +51,21 @@ enum Command {
 enum AuditCommand {
     /// Check every entry's hash chain; exits non-zero naming the first bad entry.
     Verify {
-        #[arg(long, env = "MEDPIPE_AUDIT_DIR", default_value = "./medpipe-data/audit")]
+        #[arg(
+            long,
+            env = "MEDPIPE_AUDIT_DIR",
+            default_value = "./medpipe-data/audit"
+        )]
         dir: PathBuf,
     },
     /// Print the timeline of a batch (or one event id) in chain order.
     Trace {
         id: String,
-        #[arg(long, env = "MEDPIPE_AUDIT_DIR", default_value = "./medpipe-data/audit")]
+        #[arg(
+            long,
+            env = "MEDPIPE_AUDIT_DIR",
+            default_value = "./medpipe-data/audit"
+        )]
         dir: PathBuf,
         #[arg(long)]
         json: bool,
@@ -69,7 +77,12 @@ async fn main() -> anyhow::Result<()> {
     pipeline::telemetry::init_tracing(pipeline::config::LogFormat::Text);
     match run(Cli::parse()).await {
         // A closed pipe (`medpipe audit trace X | head`) is not an error.
-        Err(e) if e.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe) => Ok(()),
+        Err(e)
+            if e.downcast_ref::<std::io::Error>()
+                .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe) =>
+        {
+            Ok(())
+        }
         other => other,
     }
 }
@@ -79,21 +92,39 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Setup { kafka } => {
             pipeline::stage::prepare(&kafka, Duration::from_secs(30)).await?;
-            writeln!(out, "Schemas registered and topics present under prefix {}.", kafka.topic_prefix)?;
+            writeln!(
+                out,
+                "Schemas registered and topics present under prefix {}.",
+                kafka.topic_prefix
+            )?;
         }
-        Command::Summary { kafka, show, wait_canonical, timeout } => {
+        Command::Summary {
+            kafka,
+            show,
+            wait_canonical,
+            timeout,
+        } => {
             drop(out);
             summary(kafka, show, wait_canonical, timeout).await?
         }
-        Command::Audit { command: AuditCommand::Verify { dir } } => {
+        Command::Audit {
+            command: AuditCommand::Verify { dir },
+        } => {
             let path = dir.join(auditing::chain::ChainStore::FILE);
             match auditing::chain::verify(&path) {
-                Ok(s) => writeln!(out, "Audit chain verified: {} entries, head {}.", s.entries, s.head)?,
+                Ok(s) => writeln!(
+                    out,
+                    "Audit chain verified: {} entries, head {}.",
+                    s.entries, s.head
+                )?,
                 Err(e) => bail!("audit chain verification failed: {e}"),
             }
         }
-        Command::Audit { command: AuditCommand::Trace { id, dir, json } } => {
-            let entries = auditing::chain::trace(&dir.join(auditing::chain::ChainStore::FILE), &id)?;
+        Command::Audit {
+            command: AuditCommand::Trace { id, dir, json },
+        } => {
+            let entries =
+                auditing::chain::trace(&dir.join(auditing::chain::ChainStore::FILE), &id)?;
             if entries.is_empty() {
                 bail!("no audit entries for {id}");
             }
@@ -116,7 +147,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn summary(kafka: KafkaArgs, show: usize, wait: Option<usize>, timeout: Duration) -> anyhow::Result<()> {
+async fn summary(
+    kafka: KafkaArgs,
+    show: usize,
+    wait: Option<usize>,
+    timeout: Duration,
+) -> anyhow::Result<()> {
     let topics = kafka.topics();
     let codec = pipeline::Codec::new(&kafka.schema_registry_url, &topics)?;
     let rt = tokio::runtime::Handle::current();
@@ -129,7 +165,12 @@ async fn summary(kafka: KafkaArgs, show: usize, wait: Option<usize>, timeout: Du
         })?;
         let canonical = records
             .iter()
-            .filter(|r| matches!(r.event.as_ref().map(|e| &e.payload), Some(Payload::CanonicalPatient(_))))
+            .filter(|r| {
+                matches!(
+                    r.event.as_ref().map(|e| &e.payload),
+                    Some(Payload::CanonicalPatient(_))
+                )
+            })
             .count();
         match wait {
             Some(n) if canonical < n => {
@@ -143,17 +184,28 @@ async fn summary(kafka: KafkaArgs, show: usize, wait: Option<usize>, timeout: Du
     };
     let mut counts: BTreeMap<(String, String), usize> = BTreeMap::new();
     for r in &records {
-        let t = r.event.as_ref().map_or("(not an event)".to_string(), |e| e.header.event_type.clone());
-        *counts.entry((r.message.topic().to_string(), t)).or_default() += 1;
+        let t = r.event.as_ref().map_or("(not an event)".to_string(), |e| {
+            e.header.event_type.clone()
+        });
+        *counts
+            .entry((r.message.topic().to_string(), t))
+            .or_default() += 1;
     }
     let mut out = std::io::stdout().lock();
     writeln!(out, "Committed events per topic:")?;
     for ((topic, t), n) in &counts {
-        writeln!(out, "  {topic:<40} {t:<28} {n:>7}")?;
+        writeln!(out, "  {topic:<48} {t:<28} {n:>7}")?;
     }
     let canonical_topic = topics.name(TopicKind::CanonicalPatient);
-    writeln!(out, "\nFirst {show} canonical records on {canonical_topic}:")?;
-    for r in records.iter().filter(|r| r.message.topic() == canonical_topic).take(show) {
+    writeln!(
+        out,
+        "\nFirst {show} canonical records on {canonical_topic}:"
+    )?;
+    for r in records
+        .iter()
+        .filter(|r| r.message.topic() == canonical_topic)
+        .take(show)
+    {
         if let Some(Payload::CanonicalPatient(p)) = r.event.as_ref().map(|e| &e.payload) {
             writeln!(out, "  key={} {}", p.patient_pseudonym, p.fhir_json)?;
         }

@@ -6,7 +6,9 @@ use std::collections::HashMap;
 use schema_registry_converter::async_impl::avro::{AvroDecoder, AvroEncoder};
 use schema_registry_converter::async_impl::schema_registry::SrSettings;
 use schema_registry_converter::error::SRCError;
-use schema_registry_converter::schema_registry_common::{SchemaType, SubjectNameStrategy, SuppliedSchema};
+use schema_registry_converter::schema_registry_common::{
+    SchemaType, SubjectNameStrategy, SuppliedSchema,
+};
 
 use crate::error::PipelineError;
 use crate::events::{self, erased::ErasedWire, Event, CATALOGUE};
@@ -71,9 +73,7 @@ impl Codec {
     pub async fn register_all(&self) -> Result<(), PipelineError> {
         for spec in CATALOGUE {
             let strategy = self.strategy(spec.name)?;
-            let subject = strategy
-                .get_subject()
-                .map_err(|e| sr_error(spec.name, e))?;
+            let subject = strategy.get_subject().map_err(|e| sr_error(spec.name, e))?;
             self.encoder
                 .get_schema_and_id(&subject, strategy.clone())
                 .await
@@ -95,12 +95,13 @@ impl Codec {
     pub async fn encode(&self, event: &Event) -> Result<Vec<u8>, PipelineError> {
         let event_type = event.event_type();
         let strategy = self.strategy(event_type)?;
-        let value = events::with_wire(event, |w: &dyn ErasedWire| w.to_avro_value()).map_err(
-            |e| PipelineError::Encode {
-                event_type: event_type.to_string(),
-                message: e.to_string(),
-            },
-        )?;
+        let value =
+            events::with_wire(event, |w: &dyn ErasedWire| w.to_avro_value()).map_err(|e| {
+                PipelineError::Encode {
+                    event_type: event_type.to_string(),
+                    message: e.to_string(),
+                }
+            })?;
         self.encoder
             .encode_value(value, strategy)
             .await

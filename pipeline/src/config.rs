@@ -12,9 +12,17 @@ use crate::topics::Topics;
 /// Where Kafka and the Schema Registry are, and which topics this pipeline uses.
 #[derive(clap::Args, Debug, Clone)]
 pub struct KafkaArgs {
-    #[arg(long, env = "MEDPIPE_BOOTSTRAP_SERVERS", default_value = "127.0.0.1:9092")]
+    #[arg(
+        long,
+        env = "MEDPIPE_BOOTSTRAP_SERVERS",
+        default_value = "127.0.0.1:9092"
+    )]
     pub bootstrap_servers: String,
-    #[arg(long, env = "MEDPIPE_SCHEMA_REGISTRY_URL", default_value = "http://127.0.0.1:8081")]
+    #[arg(
+        long,
+        env = "MEDPIPE_SCHEMA_REGISTRY_URL",
+        default_value = "http://127.0.0.1:8081"
+    )]
     pub schema_registry_url: String,
     /// All topic names start with this prefix (`<prefix>.ingestion.v1`, ...).
     #[arg(long, env = "MEDPIPE_TOPIC_PREFIX", default_value = "medpipe")]

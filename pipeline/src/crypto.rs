@@ -38,7 +38,9 @@ impl KeyRef {
     /// Parses a key given as 64 hex characters.
     pub fn from_hex(id: &str, hex_key: &str) -> Result<Self, PipelineError> {
         let bytes = hex::decode(hex_key.trim()).map_err(|_| {
-            PipelineError::Config(format!("key {id} is not valid hex (expected 64 hex characters)"))
+            PipelineError::Config(format!(
+                "key {id} is not valid hex (expected 64 hex characters)"
+            ))
         })?;
         let key: [u8; 32] = bytes.try_into().map_err(|v: Vec<u8>| {
             PipelineError::Config(format!(
@@ -61,17 +63,32 @@ impl KeyRef {
 }
 
 /// Seals `plaintext` with `key`; returns (nonce, ciphertext). `aad` binds context.
-pub fn seal(key: &KeyRef, plaintext: &[u8], aad: &[u8]) -> Result<(Vec<u8>, Vec<u8>), PipelineError> {
+pub fn seal(
+    key: &KeyRef,
+    plaintext: &[u8],
+    aad: &[u8],
+) -> Result<(Vec<u8>, Vec<u8>), PipelineError> {
     let nonce = Aes256Gcm::generate_nonce(&mut OsRng);
     let ct = key
         .cipher()
-        .encrypt(&nonce, aes_gcm::aead::Payload { msg: plaintext, aad })
+        .encrypt(
+            &nonce,
+            aes_gcm::aead::Payload {
+                msg: plaintext,
+                aad,
+            },
+        )
         .map_err(|_| PipelineError::Crypto("AES-GCM encryption failed".into()))?;
     Ok((nonce.to_vec(), ct))
 }
 
 /// Opens what `seal` produced. Fails on a wrong key, wrong aad or any altered byte.
-pub fn open(key: &KeyRef, nonce: &[u8], ciphertext: &[u8], aad: &[u8]) -> Result<Vec<u8>, PipelineError> {
+pub fn open(
+    key: &KeyRef,
+    nonce: &[u8],
+    ciphertext: &[u8],
+    aad: &[u8],
+) -> Result<Vec<u8>, PipelineError> {
     if nonce.len() != 12 {
         return Err(PipelineError::Crypto(format!(
             "nonce has {} bytes, expected 12",
@@ -118,7 +135,11 @@ impl DataKey {
     }
 
     /// Seals one record; `aad` should name the record (batch id and position).
-    pub fn seal_record(&self, plaintext: &[u8], aad: &[u8]) -> Result<SealedPayload, PipelineError> {
+    pub fn seal_record(
+        &self,
+        plaintext: &[u8],
+        aad: &[u8],
+    ) -> Result<SealedPayload, PipelineError> {
         let (nonce, ciphertext) = seal(&self.key, plaintext, aad)?;
         Ok(SealedPayload {
             key_id: self.master_id.clone(),
@@ -130,7 +151,11 @@ impl DataKey {
 }
 
 /// Opens a sealed record with the master key it names.
-pub fn open_record(master: &KeyRef, sealed: &SealedPayload, aad: &[u8]) -> Result<Vec<u8>, PipelineError> {
+pub fn open_record(
+    master: &KeyRef,
+    sealed: &SealedPayload,
+    aad: &[u8],
+) -> Result<Vec<u8>, PipelineError> {
     if sealed.key_id != master.id {
         return Err(PipelineError::Crypto(format!(
             "record was sealed under master key {} but this process holds {}",
@@ -138,7 +163,9 @@ pub fn open_record(master: &KeyRef, sealed: &SealedPayload, aad: &[u8]) -> Resul
         )));
     }
     if sealed.wrapped_key.len() < 12 {
-        return Err(PipelineError::Crypto("wrapped data key is truncated".into()));
+        return Err(PipelineError::Crypto(
+            "wrapped data key is truncated".into(),
+        ));
     }
     let (nonce, wrapped) = sealed.wrapped_key.split_at(12);
     let raw = open(master, nonce, wrapped, b"medpipe-data-key")?;

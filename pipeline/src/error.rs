@@ -142,9 +142,6 @@ mod tests {
             PipelineError::Decode("x".into()).class(),
             ErrorClass::DeadLetter
         );
-        assert_eq!(
-            PipelineError::Config("x".into()).class(),
-            ErrorClass::Fatal
-        );
+        assert_eq!(PipelineError::Config("x".into()).class(), ErrorClass::Fatal);
     }
 }

@@ -34,7 +34,10 @@ pub fn read_all(
 ) -> Result<Vec<Record>, PipelineError> {
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", bootstrap)
-        .set("group.id", format!("medpipe-readback-{}", uuid::Uuid::new_v4()))
+        .set(
+            "group.id",
+            format!("medpipe-readback-{}", uuid::Uuid::new_v4()),
+        )
         .set("enable.auto.commit", "false")
         .set("isolation.level", "read_committed")
         .set("fetch.wait.max.ms", "10")

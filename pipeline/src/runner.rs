@@ -135,9 +135,16 @@ impl ConsumerContext for RunnerContext {
         match rebalance {
             Rebalance::Revoke(tpl) => {
                 let lost = consumer.assignment_lost();
-                info!(partitions = tpl.count(), lost, "Partitions revoked; dropping their uncommitted input.");
+                info!(
+                    partitions = tpl.count(),
+                    lost, "Partitions revoked; dropping their uncommitted input."
+                );
                 if let Ok(mut r) = self.revoked.lock() {
-                    r.extend(tpl.elements().iter().map(|e| (e.topic().to_string(), e.partition())));
+                    r.extend(
+                        tpl.elements()
+                            .iter()
+                            .map(|e| (e.topic().to_string(), e.partition())),
+                    );
                 }
             }
             Rebalance::Assign(tpl) => info!(partitions = tpl.count(), "Partitions assigned."),
@@ -202,7 +209,10 @@ impl<S: Stage> Runner<S> {
             .set("heartbeat.interval.ms", "2000")
             .set("max.poll.interval.ms", "120000")
             .set("fetch.wait.max.ms", "10")
-            .set("queued.max.messages.kbytes", config.queued_max_kbytes.to_string())
+            .set(
+                "queued.max.messages.kbytes",
+                config.queued_max_kbytes.to_string(),
+            )
             .set("queued.min.messages", "1000")
             .set("statistics.interval.ms", "5000")
             .set("topic.metadata.refresh.interval.ms", "5000")
@@ -243,8 +253,15 @@ impl<S: Stage> Runner<S> {
                     .map_err(kafka("init transactions"))
             })?;
         }
-        let topics: Vec<&str> = self.config.input_topics.iter().map(String::as_str).collect();
-        self.consumer.subscribe(&topics).map_err(kafka("subscribe"))?;
+        let topics: Vec<&str> = self
+            .config
+            .input_topics
+            .iter()
+            .map(String::as_str)
+            .collect();
+        self.consumer
+            .subscribe(&topics)
+            .map_err(kafka("subscribe"))?;
         self.metrics.set_ready(true);
         info!(stage, topics = ?self.config.input_topics, transactional_id = %self.config.transactional_id, "Stage runner started.");
 
@@ -257,7 +274,9 @@ impl<S: Stage> Runner<S> {
             match self.process_batch(&batch) {
                 Ok(()) => {
                     self.metrics.transactions_committed.inc();
-                    self.metrics.processing_seconds.observe(started.elapsed().as_secs_f64());
+                    self.metrics
+                        .processing_seconds
+                        .observe(started.elapsed().as_secs_f64());
                 }
                 Err(e) => match e.class() {
                     ErrorClass::Fatal => {
@@ -316,7 +335,10 @@ impl<S: Stage> Runner<S> {
         if !revoked.is_empty() {
             let before = batch.len();
             batch.retain(|m| !revoked.contains(&(m.topic().to_string(), m.partition())));
-            debug!(dropped = before - batch.len(), "Dropped input of revoked partitions.");
+            debug!(
+                dropped = before - batch.len(),
+                "Dropped input of revoked partitions."
+            );
         }
         Ok(batch)
     }
@@ -324,21 +346,30 @@ impl<S: Stage> Runner<S> {
     fn process_batch(&mut self, batch: &[OwnedMessage]) -> Result<(), PipelineError> {
         let exactly_once = self.config.delivery == Delivery::ExactlyOnce;
         if exactly_once {
-            self.producer.begin_transaction().map_err(kafka("begin transaction"))?;
+            self.producer
+                .begin_transaction()
+                .map_err(kafka("begin transaction"))?;
         }
         let mut produced: BTreeMap<&'static str, u64> = BTreeMap::new();
         let mut dead: BTreeMap<&'static str, u64> = BTreeMap::new();
         for msg in batch {
-            let span = info_span!("message", stage = self.stage.name(), topic = msg.topic(), partition = msg.partition(), offset = msg.offset());
+            let span = info_span!(
+                "message",
+                stage = self.stage.name(),
+                topic = msg.topic(),
+                partition = msg.partition(),
+                offset = msg.offset()
+            );
             let _g = span.enter();
             self.handle_message(msg, &mut produced, &mut dead)?;
         }
         let offsets = next_offsets(batch)?;
         let timeout = self.config.transaction_timeout;
         if exactly_once {
-            let group = self.consumer.group_metadata().ok_or_else(|| {
-                PipelineError::Config("consumer has no group metadata".into())
-            })?;
+            let group = self
+                .consumer
+                .group_metadata()
+                .ok_or_else(|| PipelineError::Config("consumer has no group metadata".into()))?;
             self.producer
                 .send_offsets_to_transaction(&offsets, &group, timeout)
                 .map_err(kafka("send offsets to transaction"))?;
@@ -390,21 +421,32 @@ impl<S: Stage> Runner<S> {
         dead: &mut BTreeMap<&'static str, u64>,
     ) -> Result<(), PipelineError> {
         let Some(bytes) = msg.payload() else {
-            self.dead_letter(msg, ErrorClass::DeadLetter, "empty_message", "message has no value")?;
+            self.dead_letter(
+                msg,
+                ErrorClass::DeadLetter,
+                "empty_message",
+                "message has no value",
+            )?;
             *dead.entry("empty_message").or_default() += 1;
             return Ok(());
         };
         let event = match self.rt.block_on(self.codec.decode(bytes)) {
             Ok(ev) => ev,
             Err(e) if e.class() == ErrorClass::DeadLetter => {
-                self.metrics.events_in.with_label_values(&["undecodable"]).inc();
+                self.metrics
+                    .events_in
+                    .with_label_values(&["undecodable"])
+                    .inc();
                 self.dead_letter(msg, ErrorClass::DeadLetter, "decode", &e.to_string())?;
                 *dead.entry("decode").or_default() += 1;
                 return Ok(());
             }
             Err(e) => return Err(e),
         };
-        self.metrics.events_in.with_label_values(&[event.event_type()]).inc();
+        self.metrics
+            .events_in
+            .with_label_values(&[event.event_type()])
+            .inc();
         let input = Input {
             topic: msg.topic(),
             partition: msg.partition(),
@@ -416,7 +458,11 @@ impl<S: Stage> Runner<S> {
                 for out in outputs {
                     let bytes = self.rt.block_on(self.codec.encode(&out.event))?;
                     let topic = self.config.topics.name(out.event.payload.topic_kind());
-                    self.send(BaseRecord::to(&topic).key(out.key.as_bytes()).payload(&bytes))?;
+                    self.send(
+                        BaseRecord::to(&topic)
+                            .key(out.key.as_bytes())
+                            .payload(&bytes),
+                    )?;
                     *produced.entry(out.event.event_type()).or_default() += 1;
                 }
             }
@@ -440,14 +486,36 @@ impl<S: Stage> Runner<S> {
         let partition = msg.partition().to_string();
         let offset = msg.offset().to_string();
         let headers = OwnedHeaders::new()
-            .insert(KHeader { key: dlq_headers::STAGE, value: Some(self.stage.name()) })
-            .insert(KHeader { key: dlq_headers::ERROR_CLASS, value: Some(class.as_str()) })
-            .insert(KHeader { key: dlq_headers::ERROR_TYPE, value: Some(error_type) })
-            .insert(KHeader { key: dlq_headers::ERROR_MESSAGE, value: Some(reason) })
-            .insert(KHeader { key: dlq_headers::SOURCE_TOPIC, value: Some(msg.topic()) })
-            .insert(KHeader { key: dlq_headers::SOURCE_PARTITION, value: Some(&partition) })
-            .insert(KHeader { key: dlq_headers::SOURCE_OFFSET, value: Some(&offset) });
-        let mut record: BaseRecord<'_, [u8], [u8]> = BaseRecord::to(&self.dlq_topic).headers(headers);
+            .insert(KHeader {
+                key: dlq_headers::STAGE,
+                value: Some(self.stage.name()),
+            })
+            .insert(KHeader {
+                key: dlq_headers::ERROR_CLASS,
+                value: Some(class.as_str()),
+            })
+            .insert(KHeader {
+                key: dlq_headers::ERROR_TYPE,
+                value: Some(error_type),
+            })
+            .insert(KHeader {
+                key: dlq_headers::ERROR_MESSAGE,
+                value: Some(reason),
+            })
+            .insert(KHeader {
+                key: dlq_headers::SOURCE_TOPIC,
+                value: Some(msg.topic()),
+            })
+            .insert(KHeader {
+                key: dlq_headers::SOURCE_PARTITION,
+                value: Some(&partition),
+            })
+            .insert(KHeader {
+                key: dlq_headers::SOURCE_OFFSET,
+                value: Some(&offset),
+            });
+        let mut record: BaseRecord<'_, [u8], [u8]> =
+            BaseRecord::to(&self.dlq_topic).headers(headers);
         if let Some(k) = msg.key() {
             record = record.key(k);
         }
@@ -471,7 +539,10 @@ impl<S: Stage> Runner<S> {
     fn abort_and_rewind(&self, batch: &[OwnedMessage]) -> Result<(), PipelineError> {
         self.metrics.transactions_aborted.inc();
         if self.config.delivery == Delivery::ExactlyOnce {
-            if let Err(e) = self.producer.abort_transaction(self.config.transaction_timeout) {
+            if let Err(e) = self
+                .producer
+                .abort_transaction(self.config.transaction_timeout)
+            {
                 let err = PipelineError::kafka("abort transaction", e);
                 if err.class() == ErrorClass::Fatal {
                     return Err(err);
@@ -481,14 +552,21 @@ impl<S: Stage> Runner<S> {
         }
         let mut first: BTreeMap<(&str, i32), i64> = BTreeMap::new();
         for m in batch {
-            first.entry((m.topic(), m.partition())).or_insert(m.offset());
+            first
+                .entry((m.topic(), m.partition()))
+                .or_insert(m.offset());
         }
         let assigned = self.consumer.assignment().map_err(kafka("assignment"))?;
         for ((topic, partition), offset) in first {
             if assigned.find_partition(topic, partition).is_none() {
                 continue;
             }
-            if let Err(e) = self.consumer.seek(topic, partition, Offset::Offset(offset), Duration::from_secs(10)) {
+            if let Err(e) = self.consumer.seek(
+                topic,
+                partition,
+                Offset::Offset(offset),
+                Duration::from_secs(10),
+            ) {
                 warn!(topic, partition, error = %e, "Cannot rewind partition; it will resume from the committed offset.");
             }
         }
@@ -497,7 +575,10 @@ impl<S: Stage> Runner<S> {
 }
 
 /// Produces one record, waiting while librdkafka's queue is full instead of failing.
-pub fn send_record<K, P>(producer: &BaseProducer, mut record: BaseRecord<'_, K, P>) -> Result<(), PipelineError>
+pub fn send_record<K, P>(
+    producer: &BaseProducer,
+    mut record: BaseRecord<'_, K, P>,
+) -> Result<(), PipelineError>
 where
     K: rdkafka::message::ToBytes + ?Sized,
     P: rdkafka::message::ToBytes + ?Sized,
@@ -508,7 +589,10 @@ where
                 producer.poll(Duration::ZERO);
                 return Ok(());
             }
-            Err((KafkaError::MessageProduction(rdkafka::types::RDKafkaErrorCode::QueueFull), r)) => {
+            Err((
+                KafkaError::MessageProduction(rdkafka::types::RDKafkaErrorCode::QueueFull),
+                r,
+            )) => {
                 record = r;
                 producer.poll(Duration::from_millis(50));
             }
@@ -558,12 +642,25 @@ mod tests {
     use rdkafka::message::Timestamp;
 
     fn msg(topic: &str, partition: i32, offset: i64) -> OwnedMessage {
-        OwnedMessage::new(None, None, topic.into(), Timestamp::NotAvailable, partition, offset, None)
+        OwnedMessage::new(
+            None,
+            None,
+            topic.into(),
+            Timestamp::NotAvailable,
+            partition,
+            offset,
+            None,
+        )
     }
 
     #[test]
     fn next_offsets_are_one_past_the_last_per_partition() {
-        let batch = vec![msg("a", 0, 5), msg("a", 1, 9), msg("a", 0, 7), msg("b", 0, 0)];
+        let batch = vec![
+            msg("a", 0, 5),
+            msg("a", 1, 9),
+            msg("a", 0, 7),
+            msg("b", 0, 0),
+        ];
         let tpl = next_offsets(&batch).expect("offsets");
         let get = |t: &str, p: i32| tpl.find_partition(t, p).map(|e| e.offset());
         assert_eq!(get("a", 0), Some(Offset::Offset(8)));

@@ -6,7 +6,10 @@ use serde_json::{json, Value};
 use crate::error::PipelineError;
 use crate::events::{EventSpec, CATALOGUE};
 
-const ENVELOPE: &str = include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/../schemas/envelope.avsc"));
+const ENVELOPE: &str = include_str!(concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../schemas/envelope.avsc"
+));
 
 /// The full schema of one event type, as registered in the Schema Registry.
 pub fn event_schema(spec: &EventSpec) -> Result<String, PipelineError> {

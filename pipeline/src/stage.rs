@@ -43,7 +43,12 @@ pub async fn prepare(kafka: &KafkaArgs, wait: Duration) -> Result<Arc<Codec>, Pi
             Err(e) => return Err(e),
         }
     }
-    topics::ensure_topics(&kafka.bootstrap_servers, &topics.all(), kafka.topic_partitions).await?;
+    topics::ensure_topics(
+        &kafka.bootstrap_servers,
+        &topics.all(),
+        kafka.topic_partitions,
+    )
+    .await?;
     Ok(Arc::new(codec))
 }
 

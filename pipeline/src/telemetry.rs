@@ -9,7 +9,10 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::get;
 use axum::Router;
-use prometheus::{Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder};
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry,
+    TextEncoder,
+};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::LogFormat;
@@ -50,39 +53,67 @@ impl StageMetrics {
         let name = |noun: &str| format!("medpipe_{stage}_{noun}");
         let m = |e: prometheus::Error| PipelineError::Config(format!("metrics: {e}"));
         let events_in = IntCounterVec::new(
-            Opts::new(name("events_in_total"), "Input messages consumed, by event type."),
+            Opts::new(
+                name("events_in_total"),
+                "Input messages consumed, by event type.",
+            ),
             &["event_type"],
         )
         .map_err(m)?;
         let events_out = IntCounterVec::new(
-            Opts::new(name("events_out_total"), "Events produced in committed transactions, by event type."),
+            Opts::new(
+                name("events_out_total"),
+                "Events produced in committed transactions, by event type.",
+            ),
             &["event_type"],
         )
         .map_err(m)?;
         let dead_letters = IntCounterVec::new(
-            Opts::new(name("dead_letters_total"), "Input messages sent to the dead-letter topic, by error type."),
+            Opts::new(
+                name("dead_letters_total"),
+                "Input messages sent to the dead-letter topic, by error type.",
+            ),
             &["error_type"],
         )
         .map_err(m)?;
-        let transactions_committed = IntCounter::new(name("transactions_committed_total"), "Kafka transactions committed.").map_err(m)?;
-        let transactions_aborted = IntCounter::new(name("transactions_aborted_total"), "Kafka transactions aborted.").map_err(m)?;
+        let transactions_committed = IntCounter::new(
+            name("transactions_committed_total"),
+            "Kafka transactions committed.",
+        )
+        .map_err(m)?;
+        let transactions_aborted = IntCounter::new(
+            name("transactions_aborted_total"),
+            "Kafka transactions aborted.",
+        )
+        .map_err(m)?;
         let processing_seconds = Histogram::with_opts(HistogramOpts::new(
             name("batch_processing_seconds"),
             "Time from the first message of a batch to its committed transaction.",
         ))
         .map_err(m)?;
         let consumer_lag = IntGaugeVec::new(
-            Opts::new(name("consumer_lag_messages"), "High watermark minus position, per input partition."),
+            Opts::new(
+                name("consumer_lag_messages"),
+                "High watermark minus position, per input partition.",
+            ),
             &["topic", "partition"],
         )
         .map_err(m)?;
         for c in [&events_in, &events_out, &dead_letters] {
             registry.register(Box::new(c.clone())).map_err(m)?;
         }
-        registry.register(Box::new(transactions_committed.clone())).map_err(m)?;
-        registry.register(Box::new(transactions_aborted.clone())).map_err(m)?;
-        registry.register(Box::new(processing_seconds.clone())).map_err(m)?;
-        registry.register(Box::new(consumer_lag.clone())).map_err(m)?;
+        registry
+            .register(Box::new(transactions_committed.clone()))
+            .map_err(m)?;
+        registry
+            .register(Box::new(transactions_aborted.clone()))
+            .map_err(m)?;
+        registry
+            .register(Box::new(processing_seconds.clone()))
+            .map_err(m)?;
+        registry
+            .register(Box::new(consumer_lag.clone()))
+            .map_err(m)?;
         Ok(StageMetrics {
             registry,
             events_in,

@@ -2,6 +2,9 @@
 //! transactional ids, folders and keys) on the real Kafka and Schema Registry, with the
 //! real stage binaries started and killed as processes.
 
+// This crate is test code: failing loudly on a broken precondition is what it is for.
+#![allow(clippy::expect_used, clippy::unwrap_used, clippy::new_without_default)]
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -23,7 +26,10 @@ pub const PSEUDONYM_KEY: &str = "22222222222222222222222222222222222222222222222
 /// Directory holding the stage binaries: the test executable lives in `<target>/debug/deps`.
 pub fn bin_dir() -> PathBuf {
     let exe = std::env::current_exe().unwrap_or_default();
-    exe.parent().and_then(Path::parent).map(Path::to_path_buf).unwrap_or_default()
+    exe.parent()
+        .and_then(Path::parent)
+        .map(Path::to_path_buf)
+        .unwrap_or_default()
 }
 
 /// One isolated pipeline.
@@ -50,11 +56,28 @@ impl Pipeline {
             topic_partitions: 3,
         };
         rt.block_on(pipeline::stage::prepare(&kafka, Duration::from_secs(5)))
-            .unwrap_or_else(|e| panic!("the dev stack is not reachable ({e}); start it with scripts/devstack.sh start"));
+            .unwrap_or_else(|e| {
+                panic!(
+                    "the dev stack is not reachable ({e}); start it with scripts/devstack.sh start"
+                )
+            });
         let codec = Codec::new(REGISTRY, &topics).expect("codec");
-        let dir = tempfile::Builder::new().prefix(&format!("medpipe-{prefix}-")).tempdir().expect("tempdir");
-        eprintln!("pipeline {prefix}: logs and data in {}", dir.path().display());
-        Pipeline { prefix, topics, dir, rt, codec, children: HashMap::new() }
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("medpipe-{prefix}-"))
+            .tempdir()
+            .expect("tempdir");
+        eprintln!(
+            "pipeline {prefix}: logs and data in {}",
+            dir.path().display()
+        );
+        Pipeline {
+            prefix,
+            topics,
+            dir,
+            rt,
+            codec,
+            children: HashMap::new(),
+        }
     }
 
     pub fn landing(&self) -> PathBuf {
@@ -68,9 +91,17 @@ impl Pipeline {
     /// Starts a stage binary (`ingestion`, `anonymization`, ...) with extra env.
     pub fn start(&mut self, stage: &str, extra_env: &[(&str, &str)]) {
         let exe = bin_dir().join(format!("medpipe-{stage}"));
-        assert!(exe.exists(), "{} is missing: run `cargo build --workspace --bins` first", exe.display());
+        assert!(
+            exe.exists(),
+            "{} is missing: run `cargo build --workspace --bins` first",
+            exe.display()
+        );
         let log_path = self.dir.path().join(format!("{stage}.log"));
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(&log_path).expect("log file");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .expect("log file");
         let mut cmd = Command::new(exe);
         cmd.env("MEDPIPE_BOOTSTRAP_SERVERS", BOOTSTRAP)
             .env("MEDPIPE_SCHEMA_REGISTRY_URL", REGISTRY)
@@ -103,11 +134,17 @@ impl Pipeline {
     /// SIGTERM, then wait for a clean exit.
     pub fn stop(&mut self, stage: &str) {
         if let Some(mut c) = self.children.remove(stage) {
-            let _ = Command::new("kill").arg("-TERM").arg(c.id().to_string()).status();
+            let _ = Command::new("kill")
+                .arg("-TERM")
+                .arg(c.id().to_string())
+                .status();
             let deadline = Instant::now() + Duration::from_secs(30);
             while Instant::now() < deadline {
                 if let Ok(Some(status)) = c.try_wait() {
-                    assert!(status.success(), "{stage} exited with {status} after SIGTERM; see its log");
+                    assert!(
+                        status.success(),
+                        "{stage} exited with {status} after SIGTERM; see its log"
+                    );
                     return;
                 }
                 std::thread::sleep(Duration::from_millis(100));
@@ -135,8 +172,13 @@ impl Pipeline {
 
     /// Every committed message on every topic of this pipeline, decoded where possible.
     pub fn read_all(&self) -> Vec<Record> {
-        pipeline::readback::read_all(BOOTSTRAP, &self.topics.all(), Some((&self.codec, self.rt.handle())), Duration::from_secs(120))
-            .expect("read back")
+        pipeline::readback::read_all(
+            BOOTSTRAP,
+            &self.topics.all(),
+            Some((&self.codec, self.rt.handle())),
+            Duration::from_secs(120),
+        )
+        .expect("read back")
     }
 
     /// A live read_committed view of every topic, for waiting on progress.
@@ -190,7 +232,8 @@ impl Tail {
             let mut tpl = TopicPartitionList::new();
             for n in &names {
                 for p in 0..3 {
-                    tpl.add_partition_offset(n, p, Offset::Beginning).expect("tpl");
+                    tpl.add_partition_offset(n, p, Offset::Beginning)
+                        .expect("tpl");
                 }
             }
             consumer.assign(&tpl).expect("assign");
@@ -206,13 +249,21 @@ impl Tail {
                 }
             }
         });
-        Tail { counts, stop, handle: Some(handle) }
+        Tail {
+            counts,
+            stop,
+            handle: Some(handle),
+        }
     }
 
     pub fn count(&self, topic: &str, event_type: &str) -> usize {
         self.counts
             .lock()
-            .map(|c| c.get(&(topic.to_string(), event_type.to_string())).copied().unwrap_or(0))
+            .map(|c| {
+                c.get(&(topic.to_string(), event_type.to_string()))
+                    .copied()
+                    .unwrap_or(0)
+            })
             .unwrap_or(0)
     }
 
@@ -241,7 +292,10 @@ pub fn synthetic_patients(n: usize) -> (Vec<u8>, Vec<String>) {
     let mut csv = String::from("Id,BIRTHDATE,SSN,FIRST,LAST,ADDRESS,CITY,STATE,ZIP,GENDER\n");
     let mut identifiers = Vec::new();
     for i in 0..n {
-        let id = format!("pat-{i:06}-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+        let id = format!(
+            "pat-{i:06}-{}",
+            &uuid::Uuid::new_v4().simple().to_string()[..8]
+        );
         let ssn = format!("999-{:02}-{:04}", i % 100, i % 10000);
         let first = format!("Given{i:05}x");
         let last = format!("Family{i:05}y");
@@ -273,8 +327,16 @@ pub fn canonical_positions(records: &[Record]) -> HashMap<i64, usize> {
 /// Asserts that positions 1..=n each occur exactly once, naming lost and duplicated ones.
 pub fn assert_exactly_once(what: &str, seen: &HashMap<i64, usize>, n: usize) {
     let lost: Vec<i64> = (1..=n as i64).filter(|p| !seen.contains_key(p)).collect();
-    let dup: Vec<(i64, usize)> = seen.iter().filter(|(_, &c)| c > 1).map(|(&p, &c)| (p, c)).collect();
-    let extra: Vec<i64> = seen.keys().filter(|&&p| p < 1 || p > n as i64).copied().collect();
+    let dup: Vec<(i64, usize)> = seen
+        .iter()
+        .filter(|(_, &c)| c > 1)
+        .map(|(&p, &c)| (p, c))
+        .collect();
+    let extra: Vec<i64> = seen
+        .keys()
+        .filter(|&&p| p < 1 || p > n as i64)
+        .copied()
+        .collect();
     assert!(
         lost.is_empty() && dup.is_empty() && extra.is_empty(),
         "{what}: {} lost (first {:?}), {} duplicated (first {:?}), {} unexpected",

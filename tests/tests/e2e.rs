@@ -1,6 +1,8 @@
 //! End-to-end tests on the real Kafka broker and Schema Registry, with the real stage
 //! binaries as separate processes. Start the stack first: `scripts/devstack.sh start`.
 
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
 use std::collections::HashMap;
 use std::time::Duration;
 
@@ -23,9 +25,13 @@ fn every_record_reaches_the_canonical_topic_exactly_once_with_no_phi_in_clear() 
     p.drop_file("patients.csv", &csv);
     let canonical = p.topics.name(TopicKind::CanonicalPatient);
     let tail = p.tail();
-    tail.wait_until("all canonical patients", Duration::from_secs(180), |t| t.count(&canonical, "CanonicalPatient") >= n);
+    tail.wait_until("all canonical patients", Duration::from_secs(180), |t| {
+        t.count(&canonical, "CanonicalPatient") >= n
+    });
     let anon = p.topics.name(TopicKind::Anonymization);
-    tail.wait_until("AnonymizationFinished", Duration::from_secs(60), |t| t.count(&anon, "AnonymizationFinished") >= 1);
+    tail.wait_until("AnonymizationFinished", Duration::from_secs(60), |t| {
+        t.count(&anon, "AnonymizationFinished") >= 1
+    });
     // Let auditing catch up with everything committed, then stop every stage cleanly.
     std::thread::sleep(Duration::from_secs(3));
     p.stop_all();
@@ -44,7 +50,13 @@ fn every_record_reaches_the_canonical_topic_exactly_once_with_no_phi_in_clear() 
     assert_eq!(types.first(), Some(&"DataIngestionCreated"));
     assert_eq!(types.get(1), Some(&"DataIngestionStarted"));
     assert_eq!(types.last(), Some(&"DataIngestionFinished"));
-    assert_eq!(types.iter().filter(|t| **t == "SourceRecordIngested").count(), n);
+    assert_eq!(
+        types
+            .iter()
+            .filter(|t| **t == "SourceRecordIngested")
+            .count(),
+        n
+    );
 
     // No input identifier appears in the raw bytes of any topic.
     for r in &records {
@@ -60,14 +72,23 @@ fn every_record_reaches_the_canonical_topic_exactly_once_with_no_phi_in_clear() 
     }
     for s in ALL {
         let log = p.log(s);
-        assert!(!identifiers.iter().any(|id| log.contains(id.as_str())), "{s}'s log contains an input identifier");
+        assert!(
+            !identifiers.iter().any(|id| log.contains(id.as_str())),
+            "{s}'s log contains an input identifier"
+        );
     }
 
     // The audit trail holds one entry per committed event on the audited topics and verifies.
     let audit_path = p.audit_dir().join(auditing::chain::ChainStore::FILE);
     let summary = auditing::chain::verify(&audit_path).expect("audit chain verifies");
-    let audited = records.iter().filter(|r| r.message.topic() != p.topics.name(TopicKind::Audit)).count();
-    assert_eq!(summary.entries as usize, audited, "audit entries vs committed events");
+    let audited = records
+        .iter()
+        .filter(|r| r.message.topic() != p.topics.name(TopicKind::Audit))
+        .count();
+    assert_eq!(
+        summary.entries as usize, audited,
+        "audit entries vs committed events"
+    );
     let batch = records
         .iter()
         .find_map(|r| match r.event.as_ref().map(|e| &e.payload) {
@@ -76,7 +97,11 @@ fn every_record_reaches_the_canonical_topic_exactly_once_with_no_phi_in_clear() 
         })
         .expect("a finished batch");
     let trace = auditing::chain::trace(&audit_path, &batch).expect("trace");
-    assert_eq!(trace.len(), audited, "every audited event belongs to the one batch");
+    assert_eq!(
+        trace.len(),
+        audited,
+        "every audited event belongs to the one batch"
+    );
 }
 
 /// Kills `victim` with SIGKILL while records are flowing through it, restarts it, and
@@ -84,7 +109,10 @@ fn every_record_reaches_the_canonical_topic_exactly_once_with_no_phi_in_clear() 
 fn crash_and_restart(victim: &str, progress_topic: TopicKind, progress_type: &str) {
     let mut p = Pipeline::new();
     // Small transactions, so the kill lands between and inside many of them.
-    let small = [("MEDPIPE_BATCH_MAX_MESSAGES", "5"), ("MEDPIPE_BATCH_MAX_WAIT", "20ms")];
+    let small = [
+        ("MEDPIPE_BATCH_MAX_MESSAGES", "5"),
+        ("MEDPIPE_BATCH_MAX_WAIT", "20ms"),
+    ];
     for s in ["ingestion", "anonymization", "canonization"] {
         p.start(s, &small);
     }
@@ -93,15 +121,24 @@ fn crash_and_restart(victim: &str, progress_topic: TopicKind, progress_type: &st
     let tail = p.tail();
     p.drop_file("patients.csv", &csv);
     let topic = p.topics.name(progress_topic);
-    tail.wait_until("first output of the victim", Duration::from_secs(180), |t| t.count(&topic, progress_type) >= 50);
+    tail.wait_until(
+        "first output of the victim",
+        Duration::from_secs(180),
+        |t| t.count(&topic, progress_type) >= 50,
+    );
     p.kill(victim);
     let at_kill = tail.count(&topic, progress_type);
-    assert!(at_kill < n, "{victim} finished all {n} records before the kill; the test did not test a crash");
+    assert!(
+        at_kill < n,
+        "{victim} finished all {n} records before the kill; the test did not test a crash"
+    );
     p.start(victim, &small);
     let canonical = p.topics.name(TopicKind::CanonicalPatient);
-    tail.wait_until("all canonical patients after restart", Duration::from_secs(300), |t| {
-        t.count(&canonical, "CanonicalPatient") >= n
-    });
+    tail.wait_until(
+        "all canonical patients after restart",
+        Duration::from_secs(300),
+        |t| t.count(&canonical, "CanonicalPatient") >= n,
+    );
     std::thread::sleep(Duration::from_secs(2));
     p.stop_all();
     drop(tail);
@@ -119,12 +156,20 @@ fn crash_and_restart(victim: &str, progress_topic: TopicKind, progress_type: &st
 
 #[test]
 fn sigkill_of_anonymization_mid_stream_loses_and_duplicates_nothing() {
-    crash_and_restart("anonymization", TopicKind::Anonymization, "RecordAnonymized");
+    crash_and_restart(
+        "anonymization",
+        TopicKind::Anonymization,
+        "RecordAnonymized",
+    );
 }
 
 #[test]
 fn sigkill_of_canonization_mid_stream_loses_and_duplicates_nothing() {
-    crash_and_restart("canonization", TopicKind::CanonicalPatient, "CanonicalPatient");
+    crash_and_restart(
+        "canonization",
+        TopicKind::CanonicalPatient,
+        "CanonicalPatient",
+    );
 }
 
 #[test]
@@ -139,7 +184,11 @@ fn a_poison_message_goes_to_the_dlq_with_context_and_later_records_flow() {
     use rdkafka::producer::{BaseRecord, Producer};
     // Same key as the good event, so both land on one partition, poison first.
     producer
-        .send(BaseRecord::to(&ingestion).key("b-poison").payload(&b"\x00\x00\x00\x00\x07not avro at all"[..]))
+        .send(
+            BaseRecord::to(&ingestion)
+                .key("b-poison")
+                .payload(&b"\x00\x00\x00\x00\x07not avro at all"[..]),
+        )
         .map_err(|(e, _)| e)
         .expect("send poison");
     let good = pipeline::Event::new(
@@ -153,34 +202,80 @@ fn a_poison_message_goes_to_the_dlq_with_context_and_later_records_flow() {
         }),
     );
     let bytes = p.rt.block_on(p.codec.encode(&good)).expect("encode");
-    producer.send(BaseRecord::to(&ingestion).key("b-poison").payload(&bytes)).map_err(|(e, _)| e).expect("send good");
+    producer
+        .send(BaseRecord::to(&ingestion).key("b-poison").payload(&bytes))
+        .map_err(|(e, _)| e)
+        .expect("send good");
     producer.flush(Duration::from_secs(10)).expect("flush");
 
     let tail = p.tail();
     let anon = p.topics.name(TopicKind::Anonymization);
     let dlq = p.topics.dlq("anonymization");
-    tail.wait_until("the good event's output", Duration::from_secs(120), |t| t.count(&anon, "AnonymizationStarted") >= 1);
-    tail.wait_until("the dead letter", Duration::from_secs(30), |t| t.count(&dlq, "(raw)") >= 1);
+    tail.wait_until("the good event's output", Duration::from_secs(120), |t| {
+        t.count(&anon, "AnonymizationStarted") >= 1
+    });
+    tail.wait_until("the dead letter", Duration::from_secs(30), |t| {
+        t.count(&dlq, "(raw)") >= 1
+    });
     p.stop_all();
     drop(tail);
     let records = p.read_all();
-    let dead: Vec<_> = records.iter().filter(|r| r.message.topic() == dlq).collect();
+    let dead: Vec<_> = records
+        .iter()
+        .filter(|r| r.message.topic() == dlq)
+        .collect();
     assert_eq!(dead.len(), 1);
     let m = &dead[0].message;
-    assert_eq!(m.payload(), Some(&b"\x00\x00\x00\x00\x07not avro at all"[..]), "the original bytes are kept");
+    assert_eq!(
+        m.payload(),
+        Some(&b"\x00\x00\x00\x00\x07not avro at all"[..]),
+        "the original bytes are kept"
+    );
     let headers: HashMap<String, String> = m
         .headers()
-        .map(|hs| hs.iter().map(|h| (h.key.to_string(), String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned())).collect())
+        .map(|hs| {
+            hs.iter()
+                .map(|h| {
+                    (
+                        h.key.to_string(),
+                        String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned(),
+                    )
+                })
+                .collect()
+        })
         .unwrap_or_default();
-    assert_eq!(headers.get(dlq_headers::STAGE).map(String::as_str), Some("anonymization"));
-    assert_eq!(headers.get(dlq_headers::ERROR_CLASS).map(String::as_str), Some("dead_letter"));
-    assert_eq!(headers.get(dlq_headers::ERROR_TYPE).map(String::as_str), Some("decode"));
+    assert_eq!(
+        headers.get(dlq_headers::STAGE).map(String::as_str),
+        Some("anonymization")
+    );
+    assert_eq!(
+        headers.get(dlq_headers::ERROR_CLASS).map(String::as_str),
+        Some("dead_letter")
+    );
+    assert_eq!(
+        headers.get(dlq_headers::ERROR_TYPE).map(String::as_str),
+        Some("decode")
+    );
     assert_eq!(headers.get(dlq_headers::SOURCE_TOPIC), Some(&ingestion));
-    assert!(headers.contains_key(dlq_headers::SOURCE_PARTITION) && headers.contains_key(dlq_headers::SOURCE_OFFSET));
-    assert!(!headers.get(dlq_headers::ERROR_MESSAGE).map(String::is_empty).unwrap_or(true));
+    assert!(
+        headers.contains_key(dlq_headers::SOURCE_PARTITION)
+            && headers.contains_key(dlq_headers::SOURCE_OFFSET)
+    );
+    assert!(!headers
+        .get(dlq_headers::ERROR_MESSAGE)
+        .map(String::is_empty)
+        .unwrap_or(true));
     let started = records
         .iter()
-        .filter(|r| matches!(r.event.as_ref().map(|e| &e.payload), Some(Payload::AnonymizationStarted(_))))
+        .filter(|r| {
+            matches!(
+                r.event.as_ref().map(|e| &e.payload),
+                Some(Payload::AnonymizationStarted(_))
+            )
+        })
         .count();
-    assert_eq!(started, 1, "the record after the poison was processed exactly once");
+    assert_eq!(
+        started, 1,
+        "the record after the poison was processed exactly once"
+    );
 }

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# The whole test suite: unit, property and end-to-end tests against a real Kafka broker
+# and Schema Registry. Starts the dev stack if it is not running, and stops it again
+# afterwards if this script started it. `.ci/run` calls exactly this.
+set -euo pipefail
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+root="$(cd "$here/.." && pwd)"
+cd "$root"
+
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-${MEDPIPE_CACHE:-$HOME/.cache/medpipe}/target}"
+
+started_stack=0
+if ! "$here/devstack.sh" status >/dev/null 2>&1; then
+  "$here/devstack.sh" start
+  started_stack=1
+fi
+cleanup() {
+  if [ "$started_stack" = 1 ]; then
+    "$here/devstack.sh" stop || true
+  fi
+}
+trap cleanup EXIT
+
+# The end-to-end tests start the stage binaries as processes, so build them first.
+cargo build --workspace --bins
+# End-to-end tests share one broker on 2 cores: run test binaries' tests one at a time.
+cargo test --workspace --all-targets -- --test-threads=1
+cargo test --workspace --doc
