@@ -14,6 +14,7 @@ pub const GENESIS: &str = "00000000000000000000000000000000000000000000000000000
 
 /// One audited event. Holds ids, positions and a digest, never payload values.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct AuditEntry {
     pub seq: u64,
     pub recorded_at: i64,
@@ -146,6 +147,16 @@ fn read_entries(
             seq: None,
             reason: format!("not a valid entry: {e}"),
         })?;
+        // The hash covers the parsed entry, so the line must also be exactly the entry's
+        // canonical serialisation: otherwise an edit that parses to the same entry (a
+        // renamed key of a null field, say) would go unnoticed.
+        if serde_json::to_string(&entry).ok().as_deref() != Some(line.as_str()) {
+            return Err(ChainError::Broken {
+                line: i + 1,
+                seq: Some(entry.seq),
+                reason: "line is not in canonical form (edited by hand?)".into(),
+            });
+        }
         f(i + 1, entry)?;
     }
     Ok(())

@@ -30,9 +30,33 @@ pub struct KafkaArgs {
     /// Partitions for topics this process creates when they are missing.
     #[arg(long, env = "MEDPIPE_TOPIC_PARTITIONS", default_value_t = 3)]
     pub topic_partitions: i32,
+    /// Replication factor for topics this process creates.
+    #[arg(long, env = "MEDPIPE_TOPIC_REPLICATION", default_value_t = 1)]
+    pub topic_replication: i32,
+    /// Extra configs for created topics, `key=value`, e.g. `retention.ms=604800000`
+    /// (comma-separated in the environment variable).
+    #[arg(long = "topic-config", env = "MEDPIPE_TOPIC_CONFIGS", value_delimiter = ',', value_parser = parse_key_value)]
+    pub topic_configs: Vec<(String, String)>,
+}
+
+/// Parses `key=value`.
+pub fn parse_key_value(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.trim().is_empty() => Ok((k.trim().to_string(), v.trim().to_string())),
+        _ => Err(format!("expected key=value, got {s:?}")),
+    }
 }
 
 impl KafkaArgs {
+    /// How topics this process creates are laid out.
+    pub fn topic_layout(&self) -> crate::topics::TopicLayout {
+        crate::topics::TopicLayout {
+            partitions: self.topic_partitions,
+            replication: self.topic_replication,
+            configs: self.topic_configs.clone(),
+        }
+    }
+
     pub fn topics(&self) -> Topics {
         Topics::new(self.topic_prefix.clone())
     }
@@ -41,6 +65,11 @@ impl KafkaArgs {
         if self.topic_partitions < 1 {
             return Err(PipelineError::Config(
                 "--topic-partitions must be at least 1".into(),
+            ));
+        }
+        if self.topic_replication < 1 {
+            return Err(PipelineError::Config(
+                "--topic-replication must be at least 1".into(),
             ));
         }
         if self.topic_prefix.is_empty() || self.topic_prefix.contains(char::is_whitespace) {

@@ -358,7 +358,9 @@ impl<S: Stage> Runner<S> {
                 stage = self.stage.name(),
                 topic = msg.topic(),
                 partition = msg.partition(),
-                offset = msg.offset()
+                offset = msg.offset(),
+                correlation_id = tracing::field::Empty,
+                event_type = tracing::field::Empty,
             );
             let _g = span.enter();
             self.handle_message(msg, &mut produced, &mut dead)?;
@@ -443,6 +445,9 @@ impl<S: Stage> Runner<S> {
             }
             Err(e) => return Err(e),
         };
+        let span = tracing::Span::current();
+        span.record("correlation_id", event.header.correlation_id.as_str());
+        span.record("event_type", event.event_type());
         self.metrics
             .events_in
             .with_label_values(&[event.event_type()])

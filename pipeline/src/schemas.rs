@@ -64,6 +64,128 @@ mod tests {
         }
     }
 
+    use crate::events::{
+        self, erased::ErasedWire, CanonicalPatient, Event, Payload, Provenance, SealedPayload,
+        SourceRecordIngested,
+    };
+    use apache_avro::schema_compatibility::SchemaCompatibility;
+    use apache_avro::Schema;
+    use std::collections::BTreeMap;
+
+    const RELEASED: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../schemas/released.json");
+
+    /// Encodes with the composed schema and decodes again, without a registry.
+    fn round_trip(event: &Event) -> Event {
+        let spec = spec(event.event_type()).expect("catalogued");
+        let schema = Schema::parse_str(&event_schema(spec).expect("schema")).expect("parses");
+        let value =
+            events::with_wire(event, |w: &dyn ErasedWire| w.to_avro_value()).expect("to value");
+        let bytes = apache_avro::to_avro_datum(&schema, value).expect("encodes against its schema");
+        let back =
+            apache_avro::from_avro_datum(&schema, &mut bytes.as_slice(), None).expect("decodes");
+        events::from_avro(spec.name, back).expect("maps back")
+    }
+
+    #[test]
+    fn events_round_trip_through_their_avro_schemas() {
+        let sealed = Event::new(
+            "s",
+            "b",
+            Some("c"),
+            Payload::SourceRecordIngested(SourceRecordIngested {
+                batch_id: "b".into(),
+                position: 9,
+                source_format: "csv".into(),
+                record_type: "Patient".into(),
+                sealed: SealedPayload {
+                    key_id: "k".into(),
+                    wrapped_key: vec![0, 1, 255],
+                    nonce: vec![7; 12],
+                    ciphertext: vec![],
+                },
+            }),
+        );
+        assert_eq!(round_trip(&sealed), sealed);
+        let patient = Event::new(
+            "s",
+            "b",
+            None,
+            Payload::CanonicalPatient(CanonicalPatient {
+                resource_id: "r".into(),
+                patient_pseudonym: "p".into(),
+                gender: None,
+                birth_year: Some(1970),
+                fhir_json: "{}".into(),
+                provenance: Provenance {
+                    source_format: "csv".into(),
+                    batch_id: "b".into(),
+                    source_position: 1,
+                    policy_version: "v".into(),
+                    concept_map_version: "m".into(),
+                },
+            }),
+        );
+        assert_eq!(round_trip(&patient), patient);
+    }
+
+    /// Every schema must stay readable by the readers of its released version, and read
+    /// data the released version wrote. `MEDPIPE_BLESS_SCHEMAS=1` records a new release.
+    #[test]
+    fn schemas_stay_compatible_with_the_released_snapshot() {
+        let current: BTreeMap<String, serde_json::Value> = CATALOGUE
+            .iter()
+            .map(|s| {
+                (
+                    s.name.to_string(),
+                    serde_json::from_str(&event_schema(s).expect("schema")).expect("json"),
+                )
+            })
+            .collect();
+        if std::env::var_os("MEDPIPE_BLESS_SCHEMAS").is_some() {
+            let text = serde_json::to_string_pretty(&current).expect("json");
+            std::fs::write(RELEASED, text + "\n").expect("write released.json");
+            return;
+        }
+        let released: BTreeMap<String, serde_json::Value> = serde_json::from_str(
+            &std::fs::read_to_string(RELEASED).expect("schemas/released.json exists"),
+        )
+        .expect("json");
+        for (name, old) in &released {
+            let new = current
+                .get(name)
+                .unwrap_or_else(|| panic!("{name} was released and must not be removed"));
+            let old = Schema::parse_str(&old.to_string()).expect("released schema parses");
+            let new = Schema::parse_str(&new.to_string()).expect("schema parses");
+            SchemaCompatibility::mutual_read(&old, &new).unwrap_or_else(|e| {
+                panic!("{name} is not compatible with its released version: {e}")
+            });
+        }
+        for name in current.keys() {
+            assert!(released.contains_key(name), "{name} is new: record it with MEDPIPE_BLESS_SCHEMAS=1 cargo test -p pipeline schemas");
+        }
+    }
+
+    #[test]
+    fn the_compatibility_check_rejects_a_field_added_without_default() {
+        let spec = spec("DataIngestionStarted").expect("spec");
+        let old = Schema::parse_str(&event_schema(spec).expect("schema")).expect("parses");
+        let mut v: serde_json::Value =
+            serde_json::from_str(&event_schema(spec).expect("schema")).expect("json");
+        v["fields"]
+            .as_array_mut()
+            .expect("fields")
+            .push(serde_json::json!({"name": "extra", "type": "string"}));
+        let new = Schema::parse_str(&v.to_string()).expect("parses");
+        assert!(SchemaCompatibility::mutual_read(&old, &new).is_err());
+        v["fields"]
+            .as_array_mut()
+            .expect("fields")
+            .last_mut()
+            .expect("last")["default"] = serde_json::json!("");
+        let new = Schema::parse_str(&v.to_string()).expect("parses");
+        assert!(SchemaCompatibility::mutual_read(&old, &new).is_ok());
+    }
+
     #[test]
     fn event_type_names_are_unique() {
         let mut names: Vec<_> = CATALOGUE.iter().map(|s| s.name).collect();

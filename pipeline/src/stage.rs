@@ -46,7 +46,7 @@ pub async fn prepare(kafka: &KafkaArgs, wait: Duration) -> Result<Arc<Codec>, Pi
     topics::ensure_topics(
         &kafka.bootstrap_servers,
         &topics.all(),
-        kafka.topic_partitions,
+        &kafka.topic_layout(),
     )
     .await?;
     Ok(Arc::new(codec))

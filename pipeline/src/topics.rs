@@ -69,11 +69,29 @@ impl Topics {
     }
 }
 
+/// Partitions, replication and configs of topics medpipe creates.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TopicLayout {
+    pub partitions: i32,
+    pub replication: i32,
+    pub configs: Vec<(String, String)>,
+}
+
+impl TopicLayout {
+    pub fn with_partitions(partitions: i32) -> Self {
+        TopicLayout {
+            partitions,
+            replication: 1,
+            configs: vec![],
+        }
+    }
+}
+
 /// Creates the topics that do not exist yet. Existing topics are left alone.
 pub async fn ensure_topics(
     bootstrap: &str,
     names: &[String],
-    partitions: i32,
+    layout: &TopicLayout,
 ) -> Result<(), PipelineError> {
     let admin: AdminClient<DefaultClientContext> = rdkafka::ClientConfig::new()
         .set("bootstrap.servers", bootstrap)
@@ -81,7 +99,16 @@ pub async fn ensure_topics(
         .map_err(|e| PipelineError::kafka("create admin client", e))?;
     let new: Vec<NewTopic> = names
         .iter()
-        .map(|n| NewTopic::new(n, partitions, TopicReplication::Fixed(1)))
+        .map(|n| {
+            layout.configs.iter().fold(
+                NewTopic::new(
+                    n,
+                    layout.partitions,
+                    TopicReplication::Fixed(layout.replication),
+                ),
+                |t, (k, v)| t.set(k, v),
+            )
+        })
         .collect();
     let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
     let results = admin

@@ -54,6 +54,8 @@ impl Pipeline {
             schema_registry_url: REGISTRY.into(),
             topic_prefix: prefix.clone(),
             topic_partitions: 3,
+            topic_replication: 1,
+            topic_configs: vec![],
         };
         rt.block_on(pipeline::stage::prepare(&kafka, Duration::from_secs(5)))
             .unwrap_or_else(|e| {

@@ -40,7 +40,7 @@ fn read_committed_consumers_never_see_aborted_transactions() {
     rt.block_on(pipeline::topics::ensure_topics(
         tests::BOOTSTRAP,
         std::slice::from_ref(&topic),
-        1,
+        &pipeline::topics::TopicLayout::with_partitions(1),
     ))
     .expect("create topic (is the dev stack running? scripts/devstack.sh start)");
     let producer: BaseProducer = ClientConfig::new()
