@@ -80,9 +80,16 @@ mod tests {
         let schema = Schema::parse_str(&event_schema(spec).expect("schema")).expect("parses");
         let value =
             events::with_wire(event, |w: &dyn ErasedWire| w.to_avro_value()).expect("to value");
-        let bytes = apache_avro::to_avro_datum(&schema, value).expect("encodes against its schema");
-        let back =
-            apache_avro::from_avro_datum(&schema, &mut bytes.as_slice(), None).expect("decodes");
+        let bytes = apache_avro::writer::datum::GenericDatumWriter::builder(&schema)
+            .build()
+            .expect("writer")
+            .write_value_to_vec(value)
+            .expect("encodes against its schema");
+        let back = apache_avro::reader::datum::GenericDatumReader::builder(&schema)
+            .build()
+            .expect("reader")
+            .read_value(&mut bytes.as_slice())
+            .expect("decodes");
         events::from_avro(spec.name, back).expect("maps back")
     }
 
