@@ -6,7 +6,6 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Parser;
 use pipeline::config::{KafkaArgs, TelemetryArgs};
-use pipeline::telemetry::StageMetrics;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -37,10 +36,8 @@ struct Args {
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     pipeline::telemetry::init_tracing(args.telemetry.log_format);
-    let shutdown = pipeline::shutdown::on_signals();
-    let codec = pipeline::stage::prepare(&args.kafka, Duration::from_secs(60)).await?;
-    let metrics = StageMetrics::new("auditing")?;
-    pipeline::stage::serve_metrics(&args.telemetry, 9104, &metrics, &shutdown).await?;
+    let svc =
+        pipeline::stage::start_service("auditing", &args.kafka, &args.telemetry, 9104).await?;
     let config = auditing::AuditConfig {
         bootstrap_servers: args.kafka.bootstrap_servers.clone(),
         group_id: args
@@ -51,7 +48,7 @@ async fn main() -> anyhow::Result<()> {
         batch_max_messages: args.batch_max_messages,
         batch_max_wait: args.batch_max_wait,
     };
-    auditing::run(config, codec, metrics, shutdown)
+    auditing::run(config, svc.codec, svc.metrics, svc.shutdown)
         .await
         .context("auditing stage failed")
 }

@@ -21,8 +21,7 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     pipeline::telemetry::init_tracing(args.common.telemetry.log_format);
     let input = vec![args.common.kafka.topics().name(TopicKind::Anonymization)];
-    let shutdown = pipeline::shutdown::on_signals();
-    run_stage(canonization::Canonizer, input, &args.common, 9103, shutdown)
+    run_stage(canonization::Canonizer, input, &args.common, 9103)
         .await
         .context("canonization stage failed")
 }

@@ -83,7 +83,8 @@ pub fn parse(file_name: &str, bytes: &[u8]) -> Result<ParsedFile, FileError> {
     let mut rows = Vec::new();
     let mut record = csv::ByteRecord::new();
     loop {
-        let line = reader.position().line() + 1;
+        // The reader sits at the start of the next record, so this is its first line.
+        let line = reader.position().line();
         match reader.read_byte_record(&mut record) {
             Ok(false) => break,
             Ok(true) => rows.push(row(&headers, &record, line, link_col)),

@@ -6,9 +6,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Parser;
 use ingestion::{Folders, IngestConfig, Ingestor};
-use pipeline::config::{parse_secret, KafkaArgs, KeySource, TelemetryArgs};
-use pipeline::crypto::Secret;
-use pipeline::telemetry::StageMetrics;
+use pipeline::config::{KafkaArgs, MasterKeyArgs, TelemetryArgs};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -21,6 +19,8 @@ struct Args {
     kafka: KafkaArgs,
     #[command(flatten)]
     telemetry: TelemetryArgs,
+    #[command(flatten)]
+    master: MasterKeyArgs,
     /// Holds landing/, processing/, archive/ and quarantine/.
     #[arg(
         long,
@@ -34,29 +34,15 @@ struct Args {
     poll_interval: Duration,
     #[arg(long, env = "MEDPIPE_TRANSACTION_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
     transaction_timeout: Duration,
-    #[arg(long, env = "MEDPIPE_MASTER_KEY_ID", default_value = "master-1")]
-    master_key_id: String,
-    /// Master key that wraps each batch's data key (64 hex characters).
-    #[arg(long, env = "MEDPIPE_MASTER_KEY", value_parser = parse_secret, hide_env_values = true)]
-    master_key: Option<Secret<String>>,
-    #[arg(long, env = "MEDPIPE_MASTER_KEY_FILE")]
-    master_key_file: Option<PathBuf>,
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     pipeline::telemetry::init_tracing(args.telemetry.log_format);
-    let master = KeySource {
-        id: args.master_key_id,
-        hex: args.master_key,
-        file: args.master_key_file,
-    }
-    .load("--master-key")?;
-    let shutdown = pipeline::shutdown::on_signals();
-    let codec = pipeline::stage::prepare(&args.kafka, Duration::from_secs(60)).await?;
-    let metrics = StageMetrics::new("ingestion")?;
-    pipeline::stage::serve_metrics(&args.telemetry, 9101, &metrics, &shutdown).await?;
+    let master = args.master.load()?;
+    let svc =
+        pipeline::stage::start_service("ingestion", &args.kafka, &args.telemetry, 9101).await?;
     let config = IngestConfig {
         bootstrap_servers: args.kafka.bootstrap_servers.clone(),
         transactional_id: format!("{}-ingestion-{}", args.kafka.topic_prefix, args.instance_id),
@@ -65,7 +51,7 @@ async fn main() -> anyhow::Result<()> {
         poll_interval: args.poll_interval,
         transaction_timeout: args.transaction_timeout,
     };
-    Ingestor::run(config, codec, master, metrics, shutdown)
+    Ingestor::run(config, svc.codec, master, svc.metrics, svc.shutdown)
         .await
         .context("ingestion stage failed")
 }

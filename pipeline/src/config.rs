@@ -172,6 +172,30 @@ impl KeySource {
     }
 }
 
+/// The master key that wraps each batch's data key: ingestion seals with it,
+/// anonymization opens with it.
+#[derive(clap::Args, Debug, Clone)]
+pub struct MasterKeyArgs {
+    #[arg(long, env = "MEDPIPE_MASTER_KEY_ID", default_value = "master-1")]
+    pub master_key_id: String,
+    /// 64 hex characters. Prefer --master-key-file in production.
+    #[arg(long, env = "MEDPIPE_MASTER_KEY", value_parser = parse_secret, hide_env_values = true)]
+    pub master_key: Option<Secret<String>>,
+    #[arg(long, env = "MEDPIPE_MASTER_KEY_FILE")]
+    pub master_key_file: Option<PathBuf>,
+}
+
+impl MasterKeyArgs {
+    pub fn load(&self) -> Result<KeyRef, PipelineError> {
+        KeySource {
+            id: self.master_key_id.clone(),
+            hex: self.master_key.clone(),
+            file: self.master_key_file.clone(),
+        }
+        .load("--master-key")
+    }
+}
+
 /// clap value parser that wraps the value so it never shows in `Debug`.
 pub fn parse_secret(s: &str) -> Result<Secret<String>, String> {
     Ok(Secret::new(s.to_string()))

@@ -65,19 +65,46 @@ pub async fn serve_metrics(
     telemetry::serve(addr, metrics.clone(), shutdown.clone()).await
 }
 
+/// What a service needs once it is connected: the codec, its metrics (already served),
+/// and the shutdown token.
+pub struct Service {
+    pub codec: Arc<Codec>,
+    pub metrics: StageMetrics,
+    pub shutdown: CancellationToken,
+}
+
+/// The start-up every binary shares: signals, registry and topics, metrics endpoint.
+pub async fn start_service(
+    name: &str,
+    kafka: &KafkaArgs,
+    telemetry_args: &TelemetryArgs,
+    default_metrics_port: u16,
+) -> Result<Service, PipelineError> {
+    let shutdown = crate::shutdown::on_signals();
+    let codec = prepare(kafka, Duration::from_secs(60)).await?;
+    let metrics = StageMetrics::new(name)?;
+    serve_metrics(telemetry_args, default_metrics_port, &metrics, &shutdown).await?;
+    Ok(Service {
+        codec,
+        metrics,
+        shutdown,
+    })
+}
+
 /// Runs a Kafka-fed stage end to end: prepare, serve metrics, run the runner.
 pub async fn run_stage<S: Stage>(
     stage: S,
     input_topics: Vec<String>,
     args: &CommonArgs,
     default_metrics_port: u16,
-    shutdown: CancellationToken,
 ) -> Result<(), PipelineError> {
     args.runner.validate()?;
     let name = stage.name();
-    let codec = prepare(&args.kafka, Duration::from_secs(60)).await?;
-    let metrics = StageMetrics::new(name)?;
-    serve_metrics(&args.telemetry, default_metrics_port, &metrics, &shutdown).await?;
+    let Service {
+        codec,
+        metrics,
+        shutdown,
+    } = start_service(name, &args.kafka, &args.telemetry, default_metrics_port).await?;
     let prefix = &args.kafka.topic_prefix;
     let config = RunnerConfig {
         bootstrap_servers: args.kafka.bootstrap_servers.clone(),
