@@ -116,18 +116,27 @@ pub struct RunnerContext {
 }
 
 impl ClientContext for RunnerContext {
+    /// Exports lag as last stable offset minus the consumer's position. librdkafka's own
+    /// `consumer_lag` is measured against offsets the consumer committed itself, and ours
+    /// are committed by the transactional producer, so it would always read -1.
     fn stats(&self, statistics: Statistics) {
         for (topic, t) in &statistics.topics {
             for (partition, p) in &t.partitions {
-                if *partition >= 0 && p.consumer_lag >= 0 {
+                if let Some(lag) = position_lag(*partition, p.app_offset, p.ls_offset) {
                     self.metrics
                         .consumer_lag
                         .with_label_values(&[topic.as_str(), &partition.to_string()])
-                        .set(p.consumer_lag);
+                        .set(lag);
                 }
             }
         }
     }
+}
+
+/// Lag of one partition, or `None` when it is not known yet (no position, or librdkafka's
+/// internal partition -1).
+fn position_lag(partition: i32, position: i64, last_stable: i64) -> Option<i64> {
+    (partition >= 0 && position >= 0 && last_stable >= 0).then(|| (last_stable - position).max(0))
 }
 
 impl ConsumerContext for RunnerContext {
@@ -656,6 +665,14 @@ mod tests {
             offset,
             None,
         )
+    }
+
+    #[test]
+    fn lag_is_known_only_with_a_position() {
+        assert_eq!(position_lag(0, 10, 15), Some(5));
+        assert_eq!(position_lag(0, 15, 15), Some(0));
+        assert_eq!(position_lag(0, -1001, 15), None);
+        assert_eq!(position_lag(-1, 10, 15), None);
     }
 
     #[test]
