@@ -248,7 +248,11 @@ impl ChainStore {
                 hash: String::new(),
             };
             e.hash = e.compute_hash();
-            let line = serde_json::to_string(&e).unwrap_or_default();
+            let line = serde_json::to_string(&e).map_err(|err| ChainError::Broken {
+                line: 0,
+                seq: Some(e.seq),
+                reason: format!("cannot serialise the new entry: {err}"),
+            })?;
             buf.extend_from_slice(line.as_bytes());
             buf.push(b'\n');
             self.positions

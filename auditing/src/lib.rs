@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use pipeline::crypto::sha256_hex;
+use pipeline::error::kafka_err;
 use pipeline::runner::dlq_headers;
 use pipeline::telemetry::StageMetrics;
 use pipeline::topics::TopicKind;
@@ -80,10 +81,6 @@ fn header(msg: &OwnedMessage, name: &str) -> Option<String> {
         .map(|v| String::from_utf8_lossy(v).into_owned())
 }
 
-fn kafka(op: &'static str) -> impl FnOnce(rdkafka::error::KafkaError) -> PipelineError {
-    move |e| PipelineError::kafka(op, e)
-}
-
 /// Runs the audit loop on a blocking thread until shutdown.
 pub async fn run(
     config: AuditConfig,
@@ -118,10 +115,10 @@ fn run_blocking(
         .set("queued.max.messages.kbytes", "16384")
         .set("topic.metadata.refresh.interval.ms", "2000")
         .create()
-        .map_err(kafka("create consumer"))?;
+        .map_err(kafka_err("create consumer"))?;
     consumer
         .subscribe(&[&config.topics.all_regex()])
-        .map_err(kafka("subscribe"))?;
+        .map_err(kafka_err("subscribe"))?;
     metrics.set_ready(true);
     info!(entries = store.len(), pattern = %config.topics.all_regex(), "Auditing started.");
     while !shutdown.is_cancelled() {
@@ -146,12 +143,12 @@ fn run_blocking(
         for m in &batch {
             offsets
                 .add_partition_offset(m.topic(), m.partition(), Offset::Offset(m.offset() + 1))
-                .map_err(kafka("offsets"))?;
+                .map_err(kafka_err("offsets"))?;
             if m.topic() == own_topic || store.contains(m.topic(), m.partition(), m.offset()) {
                 continue;
             }
             let decoded = match m.payload() {
-                Some(b) if !m.topic().contains(".dlq.") => match rt.block_on(codec.decode(b)) {
+                Some(b) if !config.topics.is_dlq(m.topic()) => match rt.block_on(codec.decode(b)) {
                     Ok(ev) => Some(ev),
                     Err(e) if e.class() == pipeline::ErrorClass::Retry => return Err(e),
                     Err(_) => None,

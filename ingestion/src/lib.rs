@@ -18,6 +18,7 @@ use std::time::Duration;
 
 use base64::Engine;
 use pipeline::crypto::{sha256_hex, DataKey, KeyRef};
+use pipeline::error::kafka_err;
 use pipeline::events::{
     DataIngestionCreated, DataIngestionFailed, DataIngestionFinished, DataIngestionStarted,
     Payload, RecordRejected, SourceRecordIngested,
@@ -110,9 +111,16 @@ pub fn batch_events(
         let position = i as i64 + 1;
         let payload = match row {
             Row::Record(body) => {
-                let plain = serde_json::to_vec(&body).unwrap_or_default();
-                match data_key.seal_record(&plain, &SourceRecordIngested::aad(&batch_id, position))
-                {
+                // A body that cannot be serialised is rejected, never sealed empty.
+                let sealed = serde_json::to_vec(&body)
+                    .map_err(|e| {
+                        PipelineError::Crypto(format!("cannot serialise the record body: {e}"))
+                    })
+                    .and_then(|plain| {
+                        data_key
+                            .seal_record(&plain, &SourceRecordIngested::aad(&batch_id, position))
+                    });
+                match sealed {
                     Ok(sealed) => {
                         emitted += 1;
                         Payload::SourceRecordIngested(SourceRecordIngested {
@@ -188,10 +196,6 @@ pub struct Ingestor {
     completed: HashSet<String>,
 }
 
-fn kafka(op: &'static str) -> impl FnOnce(rdkafka::error::KafkaError) -> PipelineError {
-    move |e| PipelineError::kafka(op, e)
-}
-
 impl Ingestor {
     /// Runs until shutdown on a blocking thread (librdkafka's transaction calls block).
     pub async fn run(
@@ -211,9 +215,9 @@ impl Ingestor {
                 .set("linger.ms", "5")
                 .set("compression.type", "lz4")
                 .create()
-                .map_err(kafka("create producer"))?;
+                .map_err(kafka_err("create producer"))?;
             pipeline::runner::retry_until(&shutdown, "init transactions", || {
-                producer.init_transactions(Duration::from_secs(30)).map_err(kafka("init transactions"))
+                producer.init_transactions(Duration::from_secs(30)).map_err(kafka_err("init transactions"))
             })?;
             let completed = completed_files(&config, &codec, &rt)?;
             let mut me = Ingestor { config, codec, master, metrics, rt, producer, completed };
@@ -338,7 +342,7 @@ impl Ingestor {
         }
         self.producer
             .begin_transaction()
-            .map_err(kafka("begin transaction"))?;
+            .map_err(kafka_err("begin transaction"))?;
         let sent: Result<(), PipelineError> = encoded.iter().try_for_each(|b| {
             send_record(
                 &self.producer,
@@ -348,7 +352,7 @@ impl Ingestor {
         let result = sent.and_then(|()| {
             self.producer
                 .commit_transaction(self.config.transaction_timeout)
-                .map_err(kafka("commit transaction"))
+                .map_err(kafka_err("commit transaction"))
         });
         if let Err(e) = result {
             self.metrics.transactions_aborted.inc();

@@ -90,6 +90,11 @@ impl PipelineError {
     }
 }
 
+/// `map_err` adapter naming the Kafka operation that failed.
+pub fn kafka_err(operation: &'static str) -> impl FnOnce(KafkaError) -> PipelineError {
+    move |source| PipelineError::Kafka { operation, source }
+}
+
 /// Maps a librdkafka error to the runner's reaction. Transactional errors carry
 /// their own flags (fatal, abortable, retriable); the rest are judged by code.
 pub fn classify_kafka(err: &KafkaError) -> ErrorClass {

@@ -10,7 +10,7 @@ use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use tokio::runtime::Handle;
 
 use crate::codec::Codec;
-use crate::error::PipelineError;
+use crate::error::{kafka_err, PipelineError};
 use crate::events::Event;
 
 /// One message read back, with its decoded event when it is one.
@@ -18,10 +18,6 @@ use crate::events::Event;
 pub struct Record {
     pub message: OwnedMessage,
     pub event: Option<Event>,
-}
-
-fn kafka(op: &'static str) -> impl FnOnce(rdkafka::error::KafkaError) -> PipelineError {
-    move |e| PipelineError::kafka(op, e)
 }
 
 /// Reads every committed message of `topics` that exists now. Blocking: call it from a
@@ -42,21 +38,21 @@ pub fn read_all(
         .set("isolation.level", "read_committed")
         .set("fetch.wait.max.ms", "10")
         .create()
-        .map_err(kafka("create consumer"))?;
+        .map_err(kafka_err("create consumer"))?;
     let mut tpl = TopicPartitionList::new();
     let mut ends: HashMap<(String, i32), i64> = HashMap::new();
     for topic in topics {
         let md = consumer
             .fetch_metadata(Some(topic), Duration::from_secs(10))
-            .map_err(kafka("fetch metadata"))?;
+            .map_err(kafka_err("fetch metadata"))?;
         for t in md.topics() {
             for p in t.partitions() {
                 let (_, high) = consumer
                     .fetch_watermarks(topic, p.id(), Duration::from_secs(10))
-                    .map_err(kafka("fetch watermarks"))?;
+                    .map_err(kafka_err("fetch watermarks"))?;
                 if high > 0 {
                     tpl.add_partition_offset(topic, p.id(), Offset::Beginning)
-                        .map_err(kafka("assign"))?;
+                        .map_err(kafka_err("assign"))?;
                     ends.insert((topic.clone(), p.id()), high);
                 }
             }
@@ -66,7 +62,7 @@ pub fn read_all(
     if ends.is_empty() {
         return Ok(out);
     }
-    consumer.assign(&tpl).map_err(kafka("assign"))?;
+    consumer.assign(&tpl).map_err(kafka_err("assign"))?;
     let deadline = Instant::now() + timeout;
     let mut idle_since = Instant::now();
     while !ends.is_empty() {
@@ -91,7 +87,7 @@ pub fn read_all(
         }
         // Positions move past transaction markers and aborted data, so a partition is
         // done once its position reaches the end seen at the start.
-        let pos = consumer.position().map_err(kafka("position"))?;
+        let pos = consumer.position().map_err(kafka_err("position"))?;
         for e in pos.elements() {
             if let Offset::Offset(o) = e.offset() {
                 let key = (e.topic().to_string(), e.partition());

@@ -30,7 +30,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, info_span, warn};
 
 use crate::codec::Codec;
-use crate::error::{ErrorClass, PipelineError};
+use crate::error::{kafka_err, ErrorClass, PipelineError};
 use crate::events::Event;
 use crate::telemetry::StageMetrics;
 use crate::topics::Topics;
@@ -191,10 +191,6 @@ struct Runner<S> {
     dlq_topic: String,
 }
 
-fn kafka(op: &'static str) -> impl FnOnce(KafkaError) -> PipelineError {
-    move |e| PipelineError::kafka(op, e)
-}
-
 impl<S: Stage> Runner<S> {
     fn new(
         stage: S,
@@ -226,7 +222,7 @@ impl<S: Stage> Runner<S> {
             .set("statistics.interval.ms", "5000")
             .set("topic.metadata.refresh.interval.ms", "5000")
             .create_with_context(ctx)
-            .map_err(kafka("create consumer"))?;
+            .map_err(kafka_err("create consumer"))?;
         let mut pc = ClientConfig::new();
         pc.set("bootstrap.servers", &config.bootstrap_servers)
             .set("linger.ms", "5")
@@ -239,7 +235,7 @@ impl<S: Stage> Runner<S> {
         } else {
             pc.set("enable.idempotence", "true");
         }
-        let producer: BaseProducer = pc.create().map_err(kafka("create producer"))?;
+        let producer: BaseProducer = pc.create().map_err(kafka_err("create producer"))?;
         let dlq_topic = config.topics.dlq(stage.name());
         Ok(Runner {
             stage,
@@ -259,7 +255,7 @@ impl<S: Stage> Runner<S> {
             retry_until(shutdown, "init transactions", || {
                 self.producer
                     .init_transactions(Duration::from_secs(30))
-                    .map_err(kafka("init transactions"))
+                    .map_err(kafka_err("init transactions"))
             })?;
         }
         let topics: Vec<&str> = self
@@ -270,7 +266,7 @@ impl<S: Stage> Runner<S> {
             .collect();
         self.consumer
             .subscribe(&topics)
-            .map_err(kafka("subscribe"))?;
+            .map_err(kafka_err("subscribe"))?;
         self.metrics.set_ready(true);
         info!(stage, topics = ?self.config.input_topics, transactional_id = %self.config.transactional_id, "Stage runner started.");
 
@@ -357,7 +353,7 @@ impl<S: Stage> Runner<S> {
         if exactly_once {
             self.producer
                 .begin_transaction()
-                .map_err(kafka("begin transaction"))?;
+                .map_err(kafka_err("begin transaction"))?;
         }
         let mut produced: BTreeMap<&'static str, u64> = BTreeMap::new();
         let mut dead: BTreeMap<&'static str, u64> = BTreeMap::new();
@@ -383,13 +379,13 @@ impl<S: Stage> Runner<S> {
                 .ok_or_else(|| PipelineError::Config("consumer has no group metadata".into()))?;
             self.producer
                 .send_offsets_to_transaction(&offsets, &group, timeout)
-                .map_err(kafka("send offsets to transaction"))?;
+                .map_err(kafka_err("send offsets to transaction"))?;
             self.commit_with_retries(timeout)?;
         } else {
-            self.producer.flush(timeout).map_err(kafka("flush"))?;
+            self.producer.flush(timeout).map_err(kafka_err("flush"))?;
             self.consumer
                 .commit(&offsets, CommitMode::Sync)
-                .map_err(kafka("commit offsets"))?;
+                .map_err(kafka_err("commit offsets"))?;
         }
         for (t, n) in produced {
             self.metrics.events_out.with_label_values(&[t]).inc_by(n);
@@ -472,7 +468,8 @@ impl<S: Stage> Runner<S> {
                 for out in outputs {
                     let bytes = self.rt.block_on(self.codec.encode(&out.event))?;
                     let topic = self.config.topics.name(out.event.payload.topic_kind());
-                    self.send(
+                    send_record(
+                        &self.producer,
                         BaseRecord::to(&topic)
                             .key(out.key.as_bytes())
                             .payload(&bytes),
@@ -536,14 +533,6 @@ impl<S: Stage> Runner<S> {
         if let Some(p) = msg.payload() {
             record = record.payload(p);
         }
-        self.send(record)
-    }
-
-    fn send<K, P>(&self, record: BaseRecord<'_, K, P>) -> Result<(), PipelineError>
-    where
-        K: rdkafka::message::ToBytes + ?Sized,
-        P: rdkafka::message::ToBytes + ?Sized,
-    {
         send_record(&self.producer, record)
     }
 
@@ -570,7 +559,10 @@ impl<S: Stage> Runner<S> {
                 .entry((m.topic(), m.partition()))
                 .or_insert(m.offset());
         }
-        let assigned = self.consumer.assignment().map_err(kafka("assignment"))?;
+        let assigned = self
+            .consumer
+            .assignment()
+            .map_err(kafka_err("assignment"))?;
         for ((topic, partition), offset) in first {
             if assigned.find_partition(topic, partition).is_none() {
                 continue;
@@ -625,7 +617,7 @@ fn next_offsets(batch: &[OwnedMessage]) -> Result<TopicPartitionList, PipelineEr
     let mut tpl = TopicPartitionList::new();
     for ((topic, partition), offset) in last {
         tpl.add_partition_offset(topic, partition, Offset::Offset(offset + 1))
-            .map_err(kafka("build offsets"))?;
+            .map_err(kafka_err("build offsets"))?;
     }
     Ok(tpl)
 }

@@ -48,6 +48,13 @@ impl Topics {
         format!("{}.dlq.{stage}.v1", self.prefix)
     }
 
+    /// True for this pipeline's dead-letter topics, whose messages are raw input bytes.
+    pub fn is_dlq(&self, topic: &str) -> bool {
+        topic
+            .strip_prefix(&format!("{}.dlq.", self.prefix))
+            .is_some_and(|rest| rest.ends_with(".v1"))
+    }
+
     /// The regex that matches every topic of this pipeline (librdkafka regex syntax).
     pub fn all_regex(&self) -> String {
         format!("^{}\\..*", self.prefix.replace('.', "\\."))
@@ -143,5 +150,8 @@ mod tests {
         assert_eq!(t.dlq("anonymization"), "medpipe.dlq.anonymization.v1");
         assert_eq!(t.all_regex(), "^medpipe\\..*");
         assert_eq!(t.all().len(), 7);
+        assert!(t.is_dlq("medpipe.dlq.canonization.v1"));
+        assert!(!t.is_dlq("medpipe.ingestion.v1"));
+        assert!(!t.is_dlq("other.dlq.canonization.v1"));
     }
 }
