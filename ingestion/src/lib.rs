@@ -1,188 +1,77 @@
-//! The ingestion stage: claims batch files from a landing folder, archives them
-//! encrypted, and emits the batch's lifecycle events and one sealed event per record,
-//! all in one Kafka transaction per file.
+//! The ingestion stage: claims batch files (dropped in a landing folder or named by a
+//! `StartDataIntakeCommand`), archives them encrypted, and streams their records to
+//! Kafka as sealed events, exactly once.
 //!
-//! Crash safety: a file is claimed by renaming it into `processing/`. Its events commit
-//! in one transaction whose `DataIngestionFinished` carries the file's SHA-256. At
-//! start-up the stage reads the committed `DataIngestionFinished` events to learn which
-//! files are done; a file left in `processing/` by a crash is redone if its transaction
-//! never committed (the new producer's `init_transactions` has aborted it) and only
-//! cleaned up if it did.
+//! Exactly-once, in short (ARCHITECTURE.md has the long form): a file is claimed by an
+//! atomic rename into this instance's `processing/` folder, and its content by an
+//! atomic `claims/<sha256>.json`. Records go out in chunked transactions; each one
+//! also writes the batch's progress to the compacted ledger topic. A restart fences
+//! the old producer, reads the ledger and resumes after the last committed position.
 
-pub mod csv_format;
+pub mod batch;
+pub mod claims;
+pub mod formats;
+pub mod ledger;
+pub mod synthetic;
 
-use std::collections::HashSet;
-use std::path::{Path, PathBuf};
+use std::collections::HashMap;
+use std::io::Read;
+use std::path::Path;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use base64::Engine;
-use pipeline::crypto::{sha256_hex, DataKey, KeyRef};
-use pipeline::error::kafka_err;
-use pipeline::events::{
-    DataIngestionCreated, DataIngestionFailed, DataIngestionFinished, DataIngestionStarted,
-    Payload, RecordRejected, SourceRecordIngested,
-};
-use pipeline::runner::send_record;
+use pipeline::archive::ArchiveWriter;
+use pipeline::crypto::{DataKey, KeyRef};
+use pipeline::error::{kafka_err, ErrorClass};
+use pipeline::events::{DataIngestionRejected, Payload, StartDataIntakeCommand};
+use pipeline::runner::{dead_letter, send_record};
 use pipeline::telemetry::StageMetrics;
+use pipeline::topics::TopicKind;
 use pipeline::{Codec, Event, PipelineError, Topics};
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Message, OwnedMessage};
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
-use rdkafka::ClientConfig;
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use sha2::{Digest, Sha256};
 use tokio::runtime::Handle;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
-use uuid::Uuid;
+use tracing::{info, info_span, warn};
 
-use crate::csv_format::Row;
+use crate::batch::{BatchFailure, FileFacts};
+use crate::claims::{io, ContentClaim, ContentClaimed, Folders};
+use crate::formats::{FileError, Item, ParseError, SourceFormat};
+
+pub use crate::batch::batch_id_for;
 
 pub const SERVICE: &str = "medpipe-ingestion";
-
-/// Namespace for batch ids: a batch id is derived from the file's SHA-256.
-const BATCH_NAMESPACE: Uuid = Uuid::from_u128(0x6d65_6470_6970_6549_8000_0000_0000_0002);
-
-/// The folders ingestion works in, all below one data directory.
-#[derive(Debug, Clone)]
-pub struct Folders {
-    pub landing: PathBuf,
-    pub processing: PathBuf,
-    pub archive: PathBuf,
-    pub quarantine: PathBuf,
-}
-
-impl Folders {
-    pub fn under(root: &Path) -> Self {
-        Folders {
-            landing: root.join("landing"),
-            processing: root.join("processing"),
-            archive: root.join("archive"),
-            quarantine: root.join("quarantine"),
-        }
-    }
-
-    pub fn create(&self) -> Result<(), PipelineError> {
-        for d in [
-            &self.landing,
-            &self.processing,
-            &self.archive,
-            &self.quarantine,
-        ] {
-            std::fs::create_dir_all(d)
-                .map_err(|e| PipelineError::io(d.display().to_string(), e))?;
-        }
-        Ok(())
-    }
-}
-
-pub fn batch_id_for(sha256: &str) -> String {
-    Uuid::new_v5(&BATCH_NAMESPACE, sha256.as_bytes()).to_string()
-}
-
-/// Builds a batch's events from its file. Pure apart from fresh nonces and ids.
-pub fn batch_events(
-    file_name: &str,
-    bytes: &[u8],
-    data_key: &DataKey,
-    archive_location: &str,
-) -> Result<Vec<Event>, (String, csv_format::FileError)> {
-    let sha = sha256_hex(bytes);
-    let batch_id = batch_id_for(&sha);
-    let parsed = csv_format::parse(file_name, bytes).map_err(|e| (batch_id.clone(), e))?;
-    let ev = |p: Payload| Event::new(SERVICE, &batch_id, None, p);
-    let created = ev(Payload::DataIngestionCreated(DataIngestionCreated {
-        batch_id: batch_id.clone(),
-        file_name: file_name.to_string(),
-        file_sha256: sha.clone(),
-        file_size_bytes: bytes.len() as i64,
-        format: "csv".into(),
-    }));
-    let caused = |cause: &Event, p: Payload| Event::caused_by(cause, SERVICE, p);
-    let started = caused(
-        &created,
-        Payload::DataIngestionStarted(DataIngestionStarted {
-            batch_id: batch_id.clone(),
-            format: "csv".into(),
-            file_sha256: sha.clone(),
-        }),
-    );
-    let mut events = Vec::with_capacity(parsed.rows.len() + 3);
-    let (mut emitted, mut rejected) = (0i64, 0i64);
-    let mut records = Vec::with_capacity(parsed.rows.len());
-    for (i, row) in parsed.rows.into_iter().enumerate() {
-        let position = i as i64 + 1;
-        let payload = match row {
-            Row::Record(body) => {
-                // A body that cannot be serialised is rejected, never sealed empty.
-                let sealed = serde_json::to_vec(&body)
-                    .map_err(|e| {
-                        PipelineError::Crypto(format!("cannot serialise the record body: {e}"))
-                    })
-                    .and_then(|plain| {
-                        data_key
-                            .seal_record(&plain, &SourceRecordIngested::aad(&batch_id, position))
-                    });
-                match sealed {
-                    Ok(sealed) => {
-                        emitted += 1;
-                        Payload::SourceRecordIngested(SourceRecordIngested {
-                            batch_id: batch_id.clone(),
-                            position,
-                            source_format: "csv".into(),
-                            record_type: parsed.record_type.clone(),
-                            sealed,
-                        })
-                    }
-                    Err(e) => {
-                        rejected += 1;
-                        Payload::RecordRejected(RecordRejected {
-                            batch_id: batch_id.clone(),
-                            file_name: file_name.to_string(),
-                            position,
-                            error_kind: "seal".into(),
-                            reason: e.to_string(),
-                        })
-                    }
-                }
-            }
-            Row::Rejected { error_kind, reason } => {
-                rejected += 1;
-                Payload::RecordRejected(RecordRejected {
-                    batch_id: batch_id.clone(),
-                    file_name: file_name.to_string(),
-                    position,
-                    error_kind: error_kind.into(),
-                    reason,
-                })
-            }
-        };
-        records.push(caused(&started, payload));
-    }
-    let finished = caused(
-        &started,
-        Payload::DataIngestionFinished(DataIngestionFinished {
-            batch_id: batch_id.clone(),
-            records_emitted: emitted,
-            records_rejected: rejected,
-            file_size_bytes: bytes.len() as i64,
-            file_sha256: sha,
-            archive_location: archive_location.to_string(),
-        }),
-    );
-    events.push(created);
-    events.push(started);
-    events.extend(records);
-    events.push(finished);
-    Ok(events)
-}
 
 /// Runtime settings of the ingestion loop.
 #[derive(Debug, Clone)]
 pub struct IngestConfig {
     pub bootstrap_servers: String,
     pub transactional_id: String,
+    /// Consumer group for the command topic.
+    pub group_id: String,
+    pub instance_id: String,
     pub topics: Topics,
     pub folders: Folders,
     pub poll_interval: Duration,
     pub transaction_timeout: Duration,
+    /// A transaction closes after this many records ...
+    pub chunk_records: usize,
+    /// ... or after this long, whichever comes first.
+    pub chunk_interval: Duration,
+    /// A batch with a larger share of rejected records fails as a whole.
+    pub max_reject_ratio: f64,
+    pub csv: formats::csv::CsvOptions,
+}
+
+/// How a batch ended.
+enum BatchEnd {
+    Finished,
+    Failed,
+    /// Shutdown was requested mid-file; progress is committed and the file stays claimed.
+    Stopped,
 }
 
 pub struct Ingestor {
@@ -190,10 +79,20 @@ pub struct Ingestor {
     codec: Arc<Codec>,
     master: KeyRef,
     metrics: StageMetrics,
+    shutdown: CancellationToken,
     rt: Handle,
     producer: BaseProducer,
-    /// SHA-256 of every file whose batch has committed.
-    completed: HashSet<String>,
+    commands: BaseConsumer,
+    /// Committed ledger entries, by file SHA-256 (or `rejected:<claimed name>`).
+    ledger: HashMap<String, ledger::Entry>,
+    txn: Option<OpenTxn>,
+}
+
+/// What the open transaction holds, for metrics once it commits.
+struct OpenTxn {
+    started: Instant,
+    records: usize,
+    events: HashMap<&'static str, u64>,
 }
 
 impl Ingestor {
@@ -207,27 +106,14 @@ impl Ingestor {
     ) -> Result<(), PipelineError> {
         let rt = Handle::current();
         tokio::task::spawn_blocking(move || {
-            config.folders.create()?;
-            let producer: BaseProducer = ClientConfig::new()
-                .set("bootstrap.servers", &config.bootstrap_servers)
-                .set("transactional.id", &config.transactional_id)
-                .set("transaction.timeout.ms", config.transaction_timeout.as_millis().to_string())
-                .set("linger.ms", "5")
-                .set("compression.type", "lz4")
-                .create()
-                .map_err(kafka_err("create producer"))?;
-            pipeline::runner::retry_until(&shutdown, "init transactions", || {
-                producer.init_transactions(Duration::from_secs(30)).map_err(kafka_err("init transactions"))
-            })?;
-            let completed = completed_files(&config, &codec, &rt)?;
-            let mut me = Ingestor { config, codec, master, metrics, rt, producer, completed };
+            let mut me = Ingestor::connect(config, codec, master, metrics, shutdown, rt)?;
             me.metrics.set_ready(true);
-            info!(landing = %me.config.folders.landing.display(), done = me.completed.len(), "Ingestion started.");
-            me.recover()?;
-            while !shutdown.is_cancelled() {
-                me.scan_landing()?;
-                std::thread::sleep(me.config.poll_interval);
-            }
+            info!(
+                landing = %me.config.folders.landing.display(),
+                ledger_entries = me.ledger.len(),
+                "Ingestion started."
+            );
+            me.main_loop()?;
             info!("Ingestion stopped cleanly.");
             Ok(())
         })
@@ -235,249 +121,811 @@ impl Ingestor {
         .map_err(|e| PipelineError::Config(format!("ingestion thread failed: {e}")))?
     }
 
-    /// Finishes files a crash left in `processing/`.
-    fn recover(&mut self) -> Result<(), PipelineError> {
-        for path in files_in(&self.config.folders.processing)? {
-            info!(file = %file_name(&path), "Recovering a file claimed before a restart.");
-            self.ingest(&path, true)?;
-        }
-        Ok(())
+    fn connect(
+        config: IngestConfig,
+        codec: Arc<Codec>,
+        master: KeyRef,
+        metrics: StageMetrics,
+        shutdown: CancellationToken,
+        rt: Handle,
+    ) -> Result<Self, PipelineError> {
+        config.folders.create()?;
+        let producer: BaseProducer = ClientConfig::new()
+            .set("bootstrap.servers", &config.bootstrap_servers)
+            .set("transactional.id", &config.transactional_id)
+            .set(
+                "transaction.timeout.ms",
+                config.transaction_timeout.as_millis().to_string(),
+            )
+            .set("linger.ms", "5")
+            .set("compression.type", "lz4")
+            .create()
+            .map_err(kafka_err("create producer"))?;
+        // Fences a previous incarnation and aborts its open transaction, so the ledger
+        // read below is exactly what is downstream.
+        pipeline::runner::retry_until(&shutdown, "init transactions", || {
+            producer
+                .init_transactions(Duration::from_secs(30))
+                .map_err(kafka_err("init transactions"))
+        })?;
+        let ledger = ledger::read(
+            &config.bootstrap_servers,
+            &config.topics.ingestion_ledger(),
+            Duration::from_secs(300),
+        )?;
+        let commands: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &config.bootstrap_servers)
+            .set("group.id", &config.group_id)
+            .set("enable.auto.commit", "false")
+            .set("auto.offset.reset", "earliest")
+            .set("isolation.level", "read_committed")
+            // A long file is ingested between polls; the group must not drop us for it.
+            .set("max.poll.interval.ms", "3600000")
+            .create()
+            .map_err(kafka_err("create command consumer"))?;
+        commands
+            .subscribe(&[&config.topics.name(TopicKind::IngestionCommands)])
+            .map_err(kafka_err("subscribe to commands"))?;
+        Ok(Ingestor {
+            config,
+            codec,
+            master,
+            metrics,
+            shutdown,
+            rt,
+            producer,
+            commands,
+            ledger,
+            txn: None,
+        })
     }
 
-    fn scan_landing(&mut self) -> Result<(), PipelineError> {
-        for path in files_in(&self.config.folders.landing)? {
-            let claimed = self.config.folders.processing.join(file_name(&path));
-            match std::fs::rename(&path, &claimed) {
-                Ok(()) => self.ingest(&claimed, false)?,
-                // Another instance claimed it first.
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-                Err(e) => return Err(PipelineError::io(path.display().to_string(), e)),
+    /// Finishes this instance's claimed files, then claims one file at a time so that
+    /// several instances share a landing folder.
+    fn main_loop(&mut self) -> Result<(), PipelineError> {
+        while !self.shutdown.is_cancelled() {
+            match self.step() {
+                Ok(true) => continue,
+                Ok(false) => std::thread::sleep(self.config.poll_interval),
+                Err(e) => {
+                    self.abort_open();
+                    if e.class() == ErrorClass::Fatal {
+                        return Err(e);
+                    }
+                    warn!(error = %e, "Ingestion step failed; retrying after a pause.");
+                    std::thread::sleep(Duration::from_secs(1));
+                }
             }
         }
         Ok(())
     }
 
-    /// Ingests one claimed file in one transaction.
-    fn ingest(&mut self, path: &Path, recovering: bool) -> Result<(), PipelineError> {
-        let name = file_name(path);
-        let bytes =
-            std::fs::read(path).map_err(|e| PipelineError::io(path.display().to_string(), e))?;
-        let sha = sha256_hex(&bytes);
+    /// One round: finish claimed files, take commands, claim a landing file. True if
+    /// there was anything to do, so the loop goes on without sleeping.
+    fn step(&mut self) -> Result<bool, PipelineError> {
+        self.process_claimed()?;
+        let commands = self.poll_commands()?;
+        let landing = self.claim_one_landing_file()?;
+        Ok(commands || landing)
+    }
+
+    /// Ingests every file in this instance's `processing/` folder, oldest claim first.
+    fn process_claimed(&mut self) -> Result<(), PipelineError> {
+        for path in claims::files_in(&self.config.folders.processing)? {
+            if self.shutdown.is_cancelled() {
+                break;
+            }
+            self.ingest_claimed(&path)?;
+        }
+        Ok(())
+    }
+
+    /// Claims the first file in the landing folder. True if it claimed one.
+    fn claim_one_landing_file(&mut self) -> Result<bool, PipelineError> {
+        for path in claims::files_in(&self.config.folders.landing)? {
+            if claims::claim(&path, &self.config.folders.processing)?.is_some() {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
+    fn ingest_claimed(&mut self, path: &Path) -> Result<(), PipelineError> {
+        let claimed = claims::file_name(path);
+        let name = claims::original_name(&claimed).to_string();
+        let sidecar = claims::read_sidecar(path)?;
+        let command_event = sidecar.as_ref().map(|s| s.command_event_id.clone());
+        let rejected_key = format!("rejected:{claimed}");
+        if self.ledger.contains_key(&rejected_key) {
+            // Refused before a restart; only the move to quarantine was left to do.
+            return self.move_to_quarantine(path).map(drop);
+        }
+        let (sha, size) = hash_file(path)?;
         let batch_id = batch_id_for(&sha);
-        if self.completed.contains(&sha) {
-            if recovering {
-                info!(
-                    batch_id,
-                    "File's batch had committed before the restart; cleaning up."
-                );
-                return remove(path);
-            }
-            return self.fail(
-                path,
-                &Uuid::new_v4().to_string(),
-                "duplicate",
-                &format!("same content as batch {batch_id}, which already committed"),
-            );
-        }
-        let archive = self.config.folders.archive.join(format!("{batch_id}.enc"));
-        let data_key = DataKey::generate(&self.master)?;
-        let events = match batch_events(&name, &bytes, &data_key, &archive.display().to_string()) {
-            Ok(ev) => ev,
-            Err((batch_id, e)) => {
-                return self.fail(path, &batch_id, "unreadable_file", &e.to_string())
+        let span = info_span!("batch", correlation_id = %batch_id);
+        let _enter = span.enter();
+        let mine = ContentClaim {
+            batch_id: batch_id.clone(),
+            instance_id: self.config.instance_id.clone(),
+            claimed_as: claimed.clone(),
+        };
+        let resumed = match claims::claim_content(&self.config.folders.claims, &sha, &mine)? {
+            ContentClaimed::New => false,
+            ContentClaimed::Existing(c) if c == mine => true,
+            ContentClaimed::Existing(first) => {
+                return self.reject_duplicate(path, &name, &sha, &first, sidecar.as_ref())
             }
         };
-        write_archive(&archive, &data_key, &batch_id, &bytes)?;
-        self.commit(&batch_id, &events)?;
-        self.completed.insert(sha);
-        for e in &events {
-            self.metrics
-                .events_out
-                .with_label_values(&[e.event_type()])
-                .inc();
+        match self.ledger.get(&sha).map(|e| e.status) {
+            Some(ledger::Status::Finished) if resumed => {
+                info!("Batch had committed before a restart; removing the clear copy.");
+                return remove(path);
+            }
+            Some(ledger::Status::Failed) if resumed => {
+                return self.move_to_quarantine(path).map(drop);
+            }
+            Some(ledger::Status::Finished | ledger::Status::Failed) => {
+                // The claims folder lost this content's claim, but the ledger has it.
+                let first = ContentClaim {
+                    batch_id: batch_id.clone(),
+                    instance_id: "unknown".into(),
+                    claimed_as: String::new(),
+                };
+                return self.reject_duplicate(path, &name, &sha, &first, sidecar.as_ref());
+            }
+            _ => {}
         }
-        info!(batch_id, records = events.len() - 3, "Batch committed.");
-        remove(path)
+        let format = match pick_format(
+            path,
+            &name,
+            sidecar.as_ref().and_then(|s| s.format.as_deref()),
+        ) {
+            Ok(f) => f,
+            Err(e) => {
+                let failure = BatchFailure {
+                    error_kind: e.kind().into(),
+                    reason: e.to_string(),
+                    counts: None,
+                };
+                return self.fail_file(
+                    path,
+                    &sha,
+                    &batch_id,
+                    &name,
+                    command_event.as_deref(),
+                    &failure,
+                );
+            }
+        };
+        let facts = FileFacts {
+            batch_id: batch_id.clone(),
+            file_name: name.clone(),
+            sha256: sha.clone(),
+            size_bytes: size,
+            format,
+        };
+        let archive = self.config.folders.archive.join(format!("{batch_id}.enc"));
+        if !archive.exists() {
+            if let Err(e) = write_archive(path, &archive, &self.master)? {
+                let failure = BatchFailure {
+                    error_kind: e.kind().into(),
+                    reason: e.to_string(),
+                    counts: None,
+                };
+                return self.fail_file(
+                    path,
+                    &sha,
+                    &batch_id,
+                    &name,
+                    command_event.as_deref(),
+                    &failure,
+                );
+            }
+        }
+        let archive_location = archive.display().to_string();
+        let work = match self.ledger.get(&sha) {
+            Some(e) if e.status == ledger::Status::InProgress => {
+                info!(
+                    position = e.committed_position,
+                    "Resuming a batch after its last committed position."
+                );
+                e.clone()
+            }
+            _ => {
+                let (created, started) = batch::opening_events(&facts, command_event.as_deref());
+                let entry = ledger::Entry {
+                    batch_id: batch_id.clone(),
+                    file_name: name.clone(),
+                    format: format.as_str().into(),
+                    status: ledger::Status::InProgress,
+                    committed_position: 0,
+                    emitted: 0,
+                    rejected: 0,
+                    started_event_id: started.header.event_id.clone(),
+                    instance_id: self.config.instance_id.clone(),
+                };
+                self.send_event(&created)?;
+                self.send_event(&started)?;
+                self.checkpoint(&sha, &entry)?;
+                info!(format = %format, "Batch started.");
+                entry
+            }
+        };
+        match self.stream_records(path, &facts, work, &archive_location)? {
+            BatchEnd::Finished => remove(path),
+            BatchEnd::Failed | BatchEnd::Stopped => Ok(()),
+        }
     }
 
-    /// Moves the file to quarantine and emits `DataIngestionFailed`. Never deletes it.
-    fn fail(
+    /// Parses the file and emits every item after the committed position, in chunked
+    /// transactions, then the batch's closing event.
+    fn stream_records(
         &mut self,
         path: &Path,
+        facts: &FileFacts,
+        mut work: ledger::Entry,
+        archive_location: &str,
+    ) -> Result<BatchEnd, PipelineError> {
+        let data_key = DataKey::generate(&self.master)?;
+        let resume_after = work.committed_position;
+        let started_id = work.started_event_id.clone();
+        let mut failure: Option<PipelineError> = None;
+        let mut stopped = false;
+        let csv = self.config.csv.clone();
+        let parsed = {
+            let mut sink = |item: Item| -> Result<(), formats::Halt> {
+                let position = item.position();
+                if position <= resume_after {
+                    return Ok(());
+                }
+                if self.shutdown.is_cancelled() {
+                    stopped = true;
+                    return Err(formats::Halt);
+                }
+                let (event, emitted) = batch::item_event(facts, &started_id, item, &data_key);
+                let step = self.send_event(&event).and_then(|()| {
+                    work.committed_position = position;
+                    if emitted {
+                        work.emitted += 1;
+                    } else {
+                        work.rejected += 1;
+                    }
+                    if self.chunk_due() {
+                        self.checkpoint(&facts.sha256, &work)
+                    } else {
+                        Ok(())
+                    }
+                });
+                step.map_err(|e| {
+                    failure = Some(e);
+                    formats::Halt
+                })
+            };
+            parse_file(facts.format, path, &facts.file_name, &csv, &mut sink)
+        };
+        let ending = match parsed {
+            Ok(()) => {
+                batch::over_threshold(work.emitted, work.rejected, self.config.max_reject_ratio)
+            }
+            Err(ParseError::File(e)) => Some(BatchFailure {
+                error_kind: e.kind().into(),
+                reason: e.to_string(),
+                counts: Some((work.emitted, work.rejected)),
+            }),
+            Err(ParseError::Halted) => {
+                if let Some(e) = failure {
+                    return Err(e);
+                }
+                debug_assert!(stopped);
+                self.checkpoint(&facts.sha256, &work)?;
+                info!(
+                    position = work.committed_position,
+                    "Stopping mid-batch; progress committed."
+                );
+                return Ok(BatchEnd::Stopped);
+            }
+        };
+        match ending {
+            None => {
+                let finished = batch::finished_event(
+                    facts,
+                    &started_id,
+                    work.emitted,
+                    work.rejected,
+                    archive_location,
+                );
+                work.status = ledger::Status::Finished;
+                self.send_event(&finished)?;
+                self.checkpoint(&facts.sha256, &work)?;
+                info!(
+                    emitted = work.emitted,
+                    rejected = work.rejected,
+                    "Batch finished."
+                );
+                Ok(BatchEnd::Finished)
+            }
+            Some(f) => {
+                self.fail_file(
+                    path,
+                    &facts.sha256,
+                    &facts.batch_id,
+                    &facts.file_name,
+                    Some(&started_id),
+                    &f,
+                )?;
+                Ok(BatchEnd::Failed)
+            }
+        }
+    }
+
+    /// Commits `DataIngestionFailed` and the ledger's failed state, then moves the file
+    /// to quarantine (a crash in between is finished by the restart).
+    fn fail_file(
+        &mut self,
+        path: &Path,
+        sha: &str,
         batch_id: &str,
-        kind: &str,
-        reason: &str,
+        name: &str,
+        cause: Option<&str>,
+        failure: &BatchFailure,
     ) -> Result<(), PipelineError> {
+        let dest = self.quarantine_path(path);
+        warn!(error_kind = %failure.error_kind, reason = %failure.reason, "Batch failed; file quarantined.");
+        let event =
+            batch::failed_event(batch_id, name, cause, failure, &dest.display().to_string());
+        let (emitted, rejected) = failure.counts.unwrap_or((0, 0));
+        let mut entry = self
+            .ledger
+            .get(sha)
+            .cloned()
+            .unwrap_or_else(|| ledger::Entry {
+                batch_id: batch_id.into(),
+                file_name: name.into(),
+                format: String::new(),
+                status: ledger::Status::Failed,
+                committed_position: 0,
+                emitted,
+                rejected,
+                started_event_id: String::new(),
+                instance_id: self.config.instance_id.clone(),
+            });
+        entry.status = ledger::Status::Failed;
+        self.send_event(&event)?;
+        self.checkpoint(sha, &entry)?;
+        self.move_to_quarantine(path).map(drop)
+    }
+
+    fn reject_duplicate(
+        &mut self,
+        path: &Path,
+        name: &str,
+        sha: &str,
+        first: &ContentClaim,
+        sidecar: Option<&claims::CommandSidecar>,
+    ) -> Result<(), PipelineError> {
+        let dest = self.quarantine_path(path);
+        info!(first_batch = %first.batch_id, "Duplicate content refused; file quarantined.");
+        let event = Event::new(
+            SERVICE,
+            &first.batch_id,
+            sidecar.map(|s| s.command_event_id.as_str()),
+            Payload::DataIngestionRejected(DataIngestionRejected {
+                batch_id: first.batch_id.clone(),
+                file_name: name.into(),
+                file_sha256: Some(sha.into()),
+                reason: "duplicate".into(),
+                detail: format!(
+                    "same content (SHA-256) as batch {}, already claimed by ingestion instance {}",
+                    first.batch_id, first.instance_id
+                ),
+                quarantine_location: Some(dest.display().to_string()),
+                command_id: sidecar.map(|s| s.command_id.clone()),
+            }),
+        );
+        let key = format!("rejected:{}", claims::file_name(path));
+        let entry = ledger::Entry {
+            batch_id: first.batch_id.clone(),
+            file_name: name.into(),
+            format: String::new(),
+            status: ledger::Status::Failed,
+            committed_position: 0,
+            emitted: 0,
+            rejected: 0,
+            started_event_id: String::new(),
+            instance_id: self.config.instance_id.clone(),
+        };
+        self.send_event(&event)?;
+        self.checkpoint(&key, &entry)?;
+        self.move_to_quarantine(path).map(drop)
+    }
+
+    fn quarantine_path(&self, path: &Path) -> std::path::PathBuf {
+        self.config.folders.quarantine.join(claims::file_name(path))
+    }
+
+    /// Moves a claimed file (and its command sidecar) to quarantine. Never deletes it.
+    fn move_to_quarantine(&self, path: &Path) -> Result<std::path::PathBuf, PipelineError> {
+        let dest = self.quarantine_path(path);
+        if path.exists() {
+            std::fs::rename(path, &dest).map_err(|e| io(path, e))?;
+        }
+        let sidecar = claims::sidecar_path(path);
+        if sidecar.exists() {
+            std::fs::rename(&sidecar, claims::sidecar_path(&dest)).map_err(|e| io(&sidecar, e))?;
+        }
+        Ok(dest)
+    }
+
+    /// Reads up to a few commands and claims the files they name.
+    fn poll_commands(&mut self) -> Result<bool, PipelineError> {
+        let mut handled = false;
+        for _ in 0..16 {
+            let msg = match self.commands.poll(Duration::ZERO) {
+                None => break,
+                Some(Err(e)) => {
+                    warn!(error = %e, "Command consumer error.");
+                    break;
+                }
+                Some(Ok(m)) => m.detach(),
+            };
+            self.handle_command(&msg)?;
+            handled = true;
+        }
+        Ok(handled)
+    }
+
+    /// Claims the file a command names, or refuses the command. The command's offset
+    /// commits in the same transaction as the refusal; a redelivered command whose file
+    /// was already claimed is recognised by its marker and skipped.
+    fn handle_command(&mut self, msg: &OwnedMessage) -> Result<(), PipelineError> {
+        let decoded = match msg.payload() {
+            Some(b) => self.rt.block_on(self.codec.decode(b)),
+            None => Err(PipelineError::Decode("command message has no value".into())),
+        };
+        let (event, cmd) = match decoded {
+            Ok(Event {
+                header,
+                payload: Payload::StartDataIntakeCommand(c),
+            }) => (header, c),
+            Ok(other) => {
+                let reason = format!(
+                    "expected StartDataIntakeCommand, got {}",
+                    other.event_type()
+                );
+                return self.dead_letter_command(msg, "unexpected_event_type", &reason);
+            }
+            Err(e) => return self.dead_letter_command(msg, "undecodable", &e.to_string()),
+        };
+        let refusal = match self.claim_for_command(&event.event_id, &cmd)? {
+            Ok(()) => None,
+            Err((reason, detail)) => Some(Event::new(
+                SERVICE,
+                &cmd.command_id,
+                Some(&event.event_id),
+                Payload::DataIngestionRejected(DataIngestionRejected {
+                    batch_id: cmd.command_id.clone(),
+                    file_name: cmd.file_path.clone(),
+                    file_sha256: None,
+                    reason: reason.into(),
+                    detail,
+                    quarantine_location: None,
+                    command_id: Some(cmd.command_id.clone()),
+                }),
+            )),
+        };
+        if let Some(e) = &refusal {
+            warn!(command_id = %cmd.command_id, "Intake command refused.");
+            self.send_event(e)?;
+        }
+        self.commit_command_offset(msg)
+    }
+
+    /// `Ok(Err((reason, detail)))` is a refusal to report, not a failure of ingestion.
+    #[allow(clippy::type_complexity)]
+    fn claim_for_command(
+        &mut self,
+        command_event_id: &str,
+        cmd: &StartDataIntakeCommand,
+    ) -> Result<Result<(), (&'static str, String)>, PipelineError> {
+        if let Some(f) = &cmd.format {
+            if let Err(e) = f.parse::<SourceFormat>() {
+                return Ok(Err(("invalid_format", e)));
+            }
+        }
+        let marker = self
+            .config
+            .folders
+            .claims
+            .join("commands")
+            .join(sanitize(&cmd.command_id));
+        let seen = marker.exists();
+        let source = match claims::resolve_intake(&self.config.folders.intake, &cmd.file_path) {
+            Ok(p) => p,
+            // Claimed before a crash that lost the offset commit: nothing left to do.
+            Err("not_found") if seen => return Ok(Ok(())),
+            Err(reason) => {
+                let detail = format!("{} is not a file inside the intake folder", cmd.file_path);
+                return Ok(Err((reason, detail)));
+            }
+        };
+        if !seen {
+            claims::write_atomic(&marker, command_event_id.as_bytes())?;
+        }
         let dest = self
             .config
             .folders
-            .quarantine
-            .join(format!("{batch_id}-{}", file_name(path)));
-        warn!(batch_id, error_kind = kind, reason, "File quarantined.");
-        let event = Event::new(
-            SERVICE,
-            batch_id,
-            None,
-            Payload::DataIngestionFailed(DataIngestionFailed {
-                batch_id: batch_id.to_string(),
-                file_name: file_name(path),
-                error_kind: kind.to_string(),
-                reason: reason.to_string(),
-                quarantine_location: dest.display().to_string(),
-            }),
-        );
-        std::fs::rename(path, &dest)
-            .map_err(|e| PipelineError::io(path.display().to_string(), e))?;
-        self.commit(batch_id, &[event])
+            .processing
+            .join(claims::claimed_name(&claims::file_name(&source)));
+        let sidecar = claims::CommandSidecar {
+            command_id: cmd.command_id.clone(),
+            command_event_id: command_event_id.into(),
+            format: cmd.format.clone(),
+        };
+        let body = serde_json::to_vec(&sidecar)
+            .map_err(|e| PipelineError::Config(format!("cannot serialise a sidecar: {e}")))?;
+        claims::write_atomic(&claims::sidecar_path(&dest), &body)?;
+        match std::fs::rename(&source, &dest) {
+            Ok(()) => Ok(Ok(())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let _ = std::fs::remove_file(claims::sidecar_path(&dest));
+                Ok(Err((
+                    "not_found",
+                    format!("{} disappeared before it could be claimed", cmd.file_path),
+                )))
+            }
+            Err(e) => Err(io(&source, e)),
+        }
     }
 
-    fn commit(&self, batch_id: &str, events: &[Event]) -> Result<(), PipelineError> {
-        let topic = self
-            .config
-            .topics
-            .name(pipeline::topics::TopicKind::Ingestion);
-        let mut encoded = Vec::with_capacity(events.len());
-        for e in events {
-            encoded.push(self.rt.block_on(self.codec.encode(e))?);
-        }
+    fn dead_letter_command(
+        &mut self,
+        msg: &OwnedMessage,
+        kind: &str,
+        reason: &str,
+    ) -> Result<(), PipelineError> {
+        self.begin()?;
+        dead_letter(
+            &self.producer,
+            &self.config.topics.dlq("ingestion"),
+            "ingestion",
+            msg,
+            ErrorClass::DeadLetter,
+            kind,
+            reason,
+        )?;
+        self.metrics.dead_letters.with_label_values(&[kind]).inc();
+        self.commit_command_offset(msg)
+    }
+
+    fn commit_command_offset(&mut self, msg: &OwnedMessage) -> Result<(), PipelineError> {
+        self.begin()?;
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(
+            msg.topic(),
+            msg.partition(),
+            Offset::Offset(msg.offset() + 1),
+        )
+        .map_err(kafka_err("build offsets"))?;
+        let group = self.commands.group_metadata().ok_or_else(|| {
+            PipelineError::Config("command consumer has no group metadata".into())
+        })?;
         self.producer
-            .begin_transaction()
-            .map_err(kafka_err("begin transaction"))?;
-        let sent: Result<(), PipelineError> = encoded.iter().try_for_each(|b| {
-            send_record(
-                &self.producer,
-                BaseRecord::to(&topic).key(batch_id).payload(b),
-            )
-        });
-        let result = sent.and_then(|()| {
+            .send_offsets_to_transaction(&tpl, &group, self.config.transaction_timeout)
+            .map_err(kafka_err("send offsets to transaction"))?;
+        self.commit()
+    }
+
+    fn begin(&mut self) -> Result<(), PipelineError> {
+        if self.txn.is_none() {
             self.producer
-                .commit_transaction(self.config.transaction_timeout)
-                .map_err(kafka_err("commit transaction"))
-        });
-        if let Err(e) = result {
-            self.metrics.transactions_aborted.inc();
-            let _ = self
-                .producer
-                .abort_transaction(self.config.transaction_timeout);
-            return Err(e);
+                .begin_transaction()
+                .map_err(kafka_err("begin transaction"))?;
+            self.txn = Some(OpenTxn {
+                started: Instant::now(),
+                records: 0,
+                events: HashMap::new(),
+            });
         }
-        self.metrics.transactions_committed.inc();
         Ok(())
     }
-}
 
-/// Reads every committed `DataIngestionFinished` to learn which files are done.
-fn completed_files(
-    config: &IngestConfig,
-    codec: &Codec,
-    rt: &Handle,
-) -> Result<HashSet<String>, PipelineError> {
-    let topic = config.topics.name(pipeline::topics::TopicKind::Ingestion);
-    let records = pipeline::readback::read_all(
-        &config.bootstrap_servers,
-        &[topic],
-        Some((codec, rt)),
-        Duration::from_secs(300),
-    )?;
-    Ok(records
-        .into_iter()
-        .filter_map(|r| match r.event.map(|e| e.payload) {
-            Some(Payload::DataIngestionFinished(f)) => Some(f.file_sha256),
-            _ => None,
+    /// Sends one event inside the open transaction, keyed by its batch so a batch's
+    /// lifecycle events and records share a partition and stay in order.
+    fn send_event(&mut self, event: &Event) -> Result<(), PipelineError> {
+        self.begin()?;
+        let bytes = self.rt.block_on(self.codec.encode(event))?;
+        let topic = self.config.topics.name(event.payload.topic_kind());
+        send_record(
+            &self.producer,
+            BaseRecord::to(&topic)
+                .key(event.header.correlation_id.as_str())
+                .payload(&bytes),
+        )?;
+        if let Some(t) = &mut self.txn {
+            t.records += 1;
+            *t.events.entry(event.event_type()).or_default() += 1;
+        }
+        Ok(())
+    }
+
+    fn chunk_due(&self) -> bool {
+        self.txn.as_ref().is_some_and(|t| {
+            t.records >= self.config.chunk_records
+                || t.started.elapsed() >= self.config.chunk_interval
         })
-        .collect())
+    }
+
+    /// Writes the ledger entry into the open transaction and commits it.
+    fn checkpoint(&mut self, key: &str, entry: &ledger::Entry) -> Result<(), PipelineError> {
+        self.begin()?;
+        let value = entry.to_json()?;
+        send_record(
+            &self.producer,
+            BaseRecord::to(&self.config.topics.ingestion_ledger())
+                .key(key)
+                .payload(&value),
+        )?;
+        self.commit()?;
+        self.ledger.insert(key.to_string(), entry.clone());
+        Ok(())
+    }
+
+    fn commit(&mut self) -> Result<(), PipelineError> {
+        let Some(txn) = self.txn.take() else {
+            return Ok(());
+        };
+        match self
+            .producer
+            .commit_transaction(self.config.transaction_timeout)
+        {
+            Ok(()) => {
+                self.metrics.transactions_committed.inc();
+                self.metrics
+                    .processing_seconds
+                    .observe(txn.started.elapsed().as_secs_f64());
+                for (t, n) in txn.events {
+                    self.metrics.events_out.with_label_values(&[t]).inc_by(n);
+                }
+                Ok(())
+            }
+            Err(e) => {
+                self.txn = Some(txn);
+                self.abort_open();
+                Err(PipelineError::kafka("commit transaction", e))
+            }
+        }
+    }
+
+    fn abort_open(&mut self) {
+        if self.txn.take().is_some() {
+            self.metrics.transactions_aborted.inc();
+            if let Err(e) = self
+                .producer
+                .abort_transaction(self.config.transaction_timeout)
+            {
+                warn!(error = %e, "Aborting the transaction failed.");
+            }
+        }
+    }
 }
 
+/// Keeps a command id usable as a file name.
+fn sanitize(id: &str) -> String {
+    id.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
+/// The format forced by a command, or the one the content shows.
+fn pick_format(path: &Path, name: &str, forced: Option<&str>) -> Result<SourceFormat, FileError> {
+    if let Some(f) = forced {
+        return f.parse().map_err(FileError::UnknownFormat);
+    }
+    let head = formats::detect::head(path)?;
+    formats::detect::detect(&head, name)
+}
+
+fn parse_file(
+    format: SourceFormat,
+    path: &Path,
+    name: &str,
+    csv: &formats::csv::CsvOptions,
+    sink: &mut formats::Sink<'_>,
+) -> Result<(), ParseError> {
+    let reader = formats::detect::open(path)?;
+    match format {
+        SourceFormat::Csv => formats::csv::parse(reader, name, csv, sink),
+        SourceFormat::FhirNdjson => formats::fhir::parse_ndjson(reader, sink),
+        SourceFormat::FhirBundle => formats::fhir::parse_bundle(reader, sink),
+        SourceFormat::Hl7v2 => formats::hl7::parse(reader, sink),
+    }
+}
+
+/// SHA-256 and size of a file, read in 1 MiB blocks.
+fn hash_file(path: &Path) -> Result<(String, u64), PipelineError> {
+    let mut f = std::fs::File::open(path).map_err(|e| io(path, e))?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut size = 0u64;
+    loop {
+        let n = f.read(&mut buf).map_err(|e| io(path, e))?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+        size += n as u64;
+    }
+    Ok((hex::encode(hasher.finalize()), size))
+}
+
+/// Encrypts the raw file into the archive. For gzip input it also inflates the whole
+/// stream on the way, so a truncated or corrupt file fails before any record is sent.
+/// The outer error is the archive's own IO; the inner one is the input's.
 fn write_archive(
     path: &Path,
-    key: &DataKey,
-    batch_id: &str,
-    bytes: &[u8],
-) -> Result<(), PipelineError> {
-    let sealed = key.seal_record(bytes, batch_id.as_bytes())?;
-    let b64 = |b: &[u8]| base64::engine::general_purpose::STANDARD.encode(b);
-    let doc = serde_json::json!({
-        "format": "medpipe-archive-v1",
-        "batch_id": batch_id,
-        "key_id": sealed.key_id,
-        "wrapped_key": b64(&sealed.wrapped_key),
-        "nonce": b64(&sealed.nonce),
-        "ciphertext": b64(&sealed.ciphertext),
-    });
-    let tmp = path.with_extension("tmp");
-    let io = |e| PipelineError::io(path.display().to_string(), e);
-    {
-        use std::io::Write;
-        let mut f = std::fs::File::create(&tmp).map_err(io)?;
-        f.write_all(doc.to_string().as_bytes()).map_err(io)?;
-        f.sync_all().map_err(io)?;
+    archive: &Path,
+    master: &KeyRef,
+) -> Result<Result<(), FileError>, PipelineError> {
+    struct Tee<'a> {
+        file: std::fs::File,
+        out: &'a mut ArchiveWriter,
+        failed: Option<PipelineError>,
     }
-    std::fs::rename(&tmp, path).map_err(io)
-}
-
-fn files_in(dir: &Path) -> Result<Vec<PathBuf>, PipelineError> {
-    let rd = std::fs::read_dir(dir).map_err(|e| PipelineError::io(dir.display().to_string(), e))?;
-    let mut files: Vec<PathBuf> = rd
-        .filter_map(Result::ok)
-        .filter(|e| e.file_type().map(|t| t.is_file()).unwrap_or(false))
-        .map(|e| e.path())
-        .filter(|p| !file_name(p).starts_with('.'))
-        .collect();
-    files.sort();
-    Ok(files)
-}
-
-fn file_name(p: &Path) -> String {
-    p.file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default()
+    impl Read for Tee<'_> {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            let n = self.file.read(buf)?;
+            if let Err(e) = self.out.write_all(&buf[..n]) {
+                self.failed = Some(e);
+                return Err(std::io::Error::other("archive write failed"));
+            }
+            Ok(n)
+        }
+    }
+    let mut head = [0u8; 2];
+    let gz = std::fs::File::open(path)
+        .and_then(|mut f| f.read(&mut head))
+        .map_err(|e| io(path, e))?
+        == 2
+        && head == [0x1f, 0x8b];
+    let mut writer = ArchiveWriter::create(archive, master)?;
+    let mut tee = Tee {
+        file: std::fs::File::open(path).map_err(|e| io(path, e))?,
+        out: &mut writer,
+        failed: None,
+    };
+    let copied = if gz {
+        std::io::copy(
+            &mut flate2::read::MultiGzDecoder::new(&mut tee),
+            &mut std::io::sink(),
+        )
+        .and_then(|_| std::io::copy(&mut tee, &mut std::io::sink()))
+    } else {
+        std::io::copy(&mut tee, &mut std::io::sink())
+    };
+    if let Some(e) = tee.failed.take() {
+        writer.discard();
+        return Err(e);
+    }
+    if let Err(e) = copied {
+        writer.discard();
+        return Ok(Err(FileError::io(&e)));
+    }
+    writer.finish()?;
+    Ok(Ok(()))
 }
 
 fn remove(path: &Path) -> Result<(), PipelineError> {
     // The raw bytes live on in the encrypted archive; only the clear copy goes.
-    std::fs::remove_file(path).map_err(|e| PipelineError::io(path.display().to_string(), e))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use pipeline::crypto::open_record;
-
-    #[test]
-    fn a_batch_is_created_started_records_finished_with_counts() {
-        let master = KeyRef::from_hex("m1", &"11".repeat(32)).expect("key");
-        let dk = DataKey::generate(&master).expect("dek");
-        let csv = b"Id,FIRST\np1,Ann\np2\np3,Cy\n";
-        let events = batch_events("patients.csv", csv, &dk, "/a").expect("events");
-        let types: Vec<_> = events.iter().map(|e| e.event_type()).collect();
-        assert_eq!(
-            types,
-            vec![
-                "DataIngestionCreated",
-                "DataIngestionStarted",
-                "SourceRecordIngested",
-                "RecordRejected",
-                "SourceRecordIngested",
-                "DataIngestionFinished"
-            ]
-        );
-        let batch = batch_id_for(&sha256_hex(csv));
-        assert!(events.iter().all(|e| e.header.correlation_id == batch));
-        let Payload::DataIngestionFinished(f) = &events[5].payload else {
-            panic!()
-        };
-        assert_eq!((f.records_emitted, f.records_rejected), (2, 1));
-        // The sealed body opens with the master key and holds the row.
-        let Payload::SourceRecordIngested(r) = &events[4].payload else {
-            panic!()
-        };
-        let plain =
-            open_record(&master, &r.sealed, &SourceRecordIngested::aad(&batch, 3)).expect("open");
-        let body: pipeline::events::SourceRecordBody =
-            serde_json::from_slice(&plain).expect("json");
-        assert_eq!(body.patient_link.as_deref(), Some("p3"));
-        // No clear-text field of any event holds the names.
-        let dbg = format!("{events:?}");
-        assert!(!dbg.contains("Ann") && !dbg.contains("Cy\""));
+    std::fs::remove_file(path).map_err(|e| io(path, e))?;
+    let sidecar = claims::sidecar_path(path);
+    if sidecar.exists() {
+        std::fs::remove_file(&sidecar).map_err(|e| io(&sidecar, e))?;
     }
+    Ok(())
 }

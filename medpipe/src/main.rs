@@ -1,13 +1,17 @@
-//! medpipe: the operator CLI. Creates topics and registers schemas, summarises what the
-//! pipeline holds, and verifies and queries the audit trail.
+//! medpipe: the operator CLI. Creates topics and registers schemas, sends intake
+//! commands, opens archives, summarises what the pipeline holds, verifies and queries
+//! the audit trail, and runs benchmarks.
+
+mod bench;
 
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::bail;
+use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
+use ingestion::formats::SourceFormat;
 use pipeline::config::KafkaArgs;
 use pipeline::events::Payload;
 use pipeline::topics::TopicKind;
@@ -40,10 +44,57 @@ enum Command {
         #[arg(long, default_value = "180s", value_parser = humantime::parse_duration)]
         timeout: Duration,
     },
+    /// Ask ingestion to ingest a file from its intake folder (a StartDataIntakeCommand).
+    Intake {
+        #[command(flatten)]
+        kafka: KafkaArgs,
+        /// Path relative to the ingestion intake folder.
+        file_path: String,
+        /// Force a format instead of sniffing: csv, fhir-ndjson, fhir-bundle or hl7v2.
+        #[arg(long)]
+        format: Option<SourceFormat>,
+        #[arg(long, env = "USER", default_value = "medpipe-cli")]
+        requested_by: String,
+    },
+    /// Decrypt an ingestion archive (`archive/<batch>.enc`) with the master key.
+    ArchiveOpen {
+        #[command(flatten)]
+        master: pipeline::config::MasterKeyArgs,
+        archive: PathBuf,
+        /// Where to write the raw file; it holds PHI, so choose a protected place.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Benchmarks on the real broker; figures go into BENCHMARKS.md.
+    Bench {
+        #[command(subcommand)]
+        command: BenchCommand,
+    },
     /// The audit trail.
     Audit {
         #[command(subcommand)]
         command: AuditCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum BenchCommand {
+    /// Generate a synthetic file, ingest it with medpipe-ingestion, report records/s
+    /// and the process's peak resident memory.
+    Ingest {
+        #[command(flatten)]
+        kafka: KafkaArgs,
+        #[arg(long, value_delimiter = ',', default_value = "fhir-ndjson,csv,hl7v2")]
+        formats: Vec<SourceFormat>,
+        #[arg(long, value_delimiter = ',', default_value = "100000")]
+        records: Vec<usize>,
+        /// Generated files and ingestion folders go here (removed afterwards).
+        #[arg(long, default_value = "/tmp/medpipe-bench")]
+        work_dir: PathBuf,
+        #[arg(long)]
+        keep_topics: bool,
+        #[arg(long, default_value = "30m", value_parser = humantime::parse_duration)]
+        timeout: Duration,
     },
 }
 
@@ -107,6 +158,56 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             drop(out);
             summary(kafka, show, wait_canonical, timeout).await?
         }
+        Command::Intake {
+            kafka,
+            file_path,
+            format,
+            requested_by,
+        } => {
+            let id = uuid::Uuid::new_v4().to_string();
+            send_command(&kafka, &id, &file_path, format, &requested_by).await?;
+            writeln!(out, "Intake command {id} sent for {file_path}.")?;
+        }
+        Command::ArchiveOpen {
+            master,
+            archive,
+            out: dest,
+        } => {
+            let key = master.load()?;
+            let mut file = std::fs::File::create(&dest)
+                .with_context(|| format!("cannot create {}", dest.display()))?;
+            let n = pipeline::archive::open_archive(&archive, &key, &mut file)?;
+            file.sync_all()?;
+            writeln!(out, "Decrypted {n} bytes to {}.", dest.display())?;
+        }
+        Command::Bench {
+            command:
+                BenchCommand::Ingest {
+                    kafka,
+                    formats,
+                    records,
+                    work_dir,
+                    keep_topics,
+                    timeout,
+                },
+        } => {
+            writeln!(out, "{}", bench::HEADER)?;
+            for n in &records {
+                for f in &formats {
+                    let b = bench::IngestBench {
+                        kafka: kafka.clone(),
+                        format: *f,
+                        records: *n,
+                        work_dir: work_dir.clone(),
+                        keep_topics,
+                        timeout,
+                    };
+                    let r = bench::ingest(b).await?;
+                    writeln!(out, "{}", r.row(*f, *n))?;
+                    out.flush()?;
+                }
+            }
+        }
         Command::Audit {
             command: AuditCommand::Verify { dir },
         } => {
@@ -144,6 +245,44 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
     }
+    Ok(())
+}
+
+async fn send_command(
+    kafka: &KafkaArgs,
+    id: &str,
+    file_path: &str,
+    format: Option<SourceFormat>,
+    requested_by: &str,
+) -> anyhow::Result<()> {
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    let topics = kafka.topics();
+    let codec = pipeline::Codec::new(&kafka.schema_registry_url, &topics)?;
+    let event = pipeline::Event::new(
+        "medpipe-cli",
+        id,
+        None,
+        Payload::StartDataIntakeCommand(pipeline::events::StartDataIntakeCommand {
+            command_id: id.into(),
+            file_path: file_path.into(),
+            format: format.map(|f| f.as_str().to_string()),
+            requested_by: requested_by.into(),
+        }),
+    );
+    let bytes = codec.encode(&event).await?;
+    let producer: FutureProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &kafka.bootstrap_servers)
+        .set("enable.idempotence", "true")
+        .create()?;
+    let topic = topics.name(TopicKind::IngestionCommands);
+    producer
+        .send(
+            FutureRecord::to(&topic).key(id).payload(&bytes),
+            Duration::from_secs(30),
+        )
+        .await
+        .map_err(|(e, _)| e)
+        .context("cannot send the intake command")?;
     Ok(())
 }
 

@@ -134,6 +134,20 @@ impl DataKey {
         })
     }
 
+    /// The id of the master key that wrapped this data key.
+    pub fn master_id(&self) -> &str {
+        &self.master_id
+    }
+
+    /// The data key wrapped by the master key (nonce ‖ sealed key).
+    pub fn wrapped(&self) -> &[u8] {
+        &self.wrapped
+    }
+
+    pub(crate) fn cipher(&self) -> Aes256Gcm {
+        self.key.cipher()
+    }
+
     /// Seals one record; `aad` should name the record (batch id and position).
     pub fn seal_record(
         &self,
@@ -150,32 +164,45 @@ impl DataKey {
     }
 }
 
+/// Unwraps a data key sealed by [`DataKey::generate`].
+pub(crate) fn unwrap_data_key(
+    master: &KeyRef,
+    key_id: &str,
+    wrapped: &[u8],
+) -> Result<KeyRef, PipelineError> {
+    if key_id != master.id {
+        return Err(PipelineError::Crypto(format!(
+            "data was sealed under master key {key_id} but this process holds {}",
+            master.id
+        )));
+    }
+    if wrapped.len() < 12 {
+        return Err(PipelineError::Crypto(
+            "wrapped data key is truncated".into(),
+        ));
+    }
+    let (nonce, sealed) = wrapped.split_at(12);
+    let raw = open(master, nonce, sealed, b"medpipe-data-key")?;
+    let raw: [u8; 32] = raw
+        .try_into()
+        .map_err(|_| PipelineError::Crypto("unwrapped data key is not 32 bytes".into()))?;
+    Ok(KeyRef {
+        id: "data-key".into(),
+        key: Secret::new(raw),
+    })
+}
+
+pub(crate) fn cipher_for(key: &KeyRef) -> Aes256Gcm {
+    key.cipher()
+}
+
 /// Opens a sealed record with the master key it names.
 pub fn open_record(
     master: &KeyRef,
     sealed: &SealedPayload,
     aad: &[u8],
 ) -> Result<Vec<u8>, PipelineError> {
-    if sealed.key_id != master.id {
-        return Err(PipelineError::Crypto(format!(
-            "record was sealed under master key {} but this process holds {}",
-            sealed.key_id, master.id
-        )));
-    }
-    if sealed.wrapped_key.len() < 12 {
-        return Err(PipelineError::Crypto(
-            "wrapped data key is truncated".into(),
-        ));
-    }
-    let (nonce, wrapped) = sealed.wrapped_key.split_at(12);
-    let raw = open(master, nonce, wrapped, b"medpipe-data-key")?;
-    let raw: [u8; 32] = raw
-        .try_into()
-        .map_err(|_| PipelineError::Crypto("unwrapped data key is not 32 bytes".into()))?;
-    let dek = KeyRef {
-        id: "data-key".into(),
-        key: Secret::new(raw),
-    };
+    let dek = unwrap_data_key(master, &sealed.key_id, &sealed.wrapped_key)?;
     open(&dek, &sealed.nonce, &sealed.ciphertext, aad)
 }
 

@@ -167,7 +167,8 @@ macro_rules! catalogue {
             }
         }
 
-        /// Every event type, in the fixed order schemas are registered in.
+        /// Every event type, in the fixed order schemas are registered in. New types go at
+        /// the end so the ids of existing ones stay the same in an in-memory registry.
         pub static CATALOGUE: &[EventSpec] = &[
             $( EventSpec {
                 name: stringify!($variant),
@@ -226,11 +227,24 @@ catalogue! {
     SourceRecordIngested { ns: "medpipe.ingestion", topic: TopicKind::Ingestion, version: 1, file: "ingestion/SourceRecordIngested.avsc" }
     RecordRejected { ns: "medpipe.ingestion", topic: TopicKind::Ingestion, version: 1, file: "ingestion/RecordRejected.avsc" }
     DataIngestionFinished { ns: "medpipe.ingestion", topic: TopicKind::Ingestion, version: 1, file: "ingestion/DataIngestionFinished.avsc" }
-    DataIngestionFailed { ns: "medpipe.ingestion", topic: TopicKind::Ingestion, version: 1, file: "ingestion/DataIngestionFailed.avsc" }
+    DataIngestionFailed { ns: "medpipe.ingestion", topic: TopicKind::Ingestion, version: 2, file: "ingestion/DataIngestionFailed.avsc" }
     AnonymizationStarted { ns: "medpipe.anonymization", topic: TopicKind::Anonymization, version: 1, file: "anonymization/AnonymizationStarted.avsc" }
     RecordAnonymized { ns: "medpipe.anonymization", topic: TopicKind::Anonymization, version: 1, file: "anonymization/RecordAnonymized.avsc" }
     AnonymizationFinished { ns: "medpipe.anonymization", topic: TopicKind::Anonymization, version: 1, file: "anonymization/AnonymizationFinished.avsc" }
     CanonicalPatient { ns: "medpipe.canonical", topic: TopicKind::CanonicalPatient, version: 1, file: "canonical/CanonicalPatient.avsc" }
+    StartDataIntakeCommand { ns: "medpipe.ingestion", topic: TopicKind::IngestionCommands, version: 1, file: "ingestion/StartDataIntakeCommand.avsc" }
+    DataIngestionRejected { ns: "medpipe.ingestion", topic: TopicKind::Ingestion, version: 1, file: "ingestion/DataIngestionRejected.avsc" }
+}
+
+/// Asks ingestion to claim and ingest one file. Sent by data engineers' tooling.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StartDataIntakeCommand {
+    pub command_id: String,
+    /// Path of the file, relative to ingestion's intake folder.
+    pub file_path: String,
+    /// Forces a format (`csv`, `fhir-ndjson`, `fhir-bundle`, `hl7v2`) instead of sniffing.
+    pub format: Option<String>,
+    pub requested_by: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -296,6 +310,26 @@ pub struct DataIngestionFailed {
     pub error_kind: String,
     pub reason: String,
     pub quarantine_location: String,
+    /// Records already emitted before the batch failed (null when none were parsed).
+    #[serde(default)]
+    pub records_emitted: Option<i64>,
+    #[serde(default)]
+    pub records_rejected: Option<i64>,
+}
+
+/// A file was refused before any of its records were emitted, e.g. a duplicate.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DataIngestionRejected {
+    /// For a duplicate, the batch id of the content's first ingestion.
+    pub batch_id: String,
+    pub file_name: String,
+    pub file_sha256: Option<String>,
+    /// `duplicate`, `not_found` or `outside_intake`.
+    pub reason: String,
+    pub detail: String,
+    /// Where the refused file now is; null when there was no file.
+    pub quarantine_location: Option<String>,
+    pub command_id: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -493,47 +493,15 @@ impl<S: Stage> Runner<S> {
         error_type: &str,
         reason: &str,
     ) -> Result<(), PipelineError> {
-        warn!(error_type, reason, "Dead-lettering input message.");
-        let partition = msg.partition().to_string();
-        let offset = msg.offset().to_string();
-        let headers = OwnedHeaders::new()
-            .insert(KHeader {
-                key: dlq_headers::STAGE,
-                value: Some(self.stage.name()),
-            })
-            .insert(KHeader {
-                key: dlq_headers::ERROR_CLASS,
-                value: Some(class.as_str()),
-            })
-            .insert(KHeader {
-                key: dlq_headers::ERROR_TYPE,
-                value: Some(error_type),
-            })
-            .insert(KHeader {
-                key: dlq_headers::ERROR_MESSAGE,
-                value: Some(reason),
-            })
-            .insert(KHeader {
-                key: dlq_headers::SOURCE_TOPIC,
-                value: Some(msg.topic()),
-            })
-            .insert(KHeader {
-                key: dlq_headers::SOURCE_PARTITION,
-                value: Some(&partition),
-            })
-            .insert(KHeader {
-                key: dlq_headers::SOURCE_OFFSET,
-                value: Some(&offset),
-            });
-        let mut record: BaseRecord<'_, [u8], [u8]> =
-            BaseRecord::to(&self.dlq_topic).headers(headers);
-        if let Some(k) = msg.key() {
-            record = record.key(k);
-        }
-        if let Some(p) = msg.payload() {
-            record = record.payload(p);
-        }
-        send_record(&self.producer, record)
+        dead_letter(
+            &self.producer,
+            &self.dlq_topic,
+            self.stage.name(),
+            msg,
+            class,
+            error_type,
+            reason,
+        )
     }
 
     /// Aborts the open transaction and seeks every batch partition back to its first
@@ -581,6 +549,59 @@ impl<S: Stage> Runner<S> {
 }
 
 /// Produces one record, waiting while librdkafka's queue is full instead of failing.
+/// Produces a message's original key and bytes to a dead-letter topic, with the error
+/// context in `dlq_headers`. Call it inside the transaction that consumes the message.
+pub fn dead_letter(
+    producer: &BaseProducer,
+    dlq_topic: &str,
+    stage: &str,
+    msg: &OwnedMessage,
+    class: ErrorClass,
+    error_type: &str,
+    reason: &str,
+) -> Result<(), PipelineError> {
+    warn!(error_type, reason, "Dead-lettering input message.");
+    let partition = msg.partition().to_string();
+    let offset = msg.offset().to_string();
+    let headers = OwnedHeaders::new()
+        .insert(KHeader {
+            key: dlq_headers::STAGE,
+            value: Some(stage),
+        })
+        .insert(KHeader {
+            key: dlq_headers::ERROR_CLASS,
+            value: Some(class.as_str()),
+        })
+        .insert(KHeader {
+            key: dlq_headers::ERROR_TYPE,
+            value: Some(error_type),
+        })
+        .insert(KHeader {
+            key: dlq_headers::ERROR_MESSAGE,
+            value: Some(reason),
+        })
+        .insert(KHeader {
+            key: dlq_headers::SOURCE_TOPIC,
+            value: Some(msg.topic()),
+        })
+        .insert(KHeader {
+            key: dlq_headers::SOURCE_PARTITION,
+            value: Some(&partition),
+        })
+        .insert(KHeader {
+            key: dlq_headers::SOURCE_OFFSET,
+            value: Some(&offset),
+        });
+    let mut record: BaseRecord<'_, [u8], [u8]> = BaseRecord::to(dlq_topic).headers(headers);
+    if let Some(k) = msg.key() {
+        record = record.key(k);
+    }
+    if let Some(p) = msg.payload() {
+        record = record.payload(p);
+    }
+    send_record(producer, record)
+}
+
 pub fn send_record<K, P>(
     producer: &BaseProducer,
     mut record: BaseRecord<'_, K, P>,

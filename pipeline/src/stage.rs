@@ -49,6 +49,17 @@ pub async fn prepare(kafka: &KafkaArgs, wait: Duration) -> Result<Arc<Codec>, Pi
         &kafka.topic_layout(),
     )
     .await?;
+    let mut ledger = kafka.topic_layout();
+    ledger.configs.retain(|(k, _)| k != "cleanup.policy");
+    ledger
+        .configs
+        .push(("cleanup.policy".into(), "compact".into()));
+    topics::ensure_topics(
+        &kafka.bootstrap_servers,
+        &[topics.ingestion_ledger()],
+        &ledger,
+    )
+    .await?;
     Ok(Arc::new(codec))
 }
 

@@ -12,6 +12,8 @@ use crate::error::PipelineError;
 /// The kinds of topic an event can live on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum TopicKind {
+    /// `StartDataIntakeCommand`s that name a file for ingestion to claim.
+    IngestionCommands,
     Ingestion,
     Anonymization,
     CanonicalPatient,
@@ -25,7 +27,7 @@ pub struct Topics {
 }
 
 /// The stages that own a dead-letter topic.
-pub const DLQ_STAGES: [&str; 3] = ["anonymization", "canonization", "auditing"];
+pub const DLQ_STAGES: [&str; 4] = ["ingestion", "anonymization", "canonization", "auditing"];
 
 impl Topics {
     pub fn new(prefix: impl Into<String>) -> Self {
@@ -36,6 +38,7 @@ impl Topics {
 
     pub fn name(&self, kind: TopicKind) -> String {
         let suffix = match kind {
+            TopicKind::IngestionCommands => "ingestion.commands.v1",
             TopicKind::Ingestion => "ingestion.v1",
             TopicKind::Anonymization => "anonymization.v1",
             TopicKind::CanonicalPatient => "canonical.patient.v1",
@@ -55,6 +58,13 @@ impl Topics {
             .is_some_and(|rest| rest.ends_with(".v1"))
     }
 
+    /// Ingestion's internal progress ledger: a compacted topic keyed by file SHA-256,
+    /// written in the same transactions as the records. It is named outside the
+    /// `<prefix>.` namespace because it is state, not an event stream to audit.
+    pub fn ingestion_ledger(&self) -> String {
+        format!("{}-internal.ingestion-ledger.v1", self.prefix)
+    }
+
     /// The regex that matches every topic of this pipeline (librdkafka regex syntax).
     pub fn all_regex(&self) -> String {
         format!("^{}\\..*", self.prefix.replace('.', "\\."))
@@ -63,6 +73,7 @@ impl Topics {
     /// Every topic of the pipeline, in a fixed order.
     pub fn all(&self) -> Vec<String> {
         let mut v: Vec<String> = [
+            TopicKind::IngestionCommands,
             TopicKind::Ingestion,
             TopicKind::Anonymization,
             TopicKind::CanonicalPatient,
@@ -149,7 +160,9 @@ mod tests {
         );
         assert_eq!(t.dlq("anonymization"), "medpipe.dlq.anonymization.v1");
         assert_eq!(t.all_regex(), "^medpipe\\..*");
-        assert_eq!(t.all().len(), 7);
+        assert_eq!(t.all().len(), 9);
+        assert_eq!(t.ingestion_ledger(), "medpipe-internal.ingestion-ledger.v1");
+        assert!(!t.ingestion_ledger().starts_with("medpipe."));
         assert!(t.is_dlq("medpipe.dlq.canonization.v1"));
         assert!(!t.is_dlq("medpipe.ingestion.v1"));
         assert!(!t.is_dlq("other.dlq.canonization.v1"));

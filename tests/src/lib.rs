@@ -82,8 +82,12 @@ impl Pipeline {
         }
     }
 
+    pub fn ingestion_dir(&self) -> PathBuf {
+        self.dir.path().join("ingestion")
+    }
+
     pub fn landing(&self) -> PathBuf {
-        self.dir.path().join("ingestion/landing")
+        self.ingestion_dir().join("landing")
     }
 
     pub fn audit_dir(&self) -> PathBuf {
@@ -92,13 +96,19 @@ impl Pipeline {
 
     /// Starts a stage binary (`ingestion`, `anonymization`, ...) with extra env.
     pub fn start(&mut self, stage: &str, extra_env: &[(&str, &str)]) {
+        self.start_named(stage, stage, extra_env);
+    }
+
+    /// Starts a stage binary under its own name, so one stage can run as several
+    /// processes (each with its own log, `<name>.log`).
+    pub fn start_named(&mut self, name: &str, stage: &str, extra_env: &[(&str, &str)]) {
         let exe = bin_dir().join(format!("medpipe-{stage}"));
         assert!(
             exe.exists(),
             "{} is missing: run `cargo build --workspace --bins` first",
             exe.display()
         );
-        let log_path = self.dir.path().join(format!("{stage}.log"));
+        let log_path = self.dir.path().join(format!("{name}.log"));
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -122,7 +132,7 @@ impl Pipeline {
             cmd.env(k, v);
         }
         let child = cmd.spawn().expect("spawn stage");
-        self.children.insert(stage.to_string(), child);
+        self.children.insert(name.to_string(), child);
     }
 
     /// SIGKILL: no chance to finish or abort the open transaction.
@@ -174,13 +184,38 @@ impl Pipeline {
 
     /// Every committed message on every topic of this pipeline, decoded where possible.
     pub fn read_all(&self) -> Vec<Record> {
+        self.read(&self.topics.all())
+    }
+
+    /// Every committed message of some topics, decoded where possible.
+    pub fn read(&self, topics: &[String]) -> Vec<Record> {
         pipeline::readback::read_all(
             BOOTSTRAP,
-            &self.topics.all(),
+            topics,
             Some((&self.codec, self.rt.handle())),
             Duration::from_secs(120),
         )
         .expect("read back")
+    }
+
+    /// Sends an event as a plain (non-transactional) producer would, e.g. a command.
+    pub fn send(&self, event: &pipeline::Event) {
+        let bytes = self.rt.block_on(self.codec.encode(event)).expect("encode");
+        self.send_raw(&self.topics.name(event.payload.topic_kind()), &bytes);
+    }
+
+    /// Sends raw bytes, e.g. a poison message.
+    pub fn send_raw(&self, topic: &str, bytes: &[u8]) {
+        use rdkafka::producer::{BaseRecord, Producer};
+        let producer: rdkafka::producer::BaseProducer = ClientConfig::new()
+            .set("bootstrap.servers", BOOTSTRAP)
+            .create()
+            .expect("producer");
+        producer
+            .send(BaseRecord::to(topic).key("k").payload(bytes))
+            .map_err(|(e, _)| e)
+            .expect("send");
+        producer.flush(Duration::from_secs(10)).expect("flush");
     }
 
     /// A live read_committed view of every topic, for waiting on progress.
@@ -288,31 +323,22 @@ impl Drop for Tail {
     }
 }
 
-/// A synthetic Synthea-style patients.csv with `n` patients. Every identifier is unique
-/// and recognisable (`Given<i>`, `999-..`), so tests can look for leaks.
+/// A synthetic Synthea-style patients.csv with `n` patients, and the identifiers in it.
+/// Every identifier is unique and recognisable (`Given<i>`, `999-..`), so tests can look
+/// for leaks. A fresh tag per call gives every file different content.
 pub fn synthetic_patients(n: usize) -> (Vec<u8>, Vec<String>) {
-    let mut csv = String::from("Id,BIRTHDATE,SSN,FIRST,LAST,ADDRESS,CITY,STATE,ZIP,GENDER\n");
-    let mut identifiers = Vec::new();
-    for i in 0..n {
-        let id = format!(
-            "pat-{i:06}-{}",
-            &uuid::Uuid::new_v4().simple().to_string()[..8]
-        );
-        let ssn = format!("999-{:02}-{:04}", i % 100, i % 10000);
-        let first = format!("Given{i:05}x");
-        let last = format!("Family{i:05}y");
-        let addr = format!("{} Synthetic Lane {i}", 100 + i);
-        csv.push_str(&format!(
-            "{id},19{:02}-0{}-1{},{ssn},{first},{last},\"{addr}\",Springfield,Massachusetts,01{:03},{}\n",
-            40 + i % 60,
-            1 + i % 9,
-            i % 10,
-            i % 1000,
-            if i % 2 == 0 { "F" } else { "M" }
-        ));
-        identifiers.extend([id, ssn, first, last, addr]);
-    }
-    (csv.into_bytes(), identifiers)
+    let tag = fresh_tag();
+    let mut csv = Vec::new();
+    ingestion::synthetic::write_patients_csv(&mut csv, n, &tag).expect("write csv");
+    let ids = (0..n)
+        .flat_map(|i| ingestion::synthetic::Person::new(i, &tag).identifiers())
+        .collect();
+    (csv, ids)
+}
+
+/// A short random tag for synthetic file contents.
+pub fn fresh_tag() -> String {
+    uuid::Uuid::new_v4().simple().to_string()[..8].to_string()
 }
 
 /// Positions (1-based record index) of canonical patients, with how often each occurs.

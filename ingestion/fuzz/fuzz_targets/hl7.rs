@@ -1,0 +1,9 @@
+//! Fuzz target: the hl7 parser must never panic, whatever the bytes.
+#![no_main]
+
+use ingestion::formats;
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    let _ = formats::collect(|s| formats::hl7::parse(data, s));
+});
