@@ -88,6 +88,8 @@ impl Anonymizer {
             key_id: self.pseudonym_key.id.clone(),
             content_json: Value::Object(content).to_string(),
             fields_redacted: redacted,
+            policy_hash: None,
+            report_json: None,
         })
     }
 
@@ -144,6 +146,7 @@ impl Stage for Anonymizer {
                     batch_id: s.batch_id.clone(),
                     policy_version: POLICY_VERSION.into(),
                     key_id: self.pseudonym_key.id.clone(),
+                    policy_hash: None,
                 }),
             ),
             Payload::SourceRecordIngested(rec) => match self.anonymize(rec) {
@@ -162,6 +165,8 @@ impl Stage for Anonymizer {
                     batch_id: f.batch_id.clone(),
                     upstream_records_emitted: f.records_emitted,
                     policy_version: POLICY_VERSION.into(),
+                    records_anonymized: None,
+                    records_dead_lettered: None,
                 }),
             ),
             _ => Outcome::Emit(vec![]),

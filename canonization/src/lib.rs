@@ -41,11 +41,20 @@ fn fhir_gender(g: Option<&str>) -> Option<&'static str> {
 pub fn canonical_patient(rec: &RecordAnonymized) -> Result<CanonicalPatient, String> {
     let content: Value = serde_json::from_str(&rec.content_json)
         .map_err(|e| format!("content_json is not valid JSON: {e}"))?;
-    let gender = fhir_gender(content.get("GENDER").and_then(Value::as_str));
-    let birth_year = content
-        .get("BIRTH_YEAR")
-        .and_then(Value::as_i64)
-        .and_then(|y| i32::try_from(y).ok());
+    // A FHIR resource arrives as itself, or as a Bundle entry around it; CSV as columns.
+    let resource = content.get("resource").unwrap_or(&content);
+    let field = |names: &[&str]| names.iter().find_map(|n| resource.get(*n)).cloned();
+    let gender = fhir_gender(
+        field(&["GENDER", "gender"])
+            .as_ref()
+            .and_then(Value::as_str),
+    );
+    // Anonymization leaves a year (or a clamped year for ages over 89) in the date field.
+    let birth_year = field(&["BIRTH_YEAR", "BIRTHDATE", "birthDate"]).and_then(|v| match v {
+        Value::Number(n) => n.as_i64().and_then(|y| i32::try_from(y).ok()),
+        Value::String(s) => s.get(..4).and_then(|y| y.parse().ok()),
+        _ => None,
+    });
     // One Patient per pseudonym: the source identity of a Patient is the patient itself.
     let id = resource_id("Patient", &rec.patient_pseudonym, "");
     let mut fhir = json!({
@@ -129,6 +138,8 @@ mod tests {
                 key_id: "k1".into(),
                 content_json: content.to_string(),
                 fields_redacted: 3,
+                policy_hash: None,
+                report_json: None,
             }),
         )
     }
@@ -189,6 +200,8 @@ mod tests {
                 batch_id: "b1".into(),
                 upstream_records_emitted: 1,
                 policy_version: "p".into(),
+                records_anonymized: None,
+                records_dead_lettered: None,
             }),
         );
         assert_eq!(run(&ev), Outcome::Emit(vec![]));

@@ -228,12 +228,13 @@ catalogue! {
     RecordRejected { ns: "medpipe.ingestion", topic: TopicKind::Ingestion, version: 1, file: "ingestion/RecordRejected.avsc" }
     DataIngestionFinished { ns: "medpipe.ingestion", topic: TopicKind::Ingestion, version: 1, file: "ingestion/DataIngestionFinished.avsc" }
     DataIngestionFailed { ns: "medpipe.ingestion", topic: TopicKind::Ingestion, version: 2, file: "ingestion/DataIngestionFailed.avsc" }
-    AnonymizationStarted { ns: "medpipe.anonymization", topic: TopicKind::Anonymization, version: 1, file: "anonymization/AnonymizationStarted.avsc" }
-    RecordAnonymized { ns: "medpipe.anonymization", topic: TopicKind::Anonymization, version: 1, file: "anonymization/RecordAnonymized.avsc" }
-    AnonymizationFinished { ns: "medpipe.anonymization", topic: TopicKind::Anonymization, version: 1, file: "anonymization/AnonymizationFinished.avsc" }
+    AnonymizationStarted { ns: "medpipe.anonymization", topic: TopicKind::Anonymization, version: 2, file: "anonymization/AnonymizationStarted.avsc" }
+    RecordAnonymized { ns: "medpipe.anonymization", topic: TopicKind::Anonymization, version: 2, file: "anonymization/RecordAnonymized.avsc" }
+    AnonymizationFinished { ns: "medpipe.anonymization", topic: TopicKind::Anonymization, version: 2, file: "anonymization/AnonymizationFinished.avsc" }
     CanonicalPatient { ns: "medpipe.canonical", topic: TopicKind::CanonicalPatient, version: 1, file: "canonical/CanonicalPatient.avsc" }
     StartDataIntakeCommand { ns: "medpipe.ingestion", topic: TopicKind::IngestionCommands, version: 1, file: "ingestion/StartDataIntakeCommand.avsc" }
     DataIngestionRejected { ns: "medpipe.ingestion", topic: TopicKind::Ingestion, version: 1, file: "ingestion/DataIngestionRejected.avsc" }
+    AnonymizationFailed { ns: "medpipe.anonymization", topic: TopicKind::Anonymization, version: 1, file: "anonymization/AnonymizationFailed.avsc" }
 }
 
 /// Asks ingestion to claim and ingest one file. Sent by data engineers' tooling.
@@ -337,6 +338,8 @@ pub struct AnonymizationStarted {
     pub batch_id: String,
     pub policy_version: String,
     pub key_id: String,
+    #[serde(default)]
+    pub policy_hash: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -350,6 +353,10 @@ pub struct RecordAnonymized {
     pub key_id: String,
     pub content_json: String,
     pub fields_redacted: i64,
+    #[serde(default)]
+    pub policy_hash: Option<String>,
+    #[serde(default)]
+    pub report_json: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -357,6 +364,21 @@ pub struct AnonymizationFinished {
     pub batch_id: String,
     pub upstream_records_emitted: i64,
     pub policy_version: String,
+    #[serde(default)]
+    pub records_anonymized: Option<i64>,
+    #[serde(default)]
+    pub records_dead_lettered: Option<i64>,
+}
+
+/// The compensation trigger of anonymization (see the schema's doc).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AnonymizationFailed {
+    pub batch_id: String,
+    pub error_kind: String,
+    pub reason: String,
+    pub policy_version: String,
+    pub records_anonymized: i64,
+    pub records_dead_lettered: i64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

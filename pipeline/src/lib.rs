@@ -13,6 +13,7 @@ pub mod runner;
 pub mod schemas;
 pub mod shutdown;
 pub mod stage;
+pub mod state;
 pub mod telemetry;
 pub mod topics;
 

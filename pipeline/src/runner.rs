@@ -73,12 +73,33 @@ pub enum Outcome {
     },
 }
 
-/// A stage's pure logic. It must do no IO, and may keep no state that a replayed batch
-/// would corrupt: the runner may call `process` again for the same input after an abort.
+/// A stage's pure logic. It must do no IO. State that spans messages goes through the
+/// state hooks (backed by `state::KeyedState`): the runner may call `process` again for
+/// the same input after an abort, and rolls the state back first.
 pub trait Stage: Send + 'static {
     /// Short stage name, e.g. `anonymization`; names the DLQ and metrics.
     fn name(&self) -> &'static str;
     fn process(&mut self, input: &Input<'_>) -> Outcome;
+
+    /// True if the stage keeps durable state in `<prefix>-internal.<name>-state.v1`.
+    fn stateful(&self) -> bool {
+        false
+    }
+    /// State entries changed by the current batch (`None` deletes).
+    fn state_changes(&self) -> Result<Vec<crate::state::StateEntry>, PipelineError> {
+        Ok(vec![])
+    }
+    /// The batch's transaction committed.
+    fn state_committed(&mut self) {}
+    /// The batch's transaction aborted; the batch will be redone.
+    fn state_rolled_back(&mut self) {}
+    /// Replaces the state with the committed entries of the state topic, in topic order.
+    fn state_restore(
+        &mut self,
+        _entries: Vec<crate::state::StateEntry>,
+    ) -> Result<(), PipelineError> {
+        Ok(())
+    }
 }
 
 /// Everything the runner needs besides the stage.
@@ -112,6 +133,8 @@ pub mod dlq_headers {
 /// Consumer context: remembers revoked partitions and exports lag from statistics.
 pub struct RunnerContext {
     revoked: Mutex<Vec<(String, i32)>>,
+    /// Set when partitions are assigned, so a stateful stage reloads its state.
+    assigned: std::sync::atomic::AtomicBool,
     metrics: StageMetrics,
 }
 
@@ -156,7 +179,11 @@ impl ConsumerContext for RunnerContext {
                     );
                 }
             }
-            Rebalance::Assign(tpl) => info!(partitions = tpl.count(), "Partitions assigned."),
+            Rebalance::Assign(tpl) => {
+                info!(partitions = tpl.count(), "Partitions assigned.");
+                self.assigned
+                    .store(true, std::sync::atomic::Ordering::SeqCst);
+            }
             Rebalance::Error(e) => warn!(error = %e, "Rebalance error."),
         }
     }
@@ -201,6 +228,7 @@ impl<S: Stage> Runner<S> {
     ) -> Result<Self, PipelineError> {
         let ctx = RunnerContext {
             revoked: Mutex::new(Vec::new()),
+            assigned: std::sync::atomic::AtomicBool::new(false),
             metrics: metrics.clone(),
         };
         let consumer: StageConsumer = ClientConfig::new()
@@ -272,6 +300,7 @@ impl<S: Stage> Runner<S> {
 
         while !shutdown.is_cancelled() {
             let batch = self.collect(shutdown)?;
+            self.reload_state_if_assigned()?;
             if batch.is_empty() {
                 continue;
             }
@@ -303,6 +332,39 @@ impl<S: Stage> Runner<S> {
         self.metrics.set_ready(false);
         info!(stage, "Stage runner stopped cleanly.");
         Ok(())
+    }
+
+    /// After a partition assignment, reloads a stateful stage's committed state: another
+    /// instance may have advanced it while it owned the partitions. No transaction is open
+    /// here, and the previous owner's last one completed before the assignment did.
+    fn reload_state_if_assigned(&mut self) -> Result<(), PipelineError> {
+        let assigned = self
+            .consumer
+            .context()
+            .assigned
+            .swap(false, std::sync::atomic::Ordering::SeqCst);
+        if !assigned || !self.stage.stateful() {
+            return Ok(());
+        }
+        let topic = self.config.topics.state(self.stage.name());
+        let records = crate::readback::read_all(
+            &self.config.bootstrap_servers,
+            std::slice::from_ref(&topic),
+            None,
+            Duration::from_secs(120),
+        )?;
+        let entries: Vec<crate::state::StateEntry> = records
+            .into_iter()
+            .filter_map(|r| {
+                let key = String::from_utf8_lossy(r.message.key()?).into_owned();
+                Some((key, r.message.payload().map(<[u8]>::to_vec)))
+            })
+            .collect();
+        info!(
+            entries = entries.len(),
+            "Stage state reloaded after assignment."
+        );
+        self.stage.state_restore(entries)
     }
 
     /// Polls up to `batch_max_messages` or `batch_max_wait`, whichever comes first, then
@@ -370,6 +432,17 @@ impl<S: Stage> Runner<S> {
             let _g = span.enter();
             self.handle_message(msg, &mut produced, &mut dead)?;
         }
+        if self.stage.stateful() {
+            let topic = self.config.topics.state(self.stage.name());
+            for (key, value) in self.stage.state_changes()? {
+                let record: BaseRecord<'_, str, [u8]> = BaseRecord::to(&topic).key(key.as_str());
+                let record = match &value {
+                    Some(v) => record.payload(v.as_slice()),
+                    None => record,
+                };
+                send_record(&self.producer, record)?;
+            }
+        }
         let offsets = next_offsets(batch)?;
         let timeout = self.config.transaction_timeout;
         if exactly_once {
@@ -387,6 +460,7 @@ impl<S: Stage> Runner<S> {
                 .commit(&offsets, CommitMode::Sync)
                 .map_err(kafka_err("commit offsets"))?;
         }
+        self.stage.state_committed();
         for (t, n) in produced {
             self.metrics.events_out.with_label_values(&[t]).inc_by(n);
         }
@@ -507,8 +581,9 @@ impl<S: Stage> Runner<S> {
     /// Aborts the open transaction and seeks every batch partition back to its first
     /// offset, so the batch is read again. Partitions no longer assigned are skipped:
     /// their new owner reads from the committed offsets.
-    fn abort_and_rewind(&self, batch: &[OwnedMessage]) -> Result<(), PipelineError> {
+    fn abort_and_rewind(&mut self, batch: &[OwnedMessage]) -> Result<(), PipelineError> {
         self.metrics.transactions_aborted.inc();
+        self.stage.state_rolled_back();
         if self.config.delivery == Delivery::ExactlyOnce {
             if let Err(e) = self
                 .producer

@@ -49,17 +49,15 @@ pub async fn prepare(kafka: &KafkaArgs, wait: Duration) -> Result<Arc<Codec>, Pi
         &kafka.topic_layout(),
     )
     .await?;
-    let mut ledger = kafka.topic_layout();
-    ledger.configs.retain(|(k, _)| k != "cleanup.policy");
-    ledger
+    // Internal state: the ingestion ledger and the stages' state topics, compacted.
+    let mut compact = kafka.topic_layout();
+    compact.configs.retain(|(k, _)| k != "cleanup.policy");
+    compact
         .configs
         .push(("cleanup.policy".into(), "compact".into()));
-    topics::ensure_topics(
-        &kafka.bootstrap_servers,
-        &[topics.ingestion_ledger()],
-        &ledger,
-    )
-    .await?;
+    let mut internal = vec![topics.ingestion_ledger()];
+    internal.extend(topics::STATE_STAGES.iter().map(|s| topics.state(s)));
+    topics::ensure_topics(&kafka.bootstrap_servers, &internal, &compact).await?;
     Ok(Arc::new(codec))
 }
 

@@ -26,6 +26,9 @@ pub struct Topics {
     pub prefix: String,
 }
 
+/// The stages that keep durable state in a compacted state topic.
+pub const STATE_STAGES: [&str; 1] = ["anonymization"];
+
 /// The stages that own a dead-letter topic.
 pub const DLQ_STAGES: [&str; 4] = ["ingestion", "anonymization", "canonization", "auditing"];
 
@@ -63,6 +66,12 @@ impl Topics {
     /// `<prefix>.` namespace because it is state, not an event stream to audit.
     pub fn ingestion_ledger(&self) -> String {
         format!("{}-internal.ingestion-ledger.v1", self.prefix)
+    }
+
+    /// A stage's durable state (see `state.rs`): compacted, keyed by the stage's own keys,
+    /// and outside the `<prefix>.` namespace like the ingestion ledger.
+    pub fn state(&self, stage: &str) -> String {
+        format!("{}-internal.{stage}-state.v1", self.prefix)
     }
 
     /// The regex that matches every topic of this pipeline (librdkafka regex syntax).

@@ -1,0 +1,162 @@
+//! Durable keyed state for stages that must count across messages (for example a batch's
+//! records), kept exactly once with the stage's outputs.
+//!
+//! The runner writes a stage's changed entries to the compacted topic
+//! `<prefix>-internal.<stage>-state.v1` inside the transaction that carries the batch's
+//! outputs and offsets. An aborted transaction rolls the changes back in memory, so a
+//! redone batch does not count twice; a restart or a partition assignment reloads the
+//! committed entries from the topic.
+
+use std::collections::HashMap;
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use crate::error::PipelineError;
+
+/// One state entry as stored on the state topic: key and JSON value, `None` deletes.
+pub type StateEntry = (String, Option<Vec<u8>>);
+
+/// Keyed values with pending (uncommitted) changes layered over committed ones.
+#[derive(Debug, Clone)]
+pub struct KeyedState<T> {
+    committed: HashMap<String, T>,
+    /// `None` is a pending delete.
+    pending: HashMap<String, Option<T>>,
+}
+
+impl<T> Default for KeyedState<T> {
+    fn default() -> Self {
+        KeyedState {
+            committed: HashMap::new(),
+            pending: HashMap::new(),
+        }
+    }
+}
+
+impl<T: Clone + Serialize + DeserializeOwned> KeyedState<T> {
+    pub fn get(&self, key: &str) -> Option<&T> {
+        match self.pending.get(key) {
+            Some(v) => v.as_ref(),
+            None => self.committed.get(key),
+        }
+    }
+
+    pub fn put(&mut self, key: &str, value: T) {
+        self.pending.insert(key.to_string(), Some(value));
+    }
+
+    pub fn delete(&mut self, key: &str) {
+        self.pending.insert(key.to_string(), None);
+    }
+
+    /// The pending changes, serialised: `None` is a tombstone.
+    pub fn changes(&self) -> Result<Vec<StateEntry>, PipelineError> {
+        let mut out = Vec::with_capacity(self.pending.len());
+        for (k, v) in &self.pending {
+            let bytes = match v {
+                Some(v) => Some(serde_json::to_vec(v).map_err(|e| {
+                    PipelineError::Config(format!("cannot serialise state entry {k}: {e}"))
+                })?),
+                None => None,
+            };
+            out.push((k.clone(), bytes));
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    /// The transaction carrying the changes committed.
+    pub fn commit(&mut self) {
+        for (k, v) in self.pending.drain() {
+            match v {
+                Some(v) => {
+                    self.committed.insert(k, v);
+                }
+                None => {
+                    self.committed.remove(&k);
+                }
+            }
+        }
+    }
+
+    /// The transaction aborted: forget what it changed.
+    pub fn rollback(&mut self) {
+        self.pending.clear();
+    }
+
+    /// Replaces everything with the committed entries read back from the state topic.
+    /// Entries that do not parse are reported, not silently skipped.
+    pub fn restore(
+        &mut self,
+        entries: impl IntoIterator<Item = StateEntry>,
+    ) -> Result<(), PipelineError> {
+        self.pending.clear();
+        self.committed.clear();
+        for (k, v) in entries {
+            match v {
+                Some(bytes) => {
+                    let value = serde_json::from_slice(&bytes).map_err(|e| {
+                        PipelineError::Config(format!("state entry {k} is unreadable: {e}"))
+                    })?;
+                    self.committed.insert(k, value);
+                }
+                None => {
+                    self.committed.remove(&k);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    pub fn len(&self) -> usize {
+        self.committed.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.committed.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pending_changes_commit_or_roll_back() {
+        let mut s: KeyedState<u32> = KeyedState::default();
+        s.put("a", 1);
+        assert_eq!(s.get("a"), Some(&1));
+        s.rollback();
+        assert_eq!(s.get("a"), None);
+        s.put("a", 2);
+        s.put("b", 3);
+        assert_eq!(s.changes().expect("changes").len(), 2);
+        s.commit();
+        s.delete("b");
+        assert_eq!(s.get("b"), None);
+        assert_eq!(s.changes().expect("changes"), vec![("b".to_string(), None)]);
+        s.rollback();
+        assert_eq!(s.get("b"), Some(&3));
+    }
+
+    #[test]
+    fn restore_replays_the_topic_in_order() {
+        let mut s: KeyedState<u32> = KeyedState::default();
+        s.put("stale", 9);
+        s.restore(vec![
+            ("a".into(), Some(b"1".to_vec())),
+            ("a".into(), Some(b"2".to_vec())),
+            ("b".into(), Some(b"5".to_vec())),
+            ("b".into(), None),
+        ])
+        .expect("restore");
+        assert_eq!(
+            (s.get("a"), s.get("b"), s.get("stale")),
+            (Some(&2), None, None)
+        );
+        assert!(s
+            .restore(vec![("x".into(), Some(b"not json".to_vec()))])
+            .is_err());
+    }
+}
