@@ -1,34 +1,35 @@
-//! The anonymization stage: opens each sealed source record, removes identifiers with
-//! keyed pseudonyms and generalisation, and emits de-identified records.
-//!
-//! This is the walking-skeleton policy: a fixed allow-list for Synthea `patients.csv`
-//! rows. Everything not on the allow-list is removed and counted.
+//! The anonymization stage: opens each sealed source record, de-identifies it with the
+//! policy engine (`engine`, `policy`, `scrub`; pure, no IO), and emits de-identified
+//! records keyed by patient pseudonym, with per-batch counts kept as durable state.
 
-use chrono::Datelike;
-use hmac::{Hmac, Mac};
+pub mod engine;
+pub mod policy;
+pub mod scrub;
+
+pub use engine::{Anonymized, Context, Engine, EngineError, Keys, Report};
+pub use policy::{Policy, PolicyError};
+
 use pipeline::crypto::{open_record, KeyRef};
 use pipeline::events::{
-    AnonymizationFinished, AnonymizationStarted, Payload, RecordAnonymized, SourceRecordBody,
-    SourceRecordIngested,
+    AnonymizationFailed, AnonymizationFinished, AnonymizationStarted, Payload, RecordAnonymized,
+    SourceRecordBody, SourceRecordIngested,
 };
-use pipeline::{Event, Input, Outcome, Output, Stage};
-use serde_json::{Map, Value};
-use sha2::Sha256;
+use pipeline::state::KeyedState;
+use pipeline::{Event, Input, Outcome, Output, PipelineError, Stage};
+use serde::{Deserialize, Serialize};
 
 pub const SERVICE: &str = "medpipe-anonymization";
-pub const POLICY_VERSION: &str = "skeleton-1";
 
-/// Columns kept as they are: none of them is a Safe Harbor identifier.
-const KEEP: &[&str] = &["GENDER", "RACE", "ETHNICITY", "MARITAL", "STATE"];
-
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+/// Why a record could not be de-identified safely. It is dead-lettered, never passed on
+/// partly de-identified.
+#[derive(Debug, thiserror::Error)]
 pub enum AnonymizeError {
     #[error("cannot open the sealed record: {0}")]
     Decrypt(String),
     #[error("the opened record is not valid JSON: {0}")]
     Body(String),
-    #[error("record has no patient link, so no pseudonym can be derived")]
-    NoPatientLink,
+    #[error(transparent)]
+    Engine(#[from] EngineError),
 }
 
 impl AnonymizeError {
@@ -36,34 +37,39 @@ impl AnonymizeError {
         match self {
             AnonymizeError::Decrypt(_) => "decrypt",
             AnonymizeError::Body(_) => "record_body",
-            AnonymizeError::NoPatientLink => "no_patient_link",
+            AnonymizeError::Engine(EngineError::NoPatientLink) => "no_patient_link",
+            AnonymizeError::Engine(_) => "policy",
         }
     }
+}
+
+/// A batch's counts so far: durable stage state, keyed by batch id.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BatchCounts {
+    pub anonymized: u64,
+    pub dead_lettered: u64,
 }
 
 pub struct Anonymizer {
     master: KeyRef,
-    pseudonym_key: KeyRef,
-    /// Year the age-over-89 rule is judged against.
-    current_year: i32,
+    engine: Engine,
+    /// A batch fails as a whole when more than this share of its records is dead-lettered.
+    max_failure_ratio: f64,
+    batches: KeyedState<BatchCounts>,
 }
 
 impl Anonymizer {
-    pub fn new(master: KeyRef, pseudonym_key: KeyRef) -> Self {
+    pub fn new(master: KeyRef, engine: Engine, max_failure_ratio: f64) -> Self {
         Anonymizer {
             master,
-            pseudonym_key,
-            current_year: chrono::Utc::now().year(),
+            engine,
+            max_failure_ratio,
+            batches: KeyedState::default(),
         }
     }
 
-    /// Keyed HMAC-SHA256 of the source patient link: stable per key, unlinkable without it.
-    pub fn pseudonym(&self, patient_link: &str) -> String {
-        let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(self.pseudonym_key.key.expose())
-            .unwrap_or_else(|_| unreachable!("HMAC accepts any key length"));
-        mac.update(b"patient:");
-        mac.update(patient_link.as_bytes());
-        hex::encode(mac.finalize().into_bytes())
+    pub fn engine(&self) -> &Engine {
+        &self.engine
     }
 
     fn anonymize(&self, rec: &SourceRecordIngested) -> Result<RecordAnonymized, AnonymizeError> {
@@ -72,57 +78,76 @@ impl Anonymizer {
             .map_err(|e| AnonymizeError::Decrypt(e.to_string()))?;
         let body: SourceRecordBody =
             serde_json::from_slice(&plain).map_err(|e| AnonymizeError::Body(e.to_string()))?;
-        let link = body
-            .patient_link
-            .as_deref()
-            .filter(|l| !l.is_empty())
-            .ok_or(AnonymizeError::NoPatientLink)?;
-        let (content, redacted) = self.deidentify(&body.content);
+        let out = self.engine.anonymize(
+            &rec.source_format,
+            &rec.record_type,
+            &body,
+            &scrub::Known::default(),
+        )?;
+        let policy = self.engine.policy();
+        // Fields removed: by the allow-list default, by `redact` rules, and values a
+        // method could not handle (which are removed instead of passed on).
+        let by_rules: u64 = out
+            .report
+            .rules
+            .iter()
+            .filter(|(id, _)| {
+                policy
+                    .rules
+                    .iter()
+                    .any(|r| &r.id == *id && r.method == policy::Method::Redact)
+            })
+            .flat_map(|(_, paths)| paths.values())
+            .sum();
+        let invalid: u64 = out.report.invalid.values().flat_map(|p| p.values()).sum();
+        let redacted = out.report.default_redactions.values().sum::<u64>() + by_rules + invalid;
         Ok(RecordAnonymized {
             batch_id: rec.batch_id.clone(),
             position: rec.position,
             source_format: rec.source_format.clone(),
             record_type: rec.record_type.clone(),
-            patient_pseudonym: self.pseudonym(link),
-            policy_version: POLICY_VERSION.into(),
-            key_id: self.pseudonym_key.id.clone(),
-            content_json: Value::Object(content).to_string(),
-            fields_redacted: redacted,
-            policy_hash: None,
-            report_json: None,
+            patient_pseudonym: out.patient_pseudonym,
+            policy_version: policy.version.clone(),
+            key_id: self.engine.key_id().to_string(),
+            content_json: out.content.to_string(),
+            fields_redacted: redacted as i64,
+            policy_hash: Some(policy.hash.clone()),
+            report_json: serde_json::to_string(&out.report).ok(),
         })
     }
 
-    /// Applies the allow-list: keeps safe columns, reduces BIRTHDATE to the year (or to
-    /// "90 or older"), and removes everything else.
-    fn deidentify(&self, content: &Value) -> (Map<String, Value>, i64) {
-        let mut out = Map::new();
-        let mut redacted = 0;
-        let Some(fields) = content.as_object() else {
-            return (out, 1);
-        };
-        for (name, value) in fields {
-            if KEEP.contains(&name.as_str()) {
-                out.insert(name.clone(), value.clone());
-            } else if name == "BIRTHDATE" {
-                match value
-                    .as_str()
-                    .and_then(|d| d.get(..4))
-                    .and_then(|y| y.parse::<i32>().ok())
-                {
-                    Some(year) if self.current_year - year > 89 => {
-                        out.insert("AGE_OVER_89".into(), Value::Bool(true));
-                    }
-                    Some(year) => {
-                        out.insert("BIRTH_YEAR".into(), Value::from(year));
-                    }
-                    None => redacted += 1,
-                }
-            } else {
-                redacted += 1;
-            }
+    fn counts(&self, batch: &str) -> BatchCounts {
+        self.batches.get(batch).cloned().unwrap_or_default()
+    }
+
+    /// Ends a batch: finished, or failed when too many records were dead-lettered.
+    fn close(&mut self, batch: &str, upstream_emitted: i64) -> Payload {
+        let c = self.counts(batch);
+        self.batches.delete(batch);
+        let policy_version = self.engine.policy().version.clone();
+        let total = c.anonymized + c.dead_lettered;
+        if total > 0 && c.dead_lettered as f64 > self.max_failure_ratio * total as f64 {
+            return Payload::AnonymizationFailed(AnonymizationFailed {
+                batch_id: batch.into(),
+                error_kind: "failure_threshold".into(),
+                reason: format!(
+                    "{} of {total} records could not be de-identified ({:.1}%), above the {:.1}% threshold",
+                    c.dead_lettered,
+                    100.0 * c.dead_lettered as f64 / total as f64,
+                    100.0 * self.max_failure_ratio
+                ),
+                policy_version,
+                records_anonymized: c.anonymized as i64,
+                records_dead_lettered: c.dead_lettered as i64,
+            });
         }
-        (out, redacted)
+        Payload::AnonymizationFinished(AnonymizationFinished {
+            batch_id: batch.into(),
+            upstream_records_emitted: upstream_emitted,
+            policy_version,
+            records_anonymized: Some(c.anonymized as i64),
+            records_dead_lettered: Some(c.dead_lettered as i64),
+        })
     }
 }
 
@@ -140,37 +165,88 @@ impl Stage for Anonymizer {
             }])
         };
         match &ev.payload {
-            Payload::DataIngestionStarted(s) => emit(
-                &s.batch_id,
-                Payload::AnonymizationStarted(AnonymizationStarted {
-                    batch_id: s.batch_id.clone(),
-                    policy_version: POLICY_VERSION.into(),
-                    key_id: self.pseudonym_key.id.clone(),
-                    policy_hash: None,
-                }),
-            ),
-            Payload::SourceRecordIngested(rec) => match self.anonymize(rec) {
-                Ok(out) => emit(
-                    &out.patient_pseudonym.clone(),
-                    Payload::RecordAnonymized(out),
-                ),
-                Err(e) => Outcome::DeadLetter {
-                    error_type: e.error_type(),
-                    reason: format!("batch {} position {}: {e}", rec.batch_id, rec.position),
-                },
-            },
-            Payload::DataIngestionFinished(f) => emit(
-                &f.batch_id,
-                Payload::AnonymizationFinished(AnonymizationFinished {
-                    batch_id: f.batch_id.clone(),
-                    upstream_records_emitted: f.records_emitted,
-                    policy_version: POLICY_VERSION.into(),
-                    records_anonymized: None,
-                    records_dead_lettered: None,
-                }),
-            ),
+            Payload::DataIngestionStarted(s) => {
+                self.batches.put(&s.batch_id, self.counts(&s.batch_id));
+                let policy = self.engine.policy();
+                emit(
+                    &s.batch_id,
+                    Payload::AnonymizationStarted(AnonymizationStarted {
+                        batch_id: s.batch_id.clone(),
+                        policy_version: policy.version.clone(),
+                        key_id: self.engine.key_id().to_string(),
+                        policy_hash: Some(policy.hash.clone()),
+                    }),
+                )
+            }
+            Payload::SourceRecordIngested(rec) => {
+                let mut c = self.counts(&rec.batch_id);
+                let outcome = match self.anonymize(rec) {
+                    Ok(out) => {
+                        c.anonymized += 1;
+                        emit(
+                            &out.patient_pseudonym.clone(),
+                            Payload::RecordAnonymized(out),
+                        )
+                    }
+                    Err(e) => {
+                        c.dead_lettered += 1;
+                        Outcome::DeadLetter {
+                            error_type: e.error_type(),
+                            reason: format!(
+                                "batch {} position {}: {e}",
+                                rec.batch_id, rec.position
+                            ),
+                        }
+                    }
+                };
+                self.batches.put(&rec.batch_id, c);
+                outcome
+            }
+            Payload::DataIngestionFinished(f) => {
+                let payload = self.close(&f.batch_id, f.records_emitted);
+                emit(&f.batch_id, payload)
+            }
+            // Ingestion gave up on the batch: pass the compensation trigger downstream.
+            Payload::DataIngestionFailed(f) => {
+                let c = self.counts(&f.batch_id);
+                self.batches.delete(&f.batch_id);
+                emit(
+                    &f.batch_id,
+                    Payload::AnonymizationFailed(AnonymizationFailed {
+                        batch_id: f.batch_id.clone(),
+                        error_kind: "upstream_failed".into(),
+                        reason: format!("ingestion failed the batch ({})", f.error_kind),
+                        policy_version: self.engine.policy().version.clone(),
+                        records_anonymized: c.anonymized as i64,
+                        records_dead_lettered: c.dead_lettered as i64,
+                    }),
+                )
+            }
             _ => Outcome::Emit(vec![]),
         }
+    }
+
+    fn stateful(&self) -> bool {
+        true
+    }
+
+    fn state_changes(&self) -> Result<Vec<pipeline::state::StateEntry>, PipelineError> {
+        self.batches.changes()
+    }
+
+    fn state_committed(&mut self) {
+        self.batches.commit();
+    }
+
+    fn state_rolled_back(&mut self) {
+        self.batches.rollback();
+    }
+
+    fn state_restore(
+        &mut self,
+        entries: Vec<pipeline::state::StateEntry>,
+    ) -> Result<(), PipelineError> {
+        self.batches.restore(entries)
     }
 }
 
@@ -178,21 +254,41 @@ impl Stage for Anonymizer {
 mod tests {
     use super::*;
     use pipeline::crypto::DataKey;
+    use pipeline::events::{DataIngestionFinished, DataIngestionStarted};
     use serde_json::json;
 
-    fn keys() -> (KeyRef, KeyRef) {
-        (
-            KeyRef::from_hex("m1", &"11".repeat(32)).expect("key"),
-            KeyRef::from_hex("p1", &"22".repeat(32)).expect("key"),
-        )
+    fn master() -> KeyRef {
+        KeyRef::from_hex("m1", &"11".repeat(32)).expect("key")
     }
 
-    fn sealed_event(body: &SourceRecordBody) -> Event {
-        let (master, _) = keys();
-        let dk = DataKey::generate(&master).expect("dek");
-        let plain = serde_json::to_vec(body).expect("json");
+    fn stage(max_failure_ratio: f64) -> Anonymizer {
+        let engine = Engine::new(
+            Policy::safe_harbor(),
+            Keys {
+                pseudonym: KeyRef::from_hex("p1", &"22".repeat(32)).expect("key"),
+                reidentify: None,
+            },
+            Context {
+                tenant: "t".into(),
+                reference_date: chrono::NaiveDate::from_ymd_opt(2026, 1, 1).expect("date"),
+            },
+        )
+        .expect("engine");
+        Anonymizer::new(master(), engine, max_failure_ratio)
+    }
+
+    fn record(position: i64, link: Option<&str>) -> Event {
+        let body = SourceRecordBody {
+            patient_link: link.map(str::to_string),
+            content: json!({"Id": link, "FIRST": "Ann", "SSN": "999-11-2222", "GENDER": "F", "BIRTHDATE": "1980-05-06"}),
+            original: "raw".into(),
+        };
+        let dk = DataKey::generate(&master()).expect("dek");
         let sealed = dk
-            .seal_record(&plain, &SourceRecordIngested::aad("b1", 1))
+            .seal_record(
+                &serde_json::to_vec(&body).expect("json"),
+                &SourceRecordIngested::aad("b1", position),
+            )
             .expect("seal");
         Event::new(
             "medpipe-ingestion",
@@ -200,7 +296,7 @@ mod tests {
             None,
             Payload::SourceRecordIngested(SourceRecordIngested {
                 batch_id: "b1".into(),
-                position: 1,
+                position,
                 source_format: "csv".into(),
                 record_type: "Patient".into(),
                 sealed,
@@ -208,96 +304,123 @@ mod tests {
         )
     }
 
-    fn check(content: Value, expected: Value, expected_redacted: i64) {
-        let (master, pk) = keys();
-        let mut a = Anonymizer::new(master, pk);
-        a.current_year = 2026;
-        let body = SourceRecordBody {
-            patient_link: Some("patient-123".into()),
-            content,
-            original: "raw".into(),
+    fn lifecycle(finished: bool) -> Event {
+        let payload = if finished {
+            Payload::DataIngestionFinished(DataIngestionFinished {
+                batch_id: "b1".into(),
+                records_emitted: 3,
+                records_rejected: 0,
+                file_size_bytes: 1,
+                file_sha256: "x".into(),
+                archive_location: "a".into(),
+            })
+        } else {
+            Payload::DataIngestionStarted(DataIngestionStarted {
+                batch_id: "b1".into(),
+                format: "csv".into(),
+                file_sha256: "x".into(),
+            })
         };
-        let ev = sealed_event(&body);
-        let input = Input {
+        Event::new("medpipe-ingestion", "b1", None, payload)
+    }
+
+    fn run(a: &mut Anonymizer, ev: &Event) -> Outcome {
+        a.process(&Input {
             topic: "t",
             partition: 0,
             offset: 0,
-            event: &ev,
-        };
-        match a.process(&input) {
-            Outcome::Emit(outs) => {
-                assert_eq!(outs.len(), 1);
-                let Payload::RecordAnonymized(r) = &outs[0].event.payload else {
-                    panic!("not RecordAnonymized: {:?}", outs[0].event.payload)
-                };
-                let got: Value = serde_json::from_str(&r.content_json).expect("json");
-                assert_eq!(got, expected);
-                assert_eq!(r.fields_redacted, expected_redacted);
-                assert_eq!(outs[0].key, r.patient_pseudonym);
-                assert_eq!(
-                    outs[0].event.header.causation_id.as_deref(),
-                    Some(ev.header.event_id.as_str())
-                );
-                assert!(!r.content_json.contains("patient-123"));
-            }
-            other => panic!("expected Emit, got {other:?}"),
+            event: ev,
+        })
+    }
+
+    fn closing(o: Outcome) -> Payload {
+        match o {
+            Outcome::Emit(mut outs) if outs.len() == 1 => outs.remove(0).event.payload,
+            other => panic!("{other:?}"),
         }
     }
 
     #[test]
-    fn identifiers_are_removed_and_safe_fields_kept() {
-        check(
-            json!({"Id": "patient-123", "FIRST": "Jane", "LAST": "Doe", "SSN": "999-12-3456",
-                   "ADDRESS": "1 Main St", "ZIP": "02139", "BIRTHDATE": "1980-04-02", "GENDER": "F", "STATE": "Massachusetts"}),
-            json!({"GENDER": "F", "STATE": "Massachusetts", "BIRTH_YEAR": 1980}),
-            6,
-        );
-    }
-
-    #[test]
-    fn ages_over_89_become_one_category() {
-        check(
-            json!({"BIRTHDATE": "1920-01-01"}),
-            json!({"AGE_OVER_89": true}),
-            0,
-        );
-        check(json!({"BIRTHDATE": "not a date"}), json!({}), 1);
-    }
-
-    #[test]
-    fn pseudonyms_are_stable_per_key_and_differ_across_keys() {
-        let (m, p) = keys();
-        let a = Anonymizer::new(m.clone(), p);
-        let b = Anonymizer::new(m, KeyRef::from_hex("p2", &"33".repeat(32)).expect("key"));
-        assert_eq!(a.pseudonym("x"), a.pseudonym("x"));
-        assert_ne!(a.pseudonym("x"), a.pseudonym("y"));
-        assert_ne!(a.pseudonym("x"), b.pseudonym("x"));
-    }
-
-    #[test]
-    fn a_record_sealed_under_another_key_is_dead_lettered_without_values() {
-        let ev = sealed_event(&SourceRecordBody {
-            patient_link: Some("patient-123".into()),
-            content: json!({"FIRST": "Jane"}),
-            original: "Jane".into(),
-        });
-        let mut a = Anonymizer::new(
-            KeyRef::from_hex("m1", &"44".repeat(32)).expect("key"),
-            keys().1,
-        );
-        let input = Input {
-            topic: "t",
-            partition: 0,
-            offset: 0,
-            event: &ev,
+    fn records_are_deidentified_with_policy_and_report_and_counted() {
+        let mut a = stage(0.5);
+        run(&mut a, &lifecycle(false));
+        let Outcome::Emit(outs) = run(&mut a, &record(1, Some("p-1"))) else {
+            panic!()
         };
-        match a.process(&input) {
-            Outcome::DeadLetter { error_type, reason } => {
-                assert_eq!(error_type, "decrypt");
-                assert!(!reason.contains("Jane"));
-                assert!(reason.contains("position 1"), "{reason}");
+        let Payload::RecordAnonymized(r) = &outs[0].event.payload else {
+            panic!()
+        };
+        assert_eq!(outs[0].key, r.patient_pseudonym);
+        assert_eq!(r.patient_pseudonym, a.engine().pseudonym("p-1"));
+        assert!(!r.content_json.contains("Ann") && !r.content_json.contains("999-11-2222"));
+        assert!(!r.content_json.contains("1980-05-06"));
+        assert!(r.fields_redacted >= 2, "{r:?}");
+        assert_eq!(
+            r.policy_hash.as_deref(),
+            Some(a.engine().policy().hash.as_str())
+        );
+        let report = r.report_json.as_deref().expect("report");
+        assert!(
+            !report.contains("Ann") && !report.contains("999-"),
+            "{report}"
+        );
+        assert!(matches!(
+            run(&mut a, &record(2, None)),
+            Outcome::DeadLetter {
+                error_type: "no_patient_link",
+                ..
             }
-            other => panic!("expected DeadLetter, got {other:?}"),
-        }
+        ));
+        let Payload::AnonymizationFinished(f) = closing(run(&mut a, &lifecycle(true))) else {
+            panic!()
+        };
+        assert_eq!(
+            (f.records_anonymized, f.records_dead_lettered),
+            (Some(1), Some(1))
+        );
+    }
+
+    #[test]
+    fn a_batch_over_the_failure_threshold_fails_and_counts_survive_only_commits() {
+        let mut a = stage(0.2);
+        run(&mut a, &lifecycle(false));
+        run(&mut a, &record(1, Some("p-1")));
+        a.state_committed();
+        // A redone batch after an abort must not count twice.
+        run(&mut a, &record(2, None));
+        a.state_rolled_back();
+        run(&mut a, &record(2, None));
+        run(&mut a, &record(3, Some("p-3")));
+        let Payload::AnonymizationFailed(f) = closing(run(&mut a, &lifecycle(true))) else {
+            panic!()
+        };
+        assert_eq!((f.records_anonymized, f.records_dead_lettered), (2, 1));
+        assert_eq!(f.error_kind, "failure_threshold");
+        assert_eq!(
+            f.reason,
+            "1 of 3 records could not be de-identified (33.3%), above the 20.0% threshold"
+        );
+        // Closing the batch deletes its state.
+        assert_eq!(
+            a.state_changes().expect("changes"),
+            vec![("b1".to_string(), None)]
+        );
+    }
+
+    #[test]
+    fn restored_state_continues_the_count() {
+        let mut a = stage(0.5);
+        let saved = serde_json::to_vec(&BatchCounts {
+            anonymized: 7,
+            dead_lettered: 0,
+        })
+        .expect("json");
+        a.state_restore(vec![("b1".into(), Some(saved))])
+            .expect("restore");
+        run(&mut a, &record(8, Some("p-8")));
+        let Payload::AnonymizationFinished(f) = closing(run(&mut a, &lifecycle(true))) else {
+            panic!()
+        };
+        assert_eq!(f.records_anonymized, Some(8));
     }
 }

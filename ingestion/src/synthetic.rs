@@ -106,7 +106,7 @@ pub fn write_patients_csv(out: &mut impl Write, n: usize, tag: &str) -> io::Resu
     Ok(())
 }
 
-fn patient_resource(p: &Person) -> serde_json::Value {
+pub fn patient_resource(p: &Person) -> serde_json::Value {
     serde_json::json!({
         "resourceType": "Patient",
         "id": p.id,
@@ -122,7 +122,7 @@ fn patient_resource(p: &Person) -> serde_json::Value {
     })
 }
 
-fn observation_resource(p: &Person, i: usize, subject: &str) -> serde_json::Value {
+pub fn observation_resource(p: &Person, i: usize, subject: &str) -> serde_json::Value {
     serde_json::json!({
         "resourceType": "Observation",
         "id": format!("obs-{i:07}-{}", p.id),

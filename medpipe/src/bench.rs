@@ -220,3 +220,112 @@ async fn delete_topics(kafka: &KafkaArgs) {
         }
     }
 }
+
+/// One de-identification benchmark case: a record in the shape ingestion produces.
+struct AnonCase {
+    name: &'static str,
+    format: &'static str,
+    record_type: String,
+    bodies: Vec<pipeline::events::SourceRecordBody>,
+}
+
+fn anon_cases(n: usize) -> anyhow::Result<Vec<AnonCase>> {
+    use ingestion::synthetic::{observation_resource, patient_resource, Person};
+    use pipeline::events::SourceRecordBody;
+    let people: Vec<Person> = (0..n).map(|i| Person::new(i, "bench")).collect();
+    let patients = people
+        .iter()
+        .map(|p| SourceRecordBody {
+            patient_link: Some(p.id.clone()),
+            content: patient_resource(p),
+            original: String::new(),
+        })
+        .collect();
+    let observations = people
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            let mut obs = observation_resource(p, i, &format!("Patient/{}", p.id));
+            obs["text"] = serde_json::json!({"status": "generated", "div": format!(
+                "<div xmlns=\"http://www.w3.org/1999/xhtml\">Glucose {} mg/dL on {}</div>", 70 + i % 60, p.birth_date)});
+            obs["note"] = serde_json::json!([{"text": format!(
+                "Fasting sample. Call back on {} or {}; MRN {}; seen 2020-03-0{}.", p.phone, p.email, p.mrn, 1 + i % 9)}]);
+            SourceRecordBody {
+                patient_link: Some(p.id.clone()),
+                content: obs,
+                original: String::new(),
+            }
+        })
+        .collect();
+    // HL7 ORU messages, parsed by ingestion's own parser into the content it emits.
+    let mut hl7 = Vec::new();
+    ingestion::synthetic::write(SourceFormat::Hl7v2, &mut hl7, 2 * n, "bench")?;
+    let items = ingestion::formats::collect(|s| ingestion::formats::hl7::parse(&hl7[..], s))
+        .map_err(|e| anyhow::anyhow!("synthetic HL7 does not parse: {e}"))?;
+    let oru = items
+        .into_iter()
+        .filter_map(|i| match i {
+            ingestion::formats::Item::Record(r) if r.record_type == "ORU^R01" => Some(r.body),
+            _ => None,
+        })
+        .collect();
+    Ok(vec![
+        AnonCase {
+            name: "FHIR Patient",
+            format: "fhir-ndjson",
+            record_type: "Patient".into(),
+            bodies: patients,
+        },
+        AnonCase {
+            name: "FHIR Observation with narrative and note",
+            format: "fhir-ndjson",
+            record_type: "Observation".into(),
+            bodies: observations,
+        },
+        AnonCase {
+            name: "HL7 ORU^R01 (3 OBX)",
+            format: "hl7v2",
+            record_type: "ORU^R01".into(),
+            bodies: oru,
+        },
+    ])
+}
+
+/// Runs the pure de-identification engine (no Kafka, no crypto of the envelope) over
+/// `n` records of each case, single-threaded, and returns (case, records/s) rows.
+pub fn anonymize(n: usize, rounds: usize) -> anyhow::Result<Vec<(String, f64)>> {
+    use anonymization::{Context, Engine, Keys, Policy};
+    let engine = Engine::new(
+        Policy::safe_harbor(),
+        Keys {
+            pseudonym: pipeline::crypto::KeyRef::from_hex("bench", BENCH_KEY)?,
+            reidentify: None,
+        },
+        Context {
+            tenant: "bench".into(),
+            reference_date: chrono_today(),
+        },
+    )?;
+    let known = anonymization::scrub::Known::default();
+    let mut rows = Vec::new();
+    for case in anon_cases(n)? {
+        let mut best = 0f64;
+        for _ in 0..rounds.max(1) {
+            let start = Instant::now();
+            for body in &case.bodies {
+                let out = engine.anonymize(case.format, &case.record_type, body, &known)?;
+                std::hint::black_box(out);
+            }
+            best = best.max(case.bodies.len() as f64 / start.elapsed().as_secs_f64());
+        }
+        rows.push((
+            format!("{} ({} records)", case.name, case.bodies.len()),
+            best,
+        ));
+    }
+    Ok(rows)
+}
+
+fn chrono_today() -> chrono::NaiveDate {
+    chrono::Utc::now().date_naive()
+}

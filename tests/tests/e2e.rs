@@ -139,6 +139,10 @@ fn crash_and_restart(victim: &str, progress_topic: TopicKind, progress_type: &st
         Duration::from_secs(300),
         |t| t.count(&canonical, "CanonicalPatient") >= n,
     );
+    let anon_topic = p.topics.name(TopicKind::Anonymization);
+    tail.wait_until("AnonymizationFinished", Duration::from_secs(60), |t| {
+        t.count(&anon_topic, "AnonymizationFinished") >= 1
+    });
     std::thread::sleep(Duration::from_secs(2));
     p.stop_all();
     drop(tail);
@@ -151,6 +155,22 @@ fn crash_and_restart(victim: &str, progress_topic: TopicKind, progress_type: &st
         }
     }
     assert_exactly_once("anonymized records", &anonymized, n);
+    // The batch's counts are durable stage state: a crash neither loses nor doubles them.
+    let finished: Vec<_> = records
+        .iter()
+        .filter_map(|r| match r.event.as_ref().map(|e| &e.payload) {
+            Some(Payload::AnonymizationFinished(f)) => Some(f),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(finished.len(), 1);
+    assert_eq!(
+        (
+            finished[0].records_anonymized,
+            finished[0].records_dead_lettered
+        ),
+        (Some(n as i64), Some(0))
+    );
     eprintln!("{victim} killed after {at_kill} of {n} {progress_type} events");
 }
 

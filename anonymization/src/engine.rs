@@ -1,0 +1,1557 @@
+//! The de-identification engine: applies a [`Policy`] to one ingested record and reports, per
+//! rule and path, what it did.
+//!
+//! The engine is pure (no IO, no clock, no randomness except the AES-GCM nonce of `encrypt`),
+//! so the same record, policy, keys and context always give the same output, which is what
+//! the golden tests and downstream deduplication rely on.
+//!
+//! It works on leaves. Every scalar of a record (a FHIR primitive, a CSV cell, an HL7
+//! subcomponent) is governed by the most specific rule whose path matches it or one of its
+//! ancestors; a leaf no rule covers is removed and counted in
+//! [`Report::default_redactions`] (the allow-list model: forgetting a field costs data, never
+//! privacy). Empty objects and arrays left behind are pruned; HL7 keeps its positional layout
+//! and empties removed subcomponents instead.
+//!
+//! Ranking, highest first: a rule limited to the record's type beats an untyped one, then the
+//! deeper path, then literal segments from the left, then `where` filters, then literal glob
+//! characters, then an OBX value-type condition, then the earlier rule in the file.
+//!
+//! The `scrub` method needs to know the identifiers of the same record, so a record with any
+//! scrub rule is walked twice: once to collect the values of identifier rules, once to
+//! transform.
+
+mod dates;
+
+use std::borrow::Cow;
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, HashMap};
+
+use base64::Engine as _;
+use chrono::NaiveDate;
+use hmac::{Hmac, Mac};
+use pipeline::crypto::{seal, KeyRef};
+use pipeline::events::SourceRecordBody;
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use sha2::Sha256;
+
+use crate::policy::{
+    glob_match, DateMode, Family, FhirSegment, Filter, Format, Hl7Pattern, Method, Pattern, Policy,
+    Rule, RulePath, Specificity,
+};
+use crate::scrub::{self, Known};
+
+use dates::AgeOutcome;
+
+/// The report key under which the engine counts what it does to a Bundle entry's own fields
+/// (`fullUrl`, `request.method`, `request.url`); policy rule ids cannot contain `:`.
+pub const BUNDLE_ENTRY_RULE: &str = "engine:bundle-entry";
+
+/// Domain separation: a pseudonym can never equal a date-shift MAC or a future derived value.
+const PSEUDONYM_DOMAIN: &[u8] = b"medpipe/anonymization/pseudonym/v1\0";
+const DATE_SHIFT_DOMAIN: &[u8] = b"medpipe/anonymization/date-shift/v1\0";
+
+/// Shortest name passed to the scrubber; one character would match everywhere.
+const MIN_KNOWN_NAME_CHARS: usize = 2;
+/// Shortest other identifier passed to the scrubber. Real identifiers (phones, SSNs, MRNs,
+/// ids, streets) are longer; shorter values under identifier rules are type and use codes
+/// (HL7 `PH`, `PRN`, `MR`) whose replacement would damage clinical text ("pH 7.4").
+const MIN_KNOWN_ID_CHARS: usize = 4;
+
+/// FHIR datatype metadata inside identifying elements (`telecom.system = "email"`,
+/// `identifier.use`, `photo.contentType`): never identifiers themselves.
+const FHIR_METADATA: [&str; 8] = [
+    "use",
+    "system",
+    "rank",
+    "contentType",
+    "language",
+    "size",
+    "hash",
+    "userSelected",
+];
+
+type HmacSha256 = Hmac<Sha256>;
+
+/// Keys the engine uses. The pseudonym key also derives date shifts.
+#[derive(Debug, Clone)]
+pub struct Keys {
+    pub pseudonym: KeyRef,
+    /// Needed only by `encrypt` rules (checked at [`Engine::new`]).
+    pub reidentify: Option<KeyRef>,
+}
+
+/// Per-run facts the output depends on; passed in so the engine never reads the clock.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Context {
+    /// Pseudonyms and shifts are per tenant: the same MRN at two tenants does not link.
+    pub tenant: String,
+    /// The day ages are computed at ("over 89" is judged on this date).
+    pub reference_date: NaiveDate,
+}
+
+/// Why a record could not be de-identified. Messages never contain record values.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EngineError {
+    #[error("the record has no patient link, so no patient pseudonym can be derived")]
+    NoPatientLink,
+    #[error("unsupported source format `{0}` (expected csv, fhir-ndjson, fhir-bundle or hl7v2)")]
+    UnsupportedFormat(String),
+    #[error("unexpected record structure at `{path}`: {reason}")]
+    UnexpectedStructure { path: String, reason: String },
+    #[error(
+        "rule `{0}` uses method encrypt, which needs the re-identification key, but none was given"
+    )]
+    MissingKey(String),
+    #[error("cryptographic failure: {0}")]
+    Crypto(String),
+}
+
+fn unexpected(path: impl Into<String>, reason: impl Into<String>) -> EngineError {
+    EngineError::UnexpectedStructure {
+        path: path.into(),
+        reason: reason.into(),
+    }
+}
+
+/// The de-identified record.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Anonymized {
+    /// Equals `engine.pseudonym(patient_link)`.
+    pub patient_pseudonym: String,
+    pub content: Value,
+    pub report: Report,
+}
+
+/// What was done to one record: counts only, keyed by rule id and by path without array
+/// indices, so it can be stored and aggregated without becoming PHI itself.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Report {
+    pub policy_version: String,
+    pub policy_hash: String,
+    /// Rule id -> path -> leaves the rule governed (whatever the outcome, `keep` included).
+    pub rules: BTreeMap<String, BTreeMap<String, u64>>,
+    /// Path -> leaves no rule covered, removed by the allow-list default.
+    pub default_redactions: BTreeMap<String, u64>,
+    /// Rule id -> path -> leaves its method could not handle (an unparseable date, a ZIP
+    /// that is not a US ZIP) and that were removed instead. Also counted in `rules`.
+    pub invalid: BTreeMap<String, BTreeMap<String, u64>>,
+    /// Rule id -> path -> ages or birth dates over the cutoff that were aggregated. Also
+    /// counted in `rules`.
+    pub age_clamped: BTreeMap<String, BTreeMap<String, u64>>,
+    /// Scrubber placeholder type (`NAME`, `DATE`, ...) -> replacements in free text.
+    pub scrubbed: BTreeMap<String, u64>,
+}
+
+fn bump(map: &mut BTreeMap<String, u64>, key: &str) {
+    match map.get_mut(key) {
+        Some(n) => *n += 1,
+        None => {
+            map.insert(key.to_owned(), 1);
+        }
+    }
+}
+
+fn bump_rule(map: &mut BTreeMap<String, BTreeMap<String, u64>>, rule: &str, path: &str) {
+    match map.get_mut(rule) {
+        Some(paths) => bump(paths, path),
+        None => {
+            map.insert(rule.to_owned(), BTreeMap::from([(path.to_owned(), 1)]));
+        }
+    }
+}
+
+/// The engine for one policy, key set and context.
+pub struct Engine {
+    policy: Policy,
+    keys: Keys,
+    ctx: Context,
+    /// HMAC-SHA256 keyed with the pseudonym key, cloned per use (keying once is cheaper and
+    /// leaves no fallible step after construction).
+    mac: HmacSha256,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("policy", &self.policy.name)
+            .field("version", &self.policy.version)
+            .field("tenant", &self.ctx.tenant)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Engine {
+    /// Checks that the keys fit the policy: `encrypt` rules need `keys.reidentify`.
+    pub fn new(policy: Policy, keys: Keys, ctx: Context) -> Result<Engine, EngineError> {
+        if keys.reidentify.is_none() {
+            if let Some(rule) = policy.rules.iter().find(|r| r.method == Method::Encrypt) {
+                return Err(EngineError::MissingKey(rule.id.clone()));
+            }
+        }
+        let mac = HmacSha256::new_from_slice(keys.pseudonym.key.expose()).map_err(|_| {
+            EngineError::Crypto("the pseudonym key cannot key HMAC-SHA256".to_owned())
+        })?;
+        Ok(Engine {
+            policy,
+            keys,
+            ctx,
+            mac,
+        })
+    }
+
+    pub fn policy(&self) -> &Policy {
+        &self.policy
+    }
+
+    pub fn context(&self) -> &Context {
+        &self.ctx
+    }
+
+    /// Id of the pseudonym key, recorded in every output event (keys rotate by id).
+    pub fn key_id(&self) -> &str {
+        &self.keys.pseudonym.id
+    }
+
+    /// A MAC over `domain`, the length-prefixed tenant and `data`. The length prefix keeps
+    /// (tenant "a", id "bc") and (tenant "ab", id "c") apart.
+    fn derive(&self, domain: &[u8], data: &str) -> [u8; 32] {
+        let mut mac = self.mac.clone();
+        mac.update(domain);
+        mac.update(&(self.ctx.tenant.len() as u64).to_be_bytes());
+        mac.update(self.ctx.tenant.as_bytes());
+        mac.update(data.as_bytes());
+        mac.finalize().into_bytes().into()
+    }
+
+    /// Stable pseudonym of a bare identifier (no "Patient/" or "urn:uuid:" prefix) for this
+    /// tenant and key: hex HMAC-SHA256, 64 characters (also a valid FHIR id).
+    pub fn pseudonym(&self, bare_id: &str) -> String {
+        hex::encode(self.derive(PSEUDONYM_DOMAIN, bare_id))
+    }
+
+    /// Per-patient date shift in days, in `[-max, -1] ∪ [1, max]`: never 0, so a shifted
+    /// date never equals the original, and the same for every record of the patient, so
+    /// intervals survive.
+    pub fn date_shift_days(&self, patient_pseudonym: &str) -> i64 {
+        let mac = self.derive(DATE_SHIFT_DOMAIN, patient_pseudonym);
+        let n = mac
+            .iter()
+            .take(8)
+            .fold(0u64, |acc, b| (acc << 8) | u64::from(*b));
+        let max = u64::from(self.policy.settings.date_shift_max_days.max(1));
+        let magnitude = i64::try_from(1 + (n >> 1) % max).unwrap_or(1);
+        if n & 1 == 0 {
+            magnitude
+        } else {
+            -magnitude
+        }
+    }
+
+    /// De-identifies one record. `record_type` is the FHIR type (also for CSV) or the HL7
+    /// message type; `extra_known` adds identifiers of the same patient seen in earlier
+    /// records (names, mostly) for the scrubber.
+    pub fn anonymize(
+        &self,
+        source_format: &str,
+        record_type: &str,
+        body: &SourceRecordBody,
+        extra_known: &Known,
+    ) -> Result<Anonymized, EngineError> {
+        let (format, link) = format_and_link(source_format, body)?;
+        let patient = self.pseudonym(link);
+        let mut run = self.run(format, record_type, &patient);
+        if run
+            .candidates
+            .iter()
+            .any(|c| c.rule.method == Method::Scrub)
+        {
+            run.known = self.collect(&mut run, link, &body.content, extra_known)?;
+        }
+        run.mode = Mode::Apply;
+        let content = run
+            .record(&body.content)?
+            .unwrap_or_else(|| empty_like(format));
+        let report = run.report;
+        Ok(Anonymized {
+            patient_pseudonym: patient,
+            content,
+            report,
+        })
+    }
+
+    /// The identifiers of a record that the scrubber looks for in its free text: original
+    /// values of leaves that category 1 rules (as names) and category 2, 4-18 rules (as other
+    /// identifiers) remove or replace, plus the patient link and `extra_known`. Callers keep
+    /// the result of a patient's Patient record to pass as `extra_known` for later records.
+    pub fn known_identifiers(
+        &self,
+        source_format: &str,
+        record_type: &str,
+        body: &SourceRecordBody,
+        extra_known: &Known,
+    ) -> Result<Known, EngineError> {
+        let (format, link) = format_and_link(source_format, body)?;
+        let patient = self.pseudonym(link);
+        let mut run = self.run(format, record_type, &patient);
+        self.collect(&mut run, link, &body.content, extra_known)
+    }
+
+    fn collect(
+        &self,
+        run: &mut Run<'_>,
+        link: &str,
+        content: &Value,
+        extra_known: &Known,
+    ) -> Result<Known, EngineError> {
+        run.mode = Mode::Collect;
+        run.record(content)?;
+        let mut known = std::mem::take(&mut run.known);
+        push_known(&mut known.identifiers, link, MIN_KNOWN_ID_CHARS);
+        for name in &extra_known.names {
+            push_known(&mut known.names, name, MIN_KNOWN_NAME_CHARS);
+        }
+        for id in &extra_known.identifiers {
+            push_known(&mut known.identifiers, id, MIN_KNOWN_ID_CHARS);
+        }
+        Ok(known)
+    }
+
+    fn run<'e>(&'e self, format: Format, record_type: &'e str, patient: &'e str) -> Run<'e> {
+        let candidates = self.candidates(format, record_type);
+        let index = PatternIndex::new(&candidates);
+        Run {
+            engine: self,
+            format,
+            record_type,
+            candidates,
+            index,
+            patient,
+            shift: None,
+            mode: Mode::Collect,
+            known: Known::default(),
+            report: Report {
+                policy_version: self.policy.version.clone(),
+                policy_hash: self.policy.hash.clone(),
+                ..Report::default()
+            },
+        }
+    }
+
+    /// Every rule path that can apply to records of this format and type, ranked once.
+    fn candidates(&self, format: Format, record_type: &str) -> Vec<Candidate<'_>> {
+        let mut out = Vec::new();
+        for (index, rule) in self.policy.rules.iter().enumerate() {
+            if !rule.formats.contains(&format) || !rule.applies_to_type(record_type) {
+                continue;
+            }
+            for path in &rule.paths {
+                out.push(Candidate {
+                    rule,
+                    path,
+                    rank: Rank {
+                        typed: rule.resource_types.is_some(),
+                        specificity: path.specificity,
+                        conditional: rule.when_type.is_some(),
+                        order: Reverse(index),
+                    },
+                });
+            }
+        }
+        out
+    }
+
+    /// `pseudonymize` for one value. FHIR references keep their shape: `Patient/123` ->
+    /// `Patient/<p>`, `urn:uuid:abc` -> `urn:uuid:<p>`, `#c1` -> `#<p>`; an absolute URL loses
+    /// its base (a server address) and becomes relative. CSV and HL7 values are opaque.
+    fn pseudonymize_value(&self, format: Format, text: &str) -> String {
+        if format.family() != Family::Fhir {
+            return self.pseudonym(text);
+        }
+        for prefix in ["urn:uuid:", "urn:oid:", "#"] {
+            if let Some(id) = text.strip_prefix(prefix) {
+                return format!("{prefix}{}", self.pseudonym(id));
+            }
+        }
+        match split_reference(text) {
+            Some((kind, id, version)) => {
+                let p = self.pseudonym(id);
+                match version {
+                    Some(v) => format!("{kind}/{p}/_history/{v}"),
+                    None => format!("{kind}/{p}"),
+                }
+            }
+            None => self.pseudonym(text),
+        }
+    }
+
+    /// `encrypt`: `enc:v1:<key id>:<base64(nonce || ciphertext)>`, bound to the rule id.
+    fn encrypt(&self, rule: &Rule, text: &str) -> Result<String, EngineError> {
+        let key = self
+            .keys
+            .reidentify
+            .as_ref()
+            .ok_or_else(|| EngineError::MissingKey(rule.id.clone()))?;
+        let (mut blob, ciphertext) = seal(key, text.as_bytes(), rule.id.as_bytes())
+            .map_err(|e| EngineError::Crypto(e.to_string()))?;
+        blob.extend_from_slice(&ciphertext);
+        Ok(format!(
+            "enc:v1:{}:{}",
+            key.id,
+            base64::engine::general_purpose::STANDARD.encode(blob)
+        ))
+    }
+}
+
+/// The parsed source format and the (non-blank) patient link of a record.
+fn format_and_link<'b>(
+    source_format: &str,
+    body: &'b SourceRecordBody,
+) -> Result<(Format, &'b str), EngineError> {
+    let format = Format::parse(source_format)
+        .ok_or_else(|| EngineError::UnsupportedFormat(source_format.to_owned()))?;
+    let link = body
+        .patient_link
+        .as_deref()
+        .filter(|l| !l.trim().is_empty())
+        .ok_or(EngineError::NoPatientLink)?;
+    Ok((format, link))
+}
+
+/// What an empty record looks like when every leaf was removed.
+fn empty_like(format: Format) -> Value {
+    match format {
+        Format::Hl7v2 => serde_json::json!({"segments": []}),
+        _ => Value::Object(Map::new()),
+    }
+}
+
+fn push_known(list: &mut Vec<String>, value: &str, min_chars: usize) {
+    let value = value.trim();
+    if value.chars().count() >= min_chars && !list.iter().any(|k| k == value) {
+        list.push(value.to_owned());
+    }
+}
+
+/// Whether a FHIR leaf is datatype metadata rather than data: a [`FHIR_METADATA`] element,
+/// anything in a Coding (type codes), or an extension's `url`.
+fn fhir_metadata(path: &str) -> bool {
+    let mut segments = path.rsplit('.');
+    let last = segments.next().unwrap_or_default();
+    let parent = segments.next();
+    FHIR_METADATA.contains(&last)
+        || path.split('.').any(|s| s == "coding")
+        || (last == "url" && parent.is_some_and(|p| p.ends_with("xtension")))
+}
+
+fn is_resource_type(s: &str) -> bool {
+    let mut bytes = s.bytes();
+    bytes.next().is_some_and(|b| b.is_ascii_uppercase()) && bytes.all(|b| b.is_ascii_alphabetic())
+}
+
+/// `[base/]Type/id[/_history/version]` -> (Type, id, version).
+fn split_reference(text: &str) -> Option<(&str, &str, Option<&str>)> {
+    if text.contains(['?', '#']) {
+        return None;
+    }
+    let parts: Vec<&str> = text.split('/').collect();
+    let (core, version) = match parts.as_slice() {
+        [core @ .., "_history", v] if core.len() >= 2 && !v.is_empty() => (core, Some(*v)),
+        all => (all, None),
+    };
+    match core {
+        [.., kind, id] if is_resource_type(kind) && !id.is_empty() => Some((kind, id, version)),
+        _ => None,
+    }
+}
+
+/// The text of a scalar (numbers and booleans as JSON writes them).
+fn scalar_text(value: &Value) -> Option<Cow<'_, str>> {
+    match value {
+        Value::String(s) => Some(Cow::Borrowed(s)),
+        Value::Number(n) => Some(Cow::Owned(n.to_string())),
+        Value::Bool(b) => Some(Cow::Borrowed(if *b { "true" } else { "false" })),
+        Value::Null | Value::Array(_) | Value::Object(_) => None,
+    }
+}
+
+/// `generalize-zip`: a US ZIP (`12345`, `12345-6789`, `123456789`) -> its first three digits,
+/// or `000` for the restricted areas; anything else is `None` (redacted).
+fn generalize_zip(text: &str, restricted: &std::collections::BTreeSet<String>) -> Option<String> {
+    let text = text.trim();
+    let digits: String = text.chars().filter(|c| *c != '-').collect();
+    let shape_ok = match text.len() {
+        5 | 9 => !text.contains('-'),
+        10 => text.find('-') == Some(5) && text.matches('-').count() == 1,
+        _ => false,
+    };
+    if !shape_ok || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let zip3 = digits.get(..3)?;
+    Some(if restricted.contains(zip3) {
+        "000".to_owned()
+    } else {
+        zip3.to_owned()
+    })
+}
+
+/// Whether a `where(path='value')` filter holds for an element: any value at the relative
+/// path (arrays iterated) equals the literal.
+fn filter_holds(filter: &Filter, node: &Value) -> bool {
+    fn any_at(node: &Value, path: &[String], want: &str) -> bool {
+        match node {
+            Value::Array(items) => items.iter().any(|i| any_at(i, path, want)),
+            _ => match path.split_first() {
+                None => scalar_text(node).is_some_and(|t| t == want),
+                Some((head, rest)) => node
+                    .get(head.as_str())
+                    .is_some_and(|child| any_at(child, rest, want)),
+            },
+        }
+    }
+    any_at(node, &filter.path, &filter.value)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+struct Rank {
+    typed: bool,
+    specificity: Specificity,
+    conditional: bool,
+    order: Reverse<usize>,
+}
+
+#[derive(Clone, Copy)]
+struct Candidate<'e> {
+    rule: &'e Rule,
+    path: &'e RulePath,
+    rank: Rank,
+}
+
+#[derive(Clone, Copy)]
+struct Governing<'e> {
+    rule: &'e Rule,
+    rank: Rank,
+}
+
+fn better<'e>(current: Option<Governing<'e>>, c: &Candidate<'e>) -> Option<Governing<'e>> {
+    match current {
+        Some(g) if g.rank >= c.rank => Some(g),
+        _ => Some(Governing {
+            rule: c.rule,
+            rank: c.rank,
+        }),
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// First pass: gather identifier values for the scrubber; output is discarded.
+    Collect,
+    /// Second pass: transform and count.
+    Apply,
+}
+
+/// The candidates' FHIR and HL7 patterns, indexed so that each element or subcomponent is
+/// compared only with patterns that can match it: FHIR patterns by depth (they match at
+/// exactly their depth) and literal last name, HL7 patterns by segment id.
+struct PatternIndex<'e> {
+    /// By depth, then by the literal last name.
+    fhir_named: Vec<HashMap<&'e str, FhirList<'e>>>,
+    /// By depth: patterns whose last segment is a glob.
+    fhir_glob: Vec<FhirList<'e>>,
+    hl7_named: HashMap<&'e str, Hl7List<'e>>,
+    /// Patterns for any segment (`*-...`).
+    hl7_any: Hl7List<'e>,
+}
+
+type FhirList<'e> = Vec<(Candidate<'e>, &'e [FhirSegment])>;
+type Hl7List<'e> = Vec<(Candidate<'e>, &'e Hl7Pattern)>;
+
+impl<'e> PatternIndex<'e> {
+    fn new(candidates: &[Candidate<'e>]) -> Self {
+        let mut index = PatternIndex {
+            fhir_named: Vec::new(),
+            fhir_glob: Vec::new(),
+            hl7_named: HashMap::new(),
+            hl7_any: Vec::new(),
+        };
+        for c in candidates {
+            match &c.path.pattern {
+                Pattern::Fhir(segments) => {
+                    let depth = segments.len();
+                    if index.fhir_glob.len() <= depth {
+                        index.fhir_glob.resize_with(depth + 1, Vec::new);
+                        index.fhir_named.resize_with(depth + 1, HashMap::new);
+                    }
+                    match segments.last().map(|s| s.name.as_str()) {
+                        Some(name) if !name.contains('*') => {
+                            if let Some(map) = index.fhir_named.get_mut(depth) {
+                                map.entry(name).or_default().push((*c, segments));
+                            }
+                        }
+                        _ => {
+                            if let Some(list) = index.fhir_glob.get_mut(depth) {
+                                list.push((*c, segments));
+                            }
+                        }
+                    }
+                }
+                Pattern::Hl7(p) => match p.segment.as_deref() {
+                    Some(id) => index.hl7_named.entry(id).or_default().push((*c, p)),
+                    None => index.hl7_any.push((*c, p)),
+                },
+                Pattern::Csv(_) => {}
+            }
+        }
+        index
+    }
+
+    fn fhir(
+        &self,
+        depth: usize,
+        name: &str,
+    ) -> impl Iterator<Item = &(Candidate<'e>, &'e [FhirSegment])> {
+        self.fhir_named
+            .get(depth)
+            .and_then(|map| map.get(name))
+            .into_iter()
+            .flatten()
+            .chain(self.fhir_glob.get(depth).into_iter().flatten())
+    }
+
+    fn hl7(&self, segment: &str) -> impl Iterator<Item = &(Candidate<'e>, &'e Hl7Pattern)> {
+        self.hl7_named
+            .get(segment)
+            .into_iter()
+            .flatten()
+            .chain(&self.hl7_any)
+    }
+}
+
+/// One FHIR element on the path from the resource root: its name and value (one array item).
+struct Frame<'v> {
+    name: &'v str,
+    value: &'v Value,
+}
+
+/// One record being de-identified.
+struct Run<'e> {
+    engine: &'e Engine,
+    format: Format,
+    record_type: &'e str,
+    candidates: Vec<Candidate<'e>>,
+    index: PatternIndex<'e>,
+    patient: &'e str,
+    shift: Option<i64>,
+    mode: Mode,
+    known: Known,
+    report: Report,
+}
+
+impl<'e> Run<'e> {
+    fn record(&mut self, content: &Value) -> Result<Option<Value>, EngineError> {
+        match self.format {
+            Format::Csv => self.csv(content),
+            Format::FhirNdjson => self.fhir_resource(content, ""),
+            Format::FhirBundle => self.fhir_entry(content),
+            Format::Hl7v2 => self.hl7(content),
+        }
+    }
+
+    fn shift_days(&mut self) -> i64 {
+        match self.shift {
+            Some(s) => s,
+            None => {
+                let s = self.engine.date_shift_days(self.patient);
+                self.shift = Some(s);
+                s
+            }
+        }
+    }
+
+    /// Handles one leaf under its governing rule (if any).
+    fn leaf(
+        &mut self,
+        value: &Value,
+        path: &str,
+        governing: Option<Governing<'e>>,
+    ) -> Result<Option<Value>, EngineError> {
+        if value.as_str().is_some_and(|s| s.trim().is_empty()) {
+            // A blank value (an empty CSV cell or HL7 component) carries nothing: kept under
+            // `keep`, otherwise dropped, and never counted, so reports show only real data.
+            let keep = self.mode == Mode::Apply
+                && governing.is_some_and(|g| g.rule.method == Method::Keep);
+            return Ok(keep.then(|| value.clone()));
+        }
+        match (self.mode, governing) {
+            (Mode::Collect, Some(g)) => {
+                self.collect(g.rule, value, path);
+                Ok(None)
+            }
+            (Mode::Collect, None) => Ok(None),
+            (Mode::Apply, None) => {
+                bump(&mut self.report.default_redactions, path);
+                Ok(None)
+            }
+            (Mode::Apply, Some(g)) => self.apply(g.rule, value, path),
+        }
+    }
+
+    /// Remembers the original value of a leaf that an identifier rule removes or replaces,
+    /// so that the scrubber can find it in the same record's free text. Category 1 values are
+    /// names; categories 2 and 4-18 are other identifiers; dates (3), kept or scrubbed values
+    /// and FHIR datatype metadata are not identifiers to look for.
+    fn collect(&mut self, rule: &Rule, value: &Value, path: &str) {
+        let removes = matches!(
+            rule.method,
+            Method::Redact
+                | Method::Substitute(_)
+                | Method::Pseudonymize
+                | Method::GeneralizeZip
+                | Method::Encrypt
+        );
+        if !removes || rule.category == 0 || rule.category == 3 {
+            return;
+        }
+        if self.format.family() == Family::Fhir && fhir_metadata(path) {
+            return;
+        }
+        let Some(text) = scalar_text(value) else {
+            return;
+        };
+        if rule.category == 1 {
+            push_known(&mut self.known.names, &text, MIN_KNOWN_NAME_CHARS);
+        } else {
+            push_known(&mut self.known.identifiers, &text, MIN_KNOWN_ID_CHARS);
+        }
+    }
+
+    fn apply(
+        &mut self,
+        rule: &'e Rule,
+        value: &Value,
+        path: &str,
+    ) -> Result<Option<Value>, EngineError> {
+        bump_rule(&mut self.report.rules, &rule.id, path);
+        let Some(text) = scalar_text(value) else {
+            // null: nothing to protect; only `keep` keeps the explicit null.
+            return Ok((rule.method == Method::Keep).then_some(Value::Null));
+        };
+        let settings = &self.engine.policy.settings;
+        let out = match &rule.method {
+            Method::Keep => return Ok(Some(value.clone())),
+            Method::Redact => None,
+            Method::Substitute(v) => Some(v.clone()),
+            Method::Pseudonymize => Some(self.engine.pseudonymize_value(self.format, &text)),
+            Method::Date => {
+                let shift = self.dates_shift();
+                let out = dates::deidentify(&text, settings.dates, shift);
+                if out.is_none() {
+                    bump_rule(&mut self.report.invalid, &rule.id, path);
+                }
+                out
+            }
+            Method::Age => {
+                let shift = self.dates_shift();
+                let outcome = dates::age(
+                    &text,
+                    settings.dates,
+                    shift,
+                    self.engine.ctx.reference_date,
+                    settings.age_cutoff,
+                );
+                match outcome {
+                    AgeOutcome::Value(v) => Some(v),
+                    AgeOutcome::Clamped(v) => {
+                        bump_rule(&mut self.report.age_clamped, &rule.id, path);
+                        Some(v)
+                    }
+                    AgeOutcome::Invalid => {
+                        bump_rule(&mut self.report.invalid, &rule.id, path);
+                        None
+                    }
+                }
+            }
+            Method::GeneralizeZip => {
+                let out = generalize_zip(&text, &settings.restricted_zip3);
+                if out.is_none() {
+                    bump_rule(&mut self.report.invalid, &rule.id, path);
+                }
+                out
+            }
+            Method::Encrypt => Some(self.engine.encrypt(rule, &text)?),
+            Method::Scrub => {
+                let scrubbed = scrub::scrub(&text, &self.known);
+                for (kind, n) in scrubbed.counts {
+                    *self.report.scrubbed.entry(kind.to_owned()).or_default() += n;
+                }
+                Some(scrubbed.text)
+            }
+        };
+        Ok(out.map(Value::String))
+    }
+
+    /// The shift for this record's patient, or 0 when dates are not shifted.
+    fn dates_shift(&mut self) -> i64 {
+        match self.engine.policy.settings.dates {
+            DateMode::Year => 0,
+            DateMode::Shift => self.shift_days(),
+        }
+    }
+
+    /// Counts every leaf of a subtree no rule looks at (Bundle entry fields the engine does
+    /// not know, unknown top-level keys) as a default redaction.
+    fn drop_subtree(&mut self, value: &Value, path: &str) {
+        if self.mode != Mode::Apply {
+            return;
+        }
+        match value {
+            Value::Object(map) => {
+                for (k, v) in map {
+                    self.drop_subtree(v, &join(path, k));
+                }
+            }
+            Value::Array(items) => {
+                for v in items {
+                    self.drop_subtree(v, path);
+                }
+            }
+            _ => bump(&mut self.report.default_redactions, path),
+        }
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // CSV
+    // -----------------------------------------------------------------------------------------
+
+    fn csv(&mut self, content: &Value) -> Result<Option<Value>, EngineError> {
+        let row = content
+            .as_object()
+            .ok_or_else(|| unexpected("", "CSV content is not a JSON object"))?;
+        let mut out = Map::new();
+        for (column, value) in row {
+            if value.is_object() || value.is_array() {
+                return Err(unexpected(
+                    "column",
+                    "a CSV cell is an object or array, not a scalar",
+                ));
+            }
+            let mut governing = None;
+            for c in &self.candidates {
+                if let Pattern::Csv(glob) = &c.path.pattern {
+                    if glob_match(glob, column) {
+                        governing = better(governing, c);
+                    }
+                }
+            }
+            if let Some(v) = self.leaf(value, column, governing)? {
+                out.insert(column.clone(), v);
+            }
+        }
+        Ok((!out.is_empty()).then_some(Value::Object(out)))
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // FHIR
+    // -----------------------------------------------------------------------------------------
+
+    /// A Bundle entry: the resource goes through the rules; `fullUrl` and `request` are the
+    /// engine's (their ids pseudonymized like references); anything else is dropped.
+    fn fhir_entry(&mut self, content: &Value) -> Result<Option<Value>, EngineError> {
+        let entry = content
+            .as_object()
+            .ok_or_else(|| unexpected("entry", "a Bundle entry is not a JSON object"))?;
+        let resource = entry
+            .get("resource")
+            .ok_or_else(|| unexpected("entry.resource", "missing"))?;
+        let mut out = Map::new();
+        if let Some(r) = self.fhir_resource(resource, "entry.resource")? {
+            out.insert("resource".to_owned(), r);
+        }
+        for (key, value) in entry {
+            match (key.as_str(), value) {
+                ("resource", _) => {}
+                ("fullUrl", Value::String(url)) => {
+                    let p = self.engine.pseudonymize_value(self.format, url);
+                    if let Some(v) = self.engine_leaf("entry.fullUrl", p) {
+                        out.insert(key.clone(), v);
+                    }
+                }
+                ("request", Value::Object(request)) => {
+                    let mut req = Map::new();
+                    for (k, v) in request {
+                        let path = join("entry.request", k);
+                        let handled = match (k.as_str(), v) {
+                            ("method", Value::String(m)) => Some(m.clone()),
+                            ("url", Value::String(u)) => Some(self.request_url(u)),
+                            _ => None,
+                        };
+                        match handled {
+                            Some(text) => {
+                                if let Some(v) = self.engine_leaf(&path, text) {
+                                    req.insert(k.clone(), v);
+                                }
+                            }
+                            None => self.drop_subtree(v, &path),
+                        }
+                    }
+                    if !req.is_empty() {
+                        out.insert(key.clone(), Value::Object(req));
+                    }
+                }
+                _ => self.drop_subtree(value, &join("entry", key)),
+            }
+        }
+        Ok((!out.is_empty()).then_some(Value::Object(out)))
+    }
+
+    /// An engine-handled Bundle entry field: counted under [`BUNDLE_ENTRY_RULE`].
+    fn engine_leaf(&mut self, path: &str, text: String) -> Option<Value> {
+        if self.mode != Mode::Apply {
+            return None;
+        }
+        bump_rule(&mut self.report.rules, BUNDLE_ENTRY_RULE, path);
+        Some(Value::String(text))
+    }
+
+    /// `Patient` stays; `Patient/123` -> `Patient/<p>`; a conditional query
+    /// (`Patient?identifier=...`) holds identifiers and is cut off.
+    fn request_url(&self, url: &str) -> String {
+        let base = url.split_once('?').map_or(url, |(b, _)| b);
+        if is_resource_type(base) {
+            base.to_owned()
+        } else {
+            self.engine.pseudonymize_value(self.format, base)
+        }
+    }
+
+    fn fhir_resource(
+        &mut self,
+        resource: &Value,
+        location: &str,
+    ) -> Result<Option<Value>, EngineError> {
+        let object = resource
+            .as_object()
+            .ok_or_else(|| unexpected(location, "the FHIR resource is not a JSON object"))?;
+        match object.get("resourceType").and_then(Value::as_str) {
+            Some(t) if t == self.record_type => {}
+            Some(_) => {
+                return Err(unexpected(
+                    join(location, "resourceType"),
+                    "does not match the record type",
+                ))
+            }
+            None => {
+                return Err(unexpected(
+                    join(location, "resourceType"),
+                    "missing or not a string",
+                ))
+            }
+        }
+        let mut stack = Vec::new();
+        self.fhir_object(object, &mut stack, None)
+    }
+
+    fn fhir_object<'v>(
+        &mut self,
+        object: &'v Map<String, Value>,
+        stack: &mut Vec<Frame<'v>>,
+        governing: Option<Governing<'e>>,
+    ) -> Result<Option<Value>, EngineError> {
+        let mut out = Map::new();
+        for (name, value) in object {
+            let result = match value {
+                Value::Array(items) => {
+                    let mut kept = Vec::new();
+                    for item in items {
+                        if let Some(v) = self.fhir_element(name, item, stack, governing)? {
+                            kept.push(v);
+                        }
+                    }
+                    (!kept.is_empty()).then_some(Value::Array(kept))
+                }
+                _ => self.fhir_element(name, value, stack, governing)?,
+            };
+            if let Some(v) = result {
+                out.insert(name.clone(), v);
+            }
+        }
+        Ok((!out.is_empty()).then_some(Value::Object(out)))
+    }
+
+    /// One element (or one item of a repeating element): finds the best rule matching the
+    /// path exactly here; a deeper match outranks the inherited one unless that is typed.
+    fn fhir_element<'v>(
+        &mut self,
+        name: &'v str,
+        value: &'v Value,
+        stack: &mut Vec<Frame<'v>>,
+        inherited: Option<Governing<'e>>,
+    ) -> Result<Option<Value>, EngineError> {
+        stack.push(Frame { name, value });
+        let mut governing = inherited;
+        for (c, segments) in self.index.fhir(stack.len(), name) {
+            let matches = segments.iter().zip(stack.iter()).all(|(s, f)| {
+                glob_match(&s.name, f.name)
+                    && s.filter
+                        .as_ref()
+                        .is_none_or(|flt| filter_holds(flt, f.value))
+            });
+            if matches {
+                governing = better(governing, c);
+            }
+        }
+        let result = self.fhir_value(value, stack, governing);
+        stack.pop();
+        result
+    }
+
+    fn fhir_value<'v>(
+        &mut self,
+        value: &'v Value,
+        stack: &mut Vec<Frame<'v>>,
+        governing: Option<Governing<'e>>,
+    ) -> Result<Option<Value>, EngineError> {
+        match value {
+            Value::Object(object) => self.fhir_object(object, stack, governing),
+            Value::Array(items) => {
+                // Arrays of arrays are not FHIR JSON; handled like one repeating element.
+                let mut kept = Vec::new();
+                for item in items {
+                    if let Some(v) = self.fhir_value(item, stack, governing)? {
+                        kept.push(v);
+                    }
+                }
+                Ok((!kept.is_empty()).then_some(Value::Array(kept)))
+            }
+            _ => {
+                let path = stack.iter().map(|f| f.name).collect::<Vec<_>>().join(".");
+                self.leaf(value, &path, governing)
+            }
+        }
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // HL7 v2
+    // -----------------------------------------------------------------------------------------
+
+    fn hl7(&mut self, content: &Value) -> Result<Option<Value>, EngineError> {
+        let message = content
+            .as_object()
+            .ok_or_else(|| unexpected("", "HL7 content is not a JSON object"))?;
+        let segments = message
+            .get("segments")
+            .and_then(Value::as_array)
+            .ok_or_else(|| unexpected("segments", "missing or not an array"))?;
+        let mut out_segments = Vec::with_capacity(segments.len());
+        for (i, segment) in segments.iter().enumerate() {
+            out_segments.push(self.hl7_segment(i, segment)?);
+        }
+        for (key, value) in message {
+            if !matches!(
+                key.as_str(),
+                "segments" | "message_type" | "control_id" | "version"
+            ) {
+                self.drop_subtree(value, key);
+            }
+        }
+        // The summary keys are re-derived from the de-identified MSH, as ingestion derives
+        // them from the original, so they can never say more than MSH does.
+        let msh = out_segments
+            .iter()
+            .find(|s| s.get("id").and_then(Value::as_str) == Some("MSH"));
+        let get = |field: usize, component: usize| {
+            msh.and_then(|s| hl7_get(s, field, component))
+                .filter(|v| !v.is_empty())
+        };
+        let message_type = match (get(9, 1), get(9, 2)) {
+            (Some(t), Some(e)) => Value::String(format!("{t}^{e}")),
+            (Some(t), None) => Value::String(t.to_owned()),
+            _ => Value::Null,
+        };
+        let text = |v: Option<&str>| v.map_or(Value::Null, |s| Value::String(s.to_owned()));
+        let mut out = Map::new();
+        out.insert("message_type".to_owned(), message_type);
+        out.insert("control_id".to_owned(), text(get(10, 1)));
+        out.insert("version".to_owned(), text(get(12, 1)));
+        out.insert("segments".to_owned(), Value::Array(out_segments));
+        Ok(Some(Value::Object(out)))
+    }
+
+    fn hl7_segment(&mut self, index: usize, segment: &Value) -> Result<Value, EngineError> {
+        let at = |what: &str| format!("segments[{index}]{what}");
+        let object = segment
+            .as_object()
+            .ok_or_else(|| unexpected(at(""), "a segment is not a JSON object"))?;
+        let id = object
+            .get("id")
+            .and_then(Value::as_str)
+            .filter(|id| {
+                id.len() == 3
+                    && id
+                        .bytes()
+                        .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit())
+            })
+            .ok_or_else(|| unexpected(at(".id"), "missing or not a segment id"))?;
+        let fields = object
+            .get("fields")
+            .and_then(Value::as_array)
+            .ok_or_else(|| unexpected(at(".fields"), "missing or not an array"))?;
+        for (key, value) in object {
+            if key != "id" && key != "fields" {
+                self.drop_subtree(value, &format!("{id}.{key}"));
+            }
+        }
+        // OBX-2, the value type, for `when_type` rules.
+        let value_type = hl7_get(segment, 2, 1).map(str::to_owned);
+
+        let mut out_fields = Vec::with_capacity(fields.len());
+        for (f, field) in fields.iter().enumerate() {
+            let number = f + 1;
+            if id == "MSH" && number <= 2 {
+                // The delimiters, stored literally: structure, not data.
+                out_fields.push(field.clone());
+                continue;
+            }
+            let bad = || {
+                unexpected(
+                    at(&format!(".fields[{f}]")),
+                    "not a list of repetitions of components of subcomponent strings",
+                )
+            };
+            let repetitions = field.as_array().ok_or_else(bad)?;
+            let mut out_reps = Vec::new();
+            for repetition in repetitions {
+                let components = repetition.as_array().ok_or_else(bad)?;
+                let mut out_comps = Vec::with_capacity(components.len());
+                for (c, component) in components.iter().enumerate() {
+                    let subs = component.as_array().ok_or_else(bad)?;
+                    let mut out_subs = Vec::with_capacity(subs.len());
+                    for (s, sub) in subs.iter().enumerate() {
+                        if !sub.is_string() {
+                            return Err(bad());
+                        }
+                        let governing =
+                            self.hl7_governing(id, number, c + 1, s + 1, value_type.as_deref());
+                        let path = if s == 0 {
+                            format!("{id}-{number}.{}", c + 1)
+                        } else {
+                            format!("{id}-{number}.{}.{}", c + 1, s + 1)
+                        };
+                        let text = match self.leaf(sub, &path, governing)? {
+                            Some(Value::String(t)) => t,
+                            Some(other) => other.to_string(),
+                            None => String::new(),
+                        };
+                        out_subs.push(text);
+                    }
+                    while out_subs.last().is_some_and(String::is_empty) {
+                        out_subs.pop();
+                    }
+                    out_comps.push(out_subs);
+                }
+                while out_comps.last().is_some_and(Vec::is_empty) {
+                    out_comps.pop();
+                }
+                if !out_comps.is_empty() {
+                    let comps = out_comps
+                        .into_iter()
+                        .map(|subs| {
+                            let subs = if subs.is_empty() {
+                                vec![String::new()]
+                            } else {
+                                subs
+                            };
+                            Value::Array(subs.into_iter().map(Value::String).collect())
+                        })
+                        .collect();
+                    out_reps.push(Value::Array(comps));
+                }
+            }
+            out_fields.push(Value::Array(out_reps));
+        }
+        while out_fields
+            .last()
+            .is_some_and(|f| f.as_array().is_some_and(Vec::is_empty))
+        {
+            out_fields.pop();
+        }
+        let mut out = Map::new();
+        out.insert("id".to_owned(), Value::String(id.to_owned()));
+        out.insert("fields".to_owned(), Value::Array(out_fields));
+        Ok(Value::Object(out))
+    }
+
+    fn hl7_governing(
+        &self,
+        segment: &str,
+        field: usize,
+        component: usize,
+        subcomponent: usize,
+        value_type: Option<&str>,
+    ) -> Option<Governing<'e>> {
+        let mut governing = None;
+        for (c, p) in self.index.hl7(segment) {
+            let matches = p.segment.as_deref().is_none_or(|s| s == segment)
+                && p.field.is_none_or(|f| f == field)
+                && p.component.is_none_or(|x| x == component)
+                && p.subcomponent.is_none_or(|x| x == subcomponent)
+                && c.rule
+                    .when_type
+                    .as_ref()
+                    .is_none_or(|types| value_type.is_some_and(|t| types.contains(t)));
+            if matches {
+                governing = better(governing, c);
+            }
+        }
+        governing
+    }
+}
+
+fn join(prefix: &str, name: &str) -> String {
+    if prefix.is_empty() {
+        name.to_owned()
+    } else {
+        format!("{prefix}.{name}")
+    }
+}
+
+/// Subcomponent 1 of repetition 1 of `component` of `field` (1-based) of a segment.
+fn hl7_get(segment: &Value, field: usize, component: usize) -> Option<&str> {
+    segment
+        .get("fields")?
+        .get(field.checked_sub(1)?)?
+        .get(0)?
+        .get(component.checked_sub(1)?)?
+        .get(0)?
+        .as_str()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pipeline::crypto::Secret;
+
+    fn key(id: &str, byte: u8) -> KeyRef {
+        KeyRef {
+            id: id.to_owned(),
+            key: Secret::new([byte; 32]),
+        }
+    }
+
+    fn engine_with(policy: Policy) -> Engine {
+        Engine::new(
+            policy,
+            Keys {
+                pseudonym: key("p1", 0x22),
+                reidentify: Some(key("r1", 0x33)),
+            },
+            Context {
+                tenant: "t1".to_owned(),
+                reference_date: NaiveDate::from_ymd_opt(2026, 1, 1).unwrap(),
+            },
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn references_keep_their_shape() {
+        let e = engine_with(Policy::safe_harbor());
+        let p = e.pseudonym("123");
+        let f = |t: &str| e.pseudonymize_value(Format::FhirNdjson, t);
+        assert_eq!(f("Patient/123"), format!("Patient/{p}"));
+        assert_eq!(
+            f("https://x.example/fhir/Patient/123"),
+            format!("Patient/{p}")
+        );
+        assert_eq!(
+            f("Patient/123/_history/2"),
+            format!("Patient/{p}/_history/2")
+        );
+        assert_eq!(f("urn:uuid:123"), format!("urn:uuid:{p}"));
+        assert_eq!(f("#123"), format!("#{p}"));
+        assert_eq!(f("123"), p);
+        assert_eq!(
+            f("Patient?identifier=123"),
+            e.pseudonym("Patient?identifier=123")
+        );
+        // HL7 and CSV values are opaque, so PID-3 `A/123` still links to its patient_link.
+        assert_eq!(
+            e.pseudonymize_value(Format::Hl7v2, "Patient/123"),
+            e.pseudonym("Patient/123")
+        );
+    }
+
+    #[test]
+    fn pseudonyms_are_tenant_and_domain_separated() {
+        let e = engine_with(Policy::safe_harbor());
+        let mut other = engine_with(Policy::safe_harbor());
+        other.ctx.tenant = "t2".to_owned();
+        assert_ne!(e.pseudonym("123"), other.pseudonym("123"));
+        assert_eq!(e.pseudonym("123").len(), 64);
+        let mut shifted = engine_with(Policy::safe_harbor());
+        shifted.ctx.tenant = "t".to_owned();
+        // Length prefix: (t, "1123") is not (t1, "123").
+        assert_ne!(shifted.pseudonym("1123"), e.pseudonym("123"));
+    }
+
+    #[test]
+    fn date_shift_is_bounded_and_never_zero() {
+        let e = engine_with(Policy::safe_harbor());
+        let max = i64::from(e.policy.settings.date_shift_max_days);
+        let mut signs = (false, false);
+        for i in 0..2000 {
+            let s = e.date_shift_days(&format!("p{i}"));
+            assert!(s != 0 && s.abs() <= max, "{s}");
+            if s > 0 {
+                signs.0 = true;
+            } else {
+                signs.1 = true;
+            }
+        }
+        assert_eq!(signs, (true, true));
+    }
+
+    #[test]
+    fn zips() {
+        let restricted = ["036".to_owned()].into_iter().collect();
+        let z = |t: &str| generalize_zip(t, &restricted);
+        assert_eq!(z("01103").as_deref(), Some("011"));
+        assert_eq!(z("03601").as_deref(), Some("000"));
+        assert_eq!(z("01103-1234").as_deref(), Some("011"));
+        assert_eq!(z("011031234").as_deref(), Some("011"));
+        for bad in [
+            "V4V 2S7",
+            "0110",
+            "01103-",
+            "0110a",
+            "011-031234",
+            "1234567",
+        ] {
+            assert_eq!(z(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn encrypt_needs_the_key_at_construction() {
+        let policy = Policy::from_toml(
+            r#"name = "t"
+version = "1"
+[settings]
+dates = "year"
+restricted_zip3 = []
+[[rule]]
+id = "ssn-escrow"
+category = 7
+formats = ["csv"]
+paths = ["SSN"]
+method = "encrypt"
+"#,
+        )
+        .unwrap();
+        let err = Engine::new(
+            policy.clone(),
+            Keys {
+                pseudonym: key("p1", 0x22),
+                reidentify: None,
+            },
+            Context {
+                tenant: "t".into(),
+                reference_date: NaiveDate::from_ymd_opt(2026, 1, 1).unwrap(),
+            },
+        )
+        .unwrap_err();
+        assert_eq!(err, EngineError::MissingKey("ssn-escrow".into()));
+        assert!(err.to_string().contains("ssn-escrow"));
+
+        let e = engine_with(policy);
+        let body = SourceRecordBody {
+            patient_link: Some("p".into()),
+            content: serde_json::json!({"SSN": "999-12-3456"}),
+            original: "999-12-3456".into(),
+        };
+        let out = e
+            .anonymize("csv", "Patient", &body, &Known::default())
+            .unwrap();
+        let sealed = out.content["SSN"].as_str().unwrap();
+        let b64 = sealed.strip_prefix("enc:v1:r1:").unwrap();
+        let blob = base64::engine::general_purpose::STANDARD
+            .decode(b64)
+            .unwrap();
+        let (nonce, ct) = blob.split_at(12);
+        let plain = pipeline::crypto::open(&key("r1", 0x33), nonce, ct, b"ssn-escrow").unwrap();
+        assert_eq!(plain, b"999-12-3456");
+        assert!(pipeline::crypto::open(&key("r1", 0x33), nonce, ct, b"other-rule").is_err());
+    }
+
+    #[test]
+    fn errors_carry_no_values() {
+        let e = engine_with(Policy::safe_harbor());
+        let body = |content: Value, link: Option<&str>| SourceRecordBody {
+            patient_link: link.map(str::to_owned),
+            content,
+            original: "Secretname".into(),
+        };
+        let known = Known::default();
+        assert_eq!(
+            e.anonymize("csv", "Patient", &body(serde_json::json!({}), None), &known),
+            Err(EngineError::NoPatientLink)
+        );
+        assert_eq!(
+            e.anonymize(
+                "xml",
+                "Patient",
+                &body(serde_json::json!({}), Some("1")),
+                &known
+            ),
+            Err(EngineError::UnsupportedFormat("xml".into()))
+        );
+        let wrong_type = body(
+            serde_json::json!({"resourceType": "Secretname", "id": "1"}),
+            Some("1"),
+        );
+        let err = e
+            .anonymize("fhir-ndjson", "Patient", &wrong_type, &known)
+            .unwrap_err();
+        assert!(!err.to_string().contains("Secretname"), "{err}");
+        let bad_hl7 = body(
+            serde_json::json!({"segments": [{"id": "PID", "fields": [[[["1"]]], "Secretname"]}]}),
+            Some("1"),
+        );
+        let err = e
+            .anonymize("hl7v2", "ADT^A01", &bad_hl7, &known)
+            .unwrap_err();
+        assert!(
+            matches!(&err, EngineError::UnexpectedStructure { path, .. } if path == "segments[0].fields[1]")
+        );
+        assert!(!err.to_string().contains("Secretname"), "{err}");
+    }
+
+    #[test]
+    fn known_identifiers_come_from_identifier_rules_only() {
+        let e = engine_with(Policy::safe_harbor());
+        let body = SourceRecordBody {
+            patient_link: Some("pat-1".into()),
+            content: serde_json::json!({
+                "resourceType": "Patient", "id": "pat-1",
+                "name": [{"family": "Quigley111", "given": ["Zelda43"], "prefix": ["Mrs."]}],
+                "telecom": [{"system": "email", "value": "z@example.org"}],
+                "identifier": [{"system": "http://hl7.org/fhir/sid/us-ssn", "value": "999-45-6789"}],
+                "address": [{"line": ["45 Sample Avenue"], "state": "NH", "postalCode": "03601"}],
+                "birthDate": "1930-06-15", "gender": "female"
+            }),
+            original: String::new(),
+        };
+        let extra = Known {
+            names: vec!["Otto12".into(), "Zelda43".into()],
+            identifiers: vec!["X".into()],
+        };
+        let known = e
+            .known_identifiers("fhir-ndjson", "Patient", &body, &extra)
+            .unwrap();
+        assert_eq!(known.names, ["Quigley111", "Zelda43", "Otto12"]);
+        for id in [
+            "z@example.org",
+            "999-45-6789",
+            "45 Sample Avenue",
+            "03601",
+            "pat-1",
+        ] {
+            assert!(known.identifiers.iter().any(|k| k == id), "{id}: {known:?}");
+        }
+        // Kept values, dates, name affixes (category 0) and one-character values are not
+        // identifiers to look for.
+        for not in [
+            "NH",
+            "female",
+            "1930-06-15",
+            "Mrs.",
+            "X",
+            "email",
+            "http://hl7.org/fhir/sid/us-ssn",
+        ] {
+            assert!(
+                !known
+                    .names
+                    .iter()
+                    .chain(&known.identifiers)
+                    .any(|k| k == not),
+                "{not}: {known:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn precedence_and_substitute() {
+        let policy = Policy::from_toml(
+            r#"name = "t"
+version = "1"
+[settings]
+dates = "year"
+restricted_zip3 = []
+[[rule]]
+id = "all-codes"
+category = 0
+formats = ["csv"]
+paths = ["*CODE"]
+method = "keep"
+[[rule]]
+id = "reason-codes"
+category = 0
+formats = ["csv"]
+paths = ["REASON*"]
+method = "redact"
+[[rule]]
+id = "patient-note"
+category = 1
+formats = ["csv"]
+resource_types = ["Patient"]
+paths = ["N*"]
+method = "substitute"
+value = "[removed]"
+[[rule]]
+id = "note"
+category = 0
+formats = ["csv"]
+paths = ["NOTE"]
+method = "keep"
+"#,
+        )
+        .unwrap();
+        let e = engine_with(policy);
+        let row = serde_json::json!({"CODE": "1", "REASONCODE": "2", "NOTE": "Zelda", "X": "y"});
+        let body = SourceRecordBody {
+            patient_link: Some("p".into()),
+            content: row,
+            original: String::new(),
+        };
+        let known = Known::default();
+        let patient = e.anonymize("csv", "Patient", &body, &known).unwrap();
+        // A typed glob beats an untyped exact name; between globs, more literal characters
+        // win (`REASON*` over `*CODE`).
+        assert_eq!(
+            patient.content,
+            serde_json::json!({"CODE": "1", "NOTE": "[removed]"})
+        );
+        assert_eq!(patient.report.default_redactions.get("X"), Some(&1));
+        let other = e.anonymize("csv", "Encounter", &body, &known).unwrap();
+        assert_eq!(
+            other.content,
+            serde_json::json!({"CODE": "1", "NOTE": "Zelda"})
+        );
+    }
+
+    #[test]
+    fn filters() {
+        let f = Filter {
+            path: vec!["type".into(), "coding".into(), "code".into()],
+            value: "MR".into(),
+        };
+        let id =
+            serde_json::json!({"type": {"coding": [{"code": "XX"}, {"code": "MR"}]}, "value": "1"});
+        assert!(filter_holds(&f, &id));
+        let other = serde_json::json!({"type": {"coding": [{"code": "SS"}]}});
+        assert!(!filter_holds(&f, &other));
+    }
+}

@@ -1,0 +1,1488 @@
+//! Free-text scrubber for narrative fields (FHIR `Annotation.text`, `Narrative.div`,
+//! HL7 NTE/OBX text, CSV note columns): replaces identifiers with typed placeholders
+//! such as `[NAME]`, `[DATE]`, `[SSN]`.
+//!
+//! # What this can and cannot do
+//!
+//! This is regex-and-dictionary scrubbing. It is a safety net, not a guarantee.
+//!
+//! It **catches**: identifiers written in common formats (SSNs, US phone/fax numbers,
+//! e-mail addresses, URLs, IPv4/IPv6 addresses, labelled MRNs and account/member/policy
+//! numbers, dates other than a bare year, ZIP codes after a state or "zip", ages over 89),
+//! every name and identifier already known from the record's structured fields (the
+//! [`Known`] lists), and names written after a title (`Dr. Smith`, `Mrs. O'Neil`).
+//!
+//! It **will miss**: names it was not told about and that carry no title (a relative's
+//! first name, a neighbour, an employer), misspelled or abbreviated names, nicknames,
+//! identifiers in unusual formats or without a label, street addresses and towns,
+//! identifiers split across lines or markup, month/day dates without a year unless
+//! after a date word (`on 12/25` is caught, `12/25` alone is not: it looks like a score),
+//! and contextual re-identification (a rare diagnosis, an occupation, "the mayor's
+//! wife", an event reported in the news).
+//!
+//! It **can over-redact**: numbers that merely look like phone numbers, SSNs or dates,
+//! lab accession numbers shaped like `YYYYMMDD`, capitalised words after a title, and
+//! known names that are also ordinary words (`Rose`, `Brown`, `Will`).
+//!
+//! Policy recommendation: keep narrative fields **redacted by default** and enable
+//! scrubbing only for fields where the analytics value justifies the residual risk, with
+//! an expert review or sampling audit of the scrubbed output. Safe Harbor requires that
+//! the covered entity has no actual knowledge that the remaining information could
+//! identify the individual; a scrubber alone does not establish that.
+//!
+//! # Matching rules
+//!
+//! * Known names: case-insensitive, whole word (a possessive `'s` stays outside the
+//!   placeholder: `Ann's` -> `[NAME]'s`). Multi-word names are also matched word by
+//!   word (`Ann Smith` also hides a lone `Smith`), except particles such as `de`, `van`.
+//!   Names shorter than 2 characters are ignored. Non-ASCII names are matched as given,
+//!   lower/upper/title-cased and with Latin diacritics removed (`José` finds `JOSE`).
+//! * Known identifiers: case-insensitive literal anywhere (ids are often glued to
+//!   punctuation); values shorter than 3 characters (after trimming) are ignored because
+//!   they would destroy ordinary text. Ids with separators are also matched with the
+//!   separators removed (`123-45-6789` also finds `123456789`) when that leaves ≥ 6 chars.
+//! * Overlapping candidates are merged into one replacement whose type is that of the
+//!   longest candidate (ties: known name, known id, then SSN, e-mail, URL, IP, phone,
+//!   MRN, date, labelled id, ZIP, age, titled name). So a date inside a URL yields one `[URL]`, and no fragment of any
+//!   detected identifier survives. Labels are kept: `MRN: A123` -> `MRN: [MRN]`,
+//!   `Dr. Smith` -> `Dr. [NAME]`.
+//! * URLs of standard namespaces/terminologies (`w3.org`, `hl7.org`, `loinc.org`,
+//!   `snomed.info`, `unitsofmeasure.org`) are kept so `Narrative.div` stays valid XHTML.
+//! * Ages 90 and over become `[AGE]` (`a [AGE]-year-old`); younger ages are kept.
+//! * If the scrubber cannot be built (cannot happen with the built-in patterns, but is
+//!   handled), it fails closed: the whole text becomes `[REDACTED]`.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::Ipv6Addr;
+use std::sync::OnceLock;
+
+use aho_corasick::{AhoCorasick, AhoCorasickKind, MatchKind};
+use regex::{Captures, Regex};
+
+/// Identifiers known from the structured fields of the same record (and patient).
+#[derive(Debug, Clone, Default)]
+pub struct Known {
+    /// Personal names (given, family, full), replaced by `[NAME]` wherever they occur.
+    pub names: Vec<String>,
+    /// Other identifiers (MRN, SSN, phone, email, address lines, ids), replaced by `[ID]`.
+    pub identifiers: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Scrubbed {
+    pub text: String,
+    /// Placeholder type (e.g. "NAME", "DATE", "SSN") -> number of replacements.
+    pub counts: BTreeMap<&'static str, u64>,
+}
+
+/// Every placeholder this module can emit (`[REDACTED]` only when failing closed).
+pub const PLACEHOLDERS: &[&str] = &[
+    "[NAME]",
+    "[ID]",
+    "[SSN]",
+    "[EMAIL]",
+    "[URL]",
+    "[IP]",
+    "[PHONE]",
+    "[MRN]",
+    "[DATE]",
+    "[ZIP]",
+    "[AGE]",
+    "[REDACTED]",
+];
+
+/// Kind of identifier; `as_str()` is the key used in [`Scrubbed::counts`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Kind {
+    Name,
+    Id,
+    Ssn,
+    Email,
+    Url,
+    Ip,
+    Phone,
+    Mrn,
+    Date,
+    Zip,
+    Age,
+    /// Whole text withheld because the scrubber could not run (fail closed).
+    Redacted,
+}
+
+impl Kind {
+    /// Count key, e.g. `"SSN"`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Name => "NAME",
+            Kind::Id => "ID",
+            Kind::Ssn => "SSN",
+            Kind::Email => "EMAIL",
+            Kind::Url => "URL",
+            Kind::Ip => "IP",
+            Kind::Phone => "PHONE",
+            Kind::Mrn => "MRN",
+            Kind::Date => "DATE",
+            Kind::Zip => "ZIP",
+            Kind::Age => "AGE",
+            Kind::Redacted => "REDACTED",
+        }
+    }
+
+    /// Placeholder written into the text, e.g. `"[SSN]"`.
+    pub fn placeholder(self) -> &'static str {
+        match self {
+            Kind::Name => "[NAME]",
+            Kind::Id => "[ID]",
+            Kind::Ssn => "[SSN]",
+            Kind::Email => "[EMAIL]",
+            Kind::Url => "[URL]",
+            Kind::Ip => "[IP]",
+            Kind::Phone => "[PHONE]",
+            Kind::Mrn => "[MRN]",
+            Kind::Date => "[DATE]",
+            Kind::Zip => "[ZIP]",
+            Kind::Age => "[AGE]",
+            Kind::Redacted => "[REDACTED]",
+        }
+    }
+}
+
+/// Tie-break rank (lower wins) for equally long overlapping candidates.
+const RANK_KNOWN_NAME: u8 = 0;
+const RANK_KNOWN_ID: u8 = 1;
+
+fn pattern_rank(kind: Kind, titled_name: bool) -> u8 {
+    if titled_name {
+        return 20;
+    }
+    match kind {
+        Kind::Ssn => 2,
+        Kind::Email => 3,
+        Kind::Url => 4,
+        Kind::Ip => 5,
+        Kind::Phone => 6,
+        Kind::Mrn => 7,
+        Kind::Date => 8,
+        Kind::Id => 9,
+        Kind::Zip => 10,
+        Kind::Age => 11,
+        Kind::Name => 12,
+        Kind::Redacted => 13,
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Small text helpers (all total: they never panic on any index).
+
+fn prev_char(text: &str, i: usize) -> Option<char> {
+    text.get(..i)?.chars().next_back()
+}
+
+fn next_char(text: &str, i: usize) -> Option<char> {
+    text.get(i..)?.chars().next()
+}
+
+fn is_digit(c: Option<char>) -> bool {
+    c.is_some_and(|c| c.is_ascii_digit())
+}
+
+fn is_alnum(c: Option<char>) -> bool {
+    c.is_some_and(char::is_alphanumeric)
+}
+
+/// No ASCII digit directly before `s` or after `e` (the match is not part of a longer number).
+fn digit_bounded(text: &str, s: usize, e: usize) -> bool {
+    !is_digit(prev_char(text, s)) && !is_digit(next_char(text, e))
+}
+
+fn num(caps: &Captures<'_>, i: usize) -> Option<u32> {
+    caps.get(i)?.as_str().parse().ok()
+}
+
+fn days_in_month(year: Option<u32>, month: u32) -> u32 {
+    match month {
+        1 | 3 | 5 | 7 | 8 | 10 | 12 => 31,
+        4 | 6 | 9 | 11 => 30,
+        2 => match year {
+            Some(y) if !(y % 4 == 0 && (y % 100 != 0 || y % 400 == 0)) => 28,
+            _ => 29,
+        },
+        _ => 0,
+    }
+}
+
+fn valid_ymd(y: Option<u32>, m: u32, d: u32) -> bool {
+    (1..=12).contains(&m) && d >= 1 && d <= days_in_month(y, m)
+}
+
+fn whole(caps: &Captures<'_>) -> Option<(usize, usize)> {
+    let m = caps.get(0)?;
+    Some((m.start(), m.end()))
+}
+
+/// First participating capture group >= 1 (rules put the value to hide in a group).
+fn first_group<'h>(caps: &Captures<'h>) -> Option<regex::Match<'h>> {
+    (1..caps.len()).find_map(|i| caps.get(i))
+}
+
+// ---------------------------------------------------------------------------
+// Pattern rules.
+
+/// Given the captures of a match and the full text, returns the byte span to replace,
+/// or `None` to reject the match (the search then resumes one character later).
+type SpanFn = fn(&Captures<'_>, &str) -> Option<(usize, usize)>;
+
+struct Rule {
+    kind: Kind,
+    rank: u8,
+    re: Regex,
+    span: SpanFn,
+}
+
+fn span_whole_digit_bounded(caps: &Captures<'_>, text: &str) -> Option<(usize, usize)> {
+    let (s, e) = whole(caps)?;
+    digit_bounded(text, s, e).then_some((s, e))
+}
+
+fn span_group_digit_bounded(caps: &Captures<'_>, text: &str) -> Option<(usize, usize)> {
+    let m = first_group(caps)?;
+    digit_bounded(text, m.start(), m.end()).then_some((m.start(), m.end()))
+}
+
+fn span_intl_phone(caps: &Captures<'_>, text: &str) -> Option<(usize, usize)> {
+    let (s, e) = whole(caps)?;
+    let digits = caps
+        .get(0)?
+        .as_str()
+        .bytes()
+        .filter(u8::is_ascii_digit)
+        .count();
+    ((8..=15).contains(&digits) && digit_bounded(text, s, e)).then_some((s, e))
+}
+
+fn span_whole(caps: &Captures<'_>, _text: &str) -> Option<(usize, usize)> {
+    whole(caps)
+}
+
+/// Hosts of standard namespaces and terminologies: never patient identifiers, and
+/// `Narrative.div` must keep `xmlns="http://www.w3.org/1999/xhtml"` to stay valid.
+const URL_ALLOW_HOSTS: &[&str] = &[
+    "w3.org",
+    "hl7.org",
+    "loinc.org",
+    "snomed.info",
+    "unitsofmeasure.org",
+];
+
+fn span_url(caps: &Captures<'_>, _text: &str) -> Option<(usize, usize)> {
+    let m = caps.get(0)?;
+    let trimmed = m
+        .as_str()
+        .trim_end_matches(['.', ',', ';', ':', '!', '?', '*', '\'']);
+    // Reject a bare scheme/prefix with nothing after it.
+    let body = trimmed
+        .split_once("://")
+        .map_or(trimmed.get(4..).unwrap_or(""), |(_, b)| b);
+    let host = body
+        .split(['/', ':', '?', '#'])
+        .next()
+        .unwrap_or("")
+        .to_ascii_lowercase();
+    let host = host.strip_prefix("www.").unwrap_or(&host);
+    let allowed = URL_ALLOW_HOSTS
+        .iter()
+        .any(|d| host == *d || host.strip_suffix(d).is_some_and(|h| h.ends_with('.')));
+    (!body.is_empty() && !allowed).then_some((m.start(), m.start() + trimmed.len()))
+}
+
+fn span_ipv4(caps: &Captures<'_>, text: &str) -> Option<(usize, usize)> {
+    let (s, e) = whole(caps)?;
+    let before = prev_char(text, s);
+    let before_ok =
+        !(is_digit(before) || (before == Some('.') && is_digit(prev_char(text, s - 1))));
+    let after = next_char(text, e);
+    let after_ok = !(is_digit(after) || (after == Some('.') && is_digit(next_char(text, e + 1))));
+    (before_ok && after_ok).then_some((s, e))
+}
+
+fn span_ipv6(caps: &Captures<'_>, text: &str) -> Option<(usize, usize)> {
+    let m = caps.get(0)?;
+    let cand = m.as_str();
+    let hex = cand.bytes().filter(u8::is_ascii_hexdigit).count();
+    let ok = hex >= 4
+        && cand.parse::<Ipv6Addr>().is_ok()
+        && !is_alnum(prev_char(text, m.start()))
+        && !is_alnum(next_char(text, m.end()));
+    ok.then_some((m.start(), m.end()))
+}
+
+/// Value of a labelled identifier: must contain a digit and be at least `min` chars.
+fn labelled_value(caps: &Captures<'_>, text: &str, min: usize) -> Option<(usize, usize)> {
+    let m = first_group(caps)?;
+    let v = m.as_str();
+    let ok = v.len() >= min
+        && v.bytes().any(|b| b.is_ascii_digit())
+        && !is_alnum(next_char(text, m.end()));
+    ok.then_some((m.start(), m.end()))
+}
+
+fn span_mrn_value(caps: &Captures<'_>, text: &str) -> Option<(usize, usize)> {
+    labelled_value(caps, text, 3)
+}
+
+fn span_id_value(caps: &Captures<'_>, text: &str) -> Option<(usize, usize)> {
+    labelled_value(caps, text, 4)
+}
+
+/// ISO-like `YYYY-MM-DD[Thh:mm[:ss][Z|±hh:mm]]`, groups: 1 year, 2 month, 3 day.
+fn span_date_ymd(caps: &Captures<'_>, text: &str) -> Option<(usize, usize)> {
+    let (s, e) = whole(caps)?;
+    let y = num(caps, 1)?;
+    let ok = (1800..=2199).contains(&y) && valid_ymd(Some(y), num(caps, 2)?, num(caps, 3)?);
+    (ok && digit_bounded(text, s, e)).then_some((s, e))
+}
+
+/// Numeric `a SEP b SEP year`: US month/day or European day.month order.
+/// Groups: 1 a, 2 sep1, 3 b, 4 sep2, 5 year.
+fn span_date_numeric(caps: &Captures<'_>, text: &str) -> Option<(usize, usize)> {
+    let (s, e) = whole(caps)?;
+    let (a, b) = (num(caps, 1)?, num(caps, 3)?);
+    let sep = caps.get(2)?.as_str();
+    let year = caps.get(5)?.as_str();
+    if sep != caps.get(4)?.as_str() {
+        return None;
+    }
+    // Two-digit years only with slashes (`1/31/20`); dots and dashes need four digits.
+    if year.len() == 2 && sep != "/" {
+        return None;
+    }
+    let y = year.parse::<u32>().ok().filter(|_| year.len() == 4);
+    if let Some(y) = y {
+        if !(1800..=2199).contains(&y) {
+            return None;
+        }
+    }
+    let ok = valid_ymd(y, a, b) || valid_ymd(y, b, a);
+    (ok && digit_bounded(text, s, e)).then_some((s, e))
+}
+
+/// Month-name dates; group 1 (if present) is the day, which must be 1..=31.
+fn span_date_named(caps: &Captures<'_>, text: &str) -> Option<(usize, usize)> {
+    let (s, e) = whole(caps)?;
+    if let Some(d) = num(caps, 1) {
+        if !(1..=31).contains(&d) {
+            return None;
+        }
+    }
+    let after = next_char(text, e);
+    let ok = digit_bounded(text, s, e) && after != Some(':');
+    ok.then_some((s, e))
+}
+
+/// Month/year: `03/2019` (groups 1 month, 2 year) or `2019-03` (groups 3 year, 4 month).
+fn span_date_month_year(caps: &Captures<'_>, text: &str) -> Option<(usize, usize)> {
+    let (s, e) = whole(caps)?;
+    let after = next_char(text, e);
+    let trailing_sep = matches!(after, Some('/' | '-' | '.')) && is_digit(next_char(text, e + 1));
+    let before = prev_char(text, s);
+    let leading_sep =
+        matches!(before, Some('/' | '-' | '.')) && s > 0 && is_digit(prev_char(text, s - 1));
+    (digit_bounded(text, s, e) && !trailing_sep && !leading_sep).then_some((s, e))
+}
+
+/// HL7 `YYYYMMDD[HH[MM[SS]]]`: groups 1 year, 2 month, 3 day.
+fn span_date_hl7(caps: &Captures<'_>, text: &str) -> Option<(usize, usize)> {
+    let (s, e) = whole(caps)?;
+    let y = num(caps, 1)?;
+    let ok = valid_ymd(Some(y), num(caps, 2)?, num(caps, 3)?);
+    (ok && digit_bounded(text, s, e)).then_some((s, e))
+}
+
+/// Age over 89 (Safe Harbor requires aggregation to "90 or older"): only the number is replaced.
+fn span_age(caps: &Captures<'_>, text: &str) -> Option<(usize, usize)> {
+    let m = first_group(caps)?;
+    let age: u32 = m.as_str().parse().ok()?;
+    ((90..=130).contains(&age) && digit_bounded(text, m.start(), m.end()))
+        .then_some((m.start(), m.end()))
+}
+
+fn span_titled_name(caps: &Captures<'_>, _text: &str) -> Option<(usize, usize)> {
+    let m = caps.get(1)?;
+    // Keep a possessive outside the placeholder: `Dr. Brown's` -> `Dr. [NAME]'s`.
+    let name = m.as_str();
+    let name = name
+        .strip_suffix("'s")
+        .or_else(|| name.strip_suffix("\u{2019}s"))
+        .unwrap_or(name);
+    Some((m.start(), m.start() + name.len()))
+}
+
+/// Month/day without a year after a date word (`on 12/25`): groups 1 month, 2 day.
+fn span_date_context_md(caps: &Captures<'_>, text: &str) -> Option<(usize, usize)> {
+    let (m, d) = (num(caps, 1)?, num(caps, 2)?);
+    let s = caps.get(1)?.start();
+    let e = caps.get(2)?.end();
+    let after = next_char(text, e);
+    // `on 1/2 tab`, `since 3/4 dose` are fractions, not dates.
+    let next_word: String = text
+        .get(e..)
+        .unwrap_or("")
+        .trim_start()
+        .chars()
+        .take_while(|c| c.is_alphabetic())
+        .flat_map(char::to_lowercase)
+        .collect();
+    let fraction = matches!(
+        next_word.as_str(),
+        "tab"
+            | "tabs"
+            | "tablet"
+            | "tablets"
+            | "cap"
+            | "caps"
+            | "capsule"
+            | "dose"
+            | "doses"
+            | "mg"
+            | "ml"
+            | "strength"
+            | "of"
+            | "units"
+            | "unit"
+            | "pill"
+            | "pills"
+            | "cup"
+            | "cups"
+            | "inch"
+            | "in"
+    );
+    let continues_number = matches!(after, Some('.' | ',')) && is_digit(next_char(text, e + 1));
+    let ok = valid_ymd(None, m, d)
+        && !is_digit(after)
+        && !matches!(after, Some('/' | '-'))
+        && !continues_number;
+    (ok && !fraction).then_some((s, e))
+}
+
+/// Month-name alternation: Title and UPPER case for all names and abbreviations, plus
+/// lower-case full names except the ordinary words "may", "march", "august".
+fn month_alternation() -> String {
+    const MONTHS: [(&str, &[&str]); 12] = [
+        ("January", &["Jan"]),
+        ("February", &["Feb"]),
+        ("March", &["Mar"]),
+        ("April", &["Apr"]),
+        ("May", &[]),
+        ("June", &["Jun"]),
+        ("July", &["Jul"]),
+        ("August", &["Aug"]),
+        ("September", &["Sept", "Sep"]),
+        ("October", &["Oct"]),
+        ("November", &["Nov"]),
+        ("December", &["Dec"]),
+    ];
+    let mut alts: Vec<String> = Vec::new();
+    for (full, abbrs) in MONTHS {
+        alts.push(full.to_string());
+        alts.push(full.to_uppercase());
+        if !matches!(full, "May" | "March" | "August") {
+            alts.push(full.to_lowercase());
+        }
+        for a in abbrs {
+            alts.push((*a).to_string());
+            alts.push(a.to_uppercase());
+        }
+    }
+    alts.sort_by_key(|a| std::cmp::Reverse(a.len()));
+    alts.dedup();
+    format!(r"\b(?:{})\b\.?", alts.join("|"))
+}
+
+const US_STATES: &str = "AL|AK|AZ|AR|CA|CO|CT|DE|DC|FL|GA|HI|ID|IL|IN|IA|KS|KY|LA|ME|MD|MA|MI|MN|MS|MO|MT|NE|NV|NH|NJ|NM|NY|NC|ND|OH|OK|OR|PA|RI|SC|SD|TN|TX|UT|VT|VA|WA|WV|WI|WY|PR|VI|GU|AS|MP";
+
+fn build_rules() -> Result<Vec<Rule>, regex::Error> {
+    let month = month_alternation();
+    // Value of a labelled identifier (MRN, account number...).
+    let value = r"([a-z0-9](?:[a-z0-9/-]*[a-z0-9])?)";
+    let specs: Vec<(Kind, bool, String, SpanFn)> = vec![
+        // --- SSN
+        (
+            Kind::Ssn,
+            false,
+            r"\d{3}-\d{2}-\d{4}|\d{3} \d{2} \d{4}|\d{3}\.\d{2}\.\d{4}".into(),
+            span_whole_digit_bounded,
+        ),
+        (
+            Kind::Ssn,
+            false,
+            r"(?i)\b(?:ssn|ss#|soc(?:ial)?\.?\s*sec(?:urity)?\.?)(?:\s*(?:number|num|no\.?|#))?\s*[:#=]?\s*(\d{9}|\d{3}[ .-]?\d{2}[ .-]?\d{4})".into(),
+            span_group_digit_bounded,
+        ),
+        // --- PHONE
+        (
+            Kind::Phone,
+            false,
+            concat!(
+                r"(?:\+?1[ .-]?)?\(\d{3}\)[ .-]?\d{3}[ .-]\d{4}",
+                r"|(?:\+?1[ .-])?\d{3}[.-]\d{3}[.-]\d{4}",
+                r"|(?:\+?1 )?\d{3} \d{3} \d{4}",
+                r"|\d{3}[ .-]\d{4}[ .-]\d{4}",
+            )
+            .into(),
+            span_whole_digit_bounded,
+        ),
+        (
+            Kind::Phone,
+            false,
+            r"(?i)\b(?:tel(?:ephone)?|phone|ph|fax|cell(?:\s*phone)?|mobile|mob|pager|beeper|contact(?:\s+(?:number|no\.?|#))?|call(?:\s+at)?)\.?\s*(?:no\.?|number|num|#)?\s*[:#=]?\s*(\+?1?[ .-]?\d{10}|\d{3}[ .-]\d{4})".into(),
+            span_group_digit_bounded,
+        ),
+        (
+            Kind::Phone,
+            false,
+            r"\+[1-9]\d{0,2}[ .-]?\(?\d{1,4}\)?(?:[ .-]\d{2,5}){1,4}".into(),
+            span_intl_phone,
+        ),
+        // --- EMAIL, URL, IP
+        (
+            Kind::Email,
+            false,
+            r"[\p{L}\p{N}._%+\-]+@(?:[\p{L}\p{N}\-]+\.)+\p{L}{2,}".into(),
+            span_whole,
+        ),
+        (
+            Kind::Url,
+            false,
+            r#"(?i)\b(?:(?:https?|ftp)://|www\.)[^\s<>"'()\[\]{}|\\^`]+"#.into(),
+            span_url,
+        ),
+        (
+            Kind::Ip,
+            false,
+            r"(?:(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)\.){3}(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)".into(),
+            span_ipv4,
+        ),
+        (
+            Kind::Ip,
+            false,
+            r"(?i)(?:[0-9a-f]{1,4}|:)(?::[0-9a-f]{0,4}){2,7}".into(),
+            span_ipv6,
+        ),
+        // --- MRN
+        (
+            Kind::Mrn,
+            false,
+            format!(
+                r"(?i)\b(?:mrn|mr\s*#|mr\s*(?:no\.?|num(?:ber)?)|medical\s+record(?:\s*(?:number|num|no\.?|#))?|med\.?\s*rec(?:ord)?\.?\s*(?:#|no\.?|num(?:ber)?)?|chart\s*(?:#|no\.?|num(?:ber)?))\s*[:#=]?\s*(?:is\s+)?{value}"
+            ),
+            span_mrn_value,
+        ),
+        (
+            Kind::Mrn,
+            false,
+            r"(?i)\bmrn[-_:#]?[a-z0-9]*\d[a-z0-9]*\b".into(),
+            span_whole,
+        ),
+        // --- labelled account / member / policy / licence / device numbers
+        (
+            Kind::Id,
+            false,
+            format!(
+                r"(?i)\b(?:account|acct|member|subscriber|policy|beneficiary|insurance|health\s*plan|claim|encounter|case|license|licence|lic|certificate|cert|device|serial|vin|passport|patient|pt)\.?\s*(?:id|#|no\.?|num(?:ber)?)\s*[:#=]?\s*{value}"
+            ),
+            span_id_value,
+        ),
+        // --- DATE
+        (
+            Kind::Date,
+            false,
+            r"(\d{4})[-/.](\d{1,2})[-/.](\d{1,2})(?:[T ]\d{1,2}:\d{2}(?::\d{2}(?:[.,]\d+)?)?(?:\s?(?:Z|[+-]\d{2}:?\d{2}))?)?".into(),
+            span_date_ymd,
+        ),
+        (
+            Kind::Date,
+            false,
+            r"(\d{1,2})([/.-])(\d{1,2})([/.-])(\d{4}|\d{2})".into(),
+            span_date_numeric,
+        ),
+        (
+            Kind::Date,
+            false,
+            format!(r"{month}\s*(\d{{1,2}})(?:st|nd|rd|th)?\b(?:,?\s+\d{{4}})?"),
+            span_date_named,
+        ),
+        (
+            Kind::Date,
+            false,
+            format!(r"(\d{{1,2}})(?:st|nd|rd|th)?(?:\s+of\s+|[\s/-]+){month}(?:,?[\s/-]*(?:\d{{4}}|\d{{2}}\b))?"),
+            span_date_named,
+        ),
+        (
+            Kind::Date,
+            false,
+            format!(r"{month},?\s+\d{{4}}"),
+            span_date_named,
+        ),
+        (
+            Kind::Date,
+            false,
+            format!(r"{month}-(\d{{1,2}})-(?:\d{{4}}|\d{{2}})"),
+            span_date_named,
+        ),
+        (
+            Kind::Date,
+            false,
+            r"(0?[1-9]|1[0-2])/((?:19|20)\d{2})|((?:19|20)\d{2})-(0[1-9]|1[0-2])".into(),
+            span_date_month_year,
+        ),
+        (
+            Kind::Date,
+            false,
+            r"(?i)\b(?:on|since|dated?|dob|seen|admitted|admission|discharged?|born|died|deceased|visit|appt|appointment)\s*:?\s*(\d{1,2})/(\d{1,2})".into(),
+            span_date_context_md,
+        ),
+        (
+            Kind::Date,
+            false,
+            r"((?:19|20)\d{2})(0[1-9]|1[0-2])(0[1-9]|[12]\d|3[01])(?:(?:[01]\d|2[0-3])(?:[0-5]\d(?:[0-5]\d)?)?)?(?:\.\d{1,4})?(?:[+-]\d{4})?".into(),
+            span_date_hl7,
+        ),
+        // --- ZIP
+        (
+            Kind::Zip,
+            false,
+            format!(r"\b(?:{US_STATES})\.?,?\s+(\d{{5}}(?:-\d{{4}})?)"),
+            span_group_digit_bounded,
+        ),
+        (
+            Kind::Zip,
+            false,
+            r"(?i)\b(?:zip(?:\s*code)?|postal\s+code)\s*[:#]?\s*(\d{5}(?:-\d{4})?)".into(),
+            span_group_digit_bounded,
+        ),
+        (Kind::Zip, false, r"\d{5}-\d{4}".into(), span_whole_digit_bounded),
+        // --- AGE over 89
+        (
+            Kind::Age,
+            false,
+            r"(?i)\b(\d{2,3})\s*-?\s*(?:years?|yrs?|y)\s*-?\s*old\b|\b(\d{2,3})\s*(?:yo\b|y/o|y\.o\.)|\bage[d:]?\s*(\d{2,3})\b".into(),
+            span_age,
+        ),
+        // --- titled names (small heuristic; the title itself is kept)
+        (
+            Kind::Name,
+            true,
+            r"\b(?:Dr|Mr|Mrs|Ms|Mx|Miss|Mister|Prof|Doctor)(?:\.\s*|\s+)((?:\p{Lu}\.\s*){0,2}\p{Lu}[\p{L}'’\-]*\p{L}(?:[ \t]+(?:\p{Lu}\.\s*){0,2}\p{Lu}[\p{L}'’\-]*\p{L}){0,2})".into(),
+            span_titled_name,
+        ),
+    ];
+    specs
+        .into_iter()
+        .map(|(kind, titled, pattern, span)| {
+            Ok(Rule {
+                kind,
+                rank: pattern_rank(kind, titled),
+                re: Regex::new(&pattern)?,
+                span,
+            })
+        })
+        .collect()
+}
+
+// ---------------------------------------------------------------------------
+// Known names / identifiers.
+
+/// Name words that are never matched on their own when splitting a multi-word name.
+const NAME_PARTICLES: &[&str] = &[
+    "de", "da", "das", "dos", "del", "della", "der", "den", "di", "du", "la", "le", "van", "von",
+    "st", "jr", "sr", "ii", "iii", "iv", "mr", "mrs", "ms", "mx", "dr", "md", "phd", "rn", "bin",
+    "ibn", "al", "el", "y", "e", "and",
+];
+
+/// ASCII spelling of common Latin letters with diacritics (lower case input).
+fn fold_latin(c: char) -> &'static str {
+    match c {
+        'à' | 'á' | 'â' | 'ã' | 'ä' | 'å' | 'ā' | 'ă' | 'ą' => "a",
+        'ç' | 'ć' | 'č' => "c",
+        'ď' | 'đ' => "d",
+        'è' | 'é' | 'ê' | 'ë' | 'ē' | 'ė' | 'ę' | 'ě' => "e",
+        'ğ' => "g",
+        'ì' | 'í' | 'î' | 'ï' | 'ī' | 'į' | 'ı' => "i",
+        'ł' | 'ľ' => "l",
+        'ñ' | 'ń' | 'ň' => "n",
+        'ò' | 'ó' | 'ô' | 'õ' | 'ö' | 'ø' | 'ō' | 'ő' => "o",
+        'ř' => "r",
+        'ś' | 'š' | 'ş' => "s",
+        'ť' | 'ţ' => "t",
+        'ù' | 'ú' | 'û' | 'ü' | 'ū' | 'ů' | 'ű' | 'ų' => "u",
+        'ý' | 'ÿ' => "y",
+        'ź' | 'ż' | 'ž' => "z",
+        'ß' => "ss",
+        'æ' => "ae",
+        'œ' => "oe",
+        _ => "",
+    }
+}
+
+fn ascii_fold(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.to_lowercase().chars() {
+        match fold_latin(c) {
+            "" => out.push(c),
+            f => out.push_str(f),
+        }
+    }
+    out
+}
+
+fn title_case(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut start = true;
+    for c in s.chars() {
+        if start {
+            out.extend(c.to_uppercase());
+        } else {
+            out.extend(c.to_lowercase());
+        }
+        start = !c.is_alphabetic();
+    }
+    out
+}
+
+/// Case variants for the ASCII-case-insensitive automaton (which only folds ASCII).
+fn case_variants(s: &str, out: &mut BTreeSet<String>) {
+    out.insert(s.to_string());
+    // Straight and typographic apostrophes are interchangeable (`O'Brien` / `O’Brien`).
+    if s.contains('\'') {
+        out.insert(s.replace('\'', "\u{2019}"));
+    }
+    if s.contains('\u{2019}') {
+        out.insert(s.replace('\u{2019}', "'"));
+    }
+    if !s.is_ascii() {
+        out.insert(s.to_lowercase());
+        out.insert(s.to_uppercase());
+        out.insert(title_case(s));
+        out.insert(ascii_fold(s));
+    }
+}
+
+fn name_patterns(names: &[String]) -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    for raw in names {
+        let name = raw.split_whitespace().collect::<Vec<_>>().join(" ");
+        let name = name.trim_matches(|c: char| !c.is_alphanumeric());
+        if name.chars().count() >= 2 {
+            case_variants(name, &mut out);
+        }
+        let words: Vec<&str> = name
+            .split(|c: char| {
+                c.is_whitespace() || matches!(c, ',' | '-' | '^' | '/' | '.' | '(' | ')')
+            })
+            .map(|w| w.trim_matches(|c: char| !c.is_alphanumeric()))
+            .filter(|w| !w.is_empty())
+            .collect();
+        if words.len() > 1 {
+            for w in words {
+                if w.chars().count() >= 2 && !NAME_PARTICLES.contains(&w.to_lowercase().as_str()) {
+                    case_variants(w, &mut out);
+                }
+            }
+        }
+    }
+    out
+}
+
+fn id_patterns(ids: &[String]) -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    for raw in ids {
+        let id = raw.trim();
+        if id.chars().count() < 3 {
+            continue;
+        }
+        case_variants(id, &mut out);
+        let compact: String = id.chars().filter(|c| c.is_alphanumeric()).collect();
+        if compact != id && compact.chars().count() >= 6 {
+            case_variants(&compact, &mut out);
+        }
+    }
+    out
+}
+
+/// Up to this many literal patterns are searched by a direct scan (no set-up cost);
+/// larger dictionaries use an Aho-Corasick automaton (one pass, ~20 µs to build).
+const NAIVE_LIMIT: usize = 24;
+
+/// A set of literals matched ASCII-case-insensitively, reporting all overlapping matches.
+#[derive(Debug, Clone)]
+enum Literals {
+    Naive(Vec<Vec<u8>>),
+    Automaton(AhoCorasick),
+}
+
+impl Literals {
+    fn new(patterns: BTreeSet<String>) -> Result<Option<Self>, aho_corasick::BuildError> {
+        let patterns: Vec<String> = patterns.into_iter().filter(|p| !p.is_empty()).collect();
+        if patterns.is_empty() {
+            return Ok(None);
+        }
+        if patterns.len() <= NAIVE_LIMIT {
+            return Ok(Some(Literals::Naive(
+                patterns.into_iter().map(String::into_bytes).collect(),
+            )));
+        }
+        AhoCorasick::builder()
+            .ascii_case_insensitive(true)
+            .match_kind(MatchKind::Standard)
+            .kind(Some(AhoCorasickKind::NoncontiguousNFA))
+            .build(patterns)
+            .map(|ac| Some(Literals::Automaton(ac)))
+    }
+
+    /// Calls `f(start, end)` for every match; false if the automaton refused to search.
+    /// Matches of valid UTF-8 literals under ASCII case folding always fall on char
+    /// boundaries; callers re-check anyway.
+    fn for_each(&self, text: &str, mut f: impl FnMut(usize, usize)) -> bool {
+        match self {
+            Literals::Naive(pats) => {
+                let hay = text.as_bytes();
+                for p in pats {
+                    let Some(&first) = p.first() else { continue };
+                    let first = first.to_ascii_lowercase();
+                    if hay.len() < p.len() {
+                        continue;
+                    }
+                    for i in 0..=hay.len() - p.len() {
+                        if hay[i].to_ascii_lowercase() == first
+                            && hay[i..i + p.len()].eq_ignore_ascii_case(p)
+                        {
+                            f(i, i + p.len());
+                        }
+                    }
+                }
+                true
+            }
+            Literals::Automaton(ac) => match ac.try_find_overlapping_iter(text) {
+                Ok(iter) => {
+                    for m in iter {
+                        f(m.start(), m.end());
+                    }
+                    true
+                }
+                Err(_) => false,
+            },
+        }
+    }
+}
+
+/// Known names and identifiers of one record, compiled once. Build it once per record
+/// and reuse it for all narrative fields of that record with [`Scrubber::scrub_prepared`].
+#[derive(Debug, Clone)]
+pub struct KnownMatcher {
+    names: Option<Literals>,
+    ids: Option<Literals>,
+    failed: bool,
+}
+
+impl KnownMatcher {
+    pub fn new(known: &Known) -> Self {
+        let names = Literals::new(name_patterns(&known.names));
+        let ids = Literals::new(id_patterns(&known.identifiers));
+        match (names, ids) {
+            (Ok(names), Ok(ids)) => KnownMatcher {
+                names,
+                ids,
+                failed: false,
+            },
+            _ => KnownMatcher {
+                names: None,
+                ids: None,
+                failed: true,
+            },
+        }
+    }
+
+    /// Adds candidates; returns false if matching failed (caller fails closed).
+    fn candidates(&self, text: &str, out: &mut Vec<Cand>) -> bool {
+        if self.failed {
+            return false;
+        }
+        if let Some(names) = &self.names {
+            let ok = names.for_each(text, |s, e| {
+                if !is_alnum(prev_char(text, s)) && !is_alnum(next_char(text, e)) {
+                    push_cand(text, out, s, e, Kind::Name, RANK_KNOWN_NAME);
+                }
+            });
+            if !ok {
+                return false;
+            }
+        }
+        if let Some(ids) = &self.ids {
+            if !ids.for_each(text, |s, e| {
+                push_cand(text, out, s, e, Kind::Id, RANK_KNOWN_ID)
+            }) {
+                return false;
+            }
+        }
+        true
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The scrubber.
+
+#[derive(Debug, Clone, Copy)]
+struct Cand {
+    start: usize,
+    end: usize,
+    kind: Kind,
+    rank: u8,
+}
+
+fn push_cand(text: &str, out: &mut Vec<Cand>, start: usize, end: usize, kind: Kind, rank: u8) {
+    if start < end
+        && end <= text.len()
+        && text.is_char_boundary(start)
+        && text.is_char_boundary(end)
+    {
+        out.push(Cand {
+            start,
+            end,
+            kind,
+            rank,
+        });
+    }
+}
+
+/// Precompiled scrubber. Create once (it compiles ~25 regexes) and share; it is `Sync`.
+pub struct Scrubber {
+    rules: Vec<Rule>,
+}
+
+impl std::fmt::Debug for Scrubber {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Scrubber")
+            .field("rules", &self.rules.len())
+            .finish()
+    }
+}
+
+fn fail_closed() -> Scrubbed {
+    let mut counts = BTreeMap::new();
+    counts.insert(Kind::Redacted.as_str(), 1);
+    Scrubbed {
+        text: Kind::Redacted.placeholder().to_string(),
+        counts,
+    }
+}
+
+impl Scrubber {
+    pub fn new() -> Result<Self, regex::Error> {
+        Ok(Scrubber {
+            rules: build_rules()?,
+        })
+    }
+
+    /// Scrubs `text`, compiling `known` for this call.
+    pub fn scrub(&self, text: &str, known: &Known) -> Scrubbed {
+        self.scrub_prepared(text, &KnownMatcher::new(known))
+    }
+
+    /// Scrubs `text` with an already compiled [`KnownMatcher`].
+    pub fn scrub_prepared(&self, text: &str, known: &KnownMatcher) -> Scrubbed {
+        let mut cands = Vec::new();
+        if !known.candidates(text, &mut cands) {
+            return fail_closed();
+        }
+        for rule in &self.rules {
+            rule_candidates(rule, text, &mut cands);
+        }
+        replace(text, cands)
+    }
+}
+
+fn rule_candidates(rule: &Rule, text: &str, out: &mut Vec<Cand>) {
+    let mut pos = 0;
+    while pos <= text.len() {
+        let Some(caps) = rule.re.captures_at(text, pos) else {
+            break;
+        };
+        let Some(m) = caps.get(0) else { break };
+        let step = next_char(text, m.start()).map_or(1, char::len_utf8);
+        match (rule.span)(&caps, text) {
+            Some((s, e)) => {
+                push_cand(text, out, s, e, rule.kind, rule.rank);
+                pos = m.end().max(m.start() + step);
+            }
+            // Rejected: retry one character later so a valid match starting inside the
+            // rejected one is not hidden. Patterns that can be rejected are bounded in
+            // length, so this stays linear in practice.
+            None => pos = m.start() + step,
+        }
+    }
+}
+
+/// Merges overlapping candidates into clusters and writes one placeholder per cluster.
+fn replace(text: &str, mut cands: Vec<Cand>) -> Scrubbed {
+    let mut counts: BTreeMap<&'static str, u64> = BTreeMap::new();
+    if cands.is_empty() {
+        return Scrubbed {
+            text: text.to_string(),
+            counts,
+        };
+    }
+    cands.sort_by_key(|c| (c.start, std::cmp::Reverse(c.end), c.rank));
+    let better = |a: &Cand, b: &Cand| {
+        let (la, lb) = (a.end - a.start, b.end - b.start);
+        la > lb || (la == lb && a.rank < b.rank)
+    };
+    let mut out = String::with_capacity(text.len());
+    let mut copied = 0;
+    let mut emit = |start: usize, end: usize, kind: Kind, out: &mut String| {
+        out.push_str(text.get(copied..start).unwrap_or(""));
+        out.push_str(kind.placeholder());
+        *counts.entry(kind.as_str()).or_insert(0) += 1;
+        copied = end;
+    };
+    let mut cur = cands[0];
+    let mut best = cands[0];
+    for c in &cands[1..] {
+        if c.start < cur.end {
+            cur.end = cur.end.max(c.end);
+            if better(c, &best) {
+                best = *c;
+            }
+        } else {
+            emit(cur.start, cur.end, best.kind, &mut out);
+            cur = *c;
+            best = *c;
+        }
+    }
+    emit(cur.start, cur.end, best.kind, &mut out);
+    out.push_str(text.get(copied..).unwrap_or(""));
+    Scrubbed { text: out, counts }
+}
+
+/// Replaces identifiers in narrative text with typed placeholders, using a shared,
+/// lazily built [`Scrubber`]. Fails closed (`[REDACTED]`) if it cannot be built.
+pub fn scrub(text: &str, known: &Known) -> Scrubbed {
+    static DEFAULT: OnceLock<Option<Scrubber>> = OnceLock::new();
+    match DEFAULT.get_or_init(|| Scrubber::new().ok()) {
+        Some(s) => s.scrub(text, known),
+        None => fail_closed(),
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn known(names: &[&str], ids: &[&str]) -> Known {
+        Known {
+            names: names.iter().map(|s| s.to_string()).collect(),
+            identifiers: ids.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+
+    fn check(input: &str, known: &Known, expected: &str, counts: &[(&str, u64)]) {
+        let got = scrub(input, known);
+        assert_eq!(got.text, expected, "input: {input:?}");
+        let want: BTreeMap<&str, u64> = counts.iter().copied().collect();
+        let have: BTreeMap<&str, u64> = got.counts.iter().map(|(k, v)| (*k, *v)).collect();
+        assert_eq!(have, want, "counts for input: {input:?} -> {:?}", got.text);
+    }
+
+    /// (input, expected, counts) with no known names/ids.
+    type Case = (&'static str, &'static str, &'static [(&'static str, u64)]);
+
+    const PATTERN_CASES: &[Case] = &[
+        // SSN
+        (
+            "SSN 123-45-6789 on file",
+            "SSN [SSN] on file",
+            &[("SSN", 1)],
+        ),
+        ("ss 123 45 6789.", "ss [SSN].", &[("SSN", 1)]),
+        ("SSN: 123456789", "SSN: [SSN]", &[("SSN", 1)]),
+        (
+            "social security number 123456789",
+            "social security number [SSN]",
+            &[("SSN", 1)],
+        ),
+        ("lot 123456789 used", "lot 123456789 used", &[]),
+        ("ref 1123-45-67890", "ref 1123-45-67890", &[]),
+        // PHONE
+        (
+            "call (555) 123-4567 today",
+            "call [PHONE] today",
+            &[("PHONE", 1)],
+        ),
+        ("cell 555-123-4567.", "cell [PHONE].", &[("PHONE", 1)]),
+        ("555.123.4567", "[PHONE]", &[("PHONE", 1)]),
+        (
+            "daughter +1 555 123 4567",
+            "daughter [PHONE]",
+            &[("PHONE", 1)],
+        ),
+        ("tel: 5551234567", "tel: [PHONE]", &[("PHONE", 1)]),
+        ("Fax 5551234567;", "Fax [PHONE];", &[("PHONE", 1)]),
+        ("ph 15551234567", "ph [PHONE]", &[("PHONE", 1)]),
+        (
+            "synthetic 555-0123-4567",
+            "synthetic [PHONE]",
+            &[("PHONE", 1)],
+        ),
+        ("+44 20 7946 0958", "[PHONE]", &[("PHONE", 1)]),
+        ("count 5551234567 cells", "count 5551234567 cells", &[]),
+        // EMAIL / URL / IP
+        (
+            "email ann.smith+x@example.org.",
+            "email [EMAIL].",
+            &[("EMAIL", 1)],
+        ),
+        (
+            "see https://example.org/a?b=1.",
+            "see [URL].",
+            &[("URL", 1)],
+        ),
+        (
+            "portal www.example.com/x, then",
+            "portal [URL], then",
+            &[("URL", 1)],
+        ),
+        (
+            "report https://x.org/2020-01-31/r",
+            "report [URL]",
+            &[("URL", 1)],
+        ),
+        (
+            "from 192.168.1.20 and 2001:db8::1",
+            "from [IP] and [IP]",
+            &[("IP", 2)],
+        ),
+        ("host fe80::1ff:fe23:4567:890a.", "host [IP].", &[("IP", 1)]),
+        ("version 1.2.3.4.5 kept", "version 1.2.3.4.5 kept", &[]),
+        // MRN
+        ("MRN 12345678", "MRN [MRN]", &[("MRN", 1)]),
+        ("MRN: A1234567,", "MRN: [MRN],", &[("MRN", 1)]),
+        ("MR# 1234", "MR# [MRN]", &[("MRN", 1)]),
+        (
+            "medical record number 123456",
+            "medical record number [MRN]",
+            &[("MRN", 1)],
+        ),
+        ("id MRN0001234abc.", "id [MRN].", &[("MRN", 1)]),
+        ("MRNs were reviewed", "MRNs were reviewed", &[]),
+        ("Account # 998877", "Account # [ID]", &[("ID", 1)]),
+        // DATE
+        ("on 2020-01-31.", "on [DATE].", &[("DATE", 1)]),
+        ("at 2020-01-31T08:30:00Z ok", "at [DATE] ok", &[("DATE", 1)]),
+        ("DOB 01/31/2020", "DOB [DATE]", &[("DATE", 1)]),
+        ("seen 1/31/20", "seen [DATE]", &[("DATE", 1)]),
+        ("am 31.01.2020", "am [DATE]", &[("DATE", 1)]),
+        ("on Jan 31, 2020 she", "on [DATE] she", &[("DATE", 1)]),
+        ("on 31 January 2020", "on [DATE]", &[("DATE", 1)]),
+        ("since January 2020", "since [DATE]", &[("DATE", 1)]),
+        ("since 03/2019", "since [DATE]", &[("DATE", 1)]),
+        ("adm 31-JAN-2020", "adm [DATE]", &[("DATE", 1)]),
+        ("OBR 20200131", "OBR [DATE]", &[("DATE", 1)]),
+        ("OBR 202001310830|", "OBR [DATE]|", &[("DATE", 1)]),
+        (
+            "bad 20201345 and 2020-02-30",
+            "bad 20201345 and 2020-02-30",
+            &[],
+        ),
+        (
+            "in 2020, and 1999 to 2019-2020",
+            "in 2020, and 1999 to 2019-2020",
+            &[],
+        ),
+        // ZIP / AGE
+        ("Boston, MA 02115", "Boston, MA [ZIP]", &[("ZIP", 1)]),
+        ("zip 02115-1234", "zip [ZIP]", &[("ZIP", 1)]),
+        (
+            "a 92-year-old woman",
+            "a [AGE]-year-old woman",
+            &[("AGE", 1)],
+        ),
+        (
+            "a 45-year-old man, 95 yo",
+            "a 45-year-old man, [AGE] yo",
+            &[("AGE", 1)],
+        ),
+        // titled names
+        (
+            "Seen by Dr. Smith today",
+            "Seen by Dr. [NAME] today",
+            &[("NAME", 1)],
+        ),
+        (
+            "Mr. John Smith arrived",
+            "Mr. [NAME] arrived",
+            &[("NAME", 1)],
+        ),
+        (
+            "Mrs. O'Neil and Ms. Lee",
+            "Mrs. [NAME] and Ms. [NAME]",
+            &[("NAME", 2)],
+        ),
+        ("Dr J. Müller", "Dr [NAME]", &[("NAME", 1)]),
+        ("MS Contin 15 mg", "MS Contin 15 mg", &[]),
+        (
+            "per Dr. Brown's note",
+            "per Dr. [NAME]'s note",
+            &[("NAME", 1)],
+        ),
+        (
+            r#"<div xmlns="http://www.w3.org/1999/xhtml">see http://hl7.org/fhir and http://evil.w3.org.example.com/p</div>"#,
+            r#"<div xmlns="http://www.w3.org/1999/xhtml">see http://hl7.org/fhir and [URL]</div>"#,
+            &[("URL", 1)],
+        ),
+        // no false positives
+        (
+            "Glucose 95 mg/dL at 08:30, BP 120/80, HbA1c 6.5%, dose 2 x 500 mg",
+            "Glucose 95 mg/dL at 08:30, BP 120/80, HbA1c 6.5%, dose 2 x 500 mg",
+            &[],
+        ),
+        (
+            "Na 140, K 4.1, Cr 1.02, INR 1.1, HR 60-100, pH 7.35, take 3/4 tab, 12:30:45",
+            "Na 140, K 4.1, Cr 1.02, INR 1.1, HR 60-100, pH 7.35, take 3/4 tab, 12:30:45",
+            &[],
+        ),
+        ("", "", &[]),
+    ];
+
+    #[test]
+    fn pattern_cases() {
+        let none = Known::default();
+        for (input, expected, counts) in PATTERN_CASES {
+            check(input, &none, expected, counts);
+        }
+    }
+
+    #[test]
+    fn known_names() {
+        let k = known(&["Ann Smith", "Jones"], &[]);
+        check(
+            "ann smith's daughter; SMITH called. Ann's note",
+            &k,
+            "[NAME]'s daughter; [NAME] called. [NAME]'s note",
+            &[("NAME", 3)],
+        );
+        check(
+            "Jones, Jonesboro, Jones’s",
+            &k,
+            "[NAME], Jonesboro, [NAME]’s",
+            &[("NAME", 1 + 1)],
+        );
+        check(
+            "JOSÉ NÚÑEZ and Jose Nunez and josé",
+            &known(&["José Núñez"], &[]),
+            "[NAME] and [NAME] and [NAME]",
+            &[("NAME", 3)],
+        );
+        // particles of a multi-word name are not matched alone; 1-char names ignored
+        check(
+            "de la Cruz de novo",
+            &known(&["de la Cruz", "X"], &[]),
+            "[NAME] de novo",
+            &[("NAME", 1)],
+        );
+        // known name inside an email: one EMAIL, no NAME fragment
+        check("ann.smith@x.org", &k, "[EMAIL]", &[("EMAIL", 1)]);
+        // known name after a title: one NAME
+        check("Mr. Jones", &k, "Mr. [NAME]", &[("NAME", 1)]);
+    }
+
+    #[test]
+    fn large_dictionaries_use_the_automaton_and_agree() {
+        let mut names: Vec<String> = (0..40).map(|i| format!("Zed{i:02}x")).collect();
+        names.push("O'Brien".into());
+        let k = Known {
+            names,
+            identifiers: (0..30).map(|i| format!("ID-{i:04}")).collect(),
+        };
+        let m = KnownMatcher::new(&k);
+        assert!(matches!(m.names, Some(Literals::Automaton(_))));
+        check(
+            "zed07X met O’Brien; id-0012, ZED40Xy",
+            &k,
+            "[NAME] met [NAME]; [ID], ZED40Xy",
+            &[("NAME", 2), ("ID", 1)],
+        );
+        let small = known(&["Zed07x", "O'Brien"], &["ID-0012"]);
+        assert!(matches!(
+            KnownMatcher::new(&small).names,
+            Some(Literals::Naive(_))
+        ));
+        check(
+            "zed07X met O’Brien; id-0012, ZED40Xy",
+            &small,
+            "[NAME] met [NAME]; [ID], ZED40Xy",
+            &[("NAME", 2), ("ID", 1)],
+        );
+    }
+
+    #[test]
+    fn known_identifiers() {
+        let k = known(&[], &["AB-99812", "X1", " 123-45-6789 "]);
+        check(
+            "(ab-99812), ref#AB-99812;",
+            &k,
+            "([ID]), ref#[ID];",
+            &[("ID", 2)],
+        );
+        check("X1 stays", &k, "X1 stays", &[]);
+        // known ids win over equally long patterns; separators-free variant is found too
+        check(
+            "SSN 123-45-6789 / 123456789",
+            &k,
+            "SSN [ID] / [ID]",
+            &[("ID", 2)],
+        );
+        check(
+            "MRN: A1234567",
+            &known(&[], &["A1234567"]),
+            "MRN: [ID]",
+            &[("ID", 1)],
+        );
+    }
+
+    #[test]
+    fn default_instance_builds_and_text_without_matches_is_unchanged() {
+        assert!(Scrubber::new().is_ok());
+        let s = "Patient stable, ambulating. Plan: continue meds.";
+        check(s, &Known::default(), s, &[]);
+        for p in PLACEHOLDERS {
+            assert!(p.starts_with('[') && p.ends_with(']'));
+        }
+    }
+
+    #[test]
+    fn huge_and_weird_inputs_do_not_panic() {
+        let k = known(&["Ann"], &["abc"]);
+        let big =
+            "Dr. Ann 555-123-4567 ::::1:2:3 ..1.2.3.4 ééé \u{0}\u{202e} 2020-01-31 ".repeat(20_000);
+        let out = scrub(&big, &k);
+        assert!(!out.text.contains("555-123-4567"));
+        assert_eq!(out.counts.get("PHONE"), Some(&20_000));
+        let digits = "1".repeat(200_000);
+        assert_eq!(scrub(&digits, &k).text, digits);
+        let colons = ":".repeat(100_000) + &"a".repeat(1000);
+        let _ = scrub(&colons, &k);
+    }
+
+    fn filler() -> impl Strategy<Value = Vec<String>> {
+        prop::collection::vec("[a-z]{1,8}", 0..8)
+    }
+
+    fn embed(before: &[String], id: &str, after: &[String], punct: &str) -> String {
+        let (open, close) = match punct {
+            "(" => ("(", ")"),
+            "," => ("", ","),
+            "." => ("", "."),
+            _ => ("", ""),
+        };
+        format!("{} {open}{id}{close} {}", before.join(" "), after.join(" "))
+    }
+
+    fn punct() -> impl Strategy<Value = &'static str> {
+        prop::sample::select(vec!["", "(", ",", "."])
+    }
+
+    fn assert_no_digits(out: &Scrubbed) {
+        assert!(
+            !out.text.bytes().any(|b| b.is_ascii_digit()),
+            "digits left in {:?}",
+            out.text
+        );
+    }
+
+    proptest! {
+        #[test]
+        fn never_panics(s in any::<String>(), n in any::<String>(), i in any::<String>()) {
+            let k = Known { names: vec![n, s.clone()], identifiers: vec![i] };
+            let _ = scrub(&s, &k);
+            let _ = scrub(&s, &Known::default());
+        }
+
+        #[test]
+        fn never_panics_on_identifier_like_soup(s in "[0-9:./ +()@A-Za-z#-]{0,200}") {
+            let _ = scrub(&s, &Known::default());
+        }
+
+        #[test]
+        fn embedded_ssn_is_gone(a in 0u32..1000, b in 0u32..100, c in 0u32..10000,
+                                sep in prop::sample::select(vec!["-", " "]),
+                                before in filler(), after in filler(), p in punct()) {
+            let ssn = format!("{a:03}{sep}{b:02}{sep}{c:04}");
+            let out = scrub(&embed(&before, &ssn, &after, p), &Known::default());
+            prop_assert!(!out.text.contains(&ssn));
+            assert_no_digits(&out);
+        }
+
+        #[test]
+        fn embedded_context_ssn_is_gone(n in 0u64..1_000_000_000, before in filler(), after in filler()) {
+            let ssn = format!("SSN {n:09}");
+            let out = scrub(&embed(&before, &ssn, &after, ""), &Known::default());
+            assert_no_digits(&out);
+        }
+
+        #[test]
+        fn embedded_phone_is_gone(a in 0u32..1000, b in 0u32..1000, c in 0u32..10000,
+                                  fmt in 0usize..7, before in filler(), after in filler(), p in punct()) {
+            let phone = match fmt {
+                0 => format!("({a:03}) {b:03}-{c:04}"),
+                1 => format!("{a:03}-{b:03}-{c:04}"),
+                2 => format!("{a:03}.{b:03}.{c:04}"),
+                3 => format!("+1 {a:03} {b:03} {c:04}"),
+                4 => format!("tel {a:03}{b:03}{c:04}"),
+                5 => format!("{a:03}-{b:04}-{c:04}"),
+                _ => format!("+1-{a:03}-{b:03}-{c:04}"),
+            };
+            let out = scrub(&embed(&before, &phone, &after, p), &Known::default());
+            assert_no_digits(&out);
+        }
+
+        #[test]
+        fn embedded_email_is_gone(local in "[a-z0-9]{1,10}(\\.[a-z0-9_+]{1,8})?",
+                                  domain in "[a-z]{2,10}(\\.[a-z]{2,6})?\\.(com|org|net|io)",
+                                  before in filler(), after in filler(), p in punct()) {
+            let email = format!("{local}@{domain}");
+            let out = scrub(&embed(&before, &email, &after, p), &Known::default());
+            prop_assert!(!out.text.contains(&email));
+            prop_assert!(!out.text.contains('@'));
+            prop_assert_eq!(out.counts.get("EMAIL"), Some(&1));
+        }
+
+        #[test]
+        fn embedded_known_name_is_gone(name in "[A-ZÀ-ÖØ-Ý][a-zß-öø-ÿ]{2,9}", form in 0usize..4,
+                                       before in filler(), after in filler(), p in punct()) {
+            let shown = match form {
+                0 => name.clone(),
+                1 => name.to_lowercase(),
+                2 => name.to_uppercase(),
+                _ => format!("{name}'s"),
+            };
+            let text = embed(&before, &shown, &after, p);
+            let out = scrub(&text, &known(&[&name], &[]));
+            let lname = name.to_lowercase();
+            prop_assert!(
+                !out.text.split(|c: char| !c.is_alphanumeric()).any(|w| w.to_lowercase() == lname),
+                "{:?} -> {:?}", text, out.text
+            );
+            prop_assert!(out.counts.get("NAME").copied().unwrap_or(0) >= 1);
+        }
+
+        #[test]
+        fn lowercase_prose_is_unchanged(words in prop::collection::vec("[a-z]{1,10}", 0..30),
+                                        seps in prop::collection::vec(prop::sample::select(vec![" ", ", ", ". ", "; "]), 30)) {
+            let text: String = words.iter().zip(&seps).map(|(w, s)| format!("{w}{s}")).collect();
+            let out = scrub(&text, &Known::default());
+            prop_assert_eq!(out.text, text);
+            prop_assert!(out.counts.is_empty());
+        }
+    }
+}
