@@ -50,9 +50,16 @@ pub struct BatchCounts {
     pub dead_lettered: u64,
 }
 
+/// How many patients' known identifiers the stage remembers for scrubbing.
+const KNOWN_PATIENTS: usize = 100_000;
+
 pub struct Anonymizer {
     master: KeyRef,
     engine: Engine,
+    /// Identifiers (names above all) from each patient's Patient record, by pseudonym, so
+    /// that a later note about the patient is scrubbed of them too. Memory only and
+    /// bounded: after a restart or past the bound it starts empty (see docs/SCRUBBING.md).
+    known: std::collections::HashMap<String, scrub::Known>,
     /// A batch fails as a whole when more than this share of its records is dead-lettered.
     max_failure_ratio: f64,
     batches: KeyedState<BatchCounts>,
@@ -63,6 +70,7 @@ impl Anonymizer {
         Anonymizer {
             master,
             engine,
+            known: std::collections::HashMap::new(),
             max_failure_ratio,
             batches: KeyedState::default(),
         }
@@ -72,18 +80,37 @@ impl Anonymizer {
         &self.engine
     }
 
-    fn anonymize(&self, rec: &SourceRecordIngested) -> Result<RecordAnonymized, AnonymizeError> {
+    fn anonymize(
+        &mut self,
+        rec: &SourceRecordIngested,
+    ) -> Result<RecordAnonymized, AnonymizeError> {
         let aad = SourceRecordIngested::aad(&rec.batch_id, rec.position);
         let plain = open_record(&self.master, &rec.sealed, &aad)
             .map_err(|e| AnonymizeError::Decrypt(e.to_string()))?;
         let body: SourceRecordBody =
             serde_json::from_slice(&plain).map_err(|e| AnonymizeError::Body(e.to_string()))?;
-        let out = self.engine.anonymize(
-            &rec.source_format,
-            &rec.record_type,
-            &body,
-            &scrub::Known::default(),
-        )?;
+        let patient = body
+            .patient_link
+            .as_deref()
+            .map(|l| self.engine.pseudonym(l))
+            .unwrap_or_default();
+        if rec.record_type == "Patient" || rec.record_type.starts_with("ADT") {
+            let known = self.engine.known_identifiers(
+                &rec.source_format,
+                &rec.record_type,
+                &body,
+                &scrub::Known::default(),
+            )?;
+            if self.known.len() >= KNOWN_PATIENTS {
+                self.known.clear();
+            }
+            self.known.insert(patient.clone(), known);
+        }
+        let empty = scrub::Known::default();
+        let extra = self.known.get(&patient).unwrap_or(&empty);
+        let out = self
+            .engine
+            .anonymize(&rec.source_format, &rec.record_type, &body, extra)?;
         let policy = self.engine.policy();
         // Fields removed: by the allow-list default, by `redact` rules, and values a
         // method could not handle (which are removed instead of passed on).
@@ -422,5 +449,59 @@ mod tests {
             panic!()
         };
         assert_eq!(f.records_anonymized, Some(8));
+    }
+
+    #[test]
+    fn names_from_a_patients_record_are_scrubbed_from_their_later_notes() {
+        let mut a = stage(0.5);
+        let seal = |position: i64, record_type: &str, content: serde_json::Value| {
+            let body = SourceRecordBody {
+                patient_link: Some("p-9".into()),
+                content,
+                original: String::new(),
+            };
+            let sealed = DataKey::generate(&master())
+                .expect("dek")
+                .seal_record(
+                    &serde_json::to_vec(&body).expect("json"),
+                    &SourceRecordIngested::aad("b1", position),
+                )
+                .expect("seal");
+            Event::new(
+                "medpipe-ingestion",
+                "b1",
+                None,
+                Payload::SourceRecordIngested(SourceRecordIngested {
+                    batch_id: "b1".into(),
+                    position,
+                    source_format: "fhir-ndjson".into(),
+                    record_type: record_type.into(),
+                    sealed,
+                }),
+            )
+        };
+        run(
+            &mut a,
+            &seal(
+                1,
+                "Patient",
+                json!({"resourceType": "Patient", "id": "p-9", "name": [{"family": "Quixote", "given": ["Alonso"]}]}),
+            ),
+        );
+        let note = json!({"resourceType": "Observation", "id": "o1", "status": "final",
+            "subject": {"reference": "Patient/p-9"},
+            "note": [{"text": "Alonso Quixote reports dizziness."}]});
+        let Outcome::Emit(outs) = run(&mut a, &seal(2, "Observation", note)) else {
+            panic!()
+        };
+        let Payload::RecordAnonymized(r) = &outs[0].event.payload else {
+            panic!()
+        };
+        assert!(
+            !r.content_json.contains("Alonso") && !r.content_json.contains("Quixote"),
+            "{}",
+            r.content_json
+        );
+        assert!(r.content_json.contains("[NAME]"), "{}", r.content_json);
     }
 }
