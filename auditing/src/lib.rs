@@ -4,6 +4,7 @@
 //! Kafka's committed offsets are only a starting hint.
 
 pub mod chain;
+pub mod merkle;
 
 use std::path::PathBuf;
 use std::sync::Arc;
