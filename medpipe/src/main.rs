@@ -38,7 +38,8 @@ enum Command {
         /// Canonical records to print.
         #[arg(long, default_value_t = 3)]
         show: usize,
-        /// Wait until at least this many canonical Patient records are committed.
+        /// Wait until at least this many canonical Patient records are committed and every
+        /// started batch has closed in ingestion and anonymization.
         #[arg(long)]
         wait_canonical: Option<usize>,
         #[arg(long, default_value = "180s", value_parser = humantime::parse_duration)]
@@ -327,10 +328,32 @@ async fn summary(
                 )
             })
             .count();
+        // Settled: every started batch has closed in ingestion and in anonymization, so
+        // the snapshot is not taken between a batch's records and its closing events.
+        let count = |pred: fn(&Payload) -> bool| {
+            records
+                .iter()
+                .filter(|r| r.event.as_ref().is_some_and(|e| pred(&e.payload)))
+                .count()
+        };
+        let started = count(|p| matches!(p, Payload::DataIngestionStarted(_)));
+        let ingested = count(|p| {
+            matches!(
+                p,
+                Payload::DataIngestionFinished(_) | Payload::DataIngestionFailed(_)
+            )
+        });
+        let anonymized = count(|p| {
+            matches!(
+                p,
+                Payload::AnonymizationFinished(_) | Payload::AnonymizationFailed(_)
+            )
+        });
+        let settled = ingested >= started && anonymized >= ingested;
         match wait {
-            Some(n) if canonical < n => {
+            Some(n) if canonical < n || !settled => {
                 if tokio::time::Instant::now() > deadline {
-                    bail!("only {canonical} of {n} canonical records arrived within {timeout:?}");
+                    bail!("only {canonical} of {n} canonical records arrived (and {ingested} of {started} batches closed) within {timeout:?}");
                 }
                 tokio::time::sleep(Duration::from_secs(1)).await;
             }
