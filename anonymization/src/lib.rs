@@ -166,6 +166,7 @@ impl Anonymizer {
                 policy_version,
                 records_anonymized: c.anonymized as i64,
                 records_dead_lettered: c.dead_lettered as i64,
+                policy_hash: Some(self.engine.policy().hash.clone()),
             });
         }
         Payload::AnonymizationFinished(AnonymizationFinished {
@@ -174,6 +175,7 @@ impl Anonymizer {
             policy_version,
             records_anonymized: Some(c.anonymized as i64),
             records_dead_lettered: Some(c.dead_lettered as i64),
+            policy_hash: Some(self.engine.policy().hash.clone()),
         })
     }
 }
@@ -246,6 +248,7 @@ impl Stage for Anonymizer {
                         policy_version: self.engine.policy().version.clone(),
                         records_anonymized: c.anonymized as i64,
                         records_dead_lettered: c.dead_lettered as i64,
+                        policy_hash: Some(self.engine.policy().hash.clone()),
                     }),
                 )
             }

@@ -202,6 +202,7 @@ mod tests {
                 policy_version: "p".into(),
                 records_anonymized: None,
                 records_dead_lettered: None,
+                policy_hash: None,
             }),
         );
         assert_eq!(run(&ev), Outcome::Emit(vec![]));

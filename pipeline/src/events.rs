@@ -368,6 +368,8 @@ pub struct AnonymizationFinished {
     pub records_anonymized: Option<i64>,
     #[serde(default)]
     pub records_dead_lettered: Option<i64>,
+    #[serde(default)]
+    pub policy_hash: Option<String>,
 }
 
 /// The compensation trigger of anonymization (see the schema's doc).
@@ -379,6 +381,8 @@ pub struct AnonymizationFailed {
     pub policy_version: String,
     pub records_anonymized: i64,
     pub records_dead_lettered: i64,
+    #[serde(default)]
+    pub policy_hash: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

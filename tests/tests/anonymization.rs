@@ -59,6 +59,7 @@ fn no_input_identifier_survives_anonymization_in_any_format() {
             }
         }
         match r.event.as_ref().map(|e| &e.payload) {
+            Some(Payload::AnonymizationStarted(s)) => assert!(s.policy_hash.is_some()),
             Some(Payload::RecordAnonymized(a)) => {
                 anonymized += 1;
                 assert!(a.policy_hash.is_some() && a.report_json.is_some());
@@ -66,6 +67,10 @@ fn no_input_identifier_survives_anonymization_in_any_format() {
             Some(Payload::AnonymizationFinished(f)) => {
                 assert_eq!(f.records_anonymized, Some(n as i64), "{f:?}");
                 assert_eq!(f.records_dead_lettered, Some(0), "{f:?}");
+                assert!(
+                    f.policy_hash.is_some(),
+                    "the policy hash travels in every event"
+                );
             }
             _ => {}
         }
