@@ -147,35 +147,47 @@ impl Anonymizer {
         self.batches.get(batch).cloned().unwrap_or_default()
     }
 
-    /// Ends a batch: finished, or failed when too many records were dead-lettered.
-    fn close(&mut self, batch: &str, upstream_emitted: i64) -> Payload {
+    /// Ends a batch and forgets its counts. It fails when ingestion failed it (`upstream`
+    /// holds ingestion's error kind) or when too many records were dead-lettered;
+    /// otherwise it finishes (`upstream` holds ingestion's emitted count).
+    fn close(&mut self, batch: &str, upstream: Result<i64, &str>) -> Payload {
         let c = self.counts(batch);
         self.batches.delete(batch);
-        let policy_version = self.engine.policy().version.clone();
+        let policy = self.engine.policy();
         let total = c.anonymized + c.dead_lettered;
-        if total > 0 && c.dead_lettered as f64 > self.max_failure_ratio * total as f64 {
+        let failure = match upstream {
+            Err(kind) => Some(("upstream_failed", format!("ingestion failed the batch ({kind})"))),
+            Ok(_) if total > 0 && c.dead_lettered as f64 > self.max_failure_ratio * total as f64 => {
+                Some((
+                    "failure_threshold",
+                    format!(
+                        "{} of {total} records could not be de-identified ({:.1}%), above the {:.1}% threshold",
+                        c.dead_lettered,
+                        100.0 * c.dead_lettered as f64 / total as f64,
+                        100.0 * self.max_failure_ratio
+                    ),
+                ))
+            }
+            Ok(_) => None,
+        };
+        if let Some((error_kind, reason)) = failure {
             return Payload::AnonymizationFailed(AnonymizationFailed {
                 batch_id: batch.into(),
-                error_kind: "failure_threshold".into(),
-                reason: format!(
-                    "{} of {total} records could not be de-identified ({:.1}%), above the {:.1}% threshold",
-                    c.dead_lettered,
-                    100.0 * c.dead_lettered as f64 / total as f64,
-                    100.0 * self.max_failure_ratio
-                ),
-                policy_version,
+                error_kind: error_kind.into(),
+                reason,
+                policy_version: policy.version.clone(),
                 records_anonymized: c.anonymized as i64,
                 records_dead_lettered: c.dead_lettered as i64,
-                policy_hash: Some(self.engine.policy().hash.clone()),
+                policy_hash: Some(policy.hash.clone()),
             });
         }
         Payload::AnonymizationFinished(AnonymizationFinished {
             batch_id: batch.into(),
-            upstream_records_emitted: upstream_emitted,
-            policy_version,
+            upstream_records_emitted: upstream.unwrap_or_default(),
+            policy_version: policy.version.clone(),
             records_anonymized: Some(c.anonymized as i64),
             records_dead_lettered: Some(c.dead_lettered as i64),
-            policy_hash: Some(self.engine.policy().hash.clone()),
+            policy_hash: Some(policy.hash.clone()),
         })
     }
 }
@@ -232,25 +244,13 @@ impl Stage for Anonymizer {
                 outcome
             }
             Payload::DataIngestionFinished(f) => {
-                let payload = self.close(&f.batch_id, f.records_emitted);
+                let payload = self.close(&f.batch_id, Ok(f.records_emitted));
                 emit(&f.batch_id, payload)
             }
             // Ingestion gave up on the batch: pass the compensation trigger downstream.
             Payload::DataIngestionFailed(f) => {
-                let c = self.counts(&f.batch_id);
-                self.batches.delete(&f.batch_id);
-                emit(
-                    &f.batch_id,
-                    Payload::AnonymizationFailed(AnonymizationFailed {
-                        batch_id: f.batch_id.clone(),
-                        error_kind: "upstream_failed".into(),
-                        reason: format!("ingestion failed the batch ({})", f.error_kind),
-                        policy_version: self.engine.policy().version.clone(),
-                        records_anonymized: c.anonymized as i64,
-                        records_dead_lettered: c.dead_lettered as i64,
-                        policy_hash: Some(self.engine.policy().hash.clone()),
-                    }),
-                )
+                let payload = self.close(&f.batch_id, Err(&f.error_kind));
+                emit(&f.batch_id, payload)
             }
             _ => Outcome::Emit(vec![]),
         }
@@ -285,7 +285,7 @@ mod tests {
     use super::*;
     use pipeline::crypto::DataKey;
     use pipeline::events::{DataIngestionFinished, DataIngestionStarted};
-    use serde_json::json;
+    use serde_json::{json, Value};
 
     fn master() -> KeyRef {
         KeyRef::from_hex("m1", &"11".repeat(32)).expect("key")
@@ -307,10 +307,17 @@ mod tests {
         Anonymizer::new(master(), engine, max_failure_ratio)
     }
 
-    fn record(position: i64, link: Option<&str>) -> Event {
+    /// A `SourceRecordIngested` of batch `b1`, sealed as ingestion seals it.
+    fn sealed(
+        position: i64,
+        link: Option<&str>,
+        format: &str,
+        record_type: &str,
+        content: Value,
+    ) -> Event {
         let body = SourceRecordBody {
             patient_link: link.map(str::to_string),
-            content: json!({"Id": link, "FIRST": "Ann", "SSN": "999-11-2222", "GENDER": "F", "BIRTHDATE": "1980-05-06"}),
+            content,
             original: "raw".into(),
         };
         let dk = DataKey::generate(&master()).expect("dek");
@@ -327,11 +334,16 @@ mod tests {
             Payload::SourceRecordIngested(SourceRecordIngested {
                 batch_id: "b1".into(),
                 position,
-                source_format: "csv".into(),
-                record_type: "Patient".into(),
+                source_format: format.into(),
+                record_type: record_type.into(),
                 sealed,
             }),
         )
+    }
+
+    fn record(position: i64, link: Option<&str>) -> Event {
+        let content = json!({"Id": link, "FIRST": "Ann", "SSN": "999-11-2222", "GENDER": "F", "BIRTHDATE": "1980-05-06"});
+        sealed(position, link, "csv", "Patient", content)
     }
 
     fn lifecycle(finished: bool) -> Event {
@@ -457,31 +469,8 @@ mod tests {
     #[test]
     fn names_from_a_patients_record_are_scrubbed_from_their_later_notes() {
         let mut a = stage(0.5);
-        let seal = |position: i64, record_type: &str, content: serde_json::Value| {
-            let body = SourceRecordBody {
-                patient_link: Some("p-9".into()),
-                content,
-                original: String::new(),
-            };
-            let sealed = DataKey::generate(&master())
-                .expect("dek")
-                .seal_record(
-                    &serde_json::to_vec(&body).expect("json"),
-                    &SourceRecordIngested::aad("b1", position),
-                )
-                .expect("seal");
-            Event::new(
-                "medpipe-ingestion",
-                "b1",
-                None,
-                Payload::SourceRecordIngested(SourceRecordIngested {
-                    batch_id: "b1".into(),
-                    position,
-                    source_format: "fhir-ndjson".into(),
-                    record_type: record_type.into(),
-                    sealed,
-                }),
-            )
+        let seal = |position: i64, record_type: &str, content: Value| {
+            sealed(position, Some("p-9"), "fhir-ndjson", record_type, content)
         };
         run(
             &mut a,

@@ -139,6 +139,17 @@ pub struct BatchFailure {
     pub counts: Option<(u64, u64)>,
 }
 
+impl BatchFailure {
+    /// The file could not be read (as a whole, or from some point on).
+    pub fn file(e: &crate::formats::FileError, counts: Option<(u64, u64)>) -> Self {
+        BatchFailure {
+            error_kind: e.kind().into(),
+            reason: e.to_string(),
+            counts,
+        }
+    }
+}
+
 pub fn failed_event(
     batch_id: &str,
     file_name: &str,

@@ -6,7 +6,6 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use rdkafka::message::Message;
 use serde::{Deserialize, Serialize};
 
 use pipeline::PipelineError;
@@ -36,6 +35,21 @@ pub struct Entry {
 }
 
 impl Entry {
+    /// A batch with nothing committed yet.
+    pub fn new(batch_id: &str, file_name: &str, instance_id: &str) -> Self {
+        Entry {
+            batch_id: batch_id.into(),
+            file_name: file_name.into(),
+            format: String::new(),
+            status: Status::InProgress,
+            committed_position: 0,
+            emitted: 0,
+            rejected: 0,
+            started_event_id: String::new(),
+            instance_id: instance_id.into(),
+        }
+    }
+
     pub fn to_json(&self) -> Result<Vec<u8>, PipelineError> {
         serde_json::to_vec(self)
             .map_err(|e| PipelineError::Config(format!("cannot serialise a ledger entry: {e}")))
@@ -48,25 +62,18 @@ pub fn read(
     topic: &str,
     timeout: Duration,
 ) -> Result<HashMap<String, Entry>, PipelineError> {
-    let records = pipeline::readback::read_all(bootstrap, &[topic.to_string()], None, timeout)?;
     let mut ledger = HashMap::new();
-    for r in records {
-        let (Some(key), Some(value)) = (r.message.key(), r.message.payload()) else {
+    for (key, value) in pipeline::readback::read_entries(bootstrap, topic, timeout)? {
+        let Some(value) = value else {
+            ledger.remove(&key);
             continue;
         };
-        let key = String::from_utf8_lossy(key).into_owned();
-        match serde_json::from_slice::<Entry>(value) {
-            Ok(entry) => {
-                ledger.insert(key, entry);
-            }
-            Err(e) => {
-                return Err(PipelineError::Config(format!(
-                    "ledger topic {topic} holds an unreadable entry at partition {} offset {}: {e}",
-                    r.message.partition(),
-                    r.message.offset()
-                )))
-            }
-        }
+        let entry = serde_json::from_slice::<Entry>(&value).map_err(|e| {
+            PipelineError::Config(format!(
+                "ledger topic {topic} holds an unreadable entry for {key}: {e}"
+            ))
+        })?;
+        ledger.insert(key, entry);
     }
     Ok(ledger)
 }

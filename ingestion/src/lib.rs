@@ -275,26 +275,19 @@ impl Ingestor {
             }
             _ => {}
         }
-        let format = match pick_format(
-            path,
-            &name,
-            sidecar.as_ref().and_then(|s| s.format.as_deref()),
-        ) {
-            Ok(f) => f,
+        let archive = self.config.folders.archive.join(format!("{batch_id}.enc"));
+        let forced = sidecar.as_ref().and_then(|s| s.format.as_deref());
+        let prepared = match pick_format(path, &name, forced) {
+            Ok(format) if archive.exists() => Ok(format),
+            Ok(format) => write_archive(path, &archive, &self.master)?.map(|()| format),
+            Err(e) => Err(e),
+        };
+        let format = match prepared {
+            Ok(format) => format,
             Err(e) => {
-                let failure = BatchFailure {
-                    error_kind: e.kind().into(),
-                    reason: e.to_string(),
-                    counts: None,
-                };
-                return self.fail_file(
-                    path,
-                    &sha,
-                    &batch_id,
-                    &name,
-                    command_event.as_deref(),
-                    &failure,
-                );
+                let entry = ledger::Entry::new(&batch_id, &name, &self.config.instance_id);
+                let cause = command_event.as_deref();
+                return self.fail_file(path, &sha, entry, cause, &BatchFailure::file(&e, None));
             }
         };
         let facts = FileFacts {
@@ -304,24 +297,6 @@ impl Ingestor {
             size_bytes: size,
             format,
         };
-        let archive = self.config.folders.archive.join(format!("{batch_id}.enc"));
-        if !archive.exists() {
-            if let Err(e) = write_archive(path, &archive, &self.master)? {
-                let failure = BatchFailure {
-                    error_kind: e.kind().into(),
-                    reason: e.to_string(),
-                    counts: None,
-                };
-                return self.fail_file(
-                    path,
-                    &sha,
-                    &batch_id,
-                    &name,
-                    command_event.as_deref(),
-                    &failure,
-                );
-            }
-        }
         let archive_location = archive.display().to_string();
         let work = match self.ledger.get(&sha) {
             Some(e) if e.status == ledger::Status::InProgress => {
@@ -334,15 +309,9 @@ impl Ingestor {
             _ => {
                 let (created, started) = batch::opening_events(&facts, command_event.as_deref());
                 let entry = ledger::Entry {
-                    batch_id: batch_id.clone(),
-                    file_name: name.clone(),
                     format: format.as_str().into(),
-                    status: ledger::Status::InProgress,
-                    committed_position: 0,
-                    emitted: 0,
-                    rejected: 0,
                     started_event_id: started.header.event_id.clone(),
-                    instance_id: self.config.instance_id.clone(),
+                    ..ledger::Entry::new(&batch_id, &name, &self.config.instance_id)
                 };
                 self.send_event(&created)?;
                 self.send_event(&started)?;
@@ -407,11 +376,9 @@ impl Ingestor {
             Ok(()) => {
                 batch::over_threshold(work.emitted, work.rejected, self.config.max_reject_ratio)
             }
-            Err(ParseError::File(e)) => Some(BatchFailure {
-                error_kind: e.kind().into(),
-                reason: e.to_string(),
-                counts: Some((work.emitted, work.rejected)),
-            }),
+            Err(ParseError::File(e)) => {
+                Some(BatchFailure::file(&e, Some((work.emitted, work.rejected))))
+            }
             Err(ParseError::Halted) => {
                 if let Some(e) = failure {
                     return Err(e);
@@ -445,50 +412,28 @@ impl Ingestor {
                 Ok(BatchEnd::Finished)
             }
             Some(f) => {
-                self.fail_file(
-                    path,
-                    &facts.sha256,
-                    &facts.batch_id,
-                    &facts.file_name,
-                    Some(&started_id),
-                    &f,
-                )?;
+                self.fail_file(path, &facts.sha256, work, Some(&started_id), &f)?;
                 Ok(BatchEnd::Failed)
             }
         }
     }
 
-    /// Commits `DataIngestionFailed` and the ledger's failed state, then moves the file
-    /// to quarantine (a crash in between is finished by the restart).
+    /// Commits `DataIngestionFailed` and the ledger's failed state (with the batch's
+    /// counts and position as they stand), then moves the file to quarantine (a crash in
+    /// between is finished by the restart).
     fn fail_file(
         &mut self,
         path: &Path,
         sha: &str,
-        batch_id: &str,
-        name: &str,
+        mut entry: ledger::Entry,
         cause: Option<&str>,
         failure: &BatchFailure,
     ) -> Result<(), PipelineError> {
         let dest = self.quarantine_path(path);
         warn!(error_kind = %failure.error_kind, reason = %failure.reason, "Batch failed; file quarantined.");
+        let location = dest.display().to_string();
         let event =
-            batch::failed_event(batch_id, name, cause, failure, &dest.display().to_string());
-        let (emitted, rejected) = failure.counts.unwrap_or((0, 0));
-        let mut entry = self
-            .ledger
-            .get(sha)
-            .cloned()
-            .unwrap_or_else(|| ledger::Entry {
-                batch_id: batch_id.into(),
-                file_name: name.into(),
-                format: String::new(),
-                status: ledger::Status::Failed,
-                committed_position: 0,
-                emitted,
-                rejected,
-                started_event_id: String::new(),
-                instance_id: self.config.instance_id.clone(),
-            });
+            batch::failed_event(&entry.batch_id, &entry.file_name, cause, failure, &location);
         entry.status = ledger::Status::Failed;
         self.send_event(&event)?;
         self.checkpoint(sha, &entry)?;
@@ -524,15 +469,8 @@ impl Ingestor {
         );
         let key = format!("rejected:{}", claims::file_name(path));
         let entry = ledger::Entry {
-            batch_id: first.batch_id.clone(),
-            file_name: name.into(),
-            format: String::new(),
             status: ledger::Status::Failed,
-            committed_position: 0,
-            emitted: 0,
-            rejected: 0,
-            started_event_id: String::new(),
-            instance_id: self.config.instance_id.clone(),
+            ..ledger::Entry::new(&first.batch_id, name, &self.config.instance_id)
         };
         self.send_event(&event)?;
         self.checkpoint(&key, &entry)?;
@@ -887,12 +825,10 @@ fn write_archive(
             Ok(n)
         }
     }
-    let mut head = [0u8; 2];
-    let gz = std::fs::File::open(path)
-        .and_then(|mut f| f.read(&mut head))
-        .map_err(|e| io(path, e))?
-        == 2
-        && head == [0x1f, 0x8b];
+    let gz = match formats::detect::is_gzip(path) {
+        Ok(gz) => gz,
+        Err(e) => return Ok(Err(e)),
+    };
     let mut writer = ArchiveWriter::create(archive, master)?;
     let mut tee = Tee {
         file: std::fs::File::open(path).map_err(|e| io(path, e))?,

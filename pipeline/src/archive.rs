@@ -92,42 +92,45 @@ impl ArchiveWriter {
                     .encrypt_next(self.buf.as_slice())
                     .map_err(|_| crypto("archive encryption failed"))?;
                 self.buf.clear();
-                self.put(&ct)?;
+                put(&mut self.out, &self.tmp, &ct)?;
             }
         }
         Ok(())
     }
 
-    fn put(&mut self, ct: &[u8]) -> Result<(), PipelineError> {
-        let io = |e| PipelineError::io(self.tmp.display().to_string(), e);
-        let len = u32::try_from(ct.len()).map_err(|_| crypto("archive chunk too large"))?;
-        self.out.write_all(&len.to_be_bytes()).map_err(io)?;
-        self.out.write_all(ct).map_err(io)
-    }
-
     /// Seals the last chunk, fsyncs, and renames the archive into place.
-    pub fn finish(mut self) -> Result<PathBuf, PipelineError> {
-        let last = std::mem::take(&mut self.buf);
-        let ct = self
-            .enc
-            .encrypt_last(last.as_slice())
+    pub fn finish(self) -> Result<PathBuf, PipelineError> {
+        let ArchiveWriter {
+            path,
+            tmp,
+            mut out,
+            enc,
+            buf,
+        } = self;
+        let ct = enc
+            .encrypt_last(buf.as_slice())
             .map_err(|_| crypto("archive encryption failed"))?;
-        let len = u32::try_from(ct.len()).map_err(|_| crypto("archive chunk too large"))?;
-        let tmp = self.tmp.clone();
+        put(&mut out, &tmp, &ct)?;
         let io = |e| PipelineError::io(tmp.display().to_string(), e);
-        self.out.write_all(&len.to_be_bytes()).map_err(io)?;
-        self.out.write_all(&ct).map_err(io)?;
-        let file = self.out.into_inner().map_err(|e| io(e.into_error()))?;
+        let file = out.into_inner().map_err(|e| io(e.into_error()))?;
         file.sync_all().map_err(io)?;
-        std::fs::rename(&tmp, &self.path)
-            .map_err(|e| PipelineError::io(self.path.display().to_string(), e))?;
-        Ok(self.path)
+        std::fs::rename(&tmp, &path)
+            .map_err(|e| PipelineError::io(path.display().to_string(), e))?;
+        Ok(path)
     }
 
     /// Drops the unfinished archive (for example when the file turns out a duplicate).
     pub fn discard(self) {
         let _ = std::fs::remove_file(&self.tmp);
     }
+}
+
+/// Writes one chunk: its 4-byte big-endian length, then the ciphertext.
+fn put(out: &mut BufWriter<File>, tmp: &Path, ct: &[u8]) -> Result<(), PipelineError> {
+    let io = |e| PipelineError::io(tmp.display().to_string(), e);
+    let len = u32::try_from(ct.len()).map_err(|_| crypto("archive chunk too large"))?;
+    out.write_all(&len.to_be_bytes()).map_err(io)?;
+    out.write_all(ct).map_err(io)
 }
 
 /// Decrypts an archive to `out`, failing on any altered, reordered or missing byte.

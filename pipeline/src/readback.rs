@@ -20,6 +20,22 @@ pub struct Record {
     pub event: Option<Event>,
 }
 
+/// Reads a keyed (compacted) topic as (key, value) entries in topic order; a `None` value
+/// is a tombstone. Messages without a key are skipped: state topics always have one.
+pub fn read_entries(
+    bootstrap: &str,
+    topic: &str,
+    timeout: Duration,
+) -> Result<Vec<crate::state::StateEntry>, PipelineError> {
+    Ok(read_all(bootstrap, &[topic.to_string()], None, timeout)?
+        .into_iter()
+        .filter_map(|r| {
+            let key = String::from_utf8_lossy(r.message.key()?).into_owned();
+            Some((key, r.message.payload().map(<[u8]>::to_vec)))
+        })
+        .collect())
+}
+
 /// Reads every committed message of `topics` that exists now. Blocking: call it from a
 /// blocking thread when inside a runtime. Topics that do not exist are skipped.
 pub fn read_all(

@@ -347,19 +347,11 @@ impl<S: Stage> Runner<S> {
             return Ok(());
         }
         let topic = self.config.topics.state(self.stage.name());
-        let records = crate::readback::read_all(
+        let entries = crate::readback::read_entries(
             &self.config.bootstrap_servers,
-            std::slice::from_ref(&topic),
-            None,
+            &topic,
             Duration::from_secs(120),
         )?;
-        let entries: Vec<crate::state::StateEntry> = records
-            .into_iter()
-            .filter_map(|r| {
-                let key = String::from_utf8_lossy(r.message.key()?).into_owned();
-                Some((key, r.message.payload().map(<[u8]>::to_vec)))
-            })
-            .collect();
         info!(
             entries = entries.len(),
             "Stage state reloaded after assignment."

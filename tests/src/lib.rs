@@ -336,6 +336,26 @@ pub fn synthetic_patients(n: usize) -> (Vec<u8>, Vec<String>) {
     (csv, ids)
 }
 
+/// The identifiers that appear in clear in any message: in its key, its value or a
+/// header value. Sealed payloads are ciphertext, so a hit is a real leak.
+pub fn in_clear<'a>(records: &[Record], identifiers: &'a [String]) -> Vec<&'a str> {
+    use rdkafka::message::Headers;
+    let has = |hay: &[u8], id: &str| hay.windows(id.len()).any(|w| w == id.as_bytes());
+    identifiers
+        .iter()
+        .map(String::as_str)
+        .filter(|id| {
+            records.iter().any(|r| {
+                let m = &r.message;
+                has(m.key().unwrap_or_default(), id)
+                    || has(m.payload().unwrap_or_default(), id)
+                    || m.headers()
+                        .is_some_and(|h| h.iter().any(|hd| has(hd.value.unwrap_or_default(), id)))
+            })
+        })
+        .collect()
+}
+
 /// A short random tag for synthetic file contents.
 pub fn fresh_tag() -> String {
     uuid::Uuid::new_v4().simple().to_string()[..8].to_string()

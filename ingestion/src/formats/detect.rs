@@ -13,14 +13,21 @@ pub const SNIFF_BYTES: usize = 64 * 1024;
 const GZIP_MAGIC: [u8; 2] = [0x1f, 0x8b];
 const MLLP_START: u8 = 0x0b;
 
+/// True if the file starts with the gzip magic bytes.
+pub fn is_gzip(path: &Path) -> Result<bool, FileError> {
+    let mut magic = Vec::with_capacity(2);
+    File::open(path)
+        .and_then(|f| f.take(2).read_to_end(&mut magic))
+        .map_err(|e| FileError::io(&e))?;
+    Ok(magic == GZIP_MAGIC)
+}
+
 /// Opens a file for streaming, decompressing it when it starts with the gzip magic.
 /// A truncated or corrupt gzip stream surfaces later as an IO error from `read`.
 pub fn open(path: &Path) -> Result<Box<dyn BufRead + Send>, FileError> {
-    let mut file = File::open(path).map_err(|e| FileError::io(&e))?;
-    let mut magic = [0u8; 2];
-    let n = read_up_to(&mut file, &mut magic)?;
+    let gz = is_gzip(path)?;
     let file = File::open(path).map_err(|e| FileError::io(&e))?;
-    if n == 2 && magic == GZIP_MAGIC {
+    if gz {
         let gz = flate2::read::MultiGzDecoder::new(BufReader::with_capacity(1 << 16, file));
         Ok(Box::new(BufReader::with_capacity(1 << 16, gz)))
     } else {
@@ -36,19 +43,6 @@ pub fn head(path: &Path) -> Result<Vec<u8>, FileError> {
         .read_to_end(&mut buf)
         .map_err(|e| FileError::io(&e))?;
     Ok(buf)
-}
-
-fn read_up_to(r: &mut impl Read, buf: &mut [u8]) -> Result<usize, FileError> {
-    let mut n = 0;
-    while n < buf.len() {
-        match r.read(&mut buf[n..]) {
-            Ok(0) => break,
-            Ok(k) => n += k,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(FileError::io(&e)),
-        }
-    }
-    Ok(n)
 }
 
 /// Picks the format from the content. The name (`.ndjson`, `.json`, `.hl7`, `.csv`,
