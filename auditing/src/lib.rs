@@ -1,86 +1,164 @@
-//! The auditing stage: records every event on every pipeline topic in a hash-chained,
-//! append-only log. The log is the source of truth for what was consumed: each entry
-//! records its (topic, partition, offset), so redelivery after a crash is skipped and
-//! Kafka's committed offsets are only a starting hint.
+//! The auditing stage: records every event on every pipeline topic in an append-only,
+//! hash-chained store, signs Merkle checkpoints over it, watches for compliance problems,
+//! and publishes entries, checkpoints and alerts on the audit topic.
+//!
+//! The store is the source of truth for what was consumed: each entry records its
+//! (topic, partition, offset), so redelivery after a crash is skipped and Kafka's committed
+//! offsets are only a starting hint. Publishing is exactly once on its own: each
+//! transaction carries entries, checkpoints and alerts together with the publisher's
+//! position (a compacted state topic), so a restart resumes after the last committed one.
 
-pub mod chain;
+pub mod entry;
+pub mod keys;
 pub mod merkle;
+pub mod monitors;
+pub mod proof;
+pub mod query;
+pub mod record;
+pub mod sentinel;
+pub mod store;
 
+use std::collections::VecDeque;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use pipeline::crypto::sha256_hex;
+use ed25519_dalek::SigningKey;
+use pipeline::crypto::{sha256_hex, KeyRef};
 use pipeline::error::kafka_err;
-use pipeline::runner::dlq_headers;
+use pipeline::events::{AuditCheckpoint, AuditEntryRecorded, ComplianceAlert, Payload};
+use pipeline::runner::{retry_until, send_record};
 use pipeline::telemetry::StageMetrics;
 use pipeline::topics::TopicKind;
-use pipeline::{Codec, PipelineError, Topics};
+use pipeline::{Codec, Event, PipelineError, Topics};
+use prometheus::{IntCounterVec, Opts};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
-use rdkafka::message::{Headers, Message, OwnedMessage};
+use rdkafka::message::{Message, OwnedMessage};
+use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use serde::{Deserialize, Serialize};
 use tokio::runtime::Handle;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::chain::{ChainStore, NewEntry};
+use crate::entry::AuditEntry;
+use crate::merkle::TreeHead;
+use crate::monitors::{Alert, CauseLookup, MonitorConfig, Monitors, Observation};
+use crate::sentinel::Sentinel;
+use crate::store::{Key, Store, StoreError};
+
+pub const SERVICE: &str = "medpipe-auditing";
 
 #[derive(Debug, Clone)]
 pub struct AuditConfig {
     pub bootstrap_servers: String,
     pub group_id: String,
+    pub transactional_id: String,
     pub topics: Topics,
     pub audit_dir: PathBuf,
     pub batch_max_messages: usize,
     pub batch_max_wait: Duration,
+    pub segment_entries: u64,
+    /// A checkpoint is signed after this many new entries...
+    pub checkpoint_entries: u64,
+    /// ...or this long after the last one, whichever comes first.
+    pub checkpoint_interval: Duration,
+    pub seal_key: KeyRef,
+    pub signing_key_file: Option<PathBuf>,
+    pub monitors: MonitorConfig,
+    /// Share of anonymized and canonical payloads the PHI sentinel scans (0.0 to 1.0).
+    pub sentinel_sample_rate: f64,
+    pub transaction_timeout: Duration,
 }
 
-/// Builds the entry for one message. Undecodable messages (dead letters, poison) are
-/// still recorded, with what the headers say.
-pub fn entry_for(msg: &OwnedMessage, decoded: Option<&pipeline::Event>) -> NewEntry {
-    let digest = sha256_hex(msg.payload().unwrap_or_default());
-    match decoded {
-        Some(ev) => NewEntry {
-            topic: msg.topic().to_string(),
-            partition: msg.partition(),
-            offset: msg.offset(),
-            event_id: Some(ev.header.event_id.clone()),
-            event_type: ev.header.event_type.clone(),
-            correlation_id: Some(ev.header.correlation_id.clone()),
-            causation_id: ev.header.causation_id.clone(),
-            source_service: Some(ev.header.source_service.clone()),
-            occurred_at: Some(ev.header.occurred_at),
-            digest_sha256: digest,
-        },
-        None => {
-            let stage = header(msg, dlq_headers::STAGE);
-            NewEntry {
-                topic: msg.topic().to_string(),
-                partition: msg.partition(),
-                offset: msg.offset(),
-                event_id: None,
-                event_type: if stage.is_some() {
-                    "DeadLetter".into()
-                } else {
-                    "Undecodable".into()
-                },
-                correlation_id: None,
-                causation_id: None,
-                source_service: stage.map(|s| format!("medpipe-{s}")),
-                occurred_at: None,
-                digest_sha256: digest,
-            }
-        }
+fn store_err(e: StoreError) -> PipelineError {
+    PipelineError::Config(format!("audit store: {e}"))
+}
+
+/// Where an alert points, stored in its entry's `detail` as JSON.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AlertDetail {
+    pub kind: String,
+    pub topic: Option<String>,
+    pub partition: Option<i32>,
+    pub offset: Option<i64>,
+    pub detail: String,
+}
+
+/// The entry that records an alert; the audit topic name marks it as the stage's own.
+pub fn alert_entry(alert: &Alert, own_topic: &str, now: i64) -> Result<AuditEntry, PipelineError> {
+    let detail = AlertDetail {
+        kind: alert.kind.as_str().to_string(),
+        topic: alert.topic.clone(),
+        partition: alert.partition,
+        offset: alert.offset,
+        detail: alert.detail.clone(),
+    };
+    let detail = serde_json::to_string(&detail)
+        .map_err(|e| PipelineError::Config(format!("cannot serialise an alert: {e}")))?;
+    Ok(AuditEntry {
+        topic: own_topic.to_string(),
+        partition: -1,
+        offset: -1,
+        event_id: Some(alert.id.clone()),
+        event_type: "ComplianceAlert".into(),
+        correlation_id: alert.correlation_id.clone(),
+        source_service: Some(SERVICE.into()),
+        occurred_at: Some(now),
+        digest_sha256: sha256_hex(detail.as_bytes()),
+        detail: Some(detail),
+        ..Default::default()
+    })
+}
+
+/// How the monitors see an entry.
+pub fn observation(e: &AuditEntry) -> Observation<'_> {
+    Observation {
+        seq: e.seq,
+        recorded_at: e.recorded_at,
+        topic: &e.topic,
+        partition: e.partition,
+        offset: e.offset,
+        event_id: e.event_id.as_deref(),
+        event_type: &e.event_type,
+        correlation_id: e.correlation_id.as_deref(),
+        causation_id: e.causation_id.as_deref(),
+        source_service: e.source_service.as_deref(),
+        occurred_at: e.occurred_at,
+        record_position: e.record_position,
+        records_expected: e.records_expected,
     }
 }
 
-fn header(msg: &OwnedMessage, name: &str) -> Option<String> {
-    let hs = msg.headers()?;
-    hs.iter()
-        .find(|h| h.key == name)
-        .and_then(|h| h.value)
-        .map(|v| String::from_utf8_lossy(v).into_owned())
+/// Resolves causes the monitors no longer hold through the store's index.
+struct StoreLookup<'a>(&'a std::path::Path);
+
+impl CauseLookup for StoreLookup<'_> {
+    fn source_of(&self, event_id: &str) -> Option<(String, Option<String>, Option<String>)> {
+        let found = store::lookup(self.0, Key::Event, event_id).ok()?;
+        let e = found.into_iter().next()?;
+        Some((e.event_type, e.source_service, e.causation_id))
+    }
 }
+
+/// The JSON a payload carries that the PHI sentinel scans: de-identified data only.
+fn scannable(p: &Payload) -> Option<&str> {
+    match p {
+        Payload::RecordAnonymized(r) => Some(&r.content_json),
+        Payload::CanonicalPatient(c) => Some(&c.fhir_json),
+        _ => None,
+    }
+}
+
+/// The publisher's committed position, kept in its state topic.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+struct Published {
+    entries: u64,
+    checkpoints: u64,
+}
+
+const PUBLISHED_KEY: &str = "publisher";
 
 /// Runs the audit loop on a blocking thread until shutdown.
 pub async fn run(
@@ -90,43 +168,189 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<(), PipelineError> {
     let rt = Handle::current();
-    tokio::task::spawn_blocking(move || run_blocking(config, codec, metrics, rt, shutdown))
-        .await
-        .map_err(|e| PipelineError::Config(format!("audit thread failed: {e}")))?
+    tokio::task::spawn_blocking(move || {
+        Auditor::start(config, codec, metrics, rt, &shutdown)?.run(&shutdown)
+    })
+    .await
+    .map_err(|e| PipelineError::Config(format!("audit thread failed: {e}")))?
 }
 
-fn run_blocking(
+struct Auditor {
     config: AuditConfig,
     codec: Arc<Codec>,
     metrics: StageMetrics,
+    alerts: IntCounterVec,
     rt: Handle,
-    shutdown: CancellationToken,
-) -> Result<(), PipelineError> {
-    let chain_err = |e: chain::ChainError| PipelineError::Config(e.to_string());
-    let mut store = ChainStore::open(&config.audit_dir).map_err(chain_err)?;
-    let own_topic = config.topics.name(TopicKind::Audit);
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", &config.bootstrap_servers)
-        .set("group.id", &config.group_id)
-        .set("enable.auto.commit", "false")
-        .set("isolation.level", "read_committed")
-        .set("auto.offset.reset", "earliest")
-        .set("session.timeout.ms", "10000")
-        .set("fetch.wait.max.ms", "10")
-        .set("queued.max.messages.kbytes", "16384")
-        .set("topic.metadata.refresh.interval.ms", "2000")
-        .create()
-        .map_err(kafka_err("create consumer"))?;
-    consumer
-        .subscribe(&[&config.topics.all_regex()])
-        .map_err(kafka_err("subscribe"))?;
-    metrics.set_ready(true);
-    info!(entries = store.len(), pattern = %config.topics.all_regex(), "Auditing started.");
-    while !shutdown.is_cancelled() {
-        let deadline = Instant::now() + config.batch_max_wait;
+    store: Store,
+    signing: SigningKey,
+    key_id: String,
+    monitors: Monitors,
+    sentinel: Sentinel,
+    consumer: BaseConsumer,
+    producer: BaseProducer,
+    own_topic: String,
+    published: Published,
+    /// Entries durable in the store but not yet published.
+    unpublished: VecDeque<AuditEntry>,
+    /// Checkpoints signed but not yet published.
+    unpublished_heads: VecDeque<TreeHead>,
+    last_checkpoint: Instant,
+}
+
+impl Auditor {
+    fn start(
+        config: AuditConfig,
+        codec: Arc<Codec>,
+        metrics: StageMetrics,
+        rt: Handle,
+        shutdown: &CancellationToken,
+    ) -> Result<Self, PipelineError> {
+        let signing = keys::load_or_create(config.signing_key_file.as_deref(), &config.audit_dir)
+            .map_err(store_err)?;
+        let key_id = keys::key_id(&signing.verifying_key());
+        let mut monitors = Monitors::new(config.monitors.clone());
+        // Replayed entries rebuild the monitors' state; alerts that fired before a crash
+        // but were never recorded come back from end_replay.
+        monitors.begin_replay();
+        let started = Instant::now();
+        let store = Store::open(
+            &config.audit_dir,
+            config.segment_entries,
+            &signing.verifying_key(),
+            |e| {
+                monitors.observe(&observation(e));
+            },
+        )
+        .map_err(store_err)?;
+        info!(
+            entries = store.len(),
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "Audit store opened and verified."
+        );
+        let owed = monitors.end_replay();
+        let sentinel = Sentinel::new(config.sentinel_sample_rate).map_err(PipelineError::Config)?;
+        let alerts = IntCounterVec::new(
+            Opts::new(
+                "medpipe_compliance_alerts_total",
+                "Compliance alerts raised by the auditing stage, by kind.",
+            ),
+            &["kind"],
+        )
+        .map_err(|e| PipelineError::Config(format!("metrics: {e}")))?;
+        metrics
+            .registry
+            .register(Box::new(alerts.clone()))
+            .map_err(|e| PipelineError::Config(format!("metrics: {e}")))?;
+
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &config.bootstrap_servers)
+            .set("group.id", &config.group_id)
+            .set("enable.auto.commit", "false")
+            .set("isolation.level", "read_committed")
+            .set("auto.offset.reset", "earliest")
+            .set("session.timeout.ms", "10000")
+            .set("fetch.wait.max.ms", "10")
+            .set("queued.max.messages.kbytes", "16384")
+            .set("topic.metadata.refresh.interval.ms", "2000")
+            .create()
+            .map_err(kafka_err("create consumer"))?;
+        let producer: BaseProducer = ClientConfig::new()
+            .set("bootstrap.servers", &config.bootstrap_servers)
+            .set("transactional.id", &config.transactional_id)
+            .set(
+                "transaction.timeout.ms",
+                config.transaction_timeout.as_millis().to_string(),
+            )
+            .set("linger.ms", "5")
+            .set("compression.type", "lz4")
+            .create()
+            .map_err(kafka_err("create producer"))?;
+        // Fences a previous incarnation and aborts its open transaction, so the state
+        // topic read next holds the last committed position.
+        retry_until(shutdown, "init transactions", || {
+            producer
+                .init_transactions(Duration::from_secs(30))
+                .map_err(kafka_err("init transactions"))
+        })?;
+        let state_topic = config.topics.state("auditing");
+        let published = pipeline::readback::read_entries(
+            &config.bootstrap_servers,
+            &state_topic,
+            Duration::from_secs(60),
+        )?
+        .into_iter()
+        .filter(|(k, _)| k == PUBLISHED_KEY)
+        .filter_map(|(_, v)| serde_json::from_slice::<Published>(&v?).ok())
+        .next_back()
+        .unwrap_or_default();
+        let unpublished: VecDeque<AuditEntry> = store
+            .read_from(published.entries, usize::MAX)
+            .map_err(store_err)?
+            .into_iter()
+            .map(|(e, _)| e)
+            .collect();
+        let unpublished_heads: VecDeque<TreeHead> = store::read_checkpoints(&config.audit_dir)
+            .map_err(store_err)?
+            .into_iter()
+            .skip(published.checkpoints as usize)
+            .collect();
+        info!(
+            published_entries = published.entries,
+            to_publish = unpublished.len(),
+            "Audit publisher resumed."
+        );
+        let own_topic = config.topics.name(TopicKind::Audit);
+        let mut auditor = Auditor {
+            config,
+            codec,
+            metrics,
+            alerts,
+            rt,
+            store,
+            signing,
+            key_id,
+            monitors,
+            sentinel,
+            consumer,
+            producer,
+            own_topic,
+            published,
+            unpublished,
+            unpublished_heads,
+            last_checkpoint: Instant::now(),
+        };
+        auditor.raise(owed, chrono::Utc::now().timestamp_micros())?;
+        Ok(auditor)
+    }
+
+    fn run(mut self, shutdown: &CancellationToken) -> Result<(), PipelineError> {
+        self.consumer
+            .subscribe(&[&self.config.topics.all_regex()])
+            .map_err(kafka_err("subscribe"))?;
+        self.metrics.set_ready(true);
+        info!(entries = self.store.len(), pattern = %self.config.topics.all_regex(), key_id = %self.key_id, "Auditing started.");
+        while !shutdown.is_cancelled() {
+            let batch = self.poll_batch();
+            if !batch.is_empty() {
+                self.record(&batch)?;
+            }
+            let now = chrono::Utc::now().timestamp_micros();
+            let alerts = self
+                .monitors
+                .tick(now, &StoreLookup(&self.config.audit_dir));
+            self.raise(alerts, now)?;
+            self.maybe_checkpoint(now)?;
+            self.publish(shutdown)?;
+        }
+        info!(entries = self.store.len(), "Auditing stopped cleanly.");
+        Ok(())
+    }
+
+    fn poll_batch(&self) -> Vec<OwnedMessage> {
+        let deadline = Instant::now() + self.config.batch_max_wait;
         let mut batch = Vec::new();
-        while batch.len() < config.batch_max_messages && Instant::now() < deadline {
-            match consumer.poll(Duration::from_millis(50)) {
+        while batch.len() < self.config.batch_max_messages && Instant::now() < deadline {
+            match self.consumer.poll(Duration::from_millis(50)) {
                 Some(Ok(m)) => batch.push(m.detach()),
                 Some(Err(e)) => warn!(error = %e, "Consumer error; continuing."),
                 None => {
@@ -136,44 +360,245 @@ fn run_blocking(
                 }
             }
         }
-        if batch.is_empty() {
-            continue;
-        }
+        batch
+    }
+
+    /// Appends one entry per new message (fsynced), then feeds the monitors.
+    fn record(&mut self, batch: &[OwnedMessage]) -> Result<(), PipelineError> {
         let mut entries = Vec::with_capacity(batch.len());
+        let mut scans = Vec::new();
         let mut offsets = TopicPartitionList::new();
-        for m in &batch {
+        for m in batch {
             offsets
                 .add_partition_offset(m.topic(), m.partition(), Offset::Offset(m.offset() + 1))
                 .map_err(kafka_err("offsets"))?;
-            if m.topic() == own_topic || store.contains(m.topic(), m.partition(), m.offset()) {
+            if m.topic() == self.own_topic
+                || self.store.contains(m.topic(), m.partition(), m.offset())
+            {
                 continue;
             }
             let decoded = match m.payload() {
-                Some(b) if !config.topics.is_dlq(m.topic()) => match rt.block_on(codec.decode(b)) {
-                    Ok(ev) => Some(ev),
-                    Err(e) if e.class() == pipeline::ErrorClass::Retry => return Err(e),
-                    Err(_) => None,
-                },
+                Some(b) if !self.config.topics.is_dlq(m.topic()) => {
+                    match self.rt.block_on(self.codec.decode(b)) {
+                        Ok(ev) => Some(ev),
+                        Err(e) if e.class() == pipeline::ErrorClass::Retry => return Err(e),
+                        Err(_) => None,
+                    }
+                }
                 _ => None,
             };
-            let e = entry_for(m, decoded.as_ref());
-            metrics
+            if let Some(ev) = &decoded {
+                if let Some(json) = scannable(&ev.payload) {
+                    if self.sentinel.sampled(&ev.header.event_id) {
+                        scans.push((
+                            m.topic().to_string(),
+                            m.partition(),
+                            m.offset(),
+                            ev.header.correlation_id.clone(),
+                            ev.header.event_id.clone(),
+                            self.sentinel.scan_json(json),
+                        ));
+                    }
+                }
+            }
+            let e = record::entry_for(m, decoded.as_ref(), &self.config.seal_key)?;
+            self.metrics
                 .events_in
                 .with_label_values(&[e.event_type.as_str()])
                 .inc();
             entries.push(e);
         }
         let now = chrono::Utc::now().timestamp_micros();
-        let added = store.append(entries, now).map_err(chain_err)?;
-        metrics
+        let added = self.store.append(entries, now).map_err(store_err)?;
+        let mut alerts = Vec::new();
+        for e in &added {
+            alerts.extend(self.monitors.observe(&observation(e)));
+        }
+        for (topic, partition, offset, batch_id, event_id, findings) in scans {
+            if let Some(a) =
+                sentinel::alert(&topic, partition, offset, &batch_id, &event_id, &findings)
+            {
+                alerts.push(a);
+            }
+        }
+        self.metrics
             .events_out
             .with_label_values(&["AuditEntry"])
-            .inc_by(added as u64);
-        // The chain is durable now; the commit only saves re-reading on restart.
-        if let Err(e) = consumer.commit(&offsets, CommitMode::Async) {
+            .inc_by(added.len() as u64);
+        self.unpublished.extend(added);
+        self.raise(alerts, now)?;
+        // The store is durable now; the commit only saves re-reading on restart.
+        if let Err(e) = self.consumer.commit(&offsets, CommitMode::Async) {
             warn!(error = %e, "Offset commit failed; entries are deduplicated on restart.");
         }
+        Ok(())
     }
-    info!(entries = store.len(), "Auditing stopped cleanly.");
-    Ok(())
+
+    /// Records alerts as entries of their own; they are published with the entries.
+    fn raise(&mut self, alerts: Vec<Alert>, now: i64) -> Result<(), PipelineError> {
+        if alerts.is_empty() {
+            return Ok(());
+        }
+        let mut entries = Vec::with_capacity(alerts.len());
+        for a in &alerts {
+            warn!(kind = a.kind.as_str(), alert_id = %a.id, batch = a.correlation_id.as_deref().unwrap_or("-"), detail = %a.detail, "Compliance alert.");
+            self.alerts.with_label_values(&[a.kind.as_str()]).inc();
+            entries.push(alert_entry(a, &self.own_topic, now)?);
+        }
+        let added = self.store.append(entries, now).map_err(store_err)?;
+        for e in &added {
+            // Marks the alert as fired, as a replay after a restart would.
+            self.monitors.observe(&observation(e));
+        }
+        self.unpublished.extend(added);
+        Ok(())
+    }
+
+    fn maybe_checkpoint(&mut self, now: i64) -> Result<(), PipelineError> {
+        let unsigned = self.store.unsigned();
+        let due = unsigned >= self.config.checkpoint_entries
+            || (unsigned > 0 && self.last_checkpoint.elapsed() >= self.config.checkpoint_interval);
+        if due {
+            let head = self
+                .store
+                .checkpoint(&self.signing, &self.key_id, now)
+                .map_err(store_err)?;
+            self.unpublished_heads.push_back(head);
+            self.last_checkpoint = Instant::now();
+        }
+        Ok(())
+    }
+
+    /// Publishes what is durable but unpublished, in transactions of bounded size, each
+    /// with the publisher's new position.
+    fn publish(&mut self, shutdown: &CancellationToken) -> Result<(), PipelineError> {
+        const MAX_PER_TXN: usize = 2000;
+        while !self.unpublished.is_empty() || !self.unpublished_heads.is_empty() {
+            let n = self.unpublished.len().min(MAX_PER_TXN);
+            // A checkpoint goes out only once the entries it covers have.
+            let covered = self.published.entries + n as u64;
+            let heads: Vec<TreeHead> = self
+                .unpublished_heads
+                .iter()
+                .take_while(|h| h.tree_size <= covered)
+                .cloned()
+                .collect();
+            if n == 0 && heads.is_empty() {
+                break;
+            }
+            let entries: Vec<AuditEntry> = self.unpublished.iter().take(n).cloned().collect();
+            let next = Published {
+                entries: covered,
+                checkpoints: self.published.checkpoints + heads.len() as u64,
+            };
+            match self.publish_txn(&entries, &heads, next) {
+                Ok(()) => {
+                    self.unpublished.drain(..n);
+                    self.unpublished_heads.drain(..heads.len());
+                    self.published = next;
+                    self.metrics.transactions_committed.inc();
+                }
+                Err(e) => {
+                    self.metrics.transactions_aborted.inc();
+                    if let Err(abort) = self
+                        .producer
+                        .abort_transaction(self.config.transaction_timeout)
+                    {
+                        // The producer cannot go on: exit so the restart resumes from
+                        // the committed position.
+                        return Err(PipelineError::kafka("abort transaction", abort));
+                    }
+                    if e.class() != pipeline::ErrorClass::Retry || shutdown.is_cancelled() {
+                        return Err(e);
+                    }
+                    warn!(error = %e, "Publishing aborted; retrying.");
+                    std::thread::sleep(Duration::from_millis(500));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn publish_txn(
+        &self,
+        entries: &[AuditEntry],
+        heads: &[TreeHead],
+        next: Published,
+    ) -> Result<(), PipelineError> {
+        self.producer
+            .begin_transaction()
+            .map_err(kafka_err("begin transaction"))?;
+        for e in entries {
+            let batch = e.correlation_id.as_deref().unwrap_or("audit");
+            let line = e
+                .to_line()
+                .map_err(|err| PipelineError::Config(format!("cannot serialise entry: {err}")))?;
+            let recorded = Payload::AuditEntryRecorded(AuditEntryRecorded {
+                seq: e.seq as i64,
+                audited_event_type: e.event_type.clone(),
+                audited_event_id: e.event_id.clone(),
+                prev_hash: e.prev_hash.clone(),
+                hash: e.hash.clone(),
+                entry_json: line,
+            });
+            self.send(
+                Event::new(SERVICE, batch, e.event_id.as_deref(), recorded),
+                batch,
+            )?;
+            if e.is_own() {
+                if let Some(alert) = self.alert_event(e)? {
+                    self.send(alert, batch)?;
+                }
+            }
+        }
+        for h in heads {
+            let cp = Payload::AuditCheckpoint(AuditCheckpoint {
+                tree_size: h.tree_size as i64,
+                root_hex: h.root_hex.clone(),
+                timestamp_micros: h.timestamp_micros,
+                key_id: h.key_id.clone(),
+                signature_hex: h.signature_hex.clone(),
+                public_key_hex: hex::encode(self.signing.verifying_key().as_bytes()),
+            });
+            self.send(Event::new(SERVICE, "audit", None, cp), "checkpoint")?;
+        }
+        let state = serde_json::to_vec(&next)
+            .map_err(|e| PipelineError::Config(format!("cannot serialise state: {e}")))?;
+        let topic = self.config.topics.state("auditing");
+        send_record(
+            &self.producer,
+            BaseRecord::to(&topic).key(PUBLISHED_KEY).payload(&state),
+        )?;
+        self.producer
+            .commit_transaction(self.config.transaction_timeout)
+            .map_err(kafka_err("commit transaction"))
+    }
+
+    fn alert_event(&self, e: &AuditEntry) -> Result<Option<Event>, PipelineError> {
+        let (Some(id), Some(detail)) = (&e.event_id, &e.detail) else {
+            return Ok(None);
+        };
+        let d: AlertDetail = serde_json::from_str(detail)
+            .map_err(|err| PipelineError::Config(format!("alert entry {}: {err}", e.seq)))?;
+        let payload = Payload::ComplianceAlert(ComplianceAlert {
+            alert_id: id.clone(),
+            kind: d.kind,
+            batch_id: e.correlation_id.clone(),
+            topic: d.topic,
+            partition: d.partition,
+            offset: d.offset,
+            detail: d.detail,
+            audit_seq: e.seq as i64,
+        });
+        let batch = e.correlation_id.as_deref().unwrap_or("audit");
+        Ok(Some(Event::new(SERVICE, batch, None, payload)))
+    }
+
+    fn send(&self, event: Event, key: &str) -> Result<(), PipelineError> {
+        let bytes = self.rt.block_on(self.codec.encode(&event))?;
+        send_record(
+            &self.producer,
+            BaseRecord::to(&self.own_topic).key(key).payload(&bytes),
+        )
+    }
 }

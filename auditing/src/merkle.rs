@@ -94,6 +94,53 @@ pub fn root(leaves: &[Hash]) -> Hash {
     level.first().copied().unwrap_or_else(empty_root)
 }
 
+/// The Merkle tree hash of a growing log, kept as the roots of its perfect subtrees (one
+/// per set bit of the size, largest first). Appending is O(log n) and memory is O(log n),
+/// so a verifier can check a signed head at any size while streaming millions of leaves.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CompactTree {
+    size: u64,
+    /// (height, root) of each perfect subtree, left to right; heights strictly decrease.
+    peaks: Vec<(u32, Hash)>,
+}
+
+impl CompactTree {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// Appends one leaf hash (already `leaf_hash`ed).
+    pub fn push(&mut self, leaf: Hash) {
+        let mut node = (0u32, leaf);
+        while let Some(&(h, left)) = self.peaks.last() {
+            if h != node.0 {
+                break;
+            }
+            self.peaks.pop();
+            node = (h + 1, node_hash(&left, &node.1));
+        }
+        self.peaks.push(node);
+        self.size += 1;
+    }
+
+    /// The RFC 6962 root of the leaves pushed so far: the peaks folded right to left,
+    /// which is the split-at-the-largest-power-of-two tree.
+    pub fn root(&self) -> Hash {
+        let mut it = self.peaks.iter().rev();
+        let Some(&(_, mut acc)) = it.next() else {
+            return empty_root();
+        };
+        for (_, left) in it {
+            acc = node_hash(left, &acc);
+        }
+        acc
+    }
+}
+
 /// Audit path for leaf `index` in a tree of `leaves` (RFC 6962 2.1.1), ordered from the
 /// leaf's sibling up to the root. Err if index out of range.
 pub fn inclusion_proof(leaves: &[Hash], index: usize) -> Result<Vec<Hash>, MerkleError> {
@@ -332,6 +379,18 @@ impl TreeHead {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn the_compact_tree_agrees_with_the_full_root_at_every_size() {
+        let leaves: Vec<Hash> = (0u32..70).map(|i| leaf_hash(&i.to_be_bytes())).collect();
+        let mut t = CompactTree::new();
+        assert_eq!(t.root(), root(&[]));
+        for (i, l) in leaves.iter().enumerate() {
+            t.push(*l);
+            assert_eq!(t.size(), i as u64 + 1);
+            assert_eq!(t.root(), root(&leaves[..=i]), "size {}", i + 1);
+        }
+    }
 
     /// Independent, deliberately naive RFC 6962 MTH: recursive split on raw leaf data.
     fn naive_mth(data: &[Vec<u8>]) -> Hash {

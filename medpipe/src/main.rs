@@ -2,7 +2,9 @@
 //! commands, opens archives, summarises what the pipeline holds, verifies and queries
 //! the audit trail, and runs benchmarks.
 
+mod audit;
 mod bench;
+mod bench_audit;
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -74,12 +76,23 @@ enum Command {
     /// The audit trail.
     Audit {
         #[command(subcommand)]
-        command: AuditCommand,
+        command: audit::AuditCommand,
     },
 }
 
 #[derive(Subcommand, Debug)]
 enum BenchCommand {
+    /// The audit store alone: append with sealing and chaining, verify, trace, report.
+    Audit {
+        #[arg(long, default_value_t = 1_000_000)]
+        entries: u64,
+        /// Entries per append (one fsync each), as the stage's poll batch.
+        #[arg(long, default_value_t = 500)]
+        batch: usize,
+        /// The store is built here and removed afterwards.
+        #[arg(long, default_value = "/tmp/medpipe-bench")]
+        work_dir: PathBuf,
+    },
     /// Run the pure de-identification engine (no Kafka) on FHIR Patients, Observations
     /// with narrative, and HL7 ORU messages; report records/s on one core (best of rounds).
     Anonymize {
@@ -104,31 +117,6 @@ enum BenchCommand {
         keep_topics: bool,
         #[arg(long, default_value = "30m", value_parser = humantime::parse_duration)]
         timeout: Duration,
-    },
-}
-
-#[derive(Subcommand, Debug)]
-enum AuditCommand {
-    /// Check every entry's hash chain; exits non-zero naming the first bad entry.
-    Verify {
-        #[arg(
-            long,
-            env = "MEDPIPE_AUDIT_DIR",
-            default_value = "./medpipe-data/audit"
-        )]
-        dir: PathBuf,
-    },
-    /// Print the timeline of a batch (or one event id) in chain order.
-    Trace {
-        id: String,
-        #[arg(
-            long,
-            env = "MEDPIPE_AUDIT_DIR",
-            default_value = "./medpipe-data/audit"
-        )]
-        dir: PathBuf,
-        #[arg(long)]
-        json: bool,
     },
 }
 
@@ -190,6 +178,21 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             writeln!(out, "Decrypted {n} bytes to {}.", dest.display())?;
         }
         Command::Bench {
+            command:
+                BenchCommand::Audit {
+                    entries,
+                    batch,
+                    work_dir,
+                },
+        } => bench_audit::run(
+            &bench_audit::AuditBench {
+                entries,
+                batch,
+                work_dir,
+            },
+            &mut out,
+        )?,
+        Command::Bench {
             command: BenchCommand::Anonymize { records, rounds },
         } => {
             writeln!(out, "| case | records/s |\n|---|---|")?;
@@ -225,42 +228,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 }
             }
         }
-        Command::Audit {
-            command: AuditCommand::Verify { dir },
-        } => {
-            let path = dir.join(auditing::chain::ChainStore::FILE);
-            match auditing::chain::verify(&path) {
-                Ok(s) => writeln!(
-                    out,
-                    "Audit chain verified: {} entries, head {}.",
-                    s.entries, s.head
-                )?,
-                Err(e) => bail!("audit chain verification failed: {e}"),
-            }
-        }
-        Command::Audit {
-            command: AuditCommand::Trace { id, dir, json },
-        } => {
-            let entries =
-                auditing::chain::trace(&dir.join(auditing::chain::ChainStore::FILE), &id)?;
-            if entries.is_empty() {
-                bail!("no audit entries for {id}");
-            }
-            for e in entries {
-                if json {
-                    writeln!(out, "{}", serde_json::to_string(&e)?)?;
-                } else {
-                    writeln!(
-                        out,
-                        "{:>6}  {:<28} {:<24} {}",
-                        e.seq,
-                        e.event_type,
-                        e.source_service.as_deref().unwrap_or("-"),
-                        e.event_id.as_deref().unwrap_or("-")
-                    )?;
-                }
-            }
-        }
+        Command::Audit { command } => audit::run(command, &mut out).await?,
     }
     Ok(())
 }

@@ -111,6 +111,11 @@ pub fn open(
         })
 }
 
+/// 32 bytes from the operating system's CSPRNG (for new keys and seeds).
+pub fn random_key_bytes() -> Secret<[u8; 32]> {
+    Secret::new(Aes256Gcm::generate_key(&mut OsRng).into())
+}
+
 /// A fresh per-batch data key, plus its wrapped form (nonce ‖ sealed key) under `master`.
 pub struct DataKey {
     key: KeyRef,
@@ -120,7 +125,7 @@ pub struct DataKey {
 
 impl DataKey {
     pub fn generate(master: &KeyRef) -> Result<Self, PipelineError> {
-        let raw: [u8; 32] = Aes256Gcm::generate_key(&mut OsRng).into();
+        let raw: [u8; 32] = *random_key_bytes().expose();
         let (nonce, sealed) = seal(master, &raw, b"medpipe-data-key")?;
         let mut wrapped = nonce;
         wrapped.extend_from_slice(&sealed);

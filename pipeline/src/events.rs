@@ -235,6 +235,9 @@ catalogue! {
     StartDataIntakeCommand { ns: "medpipe.ingestion", topic: TopicKind::IngestionCommands, version: 1, file: "ingestion/StartDataIntakeCommand.avsc" }
     DataIngestionRejected { ns: "medpipe.ingestion", topic: TopicKind::Ingestion, version: 1, file: "ingestion/DataIngestionRejected.avsc" }
     AnonymizationFailed { ns: "medpipe.anonymization", topic: TopicKind::Anonymization, version: 1, file: "anonymization/AnonymizationFailed.avsc" }
+    AuditEntryRecorded { ns: "medpipe.audit", topic: TopicKind::Audit, version: 1, file: "audit/AuditEntryRecorded.avsc" }
+    AuditCheckpoint { ns: "medpipe.audit", topic: TopicKind::Audit, version: 1, file: "audit/AuditCheckpoint.avsc" }
+    ComplianceAlert { ns: "medpipe.audit", topic: TopicKind::Audit, version: 1, file: "audit/ComplianceAlert.avsc" }
 }
 
 /// Asks ingestion to claim and ingest one file. Sent by data engineers' tooling.
@@ -402,6 +405,42 @@ pub struct CanonicalPatient {
     pub birth_year: Option<i32>,
     pub fhir_json: String,
     pub provenance: Provenance,
+}
+
+/// One audit entry, published on the audit topic once it is durable in the store.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditEntryRecorded {
+    pub seq: i64,
+    pub audited_event_type: String,
+    pub audited_event_id: Option<String>,
+    pub prev_hash: String,
+    pub hash: String,
+    /// The entry's exact canonical line in the store.
+    pub entry_json: String,
+}
+
+/// A signed Merkle tree head over the first `tree_size` audit entries.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditCheckpoint {
+    pub tree_size: i64,
+    pub root_hex: String,
+    pub timestamp_micros: i64,
+    pub key_id: String,
+    pub signature_hex: String,
+    pub public_key_hex: String,
+}
+
+/// A compliance monitor fired. Locations and counts only, never values.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ComplianceAlert {
+    pub alert_id: String,
+    pub kind: String,
+    pub batch_id: Option<String>,
+    pub topic: Option<String>,
+    pub partition: Option<i32>,
+    pub offset: Option<i64>,
+    pub detail: String,
+    pub audit_seq: i64,
 }
 
 /// The clear-text body of a `SourceRecordIngested`, as sealed by ingestion and opened by

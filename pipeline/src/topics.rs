@@ -27,7 +27,7 @@ pub struct Topics {
 }
 
 /// The stages that keep durable state in a compacted state topic.
-pub const STATE_STAGES: [&str; 1] = ["anonymization"];
+pub const STATE_STAGES: [&str; 2] = ["anonymization", "auditing"];
 
 /// The stages that own a dead-letter topic.
 pub const DLQ_STAGES: [&str; 4] = ["ingestion", "anonymization", "canonization", "auditing"];

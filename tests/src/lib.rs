@@ -22,6 +22,7 @@ pub const BOOTSTRAP: &str = "127.0.0.1:9092";
 pub const REGISTRY: &str = "http://127.0.0.1:8081";
 pub const MASTER_KEY: &str = "1111111111111111111111111111111111111111111111111111111111111111";
 pub const PSEUDONYM_KEY: &str = "2222222222222222222222222222222222222222222222222222222222222222";
+pub const AUDIT_KEY: &str = "3333333333333333333333333333333333333333333333333333333333333333";
 
 /// Directory holding the stage binaries: the test executable lives in `<target>/debug/deps`.
 pub fn bin_dir() -> PathBuf {
@@ -123,6 +124,7 @@ impl Pipeline {
             .env("MEDPIPE_METRICS_ADDR", "127.0.0.1:0")
             .env("MEDPIPE_INGESTION_DIR", self.dir.path().join("ingestion"))
             .env("MEDPIPE_AUDIT_DIR", self.audit_dir())
+            .env("MEDPIPE_AUDIT_KEY", AUDIT_KEY)
             .env("RUST_LOG", "info")
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())
@@ -133,6 +135,31 @@ impl Pipeline {
         }
         let child = cmd.spawn().expect("spawn stage");
         self.children.insert(name.to_string(), child);
+    }
+
+    /// Runs the operator CLI against this pipeline and its audit directory.
+    pub fn medpipe(&self, args: &[&str]) -> std::process::Output {
+        Command::new(bin_dir().join("medpipe"))
+            .args(args)
+            .env("MEDPIPE_BOOTSTRAP_SERVERS", BOOTSTRAP)
+            .env("MEDPIPE_SCHEMA_REGISTRY_URL", REGISTRY)
+            .env("MEDPIPE_TOPIC_PREFIX", &self.prefix)
+            .env("MEDPIPE_AUDIT_DIR", self.audit_dir())
+            .env("MEDPIPE_AUDIT_KEY", AUDIT_KEY)
+            .env("NO_COLOR", "1")
+            .output()
+            .expect("run medpipe")
+    }
+
+    /// Every entry in the audit store, in chain order (without verifying it).
+    pub fn audit_entries(&self) -> Vec<auditing::entry::AuditEntry> {
+        let mut out = Vec::new();
+        auditing::store::scan(&self.audit_dir(), |_, _, e| {
+            out.push(e);
+            Ok(())
+        })
+        .expect("read the audit store");
+        out
     }
 
     /// SIGKILL: no chance to finish or abort the open transaction.

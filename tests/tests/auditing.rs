@@ -1,0 +1,494 @@
+//! End-to-end tests of the audit trail on the real broker and registry: trace, verify,
+//! tamper detection, crash safety of the store and its publication, and the monitors.
+
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
+use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use auditing::entry::AuditEntry;
+use pipeline::events::{CanonicalPatient, DataIngestionStarted, Payload, Provenance};
+use pipeline::topics::TopicKind;
+use pipeline::Event;
+use rdkafka::message::Message;
+use tests::{synthetic_patients, Pipeline};
+
+/// Messages on every audited topic (all but the audit topic), by position.
+fn audited_positions(p: &Pipeline) -> HashSet<(String, i32, i64)> {
+    let audit = p.topics.name(TopicKind::Audit);
+    p.read_all()
+        .iter()
+        .filter(|r| r.message.topic() != audit)
+        .map(|r| {
+            (
+                r.message.topic().to_string(),
+                r.message.partition(),
+                r.message.offset(),
+            )
+        })
+        .collect()
+}
+
+/// Waits until the audit store holds an entry for every message on the audited topics.
+fn wait_for_audit_catch_up(p: &Pipeline, timeout: Duration) -> HashSet<(String, i32, i64)> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let want = audited_positions(p);
+        let have: HashSet<_> = p
+            .audit_entries()
+            .iter()
+            .filter(|e| !e.is_own())
+            .map(|e| (e.topic.clone(), e.partition, e.offset))
+            .collect();
+        if want.is_subset(&have) {
+            return want;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "auditing did not catch up: {} of {} messages recorded",
+            have.len(),
+            want.len()
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+fn stdout(o: &std::process::Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn stderr(o: &std::process::Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn trace_json(p: &Pipeline, id: &str) -> Vec<AuditEntry> {
+    let dir = p.audit_dir();
+    let o = p.medpipe(&[
+        "audit",
+        "trace",
+        id,
+        "--json",
+        "--dir",
+        dir.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "trace failed: {}", stderr(&o));
+    serde_json::from_str(&stdout(&o)).expect("trace JSON")
+}
+
+/// Every event in `trace` comes after its cause, when the cause is in the trace too.
+fn assert_causal(trace: &[AuditEntry]) {
+    let at: HashMap<&str, usize> = trace
+        .iter()
+        .enumerate()
+        .filter_map(|(i, e)| e.event_id.as_deref().map(|id| (id, i)))
+        .collect();
+    for (i, e) in trace.iter().enumerate() {
+        if let Some(&c) = e.causation_id.as_deref().and_then(|c| at.get(c)) {
+            assert!(
+                c < i,
+                "{} at {i} comes before its cause at {c}",
+                e.event_type
+            );
+        }
+    }
+}
+
+fn verify(p: &Pipeline, published: bool) -> std::process::Output {
+    let dir = p.audit_dir();
+    let mut args = vec!["audit", "verify", "--dir", dir.to_str().unwrap()];
+    if published {
+        args.push("--published");
+    }
+    p.medpipe(&args)
+}
+
+fn segments(p: &Pipeline) -> Vec<PathBuf> {
+    auditing::store::segments(&p.audit_dir())
+        .expect("segments")
+        .into_iter()
+        .map(|(_, path)| path)
+        .collect()
+}
+
+#[test]
+fn a_batch_is_traced_in_causal_order_verified_and_tampering_is_named() {
+    let mut p = Pipeline::new();
+    let audit_env = [
+        ("MEDPIPE_AUDIT_SEGMENT_ENTRIES", "25"),
+        ("MEDPIPE_AUDIT_CHECKPOINT_INTERVAL", "500ms"),
+        ("MEDPIPE_AUDIT_CHECKPOINT_ENTRIES", "40"),
+    ];
+    p.start("auditing", &audit_env);
+    for s in ["ingestion", "anonymization", "canonization"] {
+        p.start(s, &[]);
+    }
+    let n = 30;
+    let (csv, _) = synthetic_patients(n);
+    p.drop_file("patients.csv", &csv);
+    let tail = p.tail();
+    let canonical = p.topics.name(TopicKind::CanonicalPatient);
+    let anon = p.topics.name(TopicKind::Anonymization);
+    tail.wait_until("canonical patients", Duration::from_secs(180), |t| {
+        t.count(&canonical, "CanonicalPatient") >= n
+    });
+    tail.wait_until("AnonymizationFinished", Duration::from_secs(60), |t| {
+        t.count(&anon, "AnonymizationFinished") >= 1
+    });
+    for s in ["ingestion", "anonymization", "canonization"] {
+        p.stop(s);
+    }
+    let audited = wait_for_audit_catch_up(&p, Duration::from_secs(60));
+    // Let a checkpoint cover the last entries and go out, then stop.
+    let audit = p.topics.name(TopicKind::Audit);
+    let entries = p.audit_entries().len();
+    tail.wait_until(
+        "a checkpoint over every entry",
+        Duration::from_secs(30),
+        |_| {
+            p.read(std::slice::from_ref(&audit)).iter().any(|r| {
+                matches!(r.event.as_ref().map(|e| &e.payload),
+                Some(Payload::AuditCheckpoint(c)) if c.tree_size as usize >= entries)
+            })
+        },
+    );
+    p.stop("auditing");
+    drop(tail);
+    assert!(segments(&p).len() >= 4, "the store spans several segments");
+
+    // The batch's trace holds every event of the batch, causes before effects.
+    let records = p.read_all();
+    let batch = records
+        .iter()
+        .find_map(|r| match r.event.as_ref().map(|e| &e.payload) {
+            Some(Payload::DataIngestionFinished(f)) => Some(f.batch_id.clone()),
+            _ => None,
+        })
+        .expect("a finished batch");
+    let batch_events: HashSet<String> = records
+        .iter()
+        .filter(|r| r.message.topic() != audit)
+        .filter_map(|r| r.event.as_ref())
+        .filter(|e| e.header.correlation_id == batch)
+        .map(|e| e.header.event_id.clone())
+        .collect();
+    let trace = trace_json(&p, &batch);
+    let traced: HashSet<String> = trace.iter().filter_map(|e| e.event_id.clone()).collect();
+    assert_eq!(
+        traced, batch_events,
+        "the trace is exactly the batch's events"
+    );
+    assert_causal(&trace);
+    let pos = |t: &str| trace.iter().position(|e| e.event_type == t).expect(t);
+    assert!(pos("DataIngestionCreated") < pos("DataIngestionStarted"));
+    assert!(pos("DataIngestionStarted") < pos("SourceRecordIngested"));
+    assert!(pos("RecordAnonymized") < pos("CanonicalPatient"));
+
+    // A pseudonym's trace goes from the drop to its canonical record.
+    let pseudonym = trace
+        .iter()
+        .find(|e| e.event_type == "CanonicalPatient")
+        .and_then(|e| e.subject.clone())
+        .expect("a canonical patient's pseudonym");
+    let patient = trace_json(&p, &pseudonym);
+    let types: Vec<&str> = patient.iter().map(|e| e.event_type.as_str()).collect();
+    for t in [
+        "DataIngestionCreated",
+        "SourceRecordIngested",
+        "RecordAnonymized",
+        "CanonicalPatient",
+    ] {
+        assert!(
+            types.contains(&t),
+            "{t} missing from the pseudonym's trace {types:?}"
+        );
+    }
+    assert_causal(&patient);
+
+    // The table view names services and topics.
+    let dir = p.audit_dir();
+    let table = stdout(&p.medpipe(&["audit", "trace", &batch, "--dir", dir.to_str().unwrap()]));
+    assert!(table.contains("medpipe-anonymization") && table.contains(&canonical));
+
+    // Verify passes, against the local and the published checkpoints.
+    let ok = verify(&p, true);
+    assert!(ok.status.success(), "verify failed: {}", stderr(&ok));
+    assert!(
+        stdout(&ok).contains(&format!("{} entries", p.audit_entries().len())),
+        "{}",
+        stdout(&ok)
+    );
+    assert!(p.audit_entries().len() >= audited.len());
+
+    // An inclusion proof checks out with only the public key, and a forged one fails.
+    let seq = "7";
+    let proof = p.medpipe(&["audit", "prove", seq, "--dir", dir.to_str().unwrap()]);
+    assert!(proof.status.success(), "prove failed: {}", stderr(&proof));
+    let proof_path = p.dir.path().join("proof.json");
+    std::fs::write(&proof_path, &proof.stdout).unwrap();
+    let public = std::fs::read_to_string(dir.join(auditing::keys::PUBLIC_KEY)).unwrap();
+    let check = |path: &PathBuf| {
+        p.medpipe(&[
+            "audit",
+            "check-proof",
+            path.to_str().unwrap(),
+            "--public-key",
+            public.trim(),
+        ])
+    };
+    assert!(check(&proof_path).status.success());
+    let mut forged: serde_json::Value = serde_json::from_slice(&proof.stdout).unwrap();
+    forged["entry"] = forged["entry"]
+        .as_str()
+        .unwrap()
+        .replace("\"seq\":7", "\"seq\":7,\"x\":1")
+        .into();
+    let forged_path = p.dir.path().join("forged.json");
+    std::fs::write(&forged_path, forged.to_string()).unwrap();
+    assert!(!check(&forged_path).status.success());
+
+    // One byte edited in a segment: verify fails and names the entry.
+    let segs = segments(&p);
+    let victim = &segs[1];
+    let original = std::fs::read(victim).unwrap();
+    let text = String::from_utf8(original.clone()).unwrap();
+    let line_no = 3;
+    let line_start: usize = text.lines().take(line_no - 1).map(|l| l.len() + 1).sum();
+    let line = text.lines().nth(line_no - 1).unwrap();
+    let seq: u64 = serde_json::from_str::<AuditEntry>(line).unwrap().seq;
+    let at = line_start + line.find("\"digest_sha256\":\"").unwrap() + 17;
+    let mut edited = original.clone();
+    edited[at] = if edited[at] == b'0' { b'1' } else { b'0' };
+    std::fs::write(victim, &edited).unwrap();
+    let bad = verify(&p, false);
+    assert!(!bad.status.success(), "verify passed an edited segment");
+    let name = victim.file_name().unwrap().to_str().unwrap();
+    let msg = stderr(&bad);
+    assert!(
+        msg.contains(name)
+            && msg.contains(&format!("line {line_no}"))
+            && msg.contains(&format!("seq {seq}")),
+        "verify must name the edited entry: {msg}"
+    );
+    std::fs::write(victim, &original).unwrap();
+    assert!(verify(&p, false).status.success());
+
+    // Truncated behind a checkpoint: the last segment removed. The local checkpoints
+    // catch it...
+    let last = segs.last().unwrap();
+    let kept_last = std::fs::read(last).unwrap();
+    std::fs::remove_file(last).unwrap();
+    let bad = verify(&p, false);
+    assert!(!bad.status.success(), "verify passed a truncated store");
+    assert!(stderr(&bad).contains("truncated"), "{}", stderr(&bad));
+    // ...and when the local checkpoints are cut back too, the published copy does.
+    let cps = dir.join(auditing::store::CHECKPOINTS);
+    let kept_cps = std::fs::read_to_string(&cps).unwrap();
+    let remaining = p.audit_entries().len() as u64;
+    let consistent: String = kept_cps
+        .lines()
+        .filter(|l| {
+            serde_json::from_str::<auditing::merkle::TreeHead>(l)
+                .unwrap()
+                .tree_size
+                <= remaining
+        })
+        .map(|l| format!("{l}\n"))
+        .collect();
+    std::fs::write(&cps, consistent).unwrap();
+    assert!(
+        verify(&p, false).status.success(),
+        "a consistently truncated store passes on its own checkpoints alone"
+    );
+    let bad = verify(&p, true);
+    assert!(
+        !bad.status.success(),
+        "the published checkpoints must catch the truncation"
+    );
+    assert!(stderr(&bad).contains("truncated"), "{}", stderr(&bad));
+    std::fs::write(last, kept_last).unwrap();
+    std::fs::write(&cps, kept_cps).unwrap();
+    assert!(verify(&p, true).status.success());
+}
+
+#[test]
+fn sigkill_of_auditing_mid_stream_loses_and_duplicates_no_entry() {
+    let mut p = Pipeline::new();
+    let small = [
+        ("MEDPIPE_BATCH_MAX_MESSAGES", "20"),
+        ("MEDPIPE_BATCH_MAX_WAIT", "20ms"),
+        ("MEDPIPE_AUDIT_CHECKPOINT_ENTRIES", "100"),
+    ];
+    p.start("auditing", &small);
+    for s in ["ingestion", "anonymization", "canonization"] {
+        p.start(s, &[]);
+    }
+    let n = 2000;
+    let (csv, _) = synthetic_patients(n);
+    p.drop_file("patients.csv", &csv);
+    let total_events = 3 * n; // at least: ingested, anonymized, canonical
+    let mut kills = 0;
+    for threshold in [300, 1500] {
+        let deadline = Instant::now() + Duration::from_secs(180);
+        while p.audit_entries().len() < threshold {
+            assert!(Instant::now() < deadline, "auditing made no progress");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        p.kill("auditing");
+        let at_kill = p.audit_entries().len();
+        assert!(
+            at_kill < total_events,
+            "auditing had recorded everything before the kill; the test did not test a crash"
+        );
+        eprintln!("auditing killed at {at_kill} entries");
+        kills += 1;
+        p.start("auditing", &small);
+    }
+    let tail = p.tail();
+    let canonical = p.topics.name(TopicKind::CanonicalPatient);
+    let anon = p.topics.name(TopicKind::Anonymization);
+    tail.wait_until("canonical patients", Duration::from_secs(300), |t| {
+        t.count(&canonical, "CanonicalPatient") >= n
+    });
+    tail.wait_until("AnonymizationFinished", Duration::from_secs(60), |t| {
+        t.count(&anon, "AnonymizationFinished") >= 1
+    });
+    for s in ["ingestion", "anonymization", "canonization"] {
+        p.stop(s);
+    }
+    let audited = wait_for_audit_catch_up(&p, Duration::from_secs(120));
+    // Every published entry went out too: wait for the audit topic to hold them all.
+    let audit = p.topics.name(TopicKind::Audit);
+    let stored = p.audit_entries().len();
+    tail.wait_until("every entry published", Duration::from_secs(60), |t| {
+        t.count(&audit, "AuditEntryRecorded") >= stored
+    });
+    p.stop("auditing");
+    drop(tail);
+
+    // Exactly one entry per message: none lost, none duplicated.
+    let mut per_position: HashMap<(String, i32, i64), usize> = HashMap::new();
+    for e in p.audit_entries().iter().filter(|e| !e.is_own()) {
+        *per_position
+            .entry((e.topic.clone(), e.partition, e.offset))
+            .or_default() += 1;
+    }
+    let duplicated: Vec<_> = per_position.iter().filter(|(_, &c)| c > 1).collect();
+    assert!(duplicated.is_empty(), "duplicated entries: {duplicated:?}");
+    let recorded: HashSet<_> = per_position.into_keys().collect();
+    assert_eq!(recorded, audited, "entries vs committed messages");
+    assert!(
+        verify(&p, true).status.success(),
+        "the store verifies after {kills} kills"
+    );
+
+    // Publication is exactly once as well: each seq once on the audit topic.
+    let mut published: HashMap<i64, usize> = HashMap::new();
+    for r in p.read(&[audit]) {
+        if let Some(Payload::AuditEntryRecorded(a)) = r.event.map(|e| e.payload) {
+            *published.entry(a.seq).or_default() += 1;
+        }
+    }
+    assert_eq!(published.len(), stored, "every entry published");
+    assert!(
+        published.values().all(|&c| c == 1),
+        "an entry was published twice"
+    );
+}
+
+#[test]
+fn the_phi_sentinel_and_the_stall_monitor_alert_without_values() {
+    let mut p = Pipeline::new();
+    p.start(
+        "auditing",
+        &[
+            ("MEDPIPE_SENTINEL_SAMPLE_RATE", "1.0"),
+            ("MEDPIPE_STALL_SLA", "2s"),
+        ],
+    );
+    let tag = tests::fresh_tag();
+    let planted_ssn = "999-41-5823";
+    let pseudonym = "a".repeat(64);
+    let fhir = serde_json::json!({
+        "resourceType": "Patient",
+        "id": "p1",
+        "identifier": [{"system": "http://hl7.org/fhir/sid/us-ssn", "value": planted_ssn}],
+    });
+    p.send(&Event::new(
+        "medpipe-canonization",
+        &format!("leak-{tag}"),
+        None,
+        Payload::CanonicalPatient(CanonicalPatient {
+            resource_id: "p1".into(),
+            patient_pseudonym: pseudonym,
+            gender: None,
+            birth_year: None,
+            fhir_json: fhir.to_string(),
+            provenance: Provenance {
+                source_format: "fhir-ndjson".into(),
+                batch_id: format!("leak-{tag}"),
+                source_position: 0,
+                policy_version: "test".into(),
+                concept_map_version: "none".into(),
+            },
+        }),
+    ));
+    let stalled = format!("stall-{tag}");
+    p.send(&Event::new(
+        "medpipe-ingestion",
+        &stalled,
+        None,
+        Payload::DataIngestionStarted(DataIngestionStarted {
+            batch_id: stalled.clone(),
+            format: "csv".into(),
+            file_sha256: "00".into(),
+        }),
+    ));
+    let audit = p.topics.name(TopicKind::Audit);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let alerts = loop {
+        let alerts: Vec<_> = p
+            .read(std::slice::from_ref(&audit))
+            .into_iter()
+            .filter_map(|r| match r.event.map(|e| e.payload) {
+                Some(Payload::ComplianceAlert(a)) => Some(a),
+                _ => None,
+            })
+            .collect();
+        let kinds: HashSet<&str> = alerts.iter().map(|a| a.kind.as_str()).collect();
+        if kinds.contains("phi_sentinel") && kinds.contains("stalled_batch") {
+            break alerts;
+        }
+        assert!(Instant::now() < deadline, "alerts so far: {alerts:?}");
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    let phi = alerts.iter().find(|a| a.kind == "phi_sentinel").unwrap();
+    assert_eq!(
+        phi.topic.as_deref(),
+        Some(p.topics.name(TopicKind::CanonicalPatient).as_str())
+    );
+    assert!(phi.detail.contains("ssn"), "{phi:?}");
+    let stall = alerts.iter().find(|a| a.kind == "stalled_batch").unwrap();
+    assert_eq!(stall.batch_id.as_deref(), Some(stalled.as_str()));
+    // An alert fires once, however long the condition lasts.
+    std::thread::sleep(Duration::from_secs(3));
+    p.stop("auditing");
+    let audit_records = p.read(&[audit]);
+    let stall_alerts = audit_records
+        .iter()
+        .filter(|r| matches!(r.event.as_ref().map(|e| &e.payload), Some(Payload::ComplianceAlert(a)) if a.kind == "stalled_batch"))
+        .count();
+    assert_eq!(stall_alerts, 1);
+    // The SSN is nowhere in the alerts, the audit topic or the store.
+    for r in &audit_records {
+        let bytes = r.message.payload().unwrap_or_default();
+        assert!(
+            !String::from_utf8_lossy(bytes).contains(planted_ssn),
+            "the audit topic holds the planted SSN"
+        );
+    }
+    for s in segments(&p) {
+        assert!(!std::fs::read_to_string(s).unwrap().contains(planted_ssn));
+    }
+    assert!(!p.log("auditing").contains(planted_ssn));
+}
