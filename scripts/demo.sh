@@ -26,7 +26,9 @@ bin="$CARGO_TARGET_DIR/debug"
 [ -f "$work/master.key" ] || python3 -c 'import secrets; print(secrets.token_hex(32))' > "$work/master.key"
 [ -f "$work/pseudonym.key" ] || python3 -c 'import secrets; print(secrets.token_hex(32))' > "$work/pseudonym.key"
 export MEDPIPE_MASTER_KEY_FILE="$work/master.key"
+[ -f "$work/audit.key" ] || python3 -c 'import secrets; print(secrets.token_hex(32))' > "$work/audit.key"
 export MEDPIPE_PSEUDONYM_KEY_FILE="$work/pseudonym.key"
+export MEDPIPE_AUDIT_KEY_FILE="$work/audit.key"
 export MEDPIPE_TOPIC_PREFIX="${MEDPIPE_TOPIC_PREFIX:-medpipe-demo-$(date +%s)}"
 export MEDPIPE_INGESTION_DIR="$work/ingestion"
 export MEDPIPE_AUDIT_DIR="$work/audit"
@@ -61,5 +63,12 @@ for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
 for pid in "${pids[@]}"; do wait "$pid" || { echo "a stage exited uncleanly; logs in $work" >&2; exit 1; }; done
 pids=()
 echo
-"$bin/medpipe" audit verify --dir "$work/audit"
+"$bin/medpipe" audit verify --dir "$work/audit" --published
+echo
+echo "Audit report (which service processed which batch, under which policy and keys):"
+"$bin/medpipe" audit report --dir "$work/audit" --from 2000-01-01 --to 2100-01-01
+batch=$("$bin/medpipe" audit report --dir "$work/audit" --from 2000-01-01 --to 2100-01-01 | awk -F, 'NR==2{print $1}')
+echo
+echo "Audit trace of batch $batch (first lines; medpipe audit trace $batch for all):"
+"$bin/medpipe" audit trace "$batch" --dir "$work/audit" | head -8
 echo "Logs, audit trail and encrypted archive are in $work"

@@ -342,6 +342,16 @@ impl Auditor {
             self.maybe_checkpoint(now)?;
             self.publish(shutdown)?;
         }
+        // A clean stop signs and publishes what is left, so the trail ends on a checkpoint.
+        if self.store.unsigned() > 0 {
+            let now = chrono::Utc::now().timestamp_micros();
+            let head = self
+                .store
+                .checkpoint(&self.signing, &self.key_id, now)
+                .map_err(store_err)?;
+            self.unpublished_heads.push_back(head);
+        }
+        self.publish(shutdown)?;
         info!(entries = self.store.len(), "Auditing stopped cleanly.");
         Ok(())
     }
