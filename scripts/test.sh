@@ -21,6 +21,15 @@ cleanup() {
 }
 trap cleanup EXIT
 
+# The Python client test reads the canonical topics with the standard Confluent client
+# (confluent-kafka from PyPI), in a virtualenv kept in the cache.
+venv="${MEDPIPE_CACHE:-$HOME/.cache/medpipe}/venv"
+if ! "$venv/bin/python" -c 'import confluent_kafka.schema_registry.avro' >/dev/null 2>&1; then
+  python3 -m venv "$venv"
+  "$venv/bin/pip" install --quiet "confluent-kafka[avro,schemaregistry]==2.*"
+fi
+export MEDPIPE_PYTHON="$venv/bin/python"
+
 # The end-to-end tests start the stage binaries as processes, so build them first.
 cargo build --workspace --bins
 # End-to-end tests share one broker on 2 cores: run test binaries' tests one at a time.

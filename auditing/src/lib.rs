@@ -146,8 +146,7 @@ impl CauseLookup for StoreLookup<'_> {
 fn scannable(p: &Payload) -> Option<&str> {
     match p {
         Payload::RecordAnonymized(r) => Some(&r.content_json),
-        Payload::CanonicalPatient(c) => Some(&c.fhir_json),
-        _ => None,
+        _ => p.canonical().map(|(_, fhir, _)| fhir),
     }
 }
 

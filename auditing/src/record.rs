@@ -34,6 +34,12 @@ fn policy(version: &str, hash: Option<&String>) -> Option<String> {
 /// with more than its envelope.
 pub fn facts(p: &Payload) -> Facts {
     let mut f = Facts::default();
+    if let Some((pseudonym, _, provenance)) = p.canonical() {
+        f.subject = Some(pseudonym.to_string());
+        f.policy = Some(provenance.policy_version.clone());
+        f.record_position = Some(provenance.source_position);
+        return f;
+    }
     match p {
         Payload::StartDataIntakeCommand(c) => {
             f.sensitive = vec![
@@ -93,11 +99,22 @@ pub fn facts(p: &Payload) -> Facts {
             f.policy = policy(&a.policy_version, a.policy_hash.as_ref());
             f.sensitive = vec![("reason", a.reason.clone())];
         }
-        Payload::CanonicalPatient(c) => {
-            f.subject = Some(c.patient_pseudonym.clone());
-            f.policy = Some(c.provenance.policy_version.clone());
-            f.record_position = Some(c.provenance.source_position);
+        Payload::EventDataCanonizationCreated(c) => f.policy = Some(c.policy_version.clone()),
+        Payload::EventDataCanonizationStarted(_) => {}
+        Payload::EventDataCanonizationCompleted(c) => {
+            f.records_expected = Some(c.resources_by_type.values().sum());
         }
+        Payload::CanonizationFailed(c) => f.sensitive = vec![("reason", c.reason.clone())],
+        // Canonical records are handled above, whatever their type.
+        Payload::CanonicalPatient(_)
+        | Payload::CanonicalEncounter(_)
+        | Payload::CanonicalObservation(_)
+        | Payload::CanonicalCondition(_)
+        | Payload::CanonicalMedicationRequest(_)
+        | Payload::CanonicalProcedure(_)
+        | Payload::CanonicalDiagnosticReport(_)
+        | Payload::CanonicalAllergyIntolerance(_)
+        | Payload::CanonicalImmunization(_) => {}
         Payload::AuditEntryRecorded(_) | Payload::AuditCheckpoint(_) => {}
         Payload::ComplianceAlert(_) => {}
     }

@@ -1,87 +1,430 @@
-//! The canonization stage: maps de-identified records to the canonical FHIR R4-shaped
-//! model and publishes them on per-resource topics keyed by patient pseudonym.
-//!
-//! Walking skeleton: Patient records only. Other record types are dead-lettered with a
-//! clear reason rather than dropped.
+//! The canonization stage: maps de-identified records of every source format to canonical
+//! FHIR R4 resources, normalises codes (versioned concept maps) and units (UCUM), validates
+//! each resource against the FHIR R4 JSON Schema, and publishes it on its resource type's
+//! topic, keyed by patient pseudonym. It keeps per-batch counts as durable stage state and
+//! closes each batch with `EventDataCanonizationCompleted` or `CanonizationFailed`.
 
-use pipeline::events::{CanonicalPatient, Payload, Provenance, RecordAnonymized};
-use pipeline::{Event, Input, Outcome, Output, Stage};
-use serde_json::{json, Value};
-use uuid::Uuid;
+pub mod concept_map;
+pub mod mapping;
+pub mod normalize;
+pub mod typed;
+pub mod units;
+pub mod validate;
+
+use std::collections::BTreeMap;
+
+use pipeline::events::{
+    AllergyIntoleranceDetails, CanonicalPatient, CanonicalRecord, CanonizationFailed,
+    ConditionDetails, DiagnosticReportDetails, EncounterDetails, EventDataCanonizationCompleted,
+    EventDataCanonizationCreated, EventDataCanonizationStarted, ImmunizationDetails,
+    MedicationRequestDetails, ObservationDetails, Payload, ProcedureDetails, Provenance,
+    RecordAnonymized,
+};
+use pipeline::state::KeyedState;
+use pipeline::{Event, Input, Outcome, Output, PipelineError, Stage};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::concept_map::ConceptMaps;
+use crate::mapping::{map_record, MapError, Mapped};
+use crate::normalize::Report;
+use crate::typed::Typed;
+use crate::validate::FhirValidator;
 
 pub const SERVICE: &str = "medpipe-canonization";
-pub const CONCEPT_MAP_VERSION: &str = "none";
 
-/// Namespace for deterministic resource ids (UUID v5), fixed forever.
-const ID_NAMESPACE: Uuid = Uuid::from_u128(0x6d65_6470_6970_6545_8000_0000_0000_0001);
+pub use crate::mapping::resource_id;
 
-/// The deterministic id of a resource: the same inputs give the same id on every replay.
-pub fn resource_id(resource_type: &str, pseudonym: &str, source_identity: &str) -> String {
-    Uuid::new_v5(
-        &ID_NAMESPACE,
-        format!("{resource_type}|{pseudonym}|{source_identity}").as_bytes(),
-    )
-    .to_string()
+/// A batch's progress, durable in `<p>-internal.canonization-state.v1`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BatchState {
+    pub policy_version: String,
+    pub records_in: i64,
+    /// From `AnonymizationFinished`: how many records the batch has.
+    pub expected: Option<i64>,
+    pub by_type: BTreeMap<String, i64>,
+    pub dead_lettered: i64,
+    pub unsupported: i64,
+    pub codes_unmapped: i64,
 }
 
-#[derive(Debug, Default)]
-pub struct Canonizer;
-
-fn fhir_gender(g: Option<&str>) -> Option<&'static str> {
-    match g.map(str::to_ascii_uppercase).as_deref() {
-        Some("M") | Some("MALE") => Some("male"),
-        Some("F") | Some("FEMALE") => Some("female"),
-        Some("O") | Some("OTHER") => Some("other"),
-        Some(_) => Some("unknown"),
-        None => None,
-    }
+/// Why a record did not become canonical records.
+enum Refused {
+    /// A record type outside the canonical model: consumed and counted.
+    Unsupported,
+    /// Cannot be mapped safely, or maps to an invalid resource: dead-lettered.
+    Dead {
+        error_type: &'static str,
+        reason: String,
+    },
 }
 
-/// Maps one anonymized Patient to its canonical form.
-pub fn canonical_patient(rec: &RecordAnonymized) -> Result<CanonicalPatient, String> {
-    let content: Value = serde_json::from_str(&rec.content_json)
-        .map_err(|e| format!("content_json is not valid JSON: {e}"))?;
-    // A FHIR resource arrives as itself, or as a Bundle entry around it; CSV as columns.
-    let resource = content.get("resource").unwrap_or(&content);
-    let field = |names: &[&str]| names.iter().find_map(|n| resource.get(*n)).cloned();
-    let gender = fhir_gender(
-        field(&["GENDER", "gender"])
-            .as_ref()
-            .and_then(Value::as_str),
-    );
-    // Anonymization leaves a year (or a clamped year for ages over 89) in the date field.
-    let birth_year = field(&["BIRTH_YEAR", "BIRTHDATE", "birthDate"]).and_then(|v| match v {
-        Value::Number(n) => n.as_i64().and_then(|y| i32::try_from(y).ok()),
-        Value::String(s) => s.get(..4).and_then(|y| y.parse().ok()),
-        _ => None,
-    });
-    // One Patient per pseudonym: the source identity of a Patient is the patient itself.
-    let id = resource_id("Patient", &rec.patient_pseudonym, "");
-    let mut fhir = json!({
-        "resourceType": "Patient",
-        "id": id,
-        "identifier": [{"system": "urn:medpipe:pseudonym", "value": rec.patient_pseudonym}],
-    });
-    if let Some(g) = gender {
-        fhir["gender"] = json!(g);
+pub struct Canonizer {
+    maps: ConceptMaps,
+    validator: FhirValidator,
+    /// `id@version` of every loaded map, for lifecycle events.
+    maps_version: String,
+    max_failure_ratio: f64,
+    batches: KeyedState<BatchState>,
+}
+
+impl Canonizer {
+    pub fn new(maps: ConceptMaps, max_failure_ratio: f64) -> Result<Self, PipelineError> {
+        let validator =
+            FhirValidator::new().map_err(|e| PipelineError::Config(format!("FHIR schema: {e}")))?;
+        let maps_version = maps
+            .versions()
+            .iter()
+            .map(|(id, v, _, _)| format!("{id}@{v}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        Ok(Canonizer {
+            maps,
+            validator,
+            maps_version,
+            max_failure_ratio,
+            batches: KeyedState::default(),
+        })
     }
-    if let Some(y) = birth_year {
-        fhir["birthDate"] = json!(format!("{y:04}"));
+
+    /// The loaded concept maps, as `id@version` list.
+    pub fn maps_version(&self) -> &str {
+        &self.maps_version
     }
-    Ok(CanonicalPatient {
-        resource_id: id,
-        patient_pseudonym: rec.patient_pseudonym.clone(),
-        gender: gender.map(str::to_string),
-        birth_year,
-        fhir_json: fhir.to_string(),
-        provenance: Provenance {
+
+    /// Maps, normalises and validates one anonymized record.
+    fn canonize(&self, rec: &RecordAnonymized) -> Result<Vec<(Payload, i64)>, Refused> {
+        let content: Value =
+            serde_json::from_str(&rec.content_json).map_err(|e| Refused::Dead {
+                error_type: "invalid_content",
+                reason: format!(
+                    "content_json is not JSON (line {}, column {})",
+                    e.line(),
+                    e.column()
+                ),
+            })?;
+        let mapped = map_record(&mapping::Input {
+            source_format: &rec.source_format,
+            record_type: &rec.record_type,
+            patient_pseudonym: &rec.patient_pseudonym,
+            content: &content,
+            batch_id: &rec.batch_id,
+            position: rec.position,
+        })
+        .map_err(|e| match e {
+            MapError::Unsupported { .. } => Refused::Unsupported,
+            MapError::Invalid { reason } => Refused::Dead {
+                error_type: "mapping",
+                reason,
+            },
+        })?;
+        let mut out = Vec::with_capacity(mapped.len());
+        for m in mapped {
+            out.push(self.finish(rec, m)?);
+        }
+        Ok(out)
+    }
+
+    /// Normalises and validates one mapped resource and builds its canonical record.
+    /// Returns the record and how many of its codes no map covered.
+    fn finish(&self, rec: &RecordAnonymized, m: Mapped) -> Result<(Payload, i64), Refused> {
+        let Mapped {
+            resource_type,
+            resource_id,
+            mut resource,
+        } = m;
+        let date = typed::typed(resource_type, &resource)
+            .effective
+            .unwrap_or_default();
+        let report = normalize::normalize(resource_type, &mut resource, &self.maps, &date);
+        self.validator
+            .validate(&resource)
+            .map_err(|inv| Refused::Dead {
+                error_type: "fhir_invalid",
+                reason: format!(
+                    "{} at {}: {} (schema {})",
+                    inv.resource_type,
+                    if inv.path.is_empty() { "/" } else { &inv.path },
+                    inv.message,
+                    inv.schema_path
+                ),
+            })?;
+        let unmapped = i64::from(report.code_status == "unmapped");
+        let t = typed::typed(resource_type, &resource);
+        let provenance = Provenance {
             source_format: rec.source_format.clone(),
             batch_id: rec.batch_id.clone(),
             source_position: rec.position,
             policy_version: rec.policy_version.clone(),
-            concept_map_version: CONCEPT_MAP_VERSION.into(),
-        },
+            concept_map_version: report.map_version.clone().unwrap_or_else(|| "none".into()),
+        };
+        let fhir_json = resource.to_string();
+        let payload = build(
+            resource_type,
+            resource_id,
+            rec,
+            t,
+            report,
+            fhir_json,
+            provenance,
+        )
+        .ok_or_else(|| Refused::Dead {
+            error_type: "mapping",
+            reason: format!("no canonical record type for {resource_type}"),
+        })?;
+        Ok((payload, unmapped))
+    }
+
+    fn state(&self, batch: &str) -> BatchState {
+        self.batches.get(batch).cloned().unwrap_or_default()
+    }
+
+    /// Created and Started, the first time a batch is seen (by its start or a record).
+    fn open(&mut self, batch: &str, policy_version: &str, cause: &Event) -> Vec<Output> {
+        if self.batches.get(batch).is_some() {
+            return vec![];
+        }
+        self.batches.put(
+            batch,
+            BatchState {
+                policy_version: policy_version.to_string(),
+                ..BatchState::default()
+            },
+        );
+        vec![
+            lifecycle(
+                cause,
+                batch,
+                Payload::EventDataCanonizationCreated(EventDataCanonizationCreated {
+                    batch_id: batch.to_string(),
+                    policy_version: policy_version.to_string(),
+                    concept_map_version: self.maps_version.clone(),
+                }),
+            ),
+            lifecycle(
+                cause,
+                batch,
+                Payload::EventDataCanonizationStarted(EventDataCanonizationStarted {
+                    batch_id: batch.to_string(),
+                }),
+            ),
+        ]
+    }
+
+    /// Completed (or Failed past the threshold) once every expected record is in. The
+    /// batch's records are keyed by pseudonym and its lifecycle by batch, so they arrive
+    /// on different partitions in any order: the close waits for both.
+    fn maybe_close(&mut self, batch: &str, cause: &Event) -> Vec<Output> {
+        let s = self.state(batch);
+        let Some(expected) = s.expected else {
+            return vec![];
+        };
+        if s.records_in < expected {
+            return vec![];
+        }
+        self.batches.delete(batch);
+        let ratio = if s.records_in == 0 {
+            0.0
+        } else {
+            s.dead_lettered as f64 / s.records_in as f64
+        };
+        let payload = if ratio > self.max_failure_ratio {
+            Payload::CanonizationFailed(CanonizationFailed {
+                batch_id: batch.to_string(),
+                error_kind: "failure_threshold".into(),
+                reason: format!(
+                    "{} of {} records dead-lettered, over the threshold of {:.1}%",
+                    s.dead_lettered,
+                    s.records_in,
+                    self.max_failure_ratio * 100.0
+                ),
+                records_in: s.records_in,
+                records_dead_lettered: s.dead_lettered,
+            })
+        } else {
+            Payload::EventDataCanonizationCompleted(EventDataCanonizationCompleted {
+                batch_id: batch.to_string(),
+                records_in: s.records_in,
+                resources_by_type: s.by_type,
+                records_dead_lettered: s.dead_lettered,
+                records_unsupported: s.unsupported,
+                codes_unmapped: s.codes_unmapped,
+                concept_map_version: self.maps_version.clone(),
+            })
+        };
+        vec![lifecycle(cause, batch, payload)]
+    }
+
+    fn record(&mut self, ev: &Event, rec: &RecordAnonymized) -> Outcome {
+        let batch = rec.batch_id.as_str();
+        let mut outputs = self.open(batch, &rec.policy_version, ev);
+        let result = self.canonize(rec);
+        let mut s = self.state(batch);
+        s.records_in += 1;
+        let mut dead = None;
+        match result {
+            Ok(records) => {
+                for (payload, unmapped) in records {
+                    *s.by_type
+                        .entry(resource_type_of(&payload).to_string())
+                        .or_default() += 1;
+                    s.codes_unmapped += unmapped;
+                    outputs.push(Output {
+                        key: rec.patient_pseudonym.clone(),
+                        event: Event::caused_by(ev, SERVICE, payload),
+                    });
+                }
+            }
+            Err(Refused::Unsupported) => s.unsupported += 1,
+            Err(Refused::Dead { error_type, reason }) => {
+                s.dead_lettered += 1;
+                dead = Some((
+                    error_type,
+                    format!("batch {} position {}: {reason}", rec.batch_id, rec.position),
+                ));
+            }
+        }
+        self.batches.put(batch, s);
+        outputs.extend(self.maybe_close(batch, ev));
+        match dead {
+            None => Outcome::Emit(outputs),
+            Some((error_type, reason)) => Outcome::DeadLetterAndEmit {
+                error_type,
+                reason,
+                outputs,
+            },
+        }
+    }
+}
+
+fn lifecycle(cause: &Event, batch: &str, payload: Payload) -> Output {
+    Output {
+        key: batch.to_string(),
+        event: Event::caused_by(cause, SERVICE, payload),
+    }
+}
+
+fn resource_type_of(p: &Payload) -> &'static str {
+    p.event_type()
+        .strip_prefix("Canonical")
+        .unwrap_or("Unknown")
+}
+
+/// The canonical record of one resource: shared typed fields, the type's details.
+fn build(
+    resource_type: &str,
+    resource_id: String,
+    rec: &RecordAnonymized,
+    t: Typed,
+    report: Report,
+    fhir_json: String,
+    provenance: Provenance,
+) -> Option<Payload> {
+    if resource_type == "Patient" {
+        return Some(Payload::CanonicalPatient(CanonicalPatient {
+            resource_id,
+            patient_pseudonym: rec.patient_pseudonym.clone(),
+            gender: t.gender,
+            birth_year: t.birth_year,
+            fhir_json,
+            provenance,
+        }));
+    }
+    let base = CanonicalRecord {
+        resource_id,
+        patient_pseudonym: rec.patient_pseudonym.clone(),
+        patient_id: mapping::patient_id(&rec.patient_pseudonym),
+        encounter_id: t.encounter_id.clone(),
+        status: t.status.clone(),
+        code: t.code.clone(),
+        code_status: report.code_status.to_string(),
+        original_code: report.original_code.clone(),
+        effective: t.effective.clone(),
+        details: (),
+        fhir_json,
+        provenance,
+    };
+    Some(match resource_type {
+        "Encounter" => Payload::CanonicalEncounter(with_details(
+            base,
+            EncounterDetails {
+                class_code: t.class_code.clone(),
+                period_start: t.effective.clone(),
+                period_end: t.period_end.clone(),
+            },
+        )),
+        "Observation" => Payload::CanonicalObservation(with_details(
+            base,
+            ObservationDetails {
+                category: t.category.clone(),
+                value_number: t.value_number,
+                value_unit: t.value_unit.clone(),
+                value_string: t.value_string.clone(),
+                value_code: t.value_code.clone(),
+                original_value: report.original_value.as_ref().map(|(v, _)| *v),
+                original_unit: report.original_value.as_ref().map(|(_, u)| u.clone()),
+                unit_status: report.unit_status.map(str::to_string),
+                interpretation: t.interpretation.clone(),
+            },
+        )),
+        "Condition" => Payload::CanonicalCondition(with_details(
+            base,
+            ConditionDetails {
+                clinical_status: t.clinical_status.clone(),
+                abatement: t.period_end.clone(),
+            },
+        )),
+        "MedicationRequest" => Payload::CanonicalMedicationRequest(with_details(
+            base,
+            MedicationRequestDetails {
+                intent: t.intent.clone(),
+            },
+        )),
+        "Procedure" => Payload::CanonicalProcedure(with_details(
+            base,
+            ProcedureDetails {
+                performed_end: t.period_end.clone(),
+            },
+        )),
+        "DiagnosticReport" => Payload::CanonicalDiagnosticReport(with_details(
+            base,
+            DiagnosticReportDetails {
+                category: t.category.clone(),
+                result_ids: t.result_ids.clone(),
+            },
+        )),
+        "AllergyIntolerance" => Payload::CanonicalAllergyIntolerance(with_details(
+            base,
+            AllergyIntoleranceDetails {
+                criticality: t.criticality.clone(),
+                category: t.category.clone(),
+            },
+        )),
+        "Immunization" => Payload::CanonicalImmunization(with_details(
+            base,
+            ImmunizationDetails {
+                primary_source: t.primary_source,
+            },
+        )),
+        _ => return None,
     })
+}
+
+fn with_details<D>(base: CanonicalRecord<()>, details: D) -> CanonicalRecord<D> {
+    CanonicalRecord {
+        resource_id: base.resource_id,
+        patient_pseudonym: base.patient_pseudonym,
+        patient_id: base.patient_id,
+        encounter_id: base.encounter_id,
+        status: base.status,
+        code: base.code,
+        code_status: base.code_status,
+        original_code: base.original_code,
+        effective: base.effective,
+        details,
+        fhir_json: base.fhir_json,
+        provenance: base.provenance,
+    }
 }
 
 impl Stage for Canonizer {
@@ -92,119 +435,61 @@ impl Stage for Canonizer {
     fn process(&mut self, input: &Input<'_>) -> Outcome {
         let ev = input.event;
         match &ev.payload {
-            Payload::RecordAnonymized(rec) if rec.record_type == "Patient" => {
-                match canonical_patient(rec) {
-                    Ok(p) => Outcome::Emit(vec![Output {
-                        key: p.patient_pseudonym.clone(),
-                        event: Event::caused_by(ev, SERVICE, Payload::CanonicalPatient(p)),
-                    }]),
-                    Err(reason) => Outcome::DeadLetter {
-                        error_type: "mapping",
-                        reason: format!(
-                            "batch {} position {}: {reason}",
-                            rec.batch_id, rec.position
-                        ),
-                    },
-                }
+            Payload::AnonymizationStarted(a) => {
+                Outcome::Emit(self.open(&a.batch_id, &a.policy_version, ev))
             }
-            Payload::RecordAnonymized(rec) => Outcome::DeadLetter {
-                error_type: "unsupported_record_type",
-                reason: format!(
-                    "batch {} position {}: no canonical mapping for record type {} yet",
-                    rec.batch_id, rec.position, rec.record_type
-                ),
-            },
+            Payload::RecordAnonymized(rec) => self.record(ev, rec),
+            Payload::AnonymizationFinished(f) => {
+                let batch = f.batch_id.as_str();
+                let mut outputs = self.open(batch, &f.policy_version, ev);
+                let mut s = self.state(batch);
+                s.expected = Some(f.records_anonymized.unwrap_or(f.upstream_records_emitted));
+                self.batches.put(batch, s);
+                outputs.extend(self.maybe_close(batch, ev));
+                Outcome::Emit(outputs)
+            }
+            Payload::AnonymizationFailed(f) => {
+                let s = self.state(&f.batch_id);
+                self.batches.delete(&f.batch_id);
+                Outcome::Emit(vec![lifecycle(
+                    ev,
+                    &f.batch_id,
+                    Payload::CanonizationFailed(CanonizationFailed {
+                        batch_id: f.batch_id.clone(),
+                        error_kind: "upstream_failed".into(),
+                        reason: format!(
+                            "anonymization failed the batch ({}); {} records were mapped before",
+                            f.error_kind, s.records_in
+                        ),
+                        records_in: s.records_in,
+                        records_dead_lettered: s.dead_lettered,
+                    }),
+                )])
+            }
             _ => Outcome::Emit(vec![]),
         }
     }
-}
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn anonymized(record_type: &str, content: Value) -> Event {
-        Event::new(
-            "medpipe-anonymization",
-            "b1",
-            Some("e0"),
-            Payload::RecordAnonymized(RecordAnonymized {
-                batch_id: "b1".into(),
-                position: 7,
-                source_format: "csv".into(),
-                record_type: record_type.into(),
-                patient_pseudonym: "abc".into(),
-                policy_version: "p1".into(),
-                key_id: "k1".into(),
-                content_json: content.to_string(),
-                fields_redacted: 3,
-                policy_hash: None,
-                report_json: None,
-            }),
-        )
+    fn stateful(&self) -> bool {
+        true
     }
 
-    fn run(ev: &Event) -> Outcome {
-        Canonizer.process(&Input {
-            topic: "t",
-            partition: 0,
-            offset: 0,
-            event: ev,
-        })
+    fn state_changes(&self) -> Result<Vec<pipeline::state::StateEntry>, PipelineError> {
+        self.batches.changes()
     }
 
-    #[test]
-    fn patient_maps_to_a_fhir_patient_with_a_deterministic_id() {
-        let ev = anonymized("Patient", json!({"GENDER": "F", "BIRTH_YEAR": 1980}));
-        let Outcome::Emit(outs) = run(&ev) else {
-            panic!("expected Emit")
-        };
-        let Payload::CanonicalPatient(p) = &outs[0].event.payload else {
-            panic!("not a patient")
-        };
-        assert_eq!(outs[0].key, "abc");
-        assert_eq!(p.gender.as_deref(), Some("female"));
-        assert_eq!(p.birth_year, Some(1980));
-        assert_eq!(p.provenance.source_position, 7);
-        let fhir: Value = serde_json::from_str(&p.fhir_json).expect("json");
-        assert_eq!(fhir["resourceType"], "Patient");
-        assert_eq!(fhir["birthDate"], "1980");
-        assert_eq!(fhir["id"], p.resource_id.as_str());
-        // Replaying the same input gives the same id.
-        let Outcome::Emit(again) = run(&ev) else {
-            panic!("expected Emit")
-        };
-        let Payload::CanonicalPatient(q) = &again[0].event.payload else {
-            panic!("not a patient")
-        };
-        assert_eq!(p.resource_id, q.resource_id);
+    fn state_committed(&mut self) {
+        self.batches.commit();
     }
 
-    #[test]
-    fn unknown_record_types_are_dead_lettered_not_dropped() {
-        match run(&anonymized("Observation", json!({}))) {
-            Outcome::DeadLetter { error_type, .. } => {
-                assert_eq!(error_type, "unsupported_record_type")
-            }
-            other => panic!("expected DeadLetter, got {other:?}"),
-        }
+    fn state_rolled_back(&mut self) {
+        self.batches.rollback();
     }
 
-    #[test]
-    fn lifecycle_events_produce_nothing() {
-        let ev = Event::new(
-            "x",
-            "b1",
-            None,
-            Payload::AnonymizationFinished(pipeline::events::AnonymizationFinished {
-                batch_id: "b1".into(),
-                upstream_records_emitted: 1,
-                policy_version: "p".into(),
-                records_anonymized: None,
-                records_dead_lettered: None,
-                policy_hash: None,
-            }),
-        );
-        assert_eq!(run(&ev), Outcome::Emit(vec![]));
+    fn state_restore(
+        &mut self,
+        entries: Vec<pipeline::state::StateEntry>,
+    ) -> Result<(), PipelineError> {
+        self.batches.restore(entries)
     }
 }

@@ -238,6 +238,18 @@ catalogue! {
     AuditEntryRecorded { ns: "medpipe.audit", topic: TopicKind::Audit, version: 1, file: "audit/AuditEntryRecorded.avsc" }
     AuditCheckpoint { ns: "medpipe.audit", topic: TopicKind::Audit, version: 1, file: "audit/AuditCheckpoint.avsc" }
     ComplianceAlert { ns: "medpipe.audit", topic: TopicKind::Audit, version: 1, file: "audit/ComplianceAlert.avsc" }
+    EventDataCanonizationCreated { ns: "medpipe.canonization", topic: TopicKind::Canonization, version: 1, file: "canonization/EventDataCanonizationCreated.avsc" }
+    EventDataCanonizationStarted { ns: "medpipe.canonization", topic: TopicKind::Canonization, version: 1, file: "canonization/EventDataCanonizationStarted.avsc" }
+    EventDataCanonizationCompleted { ns: "medpipe.canonization", topic: TopicKind::Canonization, version: 1, file: "canonization/EventDataCanonizationCompleted.avsc" }
+    CanonizationFailed { ns: "medpipe.canonization", topic: TopicKind::Canonization, version: 1, file: "canonization/CanonizationFailed.avsc" }
+    CanonicalEncounter { ns: "medpipe.canonical", topic: TopicKind::CanonicalEncounter, version: 1, file: "canonical/CanonicalEncounter.avsc" }
+    CanonicalObservation { ns: "medpipe.canonical", topic: TopicKind::CanonicalObservation, version: 1, file: "canonical/CanonicalObservation.avsc" }
+    CanonicalCondition { ns: "medpipe.canonical", topic: TopicKind::CanonicalCondition, version: 1, file: "canonical/CanonicalCondition.avsc" }
+    CanonicalMedicationRequest { ns: "medpipe.canonical", topic: TopicKind::CanonicalMedicationRequest, version: 1, file: "canonical/CanonicalMedicationRequest.avsc" }
+    CanonicalProcedure { ns: "medpipe.canonical", topic: TopicKind::CanonicalProcedure, version: 1, file: "canonical/CanonicalProcedure.avsc" }
+    CanonicalDiagnosticReport { ns: "medpipe.canonical", topic: TopicKind::CanonicalDiagnosticReport, version: 1, file: "canonical/CanonicalDiagnosticReport.avsc" }
+    CanonicalAllergyIntolerance { ns: "medpipe.canonical", topic: TopicKind::CanonicalAllergyIntolerance, version: 1, file: "canonical/CanonicalAllergyIntolerance.avsc" }
+    CanonicalImmunization { ns: "medpipe.canonical", topic: TopicKind::CanonicalImmunization, version: 1, file: "canonical/CanonicalImmunization.avsc" }
 }
 
 /// Asks ingestion to claim and ingest one file. Sent by data engineers' tooling.
@@ -442,6 +454,156 @@ pub struct ComplianceAlert {
     pub detail: String,
     pub audit_seq: i64,
 }
+
+/// Canonization has seen a batch and will map its records.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EventDataCanonizationCreated {
+    pub batch_id: String,
+    pub policy_version: String,
+    pub concept_map_version: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EventDataCanonizationStarted {
+    pub batch_id: String,
+}
+
+/// Every anonymized record of a batch was mapped, skipped as unsupported, or dead-lettered.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EventDataCanonizationCompleted {
+    pub batch_id: String,
+    pub records_in: i64,
+    pub resources_by_type: std::collections::BTreeMap<String, i64>,
+    pub records_dead_lettered: i64,
+    pub records_unsupported: i64,
+    pub codes_unmapped: i64,
+    pub concept_map_version: String,
+}
+
+/// The compensation trigger for analytics consumers: the batch is not whole.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CanonizationFailed {
+    pub batch_id: String,
+    pub error_kind: String,
+    pub reason: String,
+    pub records_in: i64,
+    pub records_dead_lettered: i64,
+}
+
+/// A code in some system: `{system, code, display}`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Code {
+    pub system: Option<String>,
+    pub code: Option<String>,
+    pub display: Option<String>,
+}
+
+/// One canonical record of any type but Patient: the typed fields every type shares, the
+/// type's own `details`, the full FHIR resource and provenance.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CanonicalRecord<D> {
+    pub resource_id: String,
+    pub patient_pseudonym: String,
+    pub patient_id: String,
+    pub encounter_id: Option<String>,
+    pub status: Option<String>,
+    pub code: Option<Code>,
+    /// `standard`, `mapped`, `unmapped` or `none`.
+    pub code_status: String,
+    pub original_code: Option<Code>,
+    pub effective: Option<String>,
+    pub details: D,
+    pub fhir_json: String,
+    pub provenance: Provenance,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct EncounterDetails {
+    pub class_code: Option<String>,
+    pub period_start: Option<String>,
+    pub period_end: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ObservationDetails {
+    pub category: Option<String>,
+    pub value_number: Option<f64>,
+    pub value_unit: Option<String>,
+    pub value_string: Option<String>,
+    pub value_code: Option<Code>,
+    pub original_value: Option<f64>,
+    pub original_unit: Option<String>,
+    pub unit_status: Option<String>,
+    pub interpretation: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ConditionDetails {
+    pub clinical_status: Option<String>,
+    pub abatement: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct MedicationRequestDetails {
+    pub intent: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ProcedureDetails {
+    pub performed_end: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct DiagnosticReportDetails {
+    pub category: Option<String>,
+    pub result_ids: Vec<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct AllergyIntoleranceDetails {
+    pub criticality: Option<String>,
+    pub category: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ImmunizationDetails {
+    pub primary_source: Option<bool>,
+}
+
+impl<D> CanonicalRecord<D> {
+    fn shared(&self) -> (&str, &str, &Provenance) {
+        (&self.patient_pseudonym, &self.fhir_json, &self.provenance)
+    }
+}
+
+impl Payload {
+    /// For a canonical record of any type: its patient pseudonym, FHIR JSON and provenance.
+    pub fn canonical(&self) -> Option<(&str, &str, &Provenance)> {
+        match self {
+            Payload::CanonicalPatient(c) => {
+                Some((&c.patient_pseudonym, &c.fhir_json, &c.provenance))
+            }
+            Payload::CanonicalEncounter(c) => Some(c.shared()),
+            Payload::CanonicalObservation(c) => Some(c.shared()),
+            Payload::CanonicalCondition(c) => Some(c.shared()),
+            Payload::CanonicalMedicationRequest(c) => Some(c.shared()),
+            Payload::CanonicalProcedure(c) => Some(c.shared()),
+            Payload::CanonicalDiagnosticReport(c) => Some(c.shared()),
+            Payload::CanonicalAllergyIntolerance(c) => Some(c.shared()),
+            Payload::CanonicalImmunization(c) => Some(c.shared()),
+            _ => None,
+        }
+    }
+}
+
+pub type CanonicalEncounter = CanonicalRecord<EncounterDetails>;
+pub type CanonicalObservation = CanonicalRecord<ObservationDetails>;
+pub type CanonicalCondition = CanonicalRecord<ConditionDetails>;
+pub type CanonicalMedicationRequest = CanonicalRecord<MedicationRequestDetails>;
+pub type CanonicalProcedure = CanonicalRecord<ProcedureDetails>;
+pub type CanonicalDiagnosticReport = CanonicalRecord<DiagnosticReportDetails>;
+pub type CanonicalAllergyIntolerance = CanonicalRecord<AllergyIntoleranceDetails>;
+pub type CanonicalImmunization = CanonicalRecord<ImmunizationDetails>;
 
 /// The clear-text body of a `SourceRecordIngested`, as sealed by ingestion and opened by
 /// anonymization. It holds PHI and exists in clear only inside those two processes.

@@ -71,6 +71,13 @@ pub enum Outcome {
         error_type: &'static str,
         reason: String,
     },
+    /// Dead-letter the input, and still produce these events (for example a batch's
+    /// closing event, when the dead-lettered record was its last).
+    DeadLetterAndEmit {
+        error_type: &'static str,
+        reason: String,
+        outputs: Vec<Output>,
+    },
 }
 
 /// A stage's pure logic. It must do no IO. State that spans messages goes through the
@@ -529,24 +536,29 @@ impl<S: Stage> Runner<S> {
             offset: msg.offset(),
             event: &event,
         };
-        match self.stage.process(&input) {
-            Outcome::Emit(outputs) => {
-                for out in outputs {
-                    let bytes = self.rt.block_on(self.codec.encode(&out.event))?;
-                    let topic = self.config.topics.name(out.event.payload.topic_kind());
-                    send_record(
-                        &self.producer,
-                        BaseRecord::to(&topic)
-                            .key(out.key.as_bytes())
-                            .payload(&bytes),
-                    )?;
-                    *produced.entry(out.event.event_type()).or_default() += 1;
-                }
-            }
-            Outcome::DeadLetter { error_type, reason } => {
-                self.dead_letter(msg, ErrorClass::DeadLetter, error_type, &reason)?;
-                *dead.entry(error_type).or_default() += 1;
-            }
+        let (dead_letter, outputs) = match self.stage.process(&input) {
+            Outcome::Emit(outputs) => (None, outputs),
+            Outcome::DeadLetter { error_type, reason } => (Some((error_type, reason)), vec![]),
+            Outcome::DeadLetterAndEmit {
+                error_type,
+                reason,
+                outputs,
+            } => (Some((error_type, reason)), outputs),
+        };
+        if let Some((error_type, reason)) = dead_letter {
+            self.dead_letter(msg, ErrorClass::DeadLetter, error_type, &reason)?;
+            *dead.entry(error_type).or_default() += 1;
+        }
+        for out in outputs {
+            let bytes = self.rt.block_on(self.codec.encode(&out.event))?;
+            let topic = self.config.topics.name(out.event.payload.topic_kind());
+            send_record(
+                &self.producer,
+                BaseRecord::to(&topic)
+                    .key(out.key.as_bytes())
+                    .payload(&bytes),
+            )?;
+            *produced.entry(out.event.event_type()).or_default() += 1;
         }
         Ok(())
     }

@@ -18,6 +18,31 @@ pub enum TopicKind {
     Anonymization,
     CanonicalPatient,
     Audit,
+    /// Canonization's batch lifecycle (created, started, completed, failed).
+    Canonization,
+    CanonicalEncounter,
+    CanonicalObservation,
+    CanonicalCondition,
+    CanonicalMedicationRequest,
+    CanonicalProcedure,
+    CanonicalDiagnosticReport,
+    CanonicalAllergyIntolerance,
+    CanonicalImmunization,
+}
+
+impl TopicKind {
+    /// The per-resource canonical topics analytics teams read, Patient first.
+    pub const CANONICAL: [TopicKind; 9] = [
+        TopicKind::CanonicalPatient,
+        TopicKind::CanonicalEncounter,
+        TopicKind::CanonicalObservation,
+        TopicKind::CanonicalCondition,
+        TopicKind::CanonicalMedicationRequest,
+        TopicKind::CanonicalProcedure,
+        TopicKind::CanonicalDiagnosticReport,
+        TopicKind::CanonicalAllergyIntolerance,
+        TopicKind::CanonicalImmunization,
+    ];
 }
 
 /// Every topic name of one pipeline, all under `prefix` (default `medpipe`).
@@ -27,7 +52,7 @@ pub struct Topics {
 }
 
 /// The stages that keep durable state in a compacted state topic.
-pub const STATE_STAGES: [&str; 2] = ["anonymization", "auditing"];
+pub const STATE_STAGES: [&str; 3] = ["anonymization", "auditing", "canonization"];
 
 /// The stages that own a dead-letter topic.
 pub const DLQ_STAGES: [&str; 4] = ["ingestion", "anonymization", "canonization", "auditing"];
@@ -46,6 +71,15 @@ impl Topics {
             TopicKind::Anonymization => "anonymization.v1",
             TopicKind::CanonicalPatient => "canonical.patient.v1",
             TopicKind::Audit => "audit.v1",
+            TopicKind::Canonization => "canonization.v1",
+            TopicKind::CanonicalEncounter => "canonical.encounter.v1",
+            TopicKind::CanonicalObservation => "canonical.observation.v1",
+            TopicKind::CanonicalCondition => "canonical.condition.v1",
+            TopicKind::CanonicalMedicationRequest => "canonical.medicationrequest.v1",
+            TopicKind::CanonicalProcedure => "canonical.procedure.v1",
+            TopicKind::CanonicalDiagnosticReport => "canonical.diagnosticreport.v1",
+            TopicKind::CanonicalAllergyIntolerance => "canonical.allergyintolerance.v1",
+            TopicKind::CanonicalImmunization => "canonical.immunization.v1",
         };
         format!("{}.{suffix}", self.prefix)
     }
@@ -85,10 +119,11 @@ impl Topics {
             TopicKind::IngestionCommands,
             TopicKind::Ingestion,
             TopicKind::Anonymization,
-            TopicKind::CanonicalPatient,
-            TopicKind::Audit,
+            TopicKind::Canonization,
         ]
         .into_iter()
+        .chain(TopicKind::CANONICAL)
+        .chain([TopicKind::Audit])
         .map(|k| self.name(k))
         .collect();
         v.extend(DLQ_STAGES.iter().map(|s| self.dlq(s)));
