@@ -51,12 +51,28 @@ for stage in ingestion anonymization canonization auditing; do
 done
 
 mkdir -p "$work/ingestion/landing"
-records=$(($(wc -l < samples/patients.csv) - 1))
-cp samples/patients.csv "$work/ingestion/landing/.patients.csv.part"
-mv "$work/ingestion/landing/.patients.csv.part" "$work/ingestion/landing/patients.csv"
-echo "Dropped samples/patients.csv ($records synthetic patients) into $work/ingestion/landing"
+# Three synthetic samples: Synthea CSV patients, a Synthea-style FHIR Bundle, an HL7 ORU.
+for f in patients.csv synthea_bundle.json oru_mixed.hl7; do
+  cp "samples/$f" "$work/ingestion/landing/.$f.part"
+  mv "$work/ingestion/landing/.$f.part" "$work/ingestion/landing/$f"
+done
+# Canonical records to expect: a Patient per CSV row, a resource per Bundle entry of the
+# nine canonical types (its Coverage is not one), a DiagnosticReport per OBR and an
+# Observation per OBX.
+records=$(python3 - <<'PY'
+import json
+rows = sum(1 for _ in open("samples/patients.csv")) - 1
+types = {"Patient", "Encounter", "Observation", "Condition", "MedicationRequest", "Procedure",
+         "DiagnosticReport", "AllergyIntolerance", "Immunization"}
+entries = json.load(open("samples/synthea_bundle.json"))["entry"]
+bundle = sum(1 for e in entries if e["resource"]["resourceType"] in types)
+oru = sum(1 for s in open("samples/oru_mixed.hl7", newline="").read().split("\r") if s[:3] in ("OBR", "OBX"))
+print(rows + bundle + oru)
+PY
+)
+echo "Dropped samples/patients.csv, synthea_bundle.json and oru_mixed.hl7 into $work/ingestion/landing; expecting $records canonical records"
 
-"$bin/medpipe" summary --wait-canonical "$records" --timeout 180s --show 3
+"$bin/medpipe" summary --wait-canonical "$records" --timeout 180s --show 1
 # Give auditing a moment to record the last committed events, then stop the stages.
 sleep 3
 for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done

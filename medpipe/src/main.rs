@@ -93,6 +93,14 @@ enum BenchCommand {
         #[arg(long, default_value = "/tmp/medpipe-bench")]
         work_dir: PathBuf,
     },
+    /// Run the canonization stage's logic (no Kafka) on golden anonymized FHIR, CSV and
+    /// HL7 records; report input records/s and canonical resources/s on one core.
+    Canonize {
+        #[arg(long, default_value_t = 20000)]
+        records: usize,
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+    },
     /// Run the pure de-identification engine (no Kafka) on FHIR Patients, Observations
     /// with narrative, and HL7 ORU messages; report records/s on one core (best of rounds).
     Anonymize {
@@ -193,6 +201,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             &mut out,
         )?,
         Command::Bench {
+            command: BenchCommand::Canonize { records, rounds },
+        } => {
+            writeln!(out, "| case | records/s | resources/s |\n|---|---|---|")?;
+            for (case, rate, resources) in bench::canonize(records, rounds)? {
+                writeln!(out, "| {case} | {rate:.0} | {resources:.0} |")?;
+            }
+        }
+        Command::Bench {
             command: BenchCommand::Anonymize { records, rounds },
         } => {
             writeln!(out, "| case | records/s |\n|---|---|")?;
@@ -290,10 +306,9 @@ async fn summary(
         let canonical = records
             .iter()
             .filter(|r| {
-                matches!(
-                    r.event.as_ref().map(|e| &e.payload),
-                    Some(Payload::CanonicalPatient(_))
-                )
+                r.event
+                    .as_ref()
+                    .is_some_and(|e| e.payload.canonical().is_some())
             })
             .count();
         // Settled: every started batch has closed in ingestion and in anonymization, so
@@ -317,7 +332,13 @@ async fn summary(
                 Payload::AnonymizationFinished(_) | Payload::AnonymizationFailed(_)
             )
         });
-        let settled = ingested >= started && anonymized >= ingested;
+        let canonized = count(|p| {
+            matches!(
+                p,
+                Payload::EventDataCanonizationCompleted(_) | Payload::CanonizationFailed(_)
+            )
+        });
+        let settled = ingested >= started && anonymized >= ingested && canonized >= anonymized;
         match wait {
             Some(n) if canonical < n || !settled => {
                 if tokio::time::Instant::now() > deadline {
@@ -342,18 +363,18 @@ async fn summary(
     for ((topic, t), n) in &counts {
         writeln!(out, "  {topic:<48} {t:<28} {n:>7}")?;
     }
-    let canonical_topic = topics.name(TopicKind::CanonicalPatient);
-    writeln!(
-        out,
-        "\nFirst {show} canonical records on {canonical_topic}:"
-    )?;
-    for r in records
-        .iter()
-        .filter(|r| r.message.topic() == canonical_topic)
-        .take(show)
-    {
-        if let Some(Payload::CanonicalPatient(p)) = r.event.as_ref().map(|e| &e.payload) {
-            writeln!(out, "  key={} {}", p.patient_pseudonym, p.fhir_json)?;
+    writeln!(out, "\nUp to {show} canonical records per resource topic:")?;
+    for kind in TopicKind::CANONICAL {
+        let topic = topics.name(kind);
+        for r in records
+            .iter()
+            .filter(|r| r.message.topic() == topic)
+            .take(show)
+        {
+            if let Some((pseudonym, fhir, _)) = r.event.as_ref().and_then(|e| e.payload.canonical())
+            {
+                writeln!(out, "  {topic} key={pseudonym}\n    {fhir}")?;
+            }
         }
     }
     Ok(())

@@ -17,8 +17,9 @@ use serde_json::Value;
 use tests::Pipeline;
 
 fn fixture(name: &str) -> Vec<u8> {
+    // The demo's samples: synthetic, in Synthea's and HL7's public sample formats.
     let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("fixtures")
+        .join("../samples")
         .join(name);
     std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
 }
@@ -184,7 +185,10 @@ fn a_bundle_and_an_oru_become_valid_canonical_records_read_by_the_python_client(
         .filter_map(|o| o.encounter_id.as_ref())
         .all(|e| encounter_ids.contains(&e)));
     assert_eq!(
-        from_bundle.iter().filter(|o| o.encounter_id.is_some()).count(),
+        from_bundle
+            .iter()
+            .filter(|o| o.encounter_id.is_some())
+            .count(),
         2,
         "the two Observations with an encounter reference keep it"
     );
