@@ -27,7 +27,7 @@ use ed25519_dalek::SigningKey;
 use pipeline::crypto::{sha256_hex, KeyRef};
 use pipeline::error::kafka_err;
 use pipeline::events::{AuditCheckpoint, AuditEntryRecorded, ComplianceAlert, Payload};
-use pipeline::runner::{retry_until, send_record};
+use pipeline::runner::send_record;
 use pipeline::telemetry::StageMetrics;
 use pipeline::topics::TopicKind;
 use pipeline::{Codec, Event, PipelineError, Topics};
@@ -253,24 +253,14 @@ impl Auditor {
             .set("topic.metadata.refresh.interval.ms", "2000")
             .create()
             .map_err(kafka_err("create consumer"))?;
-        let producer: BaseProducer = ClientConfig::new()
-            .set("bootstrap.servers", &config.bootstrap_servers)
-            .set("transactional.id", &config.transactional_id)
-            .set(
-                "transaction.timeout.ms",
-                config.transaction_timeout.as_millis().to_string(),
-            )
-            .set("linger.ms", "5")
-            .set("compression.type", "lz4")
-            .create()
-            .map_err(kafka_err("create producer"))?;
-        // Fences a previous incarnation and aborts its open transaction, so the state
-        // topic read next holds the last committed position.
-        retry_until(shutdown, "init transactions", || {
-            producer
-                .init_transactions(Duration::from_secs(30))
-                .map_err(kafka_err("init transactions"))
-        })?;
+        // Fences a previous incarnation, so the state topic read next holds the last
+        // committed position.
+        let producer = pipeline::runner::transactional_producer(
+            &config.bootstrap_servers,
+            &config.transactional_id,
+            config.transaction_timeout,
+            shutdown,
+        )?;
         let state_topic = config.topics.state("auditing");
         let published = pipeline::readback::read_entries(
             &config.bootstrap_servers,

@@ -6,8 +6,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
-use pipeline::config::{parse_secret, KafkaArgs, KeySource, TelemetryArgs};
-use pipeline::crypto::Secret;
+use pipeline::config::{AuditKeyArgs, KafkaArgs, TelemetryArgs};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -45,14 +44,9 @@ struct Args {
     /// ...or this long after the last one, whichever comes first.
     #[arg(long, env = "MEDPIPE_AUDIT_CHECKPOINT_INTERVAL", default_value = "10s", value_parser = humantime::parse_duration)]
     checkpoint_interval: Duration,
-    /// Id of the AES-256-GCM key that seals sensitive entry details.
-    #[arg(long, env = "MEDPIPE_AUDIT_KEY_ID", default_value = "audit-1")]
-    audit_key_id: String,
-    /// 64 hex characters. Prefer --audit-key-file in production.
-    #[arg(long, env = "MEDPIPE_AUDIT_KEY", value_parser = parse_secret, hide_env_values = true)]
-    audit_key: Option<Secret<String>>,
-    #[arg(long, env = "MEDPIPE_AUDIT_KEY_FILE")]
-    audit_key_file: Option<PathBuf>,
+    /// The AES-256-GCM key that seals sensitive entry details.
+    #[command(flatten)]
+    audit_key: AuditKeyArgs,
     /// The Ed25519 checkpoint signing key (a file holding the 32-byte seed in hex).
     /// Without it, one is generated into <audit-dir>/keys on first start.
     #[arg(long, env = "MEDPIPE_AUDIT_SIGNING_KEY_FILE")]
@@ -78,12 +72,7 @@ struct Args {
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     pipeline::telemetry::init_tracing(args.telemetry.log_format);
-    let seal_key = KeySource {
-        id: args.audit_key_id.clone(),
-        hex: args.audit_key.clone(),
-        file: args.audit_key_file.clone(),
-    }
-    .load("--audit-key")?;
+    let seal_key = args.audit_key.load()?;
     let svc =
         pipeline::stage::start_service("auditing", &args.kafka, &args.telemetry, 9104).await?;
     let group_id = args

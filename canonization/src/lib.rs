@@ -66,6 +66,9 @@ pub struct Canonizer {
     maps_version: String,
     max_failure_ratio: f64,
     batches: KeyedState<BatchState>,
+    /// Codes no concept map covered. A metric, so a redone batch may count twice; the
+    /// exact count per batch is in `EventDataCanonizationCompleted.codes_unmapped`.
+    unmapped: prometheus::IntCounter,
 }
 
 impl Canonizer {
@@ -84,6 +87,11 @@ impl Canonizer {
             maps_version,
             max_failure_ratio,
             batches: KeyedState::default(),
+            unmapped: prometheus::IntCounter::new(
+                "medpipe_canonization_codes_unmapped_total",
+                "Codes kept as the source gave them because no concept map covered them.",
+            )
+            .map_err(|e| PipelineError::Config(format!("metrics: {e}")))?,
         })
     }
 
@@ -269,6 +277,7 @@ impl Canonizer {
                         .entry(resource_type_of(&payload).to_string())
                         .or_default() += 1;
                     s.codes_unmapped += unmapped;
+                    self.unmapped.inc_by(unmapped.unsigned_abs());
                     outputs.push(Output {
                         key: rec.patient_pseudonym.clone(),
                         event: Event::caused_by(ev, SERVICE, payload),
@@ -468,6 +477,12 @@ impl Stage for Canonizer {
             }
             _ => Outcome::Emit(vec![]),
         }
+    }
+
+    fn register_metrics(&mut self, registry: &prometheus::Registry) -> Result<(), PipelineError> {
+        registry
+            .register(Box::new(self.unmapped.clone()))
+            .map_err(|e| PipelineError::Config(format!("metrics: {e}")))
     }
 
     fn stateful(&self) -> bool {

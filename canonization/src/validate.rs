@@ -45,17 +45,7 @@ const R4_RESOURCE_TYPES: &str = include_str!("../schema/r4-resource-types.txt");
 const SCHEMA_URI: &str = "http://hl7.org/fhir/json-schema/4.0";
 
 /// The resource types the canonization stage emits and therefore validates.
-pub const RESOURCE_TYPES: [&str; 9] = [
-    "Patient",
-    "Encounter",
-    "Observation",
-    "Condition",
-    "MedicationRequest",
-    "Procedure",
-    "DiagnosticReport",
-    "AllergyIntolerance",
-    "Immunization",
-];
+pub use crate::mapping::RESOURCE_TYPES;
 
 /// Stand-in for a resource type that cannot be named without echoing input.
 const UNKNOWN_TYPE: &str = "(unknown)";

@@ -116,18 +116,10 @@ const FHIR_ELEMENTS: [&str; 40] = [
 ];
 
 fn fhir_resource() -> impl Strategy<Value = (String, Value)> {
-    let types = prop::sample::select(vec![
-        "Patient",
-        "Encounter",
-        "Observation",
-        "Condition",
-        "MedicationRequest",
-        "Procedure",
-        "DiagnosticReport",
-        "AllergyIntolerance",
-        "Immunization",
-        "Coverage",
-    ]);
+    // The canonical types, and one outside the model.
+    let mut names = canonization::mapping::RESOURCE_TYPES.to_vec();
+    names.push("Coverage");
+    let types = prop::sample::select(names);
     let fields = prop::collection::btree_map(
         prop::sample::select(FHIR_ELEMENTS.to_vec()),
         any_json(),

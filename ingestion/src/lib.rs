@@ -130,24 +130,14 @@ impl Ingestor {
         rt: Handle,
     ) -> Result<Self, PipelineError> {
         config.folders.create()?;
-        let producer: BaseProducer = ClientConfig::new()
-            .set("bootstrap.servers", &config.bootstrap_servers)
-            .set("transactional.id", &config.transactional_id)
-            .set(
-                "transaction.timeout.ms",
-                config.transaction_timeout.as_millis().to_string(),
-            )
-            .set("linger.ms", "5")
-            .set("compression.type", "lz4")
-            .create()
-            .map_err(kafka_err("create producer"))?;
-        // Fences a previous incarnation and aborts its open transaction, so the ledger
-        // read below is exactly what is downstream.
-        pipeline::runner::retry_until(&shutdown, "init transactions", || {
-            producer
-                .init_transactions(Duration::from_secs(30))
-                .map_err(kafka_err("init transactions"))
-        })?;
+        // Fences a previous incarnation, so the ledger read below is exactly what is
+        // downstream.
+        let producer = pipeline::runner::transactional_producer(
+            &config.bootstrap_servers,
+            &config.transactional_id,
+            config.transaction_timeout,
+            &shutdown,
+        )?;
         let ledger = ledger::read(
             &config.bootstrap_servers,
             &config.topics.ingestion_ledger(),

@@ -9,8 +9,7 @@ use auditing::entry::AuditEntry;
 use auditing::merkle::TreeHead;
 use auditing::{keys, proof, query, store};
 use clap::Subcommand;
-use pipeline::config::{parse_secret, KafkaArgs, KeySource};
-use pipeline::crypto::Secret;
+use pipeline::config::{AuditKeyArgs, KafkaArgs};
 use pipeline::events::Payload;
 use pipeline::topics::TopicKind;
 
@@ -90,12 +89,8 @@ pub enum AuditCommand {
         /// Open sealed details (file names, reasons) with the audit key.
         #[arg(long)]
         unseal: bool,
-        #[arg(long, env = "MEDPIPE_AUDIT_KEY_ID", default_value = "audit-1")]
-        audit_key_id: String,
-        #[arg(long, env = "MEDPIPE_AUDIT_KEY", value_parser = parse_secret, hide_env_values = true)]
-        audit_key: Option<Secret<String>>,
-        #[arg(long, env = "MEDPIPE_AUDIT_KEY_FILE")]
-        audit_key_file: Option<PathBuf>,
+        #[command(flatten)]
+        audit_key: AuditKeyArgs,
     },
     /// HIPAA activity report: which service processed which batches when, under which
     /// policy and key versions.
@@ -232,19 +227,10 @@ pub async fn run(command: AuditCommand, out: &mut impl Write) -> anyhow::Result<
             dir,
             json,
             unseal,
-            audit_key_id,
             audit_key,
-            audit_key_file,
         } => {
             let key = if unseal {
-                Some(
-                    KeySource {
-                        id: audit_key_id,
-                        hex: audit_key,
-                        file: audit_key_file,
-                    }
-                    .load("--audit-key")?,
-                )
+                Some(audit_key.load()?)
             } else {
                 None
             };

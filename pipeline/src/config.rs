@@ -196,6 +196,30 @@ impl MasterKeyArgs {
     }
 }
 
+/// The AES-256-GCM key that seals sensitive details of audit entries: the auditing stage
+/// seals with it, `medpipe audit trace --unseal` opens with it.
+#[derive(clap::Args, Debug, Clone)]
+pub struct AuditKeyArgs {
+    #[arg(long, env = "MEDPIPE_AUDIT_KEY_ID", default_value = "audit-1")]
+    pub audit_key_id: String,
+    /// 64 hex characters. Prefer --audit-key-file in production.
+    #[arg(long, env = "MEDPIPE_AUDIT_KEY", value_parser = parse_secret, hide_env_values = true)]
+    pub audit_key: Option<Secret<String>>,
+    #[arg(long, env = "MEDPIPE_AUDIT_KEY_FILE")]
+    pub audit_key_file: Option<PathBuf>,
+}
+
+impl AuditKeyArgs {
+    pub fn load(&self) -> Result<KeyRef, PipelineError> {
+        KeySource {
+            id: self.audit_key_id.clone(),
+            hex: self.audit_key.clone(),
+            file: self.audit_key_file.clone(),
+        }
+        .load("--audit-key")
+    }
+}
+
 /// clap value parser that wraps the value so it never shows in `Debug`.
 pub fn parse_secret(s: &str) -> Result<Secret<String>, String> {
     Ok(Secret::new(s.to_string()))

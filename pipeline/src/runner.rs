@@ -88,6 +88,11 @@ pub trait Stage: Send + 'static {
     fn name(&self) -> &'static str;
     fn process(&mut self, input: &Input<'_>) -> Outcome;
 
+    /// Registers the stage's own metrics beside the runner's, on the /metrics registry.
+    fn register_metrics(&mut self, _registry: &prometheus::Registry) -> Result<(), PipelineError> {
+        Ok(())
+    }
+
     /// True if the stage keeps durable state in `<prefix>-internal.<name>-state.v1`.
     fn stateful(&self) -> bool {
         false
@@ -720,6 +725,34 @@ fn next_offsets(batch: &[OwnedMessage]) -> Result<TopicPartitionList, PipelineEr
             .map_err(kafka_err("build offsets"))?;
     }
     Ok(tpl)
+}
+
+/// A transactional producer for a loop of its own (not the runner): created, then
+/// `init_transactions`, which fences a previous incarnation with the same id and aborts its
+/// open transaction. State read after this returns is what is committed downstream.
+pub fn transactional_producer(
+    bootstrap_servers: &str,
+    transactional_id: &str,
+    transaction_timeout: Duration,
+    shutdown: &CancellationToken,
+) -> Result<BaseProducer, PipelineError> {
+    let producer: BaseProducer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap_servers)
+        .set("transactional.id", transactional_id)
+        .set(
+            "transaction.timeout.ms",
+            transaction_timeout.as_millis().to_string(),
+        )
+        .set("linger.ms", "5")
+        .set("compression.type", "lz4")
+        .create()
+        .map_err(kafka_err("create producer"))?;
+    retry_until(shutdown, "init transactions", || {
+        producer
+            .init_transactions(Duration::from_secs(30))
+            .map_err(kafka_err("init transactions"))
+    })?;
+    Ok(producer)
 }
 
 /// Retries a blocking call on retriable errors until it succeeds or shutdown.

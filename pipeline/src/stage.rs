@@ -102,7 +102,7 @@ pub async fn start_service(
 
 /// Runs a Kafka-fed stage end to end: prepare, serve metrics, run the runner.
 pub async fn run_stage<S: Stage>(
-    stage: S,
+    mut stage: S,
     input_topics: Vec<String>,
     args: &CommonArgs,
     default_metrics_port: u16,
@@ -114,6 +114,7 @@ pub async fn run_stage<S: Stage>(
         metrics,
         shutdown,
     } = start_service(name, &args.kafka, &args.telemetry, default_metrics_port).await?;
+    stage.register_metrics(&metrics.registry)?;
     let prefix = &args.kafka.topic_prefix;
     let config = RunnerConfig {
         bootstrap_servers: args.kafka.bootstrap_servers.clone(),

@@ -204,7 +204,16 @@ mod tests {
         );
         assert_eq!(t.dlq("anonymization"), "medpipe.dlq.anonymization.v1");
         assert_eq!(t.all_regex(), "^medpipe\\..*");
-        assert_eq!(t.all().len(), 9);
+        assert_eq!(
+            t.name(TopicKind::CanonicalMedicationRequest),
+            "medpipe.canonical.medicationrequest.v1"
+        );
+        // 4 stage topics, 9 canonical topics, the audit topic and 4 DLQs; all distinct.
+        let mut all = t.all();
+        assert_eq!(all.len(), 18);
+        all.sort();
+        all.dedup();
+        assert_eq!(all.len(), 18);
         assert_eq!(t.ingestion_ledger(), "medpipe-internal.ingestion-ledger.v1");
         assert!(!t.ingestion_ledger().starts_with("medpipe."));
         assert!(t.is_dlq("medpipe.dlq.canonization.v1"));
