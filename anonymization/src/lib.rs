@@ -15,7 +15,7 @@ use pipeline::events::{
     SourceRecordBody, SourceRecordIngested,
 };
 use pipeline::state::KeyedState;
-use pipeline::{Event, Input, Outcome, Output, PipelineError, Stage};
+use pipeline::{Event, Input, Outcome, Output, Stage};
 use serde::{Deserialize, Serialize};
 
 pub const SERVICE: &str = "medpipe-anonymization";
@@ -256,27 +256,12 @@ impl Stage for Anonymizer {
         }
     }
 
-    fn stateful(&self) -> bool {
-        true
+    fn state(&self) -> Option<&dyn pipeline::state::DurableState> {
+        Some(&self.batches)
     }
 
-    fn state_changes(&self) -> Result<Vec<pipeline::state::StateEntry>, PipelineError> {
-        self.batches.changes()
-    }
-
-    fn state_committed(&mut self) {
-        self.batches.commit();
-    }
-
-    fn state_rolled_back(&mut self) {
-        self.batches.rollback();
-    }
-
-    fn state_restore(
-        &mut self,
-        entries: Vec<pipeline::state::StateEntry>,
-    ) -> Result<(), PipelineError> {
-        self.batches.restore(entries)
+    fn state_mut(&mut self) -> Option<&mut dyn pipeline::state::DurableState> {
+        Some(&mut self.batches)
     }
 }
 

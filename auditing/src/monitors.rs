@@ -830,6 +830,8 @@ impl Monitors {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::entry::AuditEntry;
+    use crate::observation;
 
     const SEC: i64 = 1_000_000;
     const BATCH: &str = "b-1";
@@ -845,19 +847,10 @@ mod tests {
 
     /// An owned audit entry, built with defaults that follow the event type's stage.
     #[derive(Debug, Clone)]
+    /// An entry under construction; `offset` stays unset until fed, unless `loc` sets it.
     struct Ev {
-        recorded_at: i64,
-        topic: String,
-        partition: i32,
+        entry: AuditEntry,
         offset: Option<i64>,
-        event_id: Option<String>,
-        event_type: String,
-        correlation_id: Option<String>,
-        causation_id: Option<String>,
-        source_service: Option<String>,
-        occurred_at: Option<i64>,
-        record_position: Option<i64>,
-        records_expected: Option<i64>,
     }
 
     fn ev(event_type: &str, id: &str) -> Ev {
@@ -869,48 +862,45 @@ mod tests {
             ("medpipe.ingestion.v1", "medpipe-ingestion")
         };
         Ev {
-            recorded_at: 0,
-            topic: topic.into(),
-            partition: 0,
+            entry: AuditEntry {
+                topic: topic.into(),
+                event_id: Some(id.into()),
+                event_type: event_type.into(),
+                correlation_id: Some(BATCH.into()),
+                source_service: Some(service.into()),
+                ..AuditEntry::default()
+            },
             offset: None,
-            event_id: Some(id.into()),
-            event_type: event_type.into(),
-            correlation_id: Some(BATCH.into()),
-            causation_id: None,
-            source_service: Some(service.into()),
-            occurred_at: None,
-            record_position: None,
-            records_expected: None,
         }
     }
 
     impl Ev {
         fn at(mut self, secs: i64) -> Self {
-            self.recorded_at = secs * SEC;
+            self.entry.recorded_at = secs * SEC;
             self
         }
         fn occurred(mut self, secs: i64) -> Self {
-            self.occurred_at = Some(secs * SEC);
+            self.entry.occurred_at = Some(secs * SEC);
             self
         }
         fn pos(mut self, p: i64) -> Self {
-            self.record_position = Some(p);
+            self.entry.record_position = Some(p);
             self
         }
         fn expect(mut self, n: i64) -> Self {
-            self.records_expected = Some(n);
+            self.entry.records_expected = Some(n);
             self
         }
         fn cause(mut self, id: &str) -> Self {
-            self.causation_id = Some(id.into());
+            self.entry.causation_id = Some(id.into());
             self
         }
         fn batch(mut self, b: &str) -> Self {
-            self.correlation_id = Some(b.into());
+            self.entry.correlation_id = Some(b.into());
             self
         }
         fn loc(mut self, partition: i32, offset: i64) -> Self {
-            self.partition = partition;
+            self.entry.partition = partition;
             self.offset = Some(offset);
             self
         }
@@ -920,7 +910,7 @@ mod tests {
     /// the log (alerts included, as the stage would record them) for replay tests.
     struct Harness {
         m: Monitors,
-        log: Vec<(Ev, u64, i64)>,
+        log: Vec<AuditEntry>,
     }
 
     impl Harness {
@@ -933,9 +923,11 @@ mod tests {
 
         fn feed(&mut self, e: Ev) -> Vec<Alert> {
             let seq = self.log.len() as u64;
-            let offset = e.offset.unwrap_or(seq as i64);
-            let alerts = self.m.observe(&observation(&e, seq, offset));
-            self.log.push((e, seq, offset));
+            let mut entry = e.entry;
+            entry.seq = seq;
+            entry.offset = e.offset.unwrap_or(seq as i64);
+            let alerts = self.m.observe(&observation(&entry));
+            self.log.push(entry);
             self.record(&alerts);
             alerts
         }
@@ -954,10 +946,12 @@ mod tests {
         fn record(&mut self, alerts: &[Alert]) {
             for a in alerts {
                 let seq = self.log.len() as u64;
-                let mut e = ev(ALERT_EVENT_TYPE, &a.id);
+                let mut e = ev(ALERT_EVENT_TYPE, &a.id).entry;
                 e.topic = "medpipe.audit.v1".into();
                 e.correlation_id = a.correlation_id.clone();
-                self.log.push((e, seq, seq as i64));
+                e.seq = seq;
+                e.offset = seq as i64;
+                self.log.push(e);
             }
         }
 
@@ -965,29 +959,11 @@ mod tests {
         fn restart(&self, cap: usize) -> (Monitors, Vec<Alert>) {
             let mut m = Monitors::new(cfg(cap));
             m.begin_replay();
-            for (e, seq, offset) in &self.log {
-                assert!(m.observe(&observation(e, *seq, *offset)).is_empty());
+            for e in &self.log {
+                assert!(m.observe(&observation(e)).is_empty());
             }
             let owed = m.end_replay();
             (m, owed)
-        }
-    }
-
-    fn observation(e: &Ev, seq: u64, offset: i64) -> Observation<'_> {
-        Observation {
-            seq,
-            recorded_at: e.recorded_at,
-            topic: &e.topic,
-            partition: e.partition,
-            offset,
-            event_id: e.event_id.as_deref(),
-            event_type: &e.event_type,
-            correlation_id: e.correlation_id.as_deref(),
-            causation_id: e.causation_id.as_deref(),
-            source_service: e.source_service.as_deref(),
-            occurred_at: e.occurred_at,
-            record_position: e.record_position,
-            records_expected: e.records_expected,
         }
     }
 
@@ -1123,10 +1099,7 @@ mod tests {
         h.feed(ev("SourceRecordIngested", "s1b").at(5).pos(1));
         h.feed(ev("DataIngestionFinished", "df").at(6).expect(4));
         assert_eq!(h.tick(100).len(), 1, "the missing-records gap");
-        let before = h
-            .log
-            .iter()
-            .filter(|(e, ..)| e.event_type == ALERT_EVENT_TYPE);
+        let before = h.log.iter().filter(|e| e.event_type == ALERT_EVENT_TYPE);
         assert_eq!(
             before.count(),
             4,
@@ -1156,7 +1129,7 @@ mod tests {
         h.feed(ev("SourceRecordIngested", "s0").at(0).pos(0));
         h.feed(ev("SourceRecordIngested", "s0").at(1).pos(0).loc(1, 9));
         // A crash before the alert was recorded.
-        h.log.retain(|(e, ..)| e.event_type != ALERT_EVENT_TYPE);
+        h.log.retain(|e| e.event_type != ALERT_EVENT_TYPE);
         let (mut m, owed) = h.restart(100);
         assert_eq!(owed.len(), 1);
         assert_eq!(owed[0].kind, AlertKind::Gap);
@@ -1193,8 +1166,8 @@ mod tests {
         }
         let mut m = Monitors::new(cfg(1000));
         m.begin_replay();
-        for (e, seq, offset) in &h.log {
-            m.observe(&observation(e, *seq, *offset));
+        for e in &h.log {
+            m.observe(&observation(e));
         }
         let t = m.tracked();
         assert!(t.record_stages <= 2, "settled during replay: {t:?}");
@@ -1331,7 +1304,7 @@ mod tests {
         h.feed(ev("EventDataCanonizationStarted", "cs").at(4));
         h.feed(ev("CanonicalPatient", "c0").at(5).cause("r0"));
         let mut obs = ev("CanonicalObservation", "c1").at(5).cause("r0");
-        obs.topic = "medpipe.canonical.observation.v1".into();
+        obs.entry.topic = "medpipe.canonical.observation.v1".into();
         h.feed(obs);
         h.feed(ev("EventDataCanonizationCompleted", "cc").at(6).expect(3));
         let alerts: Vec<Alert> = h
@@ -1372,7 +1345,7 @@ mod tests {
             .is_empty());
         // By topic alone, and through a longer chain.
         let mut e = ev("PatientUpserted", "c1").at(4).cause("c0");
-        e.topic = "medpipe.canonical.patient.v1".into();
+        e.entry.topic = "medpipe.canonical.patient.v1".into();
         assert!(h.feed(e).is_empty());
         assert_eq!(h.m.tracked().pending_lineage_checks, 0);
         assert!(h

@@ -141,9 +141,7 @@ impl Canonizer {
             resource_id,
             mut resource,
         } = m;
-        let date = typed::typed(resource_type, &resource)
-            .effective
-            .unwrap_or_default();
+        let date = typed::effective(&resource).unwrap_or_default();
         let report = normalize::normalize(resource_type, &mut resource, &self.maps, &date);
         self.validator
             .validate(&resource)
@@ -343,11 +341,11 @@ fn build(
         resource_id,
         patient_pseudonym: rec.patient_pseudonym.clone(),
         patient_id: mapping::patient_id(&rec.patient_pseudonym),
-        encounter_id: t.encounter_id.clone(),
-        status: t.status.clone(),
-        code: t.code.clone(),
+        encounter_id: t.encounter_id,
+        status: t.status,
+        code: t.code,
         code_status: report.code_status.to_string(),
-        original_code: report.original_code.clone(),
+        original_code: report.original_code,
         effective: t.effective.clone(),
         details: (),
         fhir_json,
@@ -357,56 +355,54 @@ fn build(
         "Encounter" => Payload::CanonicalEncounter(with_details(
             base,
             EncounterDetails {
-                class_code: t.class_code.clone(),
+                class_code: t.class_code,
                 period_start: t.effective.clone(),
-                period_end: t.period_end.clone(),
+                period_end: t.period_end,
             },
         )),
         "Observation" => Payload::CanonicalObservation(with_details(
             base,
             ObservationDetails {
-                category: t.category.clone(),
+                category: t.category,
                 value_number: t.value_number,
-                value_unit: t.value_unit.clone(),
-                value_string: t.value_string.clone(),
-                value_code: t.value_code.clone(),
+                value_unit: t.value_unit,
+                value_string: t.value_string,
+                value_code: t.value_code,
                 original_value: report.original_value.as_ref().map(|(v, _)| *v),
                 original_unit: report.original_value.as_ref().map(|(_, u)| u.clone()),
                 unit_status: report.unit_status.map(str::to_string),
-                interpretation: t.interpretation.clone(),
+                interpretation: t.interpretation,
             },
         )),
         "Condition" => Payload::CanonicalCondition(with_details(
             base,
             ConditionDetails {
-                clinical_status: t.clinical_status.clone(),
-                abatement: t.period_end.clone(),
+                clinical_status: t.clinical_status,
+                abatement: t.period_end,
             },
         )),
         "MedicationRequest" => Payload::CanonicalMedicationRequest(with_details(
             base,
-            MedicationRequestDetails {
-                intent: t.intent.clone(),
-            },
+            MedicationRequestDetails { intent: t.intent },
         )),
         "Procedure" => Payload::CanonicalProcedure(with_details(
             base,
             ProcedureDetails {
-                performed_end: t.period_end.clone(),
+                performed_end: t.period_end,
             },
         )),
         "DiagnosticReport" => Payload::CanonicalDiagnosticReport(with_details(
             base,
             DiagnosticReportDetails {
-                category: t.category.clone(),
-                result_ids: t.result_ids.clone(),
+                category: t.category,
+                result_ids: t.result_ids,
             },
         )),
         "AllergyIntolerance" => Payload::CanonicalAllergyIntolerance(with_details(
             base,
             AllergyIntoleranceDetails {
-                criticality: t.criticality.clone(),
-                category: t.category.clone(),
+                criticality: t.criticality,
+                category: t.category,
             },
         )),
         "Immunization" => Payload::CanonicalImmunization(with_details(
@@ -485,26 +481,11 @@ impl Stage for Canonizer {
             .map_err(|e| PipelineError::Config(format!("metrics: {e}")))
     }
 
-    fn stateful(&self) -> bool {
-        true
+    fn state(&self) -> Option<&dyn pipeline::state::DurableState> {
+        Some(&self.batches)
     }
 
-    fn state_changes(&self) -> Result<Vec<pipeline::state::StateEntry>, PipelineError> {
-        self.batches.changes()
-    }
-
-    fn state_committed(&mut self) {
-        self.batches.commit();
-    }
-
-    fn state_rolled_back(&mut self) {
-        self.batches.rollback();
-    }
-
-    fn state_restore(
-        &mut self,
-        entries: Vec<pipeline::state::StateEntry>,
-    ) -> Result<(), PipelineError> {
-        self.batches.restore(entries)
+    fn state_mut(&mut self) -> Option<&mut dyn pipeline::state::DurableState> {
+        Some(&mut self.batches)
     }
 }

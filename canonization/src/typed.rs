@@ -70,6 +70,16 @@ const EFFECTIVE: [&str; 11] = [
     "recordedDate",
 ];
 
+/// When it happened, as FHIR text (the first of [`EFFECTIVE`] present; a Period gives its
+/// start). The clinical date that picks a concept-map version.
+pub fn effective(resource: &Value) -> Option<String> {
+    EFFECTIVE.iter().find_map(|k| match resource.get(*k) {
+        Some(Value::String(s)) => Some(s.clone()),
+        Some(p @ Value::Object(_)) => p.get("start").and_then(Value::as_str).map(str::to_owned),
+        _ => None,
+    })
+}
+
 pub fn typed(resource_type: &str, resource: &Value) -> Typed {
     let str_at = |v: &Value, key: &str| v.get(key).and_then(Value::as_str).map(str::to_owned);
     let status = str_at(resource, "status").or_else(|| {
@@ -92,11 +102,7 @@ pub fn typed(resource_type: &str, resource: &Value) -> Typed {
         .and_then(Value::as_str)
         .and_then(|r| r.strip_prefix("Encounter/"))
         .map(str::to_owned);
-    let effective = EFFECTIVE.iter().find_map(|k| match resource.get(*k) {
-        Some(Value::String(s)) => Some(s.clone()),
-        Some(p @ Value::Object(_)) => str_at(p, "start"),
-        _ => None,
-    });
+    let effective = effective(resource);
 
     let mut out = Typed {
         status,

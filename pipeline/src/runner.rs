@@ -93,24 +93,41 @@ pub trait Stage: Send + 'static {
         Ok(())
     }
 
-    /// True if the stage keeps durable state in `<prefix>-internal.<name>-state.v1`.
+    /// The stage's durable state, kept in `<prefix>-internal.<name>-state.v1`, if any.
+    /// A stateful stage implements these two; the hooks below then work on their own.
+    fn state(&self) -> Option<&dyn crate::state::DurableState> {
+        None
+    }
+    fn state_mut(&mut self) -> Option<&mut dyn crate::state::DurableState> {
+        None
+    }
+
+    /// True if the stage keeps durable state.
     fn stateful(&self) -> bool {
-        false
+        self.state().is_some()
     }
     /// State entries changed by the current batch (`None` deletes).
     fn state_changes(&self) -> Result<Vec<crate::state::StateEntry>, PipelineError> {
-        Ok(vec![])
+        self.state().map_or(Ok(vec![]), |s| s.changes())
     }
     /// The batch's transaction committed.
-    fn state_committed(&mut self) {}
+    fn state_committed(&mut self) {
+        if let Some(s) = self.state_mut() {
+            s.commit();
+        }
+    }
     /// The batch's transaction aborted; the batch will be redone.
-    fn state_rolled_back(&mut self) {}
+    fn state_rolled_back(&mut self) {
+        if let Some(s) = self.state_mut() {
+            s.rollback();
+        }
+    }
     /// Replaces the state with the committed entries of the state topic, in topic order.
     fn state_restore(
         &mut self,
-        _entries: Vec<crate::state::StateEntry>,
+        entries: Vec<crate::state::StateEntry>,
     ) -> Result<(), PipelineError> {
-        Ok(())
+        self.state_mut().map_or(Ok(()), |s| s.restore(entries))
     }
 }
 

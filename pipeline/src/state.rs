@@ -118,6 +118,29 @@ impl<T: Clone + Serialize + DeserializeOwned> KeyedState<T> {
     }
 }
 
+/// What the runner needs of a stage's durable state, whatever its value type.
+pub trait DurableState {
+    fn changes(&self) -> Result<Vec<StateEntry>, PipelineError>;
+    fn commit(&mut self);
+    fn rollback(&mut self);
+    fn restore(&mut self, entries: Vec<StateEntry>) -> Result<(), PipelineError>;
+}
+
+impl<T: Clone + Serialize + DeserializeOwned> DurableState for KeyedState<T> {
+    fn changes(&self) -> Result<Vec<StateEntry>, PipelineError> {
+        KeyedState::changes(self)
+    }
+    fn commit(&mut self) {
+        KeyedState::commit(self);
+    }
+    fn rollback(&mut self) {
+        KeyedState::rollback(self);
+    }
+    fn restore(&mut self, entries: Vec<StateEntry>) -> Result<(), PipelineError> {
+        KeyedState::restore(self, entries)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
