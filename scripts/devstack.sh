@@ -9,6 +9,10 @@
 #   scripts/devstack.sh stop      stop both (idempotent)
 #   scripts/devstack.sh status    exit 0 if both are up and answering, else 3
 #   scripts/devstack.sh reset     stop, then delete Kafka data and logs
+#   scripts/devstack.sh crash-broker   SIGKILL the broker (fault tests; 'start' brings
+#                                      it back with its data)
+#   scripts/devstack.sh pause-broker   SIGSTOP the broker (it stops answering, keeps
+#                                      its sockets); resume-broker sends SIGCONT
 #
 # Endpoints:  Kafka bootstrap 127.0.0.1:9092 (KRaft controller 127.0.0.1:9093)
 #             Schema Registry http://127.0.0.1:8081 (schemas in memory only)
@@ -505,12 +509,43 @@ cmd_reset() {
   log "reset done (jar/tool cache in $MEDPIPE_CACHE kept)"
 }
 
+# ------------------------------------------------------------ fault tests --
+
+broker_pid_or_die() {
+  local pid
+  pid=$(find_pid kafka) || die "Kafka is not running"
+  echo "$pid"
+}
+
+cmd_crash-broker() {
+  local pid
+  pid=$(broker_pid_or_die)
+  log "crashing Kafka (SIGKILL pid $pid)"
+  kill -KILL "$pid"
+  while pid_alive "$pid"; do sleep 0.1; done
+  rm -f "$KAFKA_PID_FILE"
+}
+
+cmd_pause-broker() {
+  local pid
+  pid=$(broker_pid_or_die)
+  log "pausing Kafka (SIGSTOP pid $pid)"
+  kill -STOP "$pid"
+}
+
+cmd_resume-broker() {
+  local pid
+  pid=$(broker_pid_or_die)
+  log "resuming Kafka (SIGCONT pid $pid)"
+  kill -CONT "$pid"
+}
+
 # -------------------------------------------------------------------- main --
 
 main() {
   local cmd=${1:-}
   case $cmd in
-    install | start | stop | status | reset) ;;
+    install | start | stop | status | reset | crash-broker | pause-broker | resume-broker) ;;
     -h | --help | help)
       usage
       return 0

@@ -14,7 +14,8 @@ use pipeline::events::{
     AnonymizationFailed, AnonymizationFinished, AnonymizationStarted, Payload, RecordAnonymized,
     SourceRecordBody, SourceRecordIngested,
 };
-use pipeline::state::KeyedState;
+use pipeline::runner::Owns;
+use pipeline::state::{KeyedState, PendingClose};
 use pipeline::{Event, Input, Outcome, Output, Stage};
 use serde::{Deserialize, Serialize};
 
@@ -48,6 +49,9 @@ impl AnonymizeError {
 pub struct BatchCounts {
     pub anonymized: u64,
     pub dead_lettered: u64,
+    /// Ingestion's closing event, held while the counts do not add up yet.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub closing: Option<PendingClose>,
 }
 
 /// How many patients' known identifiers the stage remembers for scrubbing.
@@ -62,16 +66,24 @@ pub struct Anonymizer {
     known: std::collections::HashMap<String, scrub::Known>,
     /// A batch fails as a whole when more than this share of its records is dead-lettered.
     max_failure_ratio: f64,
+    /// How long a batch whose counts do not add up waits for its missing records.
+    close_timeout_micros: i64,
     batches: KeyedState<BatchCounts>,
 }
 
 impl Anonymizer {
-    pub fn new(master: KeyRef, engine: Engine, max_failure_ratio: f64) -> Self {
+    pub fn new(
+        master: KeyRef,
+        engine: Engine,
+        max_failure_ratio: f64,
+        close_timeout: std::time::Duration,
+    ) -> Self {
         Anonymizer {
             master,
             engine,
             known: std::collections::HashMap::new(),
             max_failure_ratio,
+            close_timeout_micros: i64::try_from(close_timeout.as_micros()).unwrap_or(i64::MAX),
             batches: KeyedState::default(),
         }
     }
@@ -147,19 +159,59 @@ impl Anonymizer {
         self.batches.get(batch).cloned().unwrap_or_default()
     }
 
-    /// Ends a batch and forgets its counts. It fails when ingestion failed it (`upstream`
-    /// holds ingestion's error kind) or when too many records were dead-lettered;
-    /// otherwise it finishes (`upstream` holds ingestion's emitted count).
-    fn close(&mut self, batch: &str, upstream: Result<i64, &str>) -> Payload {
+    /// Closes a batch whose upstream closing event is held, if its counts allow: as
+    /// finished (or failed over the threshold) when every emitted record is accounted
+    /// for, as failed when there are more than were emitted (duplicates), or when `now`
+    /// is past the deadline and some are still missing. Otherwise it keeps waiting.
+    fn try_close(&mut self, batch: &str, now: Option<i64>) -> Option<Output> {
+        let c = self.counts(batch);
+        let closing = c.closing.clone()?;
+        let done = c.anonymized + c.dead_lettered;
+        let emitted = u64::try_from(closing.upstream).unwrap_or(0);
+        let verdict = match done.cmp(&emitted) {
+            std::cmp::Ordering::Equal => Ok(closing.upstream),
+            std::cmp::Ordering::Greater => Err((
+                "counts_mismatch",
+                format!(
+                    "ingestion emitted {emitted} records, but {} were anonymized and {} dead-lettered: {} more than emitted",
+                    c.anonymized,
+                    c.dead_lettered,
+                    done - emitted
+                ),
+            )),
+            std::cmp::Ordering::Less if now.is_some_and(|n| n >= closing.deadline) => Err((
+                "counts_mismatch",
+                format!(
+                    "ingestion emitted {emitted} records, but only {} were anonymized and {} dead-lettered: {} missing after waiting {}s",
+                    c.anonymized,
+                    c.dead_lettered,
+                    emitted - done,
+                    self.close_timeout_micros / 1_000_000
+                ),
+            )),
+            std::cmp::Ordering::Less => return None,
+        };
+        let payload = self.close(batch, verdict);
+        Some(Output {
+            key: batch.to_string(),
+            event: Event::new(SERVICE, batch, Some(&closing.cause_event_id), payload),
+        })
+    }
+
+    /// Ends a batch and forgets its counts: `Ok` holds ingestion's emitted count and
+    /// finishes it unless too many records were dead-lettered; `Err` fails it with an
+    /// error kind and reason.
+    fn close(&mut self, batch: &str, verdict: Result<i64, (&str, String)>) -> Payload {
         let c = self.counts(batch);
         self.batches.delete(batch);
         let policy = self.engine.policy();
         let total = c.anonymized + c.dead_lettered;
-        let failure = match upstream {
-            Err(kind) => Some(("upstream_failed", format!("ingestion failed the batch ({kind})"))),
+        let upstream = verdict.as_ref().map_or(0, |n| *n);
+        let failure = match verdict {
+            Err((kind, reason)) => Some((kind.to_string(), reason)),
             Ok(_) if total > 0 && c.dead_lettered as f64 > self.max_failure_ratio * total as f64 => {
                 Some((
-                    "failure_threshold",
+                    "failure_threshold".to_string(),
                     format!(
                         "{} of {total} records could not be de-identified ({:.1}%), above the {:.1}% threshold",
                         c.dead_lettered,
@@ -173,7 +225,7 @@ impl Anonymizer {
         if let Some((error_kind, reason)) = failure {
             return Payload::AnonymizationFailed(AnonymizationFailed {
                 batch_id: batch.into(),
-                error_kind: error_kind.into(),
+                error_kind,
                 reason,
                 policy_version: policy.version.clone(),
                 records_anonymized: c.anonymized as i64,
@@ -183,7 +235,7 @@ impl Anonymizer {
         }
         Payload::AnonymizationFinished(AnonymizationFinished {
             batch_id: batch.into(),
-            upstream_records_emitted: upstream.unwrap_or_default(),
+            upstream_records_emitted: upstream,
             policy_version: policy.version.clone(),
             records_anonymized: Some(c.anonymized as i64),
             records_dead_lettered: Some(c.dead_lettered as i64),
@@ -221,39 +273,79 @@ impl Stage for Anonymizer {
             }
             Payload::SourceRecordIngested(rec) => {
                 let mut c = self.counts(&rec.batch_id);
-                let outcome = match self.anonymize(rec) {
+                let result = self.anonymize(rec);
+                match &result {
+                    Ok(_) => c.anonymized += 1,
+                    Err(_) => c.dead_lettered += 1,
+                }
+                self.batches.put(&rec.batch_id, c);
+                // A record that was missing when ingestion's closing event came.
+                let closed = self.try_close(&rec.batch_id, None);
+                match result {
                     Ok(out) => {
-                        c.anonymized += 1;
-                        emit(
-                            &out.patient_pseudonym.clone(),
-                            Payload::RecordAnonymized(out),
-                        )
+                        let mut outputs = vec![Output {
+                            key: out.patient_pseudonym.clone(),
+                            event: Event::caused_by(ev, SERVICE, Payload::RecordAnonymized(out)),
+                        }];
+                        outputs.extend(closed);
+                        Outcome::Emit(outputs)
                     }
                     Err(e) => {
-                        c.dead_lettered += 1;
-                        Outcome::DeadLetter {
-                            error_type: e.error_type(),
-                            reason: format!(
-                                "batch {} position {}: {e}",
-                                rec.batch_id, rec.position
-                            ),
+                        let error_type = e.error_type();
+                        let reason =
+                            format!("batch {} position {}: {e}", rec.batch_id, rec.position);
+                        match closed {
+                            None => Outcome::DeadLetter { error_type, reason },
+                            Some(close) => Outcome::DeadLetterAndEmit {
+                                error_type,
+                                reason,
+                                outputs: vec![close],
+                            },
                         }
                     }
-                };
-                self.batches.put(&rec.batch_id, c);
-                outcome
+                }
             }
             Payload::DataIngestionFinished(f) => {
-                let payload = self.close(&f.batch_id, Ok(f.records_emitted));
-                emit(&f.batch_id, payload)
+                let mut c = self.counts(&f.batch_id);
+                c.closing = Some(PendingClose {
+                    upstream: f.records_emitted,
+                    cause_event_id: ev.header.event_id.clone(),
+                    deadline: ev
+                        .header
+                        .occurred_at
+                        .saturating_add(self.close_timeout_micros),
+                    topic: input.topic.to_string(),
+                    partition: input.partition,
+                });
+                self.batches.put(&f.batch_id, c);
+                Outcome::Emit(self.try_close(&f.batch_id, None).into_iter().collect())
             }
             // Ingestion gave up on the batch: pass the compensation trigger downstream.
             Payload::DataIngestionFailed(f) => {
-                let payload = self.close(&f.batch_id, Err(&f.error_kind));
+                let reason = format!("ingestion failed the batch ({})", f.error_kind);
+                let payload = self.close(&f.batch_id, Err(("upstream_failed", reason)));
                 emit(&f.batch_id, payload)
             }
             _ => Outcome::Emit(vec![]),
         }
+    }
+
+    /// Fails the batches whose missing records did not arrive before their deadline.
+    fn tick(&mut self, now_micros: i64, owns: Owns<'_>) -> Vec<Output> {
+        let due: Vec<String> = self
+            .batches
+            .keys()
+            .into_iter()
+            .filter(|b| {
+                self.batches
+                    .get(b)
+                    .and_then(|c| c.closing.as_ref())
+                    .is_some_and(|c| c.due(now_micros, owns))
+            })
+            .collect();
+        due.iter()
+            .filter_map(|b| self.try_close(b, Some(now_micros)))
+            .collect()
     }
 
     fn state(&self) -> Option<&dyn pipeline::state::DurableState> {
@@ -289,7 +381,12 @@ mod tests {
             },
         )
         .expect("engine");
-        Anonymizer::new(master(), engine, max_failure_ratio)
+        Anonymizer::new(
+            master(),
+            engine,
+            max_failure_ratio,
+            std::time::Duration::from_secs(60),
+        )
     }
 
     /// A `SourceRecordIngested` of batch `b1`, sealed as ingestion seals it.
@@ -332,10 +429,16 @@ mod tests {
     }
 
     fn lifecycle(finished: bool) -> Event {
-        let payload = if finished {
+        closing_after(if finished { 3 } else { -1 })
+    }
+
+    /// `DataIngestionStarted` for a negative count, else `DataIngestionFinished` saying
+    /// `emitted` records were emitted.
+    fn closing_after(emitted: i64) -> Event {
+        let payload = if emitted >= 0 {
             Payload::DataIngestionFinished(DataIngestionFinished {
                 batch_id: "b1".into(),
-                records_emitted: 3,
+                records_emitted: emitted,
                 records_rejected: 0,
                 file_size_bytes: 1,
                 file_sha256: "x".into(),
@@ -398,7 +501,7 @@ mod tests {
                 ..
             }
         ));
-        let Payload::AnonymizationFinished(f) = closing(run(&mut a, &lifecycle(true))) else {
+        let Payload::AnonymizationFinished(f) = closing(run(&mut a, &closing_after(2))) else {
             panic!()
         };
         assert_eq!(
@@ -440,15 +543,92 @@ mod tests {
         let saved = serde_json::to_vec(&BatchCounts {
             anonymized: 7,
             dead_lettered: 0,
+            closing: None,
         })
         .expect("json");
         a.state_restore(vec![("b1".into(), Some(saved))])
             .expect("restore");
         run(&mut a, &record(8, Some("p-8")));
-        let Payload::AnonymizationFinished(f) = closing(run(&mut a, &lifecycle(true))) else {
+        let Payload::AnonymizationFinished(f) = closing(run(&mut a, &closing_after(8))) else {
             panic!()
         };
         assert_eq!(f.records_anonymized, Some(8));
+    }
+
+    #[test]
+    fn a_batch_closes_only_when_its_counts_add_up() {
+        let mut a = stage(0.5);
+        run(&mut a, &lifecycle(false));
+        run(&mut a, &record(1, Some("p-1")));
+        // Ingestion says 2 records; one is missing so far: nothing closes.
+        let early = closing_after(2);
+        assert_eq!(run(&mut a, &early), Outcome::Emit(vec![]));
+        let never = |_: &str, _: i32| true;
+        assert!(a.tick(early.header.occurred_at + 1, &never).is_empty());
+        // The missing record arrives: the batch finishes with it, caused by the close.
+        let Outcome::Emit(outs) = run(&mut a, &record(2, Some("p-2"))) else {
+            panic!()
+        };
+        assert_eq!(outs.len(), 2, "{outs:?}");
+        assert_eq!(
+            outs[1].event.header.causation_id.as_deref(),
+            Some(early.header.event_id.as_str())
+        );
+        let Payload::AnonymizationFinished(f) = &outs[1].event.payload else {
+            panic!("{outs:?}")
+        };
+        assert_eq!(
+            (
+                f.upstream_records_emitted,
+                f.records_anonymized,
+                f.records_dead_lettered
+            ),
+            (2, Some(2), Some(0))
+        );
+    }
+
+    #[test]
+    fn a_batch_missing_records_fails_at_its_deadline_on_the_owning_instance_only() {
+        let mut a = stage(0.5);
+        run(&mut a, &lifecycle(false));
+        run(&mut a, &record(1, Some("p-1")));
+        let fin = closing_after(3);
+        assert_eq!(run(&mut a, &fin), Outcome::Emit(vec![]));
+        let deadline = fin.header.occurred_at + 60_000_000;
+        let owns_all = |_: &str, _: i32| true;
+        let owns_none = |_: &str, _: i32| false;
+        assert!(
+            a.tick(deadline - 1, &owns_all).is_empty(),
+            "before the deadline"
+        );
+        assert!(
+            a.tick(deadline, &owns_none).is_empty(),
+            "not this instance's"
+        );
+        let outs = a.tick(deadline, &owns_all);
+        assert_eq!(outs.len(), 1);
+        let Payload::AnonymizationFailed(f) = &outs[0].event.payload else {
+            panic!("{outs:?}")
+        };
+        assert_eq!(f.error_kind, "counts_mismatch");
+        assert_eq!(
+            f.reason,
+            "ingestion emitted 3 records, but only 1 were anonymized and 0 dead-lettered: 2 missing after waiting 60s"
+        );
+        assert!(a.tick(deadline + 1, &owns_all).is_empty(), "closed once");
+    }
+
+    #[test]
+    fn more_records_than_emitted_fail_the_batch_at_once() {
+        let mut a = stage(0.5);
+        run(&mut a, &lifecycle(false));
+        run(&mut a, &record(1, Some("p-1")));
+        run(&mut a, &record(2, Some("p-2")));
+        let Payload::AnonymizationFailed(f) = closing(run(&mut a, &closing_after(1))) else {
+            panic!()
+        };
+        assert_eq!(f.error_kind, "counts_mismatch");
+        assert!(f.reason.contains("1 more than emitted"), "{}", f.reason);
     }
 
     #[test]

@@ -109,7 +109,12 @@ async fn main() -> anyhow::Result<()> {
         },
         context,
     )?;
-    let stage = anonymization::Anonymizer::new(master, engine, args.max_failure_ratio);
+    let stage = anonymization::Anonymizer::new(
+        master,
+        engine,
+        args.max_failure_ratio,
+        args.common.runner.batch_close_timeout,
+    );
     let input = vec![args.common.kafka.topics().name(TopicKind::Ingestion)];
     run_stage(stage, input, &args.common, 9102)
         .await

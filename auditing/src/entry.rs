@@ -59,6 +59,13 @@ pub struct AuditEntry {
     /// How many records a closing event says the batch produced.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub records_expected: Option<i64>,
+    /// How many input records a closing event says the stage accounted for (processed,
+    /// dead-lettered or otherwise counted).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub records_in: Option<i64>,
+    /// How many records a closing event says the stage before it emitted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub records_upstream: Option<i64>,
     /// For alerts: what fired and where (stages, counts, locations; never values).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub detail: Option<String>,

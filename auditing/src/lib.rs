@@ -27,15 +27,16 @@ use ed25519_dalek::SigningKey;
 use pipeline::crypto::{sha256_hex, KeyRef};
 use pipeline::error::kafka_err;
 use pipeline::events::{AuditCheckpoint, AuditEntryRecorded, ComplianceAlert, Payload};
-use pipeline::runner::send_record;
+use pipeline::kafka::{consumer_config, retry_until, ConsumerRole};
 use pipeline::telemetry::StageMetrics;
 use pipeline::topics::TopicKind;
+use pipeline::txn::{Transactions, TxnSettings};
 use pipeline::{Codec, Event, PipelineError, Topics};
 use prometheus::{IntCounterVec, Opts};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::message::{Message, OwnedMessage};
-use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
-use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use rdkafka::producer::BaseRecord;
+use rdkafka::{Offset, TopicPartitionList};
 use serde::{Deserialize, Serialize};
 use tokio::runtime::Handle;
 use tokio_util::sync::CancellationToken;
@@ -128,6 +129,8 @@ pub fn observation(e: &AuditEntry) -> Observation<'_> {
         occurred_at: e.occurred_at,
         record_position: e.record_position,
         records_expected: e.records_expected,
+        records_in: e.records_in,
+        records_upstream: e.records_upstream,
     }
 }
 
@@ -171,7 +174,7 @@ pub async fn run(
         Auditor::start(config, codec, metrics, rt, &shutdown)?.run(&shutdown)
     })
     .await
-    .map_err(|e| PipelineError::Config(format!("audit thread failed: {e}")))?
+    .map_err(|e| PipelineError::Thread(format!("audit thread failed: {e}")))?
 }
 
 struct Auditor {
@@ -186,7 +189,7 @@ struct Auditor {
     monitors: Monitors,
     sentinel: Sentinel,
     consumer: BaseConsumer,
-    producer: BaseProducer,
+    txn: Transactions,
     own_topic: String,
     published: Published,
     /// Entries durable in the store but not yet published.
@@ -241,53 +244,27 @@ impl Auditor {
             .register(Box::new(alerts.clone()))
             .map_err(|e| PipelineError::Config(format!("metrics: {e}")))?;
 
-        let consumer: BaseConsumer = ClientConfig::new()
-            .set("bootstrap.servers", &config.bootstrap_servers)
-            .set("group.id", &config.group_id)
-            .set("enable.auto.commit", "false")
-            .set("isolation.level", "read_committed")
-            .set("auto.offset.reset", "earliest")
-            .set("session.timeout.ms", "10000")
-            .set("fetch.wait.max.ms", "10")
-            .set("queued.max.messages.kbytes", "16384")
-            .set("topic.metadata.refresh.interval.ms", "2000")
-            .create()
-            .map_err(kafka_err("create consumer"))?;
+        // At least once into the store, which skips what it already holds.
+        let consumer: BaseConsumer = consumer_config(
+            &config.bootstrap_servers,
+            &config.group_id,
+            ConsumerRole::Audit,
+        )
+        .create()
+        .map_err(kafka_err("create consumer"))?;
         // Fences a previous incarnation, so the state topic read next holds the last
         // committed position.
-        let producer = pipeline::runner::transactional_producer(
-            &config.bootstrap_servers,
-            &config.transactional_id,
-            config.transaction_timeout,
+        let txn = Transactions::connect(
+            TxnSettings {
+                bootstrap_servers: config.bootstrap_servers.clone(),
+                transactional_id: config.transactional_id.clone(),
+                transaction_timeout: config.transaction_timeout,
+            },
+            metrics.clone(),
             shutdown,
         )?;
-        let state_topic = config.topics.state("auditing");
-        let published = pipeline::readback::read_entries(
-            &config.bootstrap_servers,
-            &state_topic,
-            Duration::from_secs(60),
-        )?
-        .into_iter()
-        .filter(|(k, _)| k == PUBLISHED_KEY)
-        .filter_map(|(_, v)| serde_json::from_slice::<Published>(&v?).ok())
-        .next_back()
-        .unwrap_or_default();
-        let unpublished: VecDeque<AuditEntry> = store
-            .read_from(published.entries, usize::MAX)
-            .map_err(store_err)?
-            .into_iter()
-            .map(|(e, _)| e)
-            .collect();
-        let unpublished_heads: VecDeque<TreeHead> = store::read_checkpoints(&config.audit_dir)
-            .map_err(store_err)?
-            .into_iter()
-            .skip(published.checkpoints as usize)
-            .collect();
-        info!(
-            published_entries = published.entries,
-            to_publish = unpublished.len(),
-            "Audit publisher resumed."
-        );
+        let (published, unpublished, unpublished_heads) =
+            publisher_position(&config, &store, shutdown)?;
         let own_topic = config.topics.name(TopicKind::Audit);
         let mut auditor = Auditor {
             config,
@@ -301,7 +278,7 @@ impl Auditor {
             monitors,
             sentinel,
             consumer,
-            producer,
+            txn,
             own_topic,
             published,
             unpublished,
@@ -498,19 +475,15 @@ impl Auditor {
                     self.metrics.transactions_committed.inc();
                 }
                 Err(e) => {
-                    self.metrics.transactions_aborted.inc();
-                    if let Err(abort) = self
-                        .producer
-                        .abort_transaction(self.config.transaction_timeout)
-                    {
-                        // The producer cannot go on: exit so the restart resumes from
-                        // the committed position.
-                        return Err(PipelineError::kafka("abort transaction", abort));
-                    }
-                    if e.class() != pipeline::ErrorClass::Retry || shutdown.is_cancelled() {
+                    let class = e.class();
+                    if class == pipeline::ErrorClass::Fatal {
                         return Err(e);
                     }
-                    warn!(error = %e, "Publishing aborted; retrying.");
+                    warn!(error = %e, "Publishing failed; resuming from the committed position.");
+                    self.rewind_publisher(shutdown)?;
+                    if shutdown.is_cancelled() {
+                        return Err(e);
+                    }
                     std::thread::sleep(Duration::from_millis(500));
                 }
             }
@@ -518,15 +491,30 @@ impl Auditor {
         Ok(())
     }
 
+    /// The rewind rule for the publisher: end the transaction so the committed state is
+    /// definite, then take the published position from the state topic again and queue
+    /// everything after it from the store.
+    fn rewind_publisher(&mut self, shutdown: &CancellationToken) -> Result<(), PipelineError> {
+        self.metrics
+            .rewinds
+            .with_label_values(&["failed_batch"])
+            .inc();
+        self.txn.recover(shutdown)?;
+        let (published, unpublished, heads) =
+            publisher_position(&self.config, &self.store, shutdown)?;
+        self.published = published;
+        self.unpublished = unpublished;
+        self.unpublished_heads = heads;
+        Ok(())
+    }
+
     fn publish_txn(
-        &self,
+        &mut self,
         entries: &[AuditEntry],
         heads: &[TreeHead],
         next: Published,
     ) -> Result<(), PipelineError> {
-        self.producer
-            .begin_transaction()
-            .map_err(kafka_err("begin transaction"))?;
+        self.txn.begin()?;
         for e in entries {
             let batch = e.correlation_id.as_deref().unwrap_or("audit");
             let line = e
@@ -561,16 +549,14 @@ impl Auditor {
             });
             self.send(Event::new(SERVICE, "audit", None, cp), "checkpoint")?;
         }
-        let state = serde_json::to_vec(&next)
-            .map_err(|e| PipelineError::Config(format!("cannot serialise state: {e}")))?;
+        let state = serde_json::to_vec(&next).map_err(|e| PipelineError::Serialize {
+            what: "the publisher position",
+            message: e.to_string(),
+        })?;
         let topic = self.config.topics.state("auditing");
-        send_record(
-            &self.producer,
-            BaseRecord::to(&topic).key(PUBLISHED_KEY).payload(&state),
-        )?;
-        self.producer
-            .commit_transaction(self.config.transaction_timeout)
-            .map_err(kafka_err("commit transaction"))
+        self.txn
+            .send(BaseRecord::to(&topic).key(PUBLISHED_KEY).payload(&state))?;
+        self.txn.commit(None)
     }
 
     fn alert_event(&self, e: &AuditEntry) -> Result<Option<Event>, PipelineError> {
@@ -593,11 +579,50 @@ impl Auditor {
         Ok(Some(Event::new(SERVICE, batch, None, payload)))
     }
 
-    fn send(&self, event: Event, key: &str) -> Result<(), PipelineError> {
+    fn send(&mut self, event: Event, key: &str) -> Result<(), PipelineError> {
         let bytes = self.rt.block_on(self.codec.encode(&event))?;
-        send_record(
-            &self.producer,
-            BaseRecord::to(&self.own_topic).key(key).payload(&bytes),
-        )
+        let topic = self.own_topic.clone();
+        self.txn
+            .send(BaseRecord::to(&topic).key(key).payload(&bytes))
     }
+}
+
+/// What the publisher has committed (from its state topic), and what the store holds
+/// beyond it: the entries and checkpoints still to publish.
+#[allow(clippy::type_complexity)]
+fn publisher_position(
+    config: &AuditConfig,
+    store: &Store,
+    shutdown: &CancellationToken,
+) -> Result<(Published, VecDeque<AuditEntry>, VecDeque<TreeHead>), PipelineError> {
+    let state_topic = config.topics.state("auditing");
+    let published = retry_until(shutdown, "read the publisher position", || {
+        pipeline::readback::read_entries(
+            &config.bootstrap_servers,
+            &state_topic,
+            Duration::from_secs(60),
+        )
+    })?
+    .into_iter()
+    .filter(|(k, _)| k == PUBLISHED_KEY)
+    .filter_map(|(_, v)| serde_json::from_slice::<Published>(&v?).ok())
+    .next_back()
+    .unwrap_or_default();
+    let unpublished: VecDeque<AuditEntry> = store
+        .read_from(published.entries, usize::MAX)
+        .map_err(store_err)?
+        .into_iter()
+        .map(|(e, _)| e)
+        .collect();
+    let heads: VecDeque<TreeHead> = store::read_checkpoints(&config.audit_dir)
+        .map_err(store_err)?
+        .into_iter()
+        .skip(published.checkpoints as usize)
+        .collect();
+    info!(
+        published_entries = published.entries,
+        to_publish = unpublished.len(),
+        "Audit publisher position read."
+    );
+    Ok((published, unpublished, heads))
 }

@@ -63,8 +63,12 @@ pub struct Observation<'a> {
     pub occurred_at: Option<i64>,
     /// For per-record events.
     pub record_position: Option<i64>,
-    /// From Finished / Completed events.
+    /// From Finished / Completed events: records the stage produced.
     pub records_expected: Option<i64>,
+    /// From Finished / Completed events: input records the stage accounted for.
+    pub records_in: Option<i64>,
+    /// From Finished events: records the stage before said it emitted.
+    pub records_upstream: Option<i64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -399,6 +403,13 @@ impl RecordState {
     }
 }
 
+/// The counts each stage's closing event gave for one batch, indexed by `Stage`.
+#[derive(Debug, Default)]
+struct BatchCounts {
+    produced: [Option<i64>; 3],
+    consumed: [Option<i64>; 3],
+}
+
 /// A count check due `gap_grace` after a stage closed.
 #[derive(Debug)]
 struct Settle {
@@ -440,6 +451,8 @@ pub struct Monitors {
     lineage: VecDeque<LineageCheck>,
     replaying: bool,
     owed: Vec<Alert>,
+    /// Closing counts per batch, to compare each stage's input with its upstream's output.
+    batch_counts: Fifo<String, BatchCounts>,
     /// Checks that came due during replay but failed: judged again, live, at the next tick.
     deferred_settles: Vec<Settle>,
     deferred_lineage: Vec<LineageCheck>,
@@ -456,6 +469,7 @@ impl Monitors {
             fired: Fifo::new(cap),
             clocks: BTreeMap::new(),
             closed: Fifo::new(cap),
+            batch_counts: Fifo::new(cap),
             records: HashMap::new(),
             settles: VecDeque::new(),
             lineage: VecDeque::new(),
@@ -533,7 +547,10 @@ impl Monitors {
             let key = (batch.to_string(), stage);
             match role {
                 Role::Start => self.start(key, o),
-                Role::Complete => self.close(key, o.records_expected, o),
+                Role::Complete => {
+                    self.check_counts(batch, stage, o, &mut out);
+                    self.close(key, o.records_expected, o);
+                }
                 Role::Fail => self.close(key, None, o),
                 Role::Record | Role::Rejected | Role::Derived => {
                     self.record(key, role, o, &mut out)
@@ -631,6 +648,68 @@ impl Monitors {
             at: Location::of(o),
         });
         clock.start = clock.start.min(start);
+    }
+
+    /// A stage's closing event: its own counts must add up (every record its upstream
+    /// emitted accounted for), and, once both neighbours have closed the batch, no stage
+    /// may have taken in fewer records than the stage before it emitted.
+    fn check_counts(&mut self, batch: &str, stage: Stage, o: &Observation, out: &mut Vec<Alert>) {
+        let mut alerts = Vec::new();
+        if let (Some(upstream), Some(accounted)) = (o.records_upstream, o.records_in) {
+            if upstream != accounted {
+                alerts.push((
+                    "counts",
+                    stage,
+                    format!(
+                        "{} does not add up: the stage before emitted {upstream} records, {} accounted for {accounted}",
+                        o.event_type,
+                        stage.as_str()
+                    ),
+                ));
+            }
+        }
+        if !self.batch_counts.contains(batch) {
+            self.batch_counts
+                .insert(batch.to_string(), BatchCounts::default());
+        }
+        if let Some(counts) = self.batch_counts.get_mut(&batch.to_string()) {
+            let i = stage as usize;
+            counts.produced[i] = o.records_expected;
+            counts.consumed[i] = o.records_in;
+            for (up, down) in [
+                (Stage::Ingestion, Stage::Anonymization),
+                (Stage::Anonymization, Stage::Canonization),
+            ] {
+                if let (Some(emitted), Some(taken)) =
+                    (counts.produced[up as usize], counts.consumed[down as usize])
+                {
+                    if taken < emitted {
+                        alerts.push((
+                            "downstream",
+                            down,
+                            format!(
+                                "{} closed the batch with {taken} records in, but {} emitted {emitted}: {} missing",
+                                down.as_str(),
+                                up.as_str(),
+                                emitted - taken
+                            ),
+                        ));
+                    }
+                }
+            }
+        }
+        for (what, stage, detail) in alerts {
+            let alert = Alert {
+                id: alert_id(AlertKind::Gap, &[what, batch, stage.as_str()]),
+                kind: AlertKind::Gap,
+                correlation_id: Some(batch.to_string()),
+                topic: Some(o.topic.to_string()),
+                partition: Some(o.partition),
+                offset: Some(o.offset),
+                detail,
+            };
+            self.emit(alert, out);
+        }
     }
 
     fn close(&mut self, key: StageKey, expected: Option<i64>, o: &Observation) {
@@ -891,6 +970,13 @@ mod tests {
             self.entry.records_expected = Some(n);
             self
         }
+        /// A closing event's input counts: what the stage before emitted, and what this
+        /// stage accounted for.
+        fn took(mut self, upstream: Option<i64>, accounted: i64) -> Self {
+            self.entry.records_upstream = upstream;
+            self.entry.records_in = Some(accounted);
+            self
+        }
         fn cause(mut self, id: &str) -> Self {
             self.entry.causation_id = Some(id.into());
             self
@@ -991,6 +1077,86 @@ mod tests {
         h.feed(ev("SourceRecordIngested", "s0").at(1).pos(0).cause("ds"));
         h.feed(ev("AnonymizationStarted", "as").at(2).cause("ds"));
         h.feed(ev("RecordAnonymized", "r0").at(3).pos(0).cause("s0"));
+    }
+
+    /// Feeds a whole healthy-looking batch of `n` records whose closing events carry the
+    /// given counts, and returns every alert raised, ticks included.
+    fn close_batch(ingested: i64, anonymization: (i64, i64, i64), canonized_in: i64) -> Vec<Alert> {
+        let (upstream, accounted, produced) = anonymization;
+        let mut h = Harness::new(1000);
+        let mut alerts = Vec::new();
+        alerts.extend(h.feed(ev("DataIngestionStarted", "ds").at(0)));
+        for i in 0..ingested {
+            alerts.extend(
+                h.feed(
+                    ev("SourceRecordIngested", &format!("si{i}"))
+                        .at(0)
+                        .pos(i + 1),
+                ),
+            );
+        }
+        alerts.extend(h.feed(ev("DataIngestionFinished", "df").at(1).expect(ingested)));
+        alerts.extend(h.feed(ev("AnonymizationStarted", "as").at(1).cause("ds")));
+        for i in 0..produced {
+            alerts.extend(h.feed(ev("RecordAnonymized", &format!("ra{i}")).at(1).pos(i + 1)));
+        }
+        alerts.extend(
+            h.feed(
+                ev("AnonymizationFinished", "af")
+                    .at(2)
+                    .expect(produced)
+                    .took(Some(upstream), accounted),
+            ),
+        );
+        alerts.extend(
+            h.feed(
+                ev("EventDataCanonizationCompleted", "cc")
+                    .at(3)
+                    .expect(0)
+                    .took(None, canonized_in),
+            ),
+        );
+        alerts.extend(h.tick(100));
+        alerts
+    }
+
+    #[test]
+    fn closing_counts_that_add_up_raise_nothing() {
+        assert_eq!(close_batch(5, (5, 5, 5), 5), vec![]);
+    }
+
+    #[test]
+    fn a_closing_event_whose_counts_do_not_add_up_is_a_gap() {
+        // The broker-failure loss: anonymization closed with one record fewer than
+        // ingestion emitted, and its own count agreed with what it emitted.
+        let alerts = close_batch(5, (5, 4, 4), 4);
+        let details: Vec<&str> = alerts.iter().map(|a| a.detail.as_str()).collect();
+        assert!(
+            alerts.iter().all(|a| a.kind == AlertKind::Gap),
+            "{alerts:?}"
+        );
+        assert!(
+            details.contains(
+                &"AnonymizationFinished does not add up: the stage before emitted 5 records, anonymization accounted for 4"
+            ),
+            "{details:?}"
+        );
+        assert!(
+            details.contains(
+                &"anonymization closed the batch with 4 records in, but ingestion emitted 5: 1 missing"
+            ),
+            "{details:?}"
+        );
+    }
+
+    #[test]
+    fn a_downstream_stage_taking_in_fewer_records_than_upstream_emitted_is_a_gap() {
+        let alerts = close_batch(5, (5, 5, 5), 3);
+        assert_eq!(
+            alerts.iter().map(|a| a.detail.as_str()).collect::<Vec<_>>(),
+            vec!["canonization closed the batch with 3 records in, but anonymization emitted 5: 2 missing"]
+        );
+        assert_eq!(alerts[0].kind, AlertKind::Gap);
     }
 
     #[test]

@@ -145,6 +145,9 @@ pub struct ActivityRow {
     pub outcome: String,
     pub policy_versions: String,
     pub key_ids: String,
+    /// Kinds of the compliance alerts raised about the batch (on the auditing row),
+    /// `;`-separated.
+    pub alerts: String,
 }
 
 /// The services that see identifiable data.
@@ -180,6 +183,14 @@ struct Lite<'a> {
     key_ids: Vec<Cow<'a, str>>,
     #[serde(default)]
     record_position: Option<i64>,
+    #[serde(borrow, default)]
+    detail: Option<Cow<'a, str>>,
+}
+
+/// The part of an alert entry's detail the report shows.
+#[derive(Deserialize)]
+struct AlertKindOnly {
+    kind: String,
 }
 
 /// What one service did with one batch, summed over some entries.
@@ -193,6 +204,8 @@ struct Acc {
     outcome: Option<(i64, String)>,
     policies: BTreeSet<String>,
     keys: BTreeSet<String>,
+    #[serde(default)]
+    alerts: BTreeSet<String>,
 }
 
 impl Acc {
@@ -220,6 +233,15 @@ impl Acc {
                 self.keys.insert(k.to_string());
             }
         }
+        if e.event_type == crate::monitors::ALERT_EVENT_TYPE {
+            if let Some(a) = e
+                .detail
+                .as_deref()
+                .and_then(|d| serde_json::from_str::<AlertKindOnly>(d).ok())
+            {
+                self.alerts.insert(a.kind);
+            }
+        }
     }
 
     fn merge(&mut self, o: Acc) {
@@ -238,6 +260,7 @@ impl Acc {
         }
         self.policies.extend(o.policies);
         self.keys.extend(o.keys);
+        self.alerts.extend(o.alerts);
     }
 }
 
@@ -364,6 +387,7 @@ pub fn report(dir: &Path, from: i64, to: i64) -> Result<Vec<ActivityRow>, StoreE
             outcome: a.outcome.map_or_else(|| "open".into(), |(_, o)| o),
             policy_versions: a.policies.into_iter().collect::<Vec<_>>().join(";"),
             key_ids: a.keys.into_iter().collect::<Vec<_>>().join(";"),
+            alerts: a.alerts.into_iter().collect::<Vec<_>>().join(";"),
         })
         .collect())
 }

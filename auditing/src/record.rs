@@ -19,6 +19,8 @@ pub struct Facts {
     pub key_ids: Vec<String>,
     pub record_position: Option<i64>,
     pub records_expected: Option<i64>,
+    pub records_in: Option<i64>,
+    pub records_upstream: Option<i64>,
     /// (name, value) pairs to seal: they may name people (file names) or places.
     pub sensitive: Vec<(&'static str, String)>,
 }
@@ -94,6 +96,11 @@ pub fn facts(p: &Payload) -> Facts {
         Payload::AnonymizationFinished(a) => {
             f.policy = policy(&a.policy_version, a.policy_hash.as_ref());
             f.records_expected = a.records_anonymized;
+            f.records_in = a
+                .records_anonymized
+                .zip(a.records_dead_lettered)
+                .map(|(x, d)| x + d);
+            f.records_upstream = Some(a.upstream_records_emitted);
         }
         Payload::AnonymizationFailed(a) => {
             f.policy = policy(&a.policy_version, a.policy_hash.as_ref());
@@ -103,6 +110,7 @@ pub fn facts(p: &Payload) -> Facts {
         Payload::EventDataCanonizationStarted(_) => {}
         Payload::EventDataCanonizationCompleted(c) => {
             f.records_expected = Some(c.resources_by_type.values().sum());
+            f.records_in = Some(c.records_in);
         }
         Payload::CanonizationFailed(c) => f.sensitive = vec![("reason", c.reason.clone())],
         // Canonical records are handled above, whatever their type.
@@ -158,6 +166,8 @@ pub fn entry_for(
             e.key_ids = f.key_ids;
             e.record_position = f.record_position;
             e.records_expected = f.records_expected;
+            e.records_in = f.records_in;
+            e.records_upstream = f.records_upstream;
             f.sensitive
         }
         None => {

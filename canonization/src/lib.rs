@@ -20,7 +20,8 @@ use pipeline::events::{
     MedicationRequestDetails, ObservationDetails, Payload, ProcedureDetails, Provenance,
     RecordAnonymized,
 };
-use pipeline::state::KeyedState;
+use pipeline::runner::Owns;
+use pipeline::state::{KeyedState, PendingClose};
 use pipeline::{Event, Input, Outcome, Output, PipelineError, Stage};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -40,8 +41,10 @@ pub use crate::mapping::resource_id;
 pub struct BatchState {
     pub policy_version: String,
     pub records_in: i64,
-    /// From `AnonymizationFinished`: how many records the batch has.
-    pub expected: Option<i64>,
+    /// `AnonymizationFinished`, held until `records_in` reaches its count of anonymized
+    /// records.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub closing: Option<PendingClose>,
     pub by_type: BTreeMap<String, i64>,
     pub dead_lettered: i64,
     pub unsupported: i64,
@@ -65,6 +68,8 @@ pub struct Canonizer {
     /// `id@version` of every loaded map, for lifecycle events.
     maps_version: String,
     max_failure_ratio: f64,
+    /// How long a batch whose counts do not add up waits for its missing records.
+    close_timeout_micros: i64,
     batches: KeyedState<BatchState>,
     /// Codes no concept map covered. A metric, so a redone batch may count twice; the
     /// exact count per batch is in `EventDataCanonizationCompleted.codes_unmapped`.
@@ -72,7 +77,11 @@ pub struct Canonizer {
 }
 
 impl Canonizer {
-    pub fn new(maps: ConceptMaps, max_failure_ratio: f64) -> Result<Self, PipelineError> {
+    pub fn new(
+        maps: ConceptMaps,
+        max_failure_ratio: f64,
+        close_timeout: std::time::Duration,
+    ) -> Result<Self, PipelineError> {
         let validator =
             FhirValidator::new().map_err(|e| PipelineError::Config(format!("FHIR schema: {e}")))?;
         let maps_version = maps
@@ -86,6 +95,7 @@ impl Canonizer {
             validator,
             maps_version,
             max_failure_ratio,
+            close_timeout_micros: i64::try_from(close_timeout.as_micros()).unwrap_or(i64::MAX),
             batches: KeyedState::default(),
             unmapped: prometheus::IntCounter::new(
                 "medpipe_canonization_codes_unmapped_total",
@@ -219,22 +229,47 @@ impl Canonizer {
 
     /// Completed (or Failed past the threshold) once every expected record is in. The
     /// batch's records are keyed by pseudonym and its lifecycle by batch, so they arrive
-    /// on different partitions in any order: the close waits for both.
-    fn maybe_close(&mut self, batch: &str, cause: &Event) -> Vec<Output> {
+    /// on different partitions in any order: the close waits for both. More records than
+    /// anonymization counted (duplicates) fail the batch at once; fewer fail it once `now`
+    /// is past the deadline.
+    fn maybe_close(&mut self, batch: &str, now: Option<i64>) -> Vec<Output> {
         let s = self.state(batch);
-        let Some(expected) = s.expected else {
+        let Some(closing) = s.closing.clone() else {
             return vec![];
         };
-        if s.records_in < expected {
-            return vec![];
-        }
+        let expected = closing.upstream;
+        let mismatch = match s.records_in.cmp(&expected) {
+            std::cmp::Ordering::Equal => None,
+            std::cmp::Ordering::Greater => Some(format!(
+                "anonymization counted {expected} records, but {} arrived: {} more",
+                s.records_in,
+                s.records_in - expected
+            )),
+            std::cmp::Ordering::Less if now.is_some_and(|n| n >= closing.deadline) => {
+                Some(format!(
+                    "anonymization counted {expected} records, but only {} arrived: {} missing after waiting {}s",
+                    s.records_in,
+                    expected - s.records_in,
+                    self.close_timeout_micros / 1_000_000
+                ))
+            }
+            std::cmp::Ordering::Less => return vec![],
+        };
         self.batches.delete(batch);
         let ratio = if s.records_in == 0 {
             0.0
         } else {
             s.dead_lettered as f64 / s.records_in as f64
         };
-        let payload = if ratio > self.max_failure_ratio {
+        let payload = if let Some(reason) = mismatch {
+            Payload::CanonizationFailed(CanonizationFailed {
+                batch_id: batch.to_string(),
+                error_kind: "counts_mismatch".into(),
+                reason,
+                records_in: s.records_in,
+                records_dead_lettered: s.dead_lettered,
+            })
+        } else if ratio > self.max_failure_ratio {
             Payload::CanonizationFailed(CanonizationFailed {
                 batch_id: batch.to_string(),
                 error_kind: "failure_threshold".into(),
@@ -258,7 +293,10 @@ impl Canonizer {
                 concept_map_version: self.maps_version.clone(),
             })
         };
-        vec![lifecycle(cause, batch, payload)]
+        vec![Output {
+            key: batch.to_string(),
+            event: Event::new(SERVICE, batch, Some(&closing.cause_event_id), payload),
+        }]
     }
 
     fn record(&mut self, ev: &Event, rec: &RecordAnonymized) -> Outcome {
@@ -292,7 +330,7 @@ impl Canonizer {
             }
         }
         self.batches.put(batch, s);
-        outputs.extend(self.maybe_close(batch, ev));
+        outputs.extend(self.maybe_close(batch, None));
         match dead {
             None => Outcome::Emit(outputs),
             Some((error_type, reason)) => Outcome::DeadLetterAndEmit {
@@ -448,9 +486,18 @@ impl Stage for Canonizer {
                 let batch = f.batch_id.as_str();
                 let mut outputs = self.open(batch, &f.policy_version, ev);
                 let mut s = self.state(batch);
-                s.expected = Some(f.records_anonymized.unwrap_or(f.upstream_records_emitted));
+                s.closing = Some(PendingClose {
+                    upstream: f.records_anonymized.unwrap_or(f.upstream_records_emitted),
+                    cause_event_id: ev.header.event_id.clone(),
+                    deadline: ev
+                        .header
+                        .occurred_at
+                        .saturating_add(self.close_timeout_micros),
+                    topic: input.topic.to_string(),
+                    partition: input.partition,
+                });
                 self.batches.put(batch, s);
-                outputs.extend(self.maybe_close(batch, ev));
+                outputs.extend(self.maybe_close(batch, None));
                 Outcome::Emit(outputs)
             }
             Payload::AnonymizationFailed(f) => {
@@ -475,6 +522,24 @@ impl Stage for Canonizer {
         }
     }
 
+    /// Fails the batches whose missing records did not arrive before their deadline.
+    fn tick(&mut self, now_micros: i64, owns: Owns<'_>) -> Vec<Output> {
+        let due: Vec<String> = self
+            .batches
+            .keys()
+            .into_iter()
+            .filter(|b| {
+                self.batches
+                    .get(b)
+                    .and_then(|s| s.closing.as_ref())
+                    .is_some_and(|c| c.due(now_micros, owns))
+            })
+            .collect();
+        due.iter()
+            .flat_map(|b| self.maybe_close(b, Some(now_micros)))
+            .collect()
+    }
+
     fn register_metrics(&mut self, registry: &prometheus::Registry) -> Result<(), PipelineError> {
         registry
             .register(Box::new(self.unmapped.clone()))
@@ -487,5 +552,144 @@ impl Stage for Canonizer {
 
     fn state_mut(&mut self) -> Option<&mut dyn pipeline::state::DurableState> {
         Some(&mut self.batches)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pipeline::events::{AnonymizationFinished, AnonymizationStarted};
+    use std::time::Duration;
+
+    fn stage() -> Canonizer {
+        Canonizer::new(
+            ConceptMaps::load_embedded().expect("maps"),
+            0.5,
+            Duration::from_secs(60),
+        )
+        .expect("stage")
+    }
+
+    fn event(payload: Payload) -> Event {
+        Event::new("medpipe-anonymization", "b1", None, payload)
+    }
+
+    fn started() -> Event {
+        event(Payload::AnonymizationStarted(AnonymizationStarted {
+            batch_id: "b1".into(),
+            policy_version: "p1".into(),
+            key_id: "k1".into(),
+            policy_hash: None,
+        }))
+    }
+
+    fn patient(position: i64) -> Event {
+        let pseudonym = format!("{position:064x}");
+        let content = serde_json::json!({
+            "resourceType": "Patient", "id": pseudonym, "gender": "female", "birthDate": "1980"
+        });
+        event(Payload::RecordAnonymized(RecordAnonymized {
+            batch_id: "b1".into(),
+            position,
+            source_format: "fhir-ndjson".into(),
+            record_type: "Patient".into(),
+            patient_pseudonym: pseudonym,
+            policy_version: "p1".into(),
+            key_id: "k1".into(),
+            content_json: content.to_string(),
+            fields_redacted: 0,
+            policy_hash: None,
+            report_json: None,
+        }))
+    }
+
+    fn finished(anonymized: i64) -> Event {
+        event(Payload::AnonymizationFinished(AnonymizationFinished {
+            batch_id: "b1".into(),
+            upstream_records_emitted: anonymized,
+            policy_version: "p1".into(),
+            records_anonymized: Some(anonymized),
+            records_dead_lettered: Some(0),
+            policy_hash: None,
+        }))
+    }
+
+    /// Processes an event and returns the types of what it emitted.
+    fn run(c: &mut Canonizer, ev: &Event) -> Vec<Payload> {
+        let input = Input {
+            topic: "t",
+            partition: 0,
+            offset: 0,
+            event: ev,
+        };
+        match c.process(&input) {
+            Outcome::Emit(outs) => outs.into_iter().map(|o| o.event.payload).collect(),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    fn closings(out: &[Payload]) -> Vec<&Payload> {
+        out.iter()
+            .filter(|p| {
+                matches!(
+                    p,
+                    Payload::EventDataCanonizationCompleted(_) | Payload::CanonizationFailed(_)
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_batch_completes_once_its_records_and_its_close_are_both_in_whatever_the_order() {
+        let mut c = stage();
+        run(&mut c, &started());
+        run(&mut c, &patient(1));
+        assert!(
+            closings(&run(&mut c, &finished(2))).is_empty(),
+            "one record missing"
+        );
+        let out = run(&mut c, &patient(2));
+        let [Payload::EventDataCanonizationCompleted(done)] = closings(&out)[..] else {
+            panic!("{out:?}")
+        };
+        assert_eq!(done.records_in, 2);
+    }
+
+    #[test]
+    fn a_batch_missing_records_fails_at_its_deadline_and_duplicates_fail_at_once() {
+        let mut c = stage();
+        run(&mut c, &started());
+        run(&mut c, &patient(1));
+        let fin = finished(2);
+        run(&mut c, &fin);
+        let deadline = fin.header.occurred_at + 60_000_000;
+        let owns = |_: &str, _: i32| true;
+        assert!(c.tick(deadline - 1, &owns).is_empty());
+        let outs = c.tick(deadline, &owns);
+        let [Output {
+            event:
+                Event {
+                    payload: Payload::CanonizationFailed(f),
+                    ..
+                },
+            ..
+        }] = &outs[..]
+        else {
+            panic!("{outs:?}")
+        };
+        assert_eq!(f.error_kind, "counts_mismatch");
+        assert_eq!(
+            f.reason,
+            "anonymization counted 2 records, but only 1 arrived: 1 missing after waiting 60s"
+        );
+
+        let mut c = stage();
+        run(&mut c, &patient(1));
+        run(&mut c, &patient(2));
+        let out = run(&mut c, &finished(1));
+        let [Payload::CanonizationFailed(f)] = closings(&out)[..] else {
+            panic!("{out:?}")
+        };
+        assert_eq!(f.error_kind, "counts_mismatch");
     }
 }

@@ -35,7 +35,11 @@ async fn main() -> anyhow::Result<()> {
     }
     .context("cannot load the concept maps")?;
     canonization::units::embedded_table().context("the unit table is invalid")?;
-    let stage = canonization::Canonizer::new(maps, args.max_failure_ratio)?;
+    let stage = canonization::Canonizer::new(
+        maps,
+        args.max_failure_ratio,
+        args.common.runner.batch_close_timeout,
+    )?;
     tracing::info!(concept_maps = stage.maps_version(), "Concept maps loaded.");
     let input = vec![args.common.kafka.topics().name(TopicKind::Anonymization)];
     run_stage(stage, input, &args.common, 9103)

@@ -24,14 +24,16 @@ use pipeline::archive::ArchiveWriter;
 use pipeline::crypto::{DataKey, KeyRef};
 use pipeline::error::{kafka_err, ErrorClass};
 use pipeline::events::{DataIngestionRejected, Payload, StartDataIntakeCommand};
-use pipeline::runner::{dead_letter, send_record};
+use pipeline::kafka::{consumer_config, rewind_to_committed, ConsumerRole};
+use pipeline::runner::dead_letter;
 use pipeline::telemetry::StageMetrics;
 use pipeline::topics::TopicKind;
+use pipeline::txn::{Transactions, TxnSettings};
 use pipeline::{Codec, Event, PipelineError, Topics};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Message, OwnedMessage};
-use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
-use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use rdkafka::producer::BaseRecord;
+use rdkafka::{Offset, TopicPartitionList};
 use sha2::{Digest, Sha256};
 use tokio::runtime::Handle;
 use tokio_util::sync::CancellationToken;
@@ -81,16 +83,17 @@ pub struct Ingestor {
     metrics: StageMetrics,
     shutdown: CancellationToken,
     rt: Handle,
-    producer: BaseProducer,
+    txn: Transactions,
     commands: BaseConsumer,
     /// Committed ledger entries, by file SHA-256 (or `rejected:<claimed name>`).
     ledger: HashMap<String, ledger::Entry>,
-    txn: Option<OpenTxn>,
+    chunk: Chunk,
 }
 
-/// What the open transaction holds, for metrics once it commits.
-struct OpenTxn {
-    started: Instant,
+/// What the open transaction holds: when the chunk closes, and metrics once it commits.
+#[derive(Default)]
+struct Chunk {
+    started: Option<Instant>,
     records: usize,
     events: HashMap<&'static str, u64>,
 }
@@ -118,7 +121,7 @@ impl Ingestor {
             Ok(())
         })
         .await
-        .map_err(|e| PipelineError::Config(format!("ingestion thread failed: {e}")))?
+        .map_err(|e| PipelineError::Thread(format!("ingestion thread failed: {e}")))?
     }
 
     fn connect(
@@ -132,30 +135,17 @@ impl Ingestor {
         config.folders.create()?;
         // Fences a previous incarnation, so the ledger read below is exactly what is
         // downstream.
-        let producer = pipeline::runner::transactional_producer(
-            &config.bootstrap_servers,
-            &config.transactional_id,
-            config.transaction_timeout,
+        let txn = Transactions::connect(
+            TxnSettings {
+                bootstrap_servers: config.bootstrap_servers.clone(),
+                transactional_id: config.transactional_id.clone(),
+                transaction_timeout: config.transaction_timeout,
+            },
+            metrics.clone(),
             &shutdown,
         )?;
-        let ledger = ledger::read(
-            &config.bootstrap_servers,
-            &config.topics.ingestion_ledger(),
-            Duration::from_secs(300),
-        )?;
-        let commands: BaseConsumer = ClientConfig::new()
-            .set("bootstrap.servers", &config.bootstrap_servers)
-            .set("group.id", &config.group_id)
-            .set("enable.auto.commit", "false")
-            .set("auto.offset.reset", "earliest")
-            .set("isolation.level", "read_committed")
-            // A long file is ingested between polls; the group must not drop us for it.
-            .set("max.poll.interval.ms", "3600000")
-            .create()
-            .map_err(kafka_err("create command consumer"))?;
-        commands
-            .subscribe(&[&config.topics.name(TopicKind::IngestionCommands)])
-            .map_err(kafka_err("subscribe to commands"))?;
+        let ledger = read_ledger(&config, &shutdown)?;
+        let commands = command_consumer(&config)?;
         Ok(Ingestor {
             config,
             codec,
@@ -163,11 +153,36 @@ impl Ingestor {
             metrics,
             shutdown,
             rt,
-            producer,
+            txn,
             commands,
             ledger,
-            txn: None,
+            chunk: Chunk::default(),
         })
+    }
+
+    /// The rewind rule after a failed step: end the transaction so the committed state is
+    /// definite, re-read the ledger (what is committed downstream, where each batch
+    /// resumes), and move the command consumer back to its committed offset.
+    fn rewind(&mut self) -> Result<(), PipelineError> {
+        self.metrics
+            .rewinds
+            .with_label_values(&["failed_batch"])
+            .inc();
+        self.chunk = Chunk::default();
+        self.txn.recover(&self.shutdown)?;
+        self.ledger = read_ledger(&self.config, &self.shutdown)?;
+        if let Err(e) = rewind_to_committed(&self.commands, &self.shutdown) {
+            if e.class() == ErrorClass::Fatal {
+                return Err(e);
+            }
+            warn!(error = %e, "Cannot seek the command consumer; recreating it.");
+            self.commands = command_consumer(&self.config)?;
+        }
+        info!(
+            ledger_entries = self.ledger.len(),
+            "Resuming from the committed ledger."
+        );
+        Ok(())
     }
 
     /// Finishes this instance's claimed files, then claims one file at a time so that
@@ -178,11 +193,11 @@ impl Ingestor {
                 Ok(true) => continue,
                 Ok(false) => std::thread::sleep(self.config.poll_interval),
                 Err(e) => {
-                    self.abort_open();
                     if e.class() == ErrorClass::Fatal {
                         return Err(e);
                     }
-                    warn!(error = %e, "Ingestion step failed; retrying after a pause.");
+                    warn!(error = %e, "Ingestion step failed; rewinding to the committed state.");
+                    self.rewind()?;
                     std::thread::sleep(Duration::from_secs(1));
                 }
             }
@@ -589,8 +604,10 @@ impl Ingestor {
             command_event_id: command_event_id.into(),
             format: cmd.format.clone(),
         };
-        let body = serde_json::to_vec(&sidecar)
-            .map_err(|e| PipelineError::Config(format!("cannot serialise a sidecar: {e}")))?;
+        let body = serde_json::to_vec(&sidecar).map_err(|e| PipelineError::Serialize {
+            what: "a command sidecar",
+            message: e.to_string(),
+        })?;
         claims::write_atomic(&claims::sidecar_path(&dest), &body)?;
         match std::fs::rename(&source, &dest) {
             Ok(()) => Ok(Ok(())),
@@ -613,7 +630,7 @@ impl Ingestor {
     ) -> Result<(), PipelineError> {
         self.begin()?;
         dead_letter(
-            &self.producer,
+            self.txn.producer(),
             &self.config.topics.dlq("ingestion"),
             "ingestion",
             msg,
@@ -634,26 +651,20 @@ impl Ingestor {
             Offset::Offset(msg.offset() + 1),
         )
         .map_err(kafka_err("build offsets"))?;
-        let group = self.commands.group_metadata().ok_or_else(|| {
-            PipelineError::Config("command consumer has no group metadata".into())
-        })?;
-        self.producer
-            .send_offsets_to_transaction(&tpl, &group, self.config.transaction_timeout)
-            .map_err(kafka_err("send offsets to transaction"))?;
-        self.commit()
+        let group = self
+            .commands
+            .group_metadata()
+            .ok_or(PipelineError::Invariant(
+                "the command consumer has no group metadata",
+            ))?;
+        self.txn.commit(Some((&tpl, &group)))?;
+        self.chunk_committed();
+        Ok(())
     }
 
     fn begin(&mut self) -> Result<(), PipelineError> {
-        if self.txn.is_none() {
-            self.producer
-                .begin_transaction()
-                .map_err(kafka_err("begin transaction"))?;
-            self.txn = Some(OpenTxn {
-                started: Instant::now(),
-                records: 0,
-                events: HashMap::new(),
-            });
-        }
+        self.txn.begin()?;
+        self.chunk.started.get_or_insert_with(Instant::now);
         Ok(())
     }
 
@@ -663,78 +674,73 @@ impl Ingestor {
         self.begin()?;
         let bytes = self.rt.block_on(self.codec.encode(event))?;
         let topic = self.config.topics.name(event.payload.topic_kind());
-        send_record(
-            &self.producer,
+        self.txn.send(
             BaseRecord::to(&topic)
                 .key(event.header.correlation_id.as_str())
                 .payload(&bytes),
         )?;
-        if let Some(t) = &mut self.txn {
-            t.records += 1;
-            *t.events.entry(event.event_type()).or_default() += 1;
-        }
+        self.chunk.records += 1;
+        *self.chunk.events.entry(event.event_type()).or_default() += 1;
         Ok(())
     }
 
     fn chunk_due(&self) -> bool {
-        self.txn.as_ref().is_some_and(|t| {
-            t.records >= self.config.chunk_records
-                || t.started.elapsed() >= self.config.chunk_interval
-        })
+        self.chunk.records >= self.config.chunk_records
+            || self
+                .chunk
+                .started
+                .is_some_and(|t| t.elapsed() >= self.config.chunk_interval)
     }
 
     /// Writes the ledger entry into the open transaction and commits it.
     fn checkpoint(&mut self, key: &str, entry: &ledger::Entry) -> Result<(), PipelineError> {
         self.begin()?;
         let value = entry.to_json()?;
-        send_record(
-            &self.producer,
+        self.txn.send(
             BaseRecord::to(&self.config.topics.ingestion_ledger())
                 .key(key)
                 .payload(&value),
         )?;
-        self.commit()?;
+        self.txn.commit(None)?;
+        self.chunk_committed();
         self.ledger.insert(key.to_string(), entry.clone());
         Ok(())
     }
 
-    fn commit(&mut self) -> Result<(), PipelineError> {
-        let Some(txn) = self.txn.take() else {
-            return Ok(());
-        };
-        match self
-            .producer
-            .commit_transaction(self.config.transaction_timeout)
-        {
-            Ok(()) => {
-                self.metrics.transactions_committed.inc();
-                self.metrics
-                    .processing_seconds
-                    .observe(txn.started.elapsed().as_secs_f64());
-                for (t, n) in txn.events {
-                    self.metrics.events_out.with_label_values(&[t]).inc_by(n);
-                }
-                Ok(())
-            }
-            Err(e) => {
-                self.txn = Some(txn);
-                self.abort_open();
-                Err(PipelineError::kafka("commit transaction", e))
-            }
+    fn chunk_committed(&mut self) {
+        for (t, n) in std::mem::take(&mut self.chunk).events {
+            self.metrics.events_out.with_label_values(&[t]).inc_by(n);
         }
     }
+}
 
-    fn abort_open(&mut self) {
-        if self.txn.take().is_some() {
-            self.metrics.transactions_aborted.inc();
-            if let Err(e) = self
-                .producer
-                .abort_transaction(self.config.transaction_timeout)
-            {
-                warn!(error = %e, "Aborting the transaction failed.");
-            }
-        }
-    }
+/// The committed ledger, read to its end (after the producer fenced any predecessor).
+fn read_ledger(
+    config: &IngestConfig,
+    shutdown: &CancellationToken,
+) -> Result<HashMap<String, ledger::Entry>, PipelineError> {
+    pipeline::kafka::retry_until(shutdown, "read the ledger", || {
+        ledger::read(
+            &config.bootstrap_servers,
+            &config.topics.ingestion_ledger(),
+            Duration::from_secs(300),
+        )
+    })
+}
+
+/// The command consumer: a whole file is ingested between two polls.
+fn command_consumer(config: &IngestConfig) -> Result<BaseConsumer, PipelineError> {
+    let commands: BaseConsumer = consumer_config(
+        &config.bootstrap_servers,
+        &config.group_id,
+        ConsumerRole::Commands,
+    )
+    .create()
+    .map_err(kafka_err("create command consumer"))?;
+    commands
+        .subscribe(&[&config.topics.name(TopicKind::IngestionCommands)])
+        .map_err(kafka_err("subscribe to commands"))?;
+    Ok(commands)
 }
 
 /// Keeps a command id usable as a file name.

@@ -348,6 +348,7 @@ pub fn canonize(n: usize, rounds: usize) -> anyhow::Result<Vec<(String, f64, f64
     let mut stage = canonization::Canonizer::new(
         canonization::concept_map::ConceptMaps::load_embedded()?,
         1.0,
+        std::time::Duration::from_secs(300),
     )?;
     let mut rows = Vec::new();
     for (name, file) in cases {

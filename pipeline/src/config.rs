@@ -99,6 +99,10 @@ pub struct RunnerArgs {
     pub batch_max_wait: Duration,
     #[arg(long, env = "MEDPIPE_TRANSACTION_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
     pub transaction_timeout: Duration,
+    /// How long a stage holds a batch whose closing event came before all its records
+    /// (the counts do not add up yet) before it fails the batch with `counts_mismatch`.
+    #[arg(long, env = "MEDPIPE_BATCH_CLOSE_TIMEOUT", default_value = "5m", value_parser = humantime::parse_duration)]
+    pub batch_close_timeout: Duration,
     /// Upper bound of librdkafka's prefetch queue, so a slow stage has bounded memory.
     #[arg(long, env = "MEDPIPE_QUEUED_MAX_KBYTES", default_value_t = 16384)]
     pub queued_max_kbytes: u32,

@@ -50,6 +50,27 @@ pub enum PipelineError {
     Crypto(String),
     #[error("configuration error: {0}")]
     Config(String),
+    /// A commit did not complete after retries: it may or may not have committed. The
+    /// producer is replaced (which makes the outcome definite) and the work is redone
+    /// from what is committed.
+    #[error("transaction commit outcome unknown after {attempts} attempts: {message}")]
+    CommitOutcomeUnknown { attempts: u32, message: String },
+    /// A value of ours could not be serialised; a bug, not bad input.
+    #[error("cannot serialise {what}: {message}")]
+    Serialize { what: &'static str, message: String },
+    /// librdkafka gave up on the transactional producer, for example because a newer
+    /// instance with the same transactional id fenced it.
+    #[error("the producer cannot go on ({code}): {reason}")]
+    ProducerFatal { code: String, reason: String },
+    /// Something did not finish in time; trying again later may work.
+    #[error("timed out: {0}")]
+    Timeout(String),
+    /// A worker thread panicked or was cancelled.
+    #[error("{0}")]
+    Thread(String),
+    /// Something that must always hold did not; a bug, not bad input.
+    #[error("invariant broken: {0}")]
+    Invariant(&'static str),
     #[error("I/O error on {path}: {source}")]
     Io {
         path: String,
@@ -84,6 +105,12 @@ impl PipelineError {
             PipelineError::Decode(_) => ErrorClass::DeadLetter,
             PipelineError::Encode { .. } => ErrorClass::Fatal,
             PipelineError::Schema { .. } | PipelineError::Config(_) => ErrorClass::Fatal,
+            PipelineError::CommitOutcomeUnknown { .. } => ErrorClass::Abort,
+            PipelineError::Timeout(_) => ErrorClass::Retry,
+            PipelineError::Thread(_)
+            | PipelineError::ProducerFatal { .. }
+            | PipelineError::Invariant(_)
+            | PipelineError::Serialize { .. } => ErrorClass::Fatal,
             PipelineError::Crypto(_) => ErrorClass::DeadLetter,
             PipelineError::Io { .. } => ErrorClass::Retry,
         }
@@ -115,14 +142,40 @@ pub fn classify_kafka(err: &KafkaError) -> ErrorClass {
         | Some(RDKafkaErrorCode::ProducerFenced)
         | Some(RDKafkaErrorCode::InvalidProducerEpoch)
         | Some(RDKafkaErrorCode::TransactionalIdAuthorizationFailed) => ErrorClass::Fatal,
-        Some(RDKafkaErrorCode::QueueFull)
-        | Some(RDKafkaErrorCode::OperationTimedOut)
-        | Some(RDKafkaErrorCode::RequestTimedOut)
-        | Some(RDKafkaErrorCode::BrokerTransportFailure)
-        | Some(RDKafkaErrorCode::AllBrokersDown)
-        | Some(RDKafkaErrorCode::NotCoordinator)
-        | Some(RDKafkaErrorCode::CoordinatorNotAvailable)
-        | Some(RDKafkaErrorCode::CoordinatorLoadInProgress) => ErrorClass::Retry,
+        // Transient: a broker restarting, leadership or coordinators moving, a request
+        // timing out. Seen on the dev stack while the broker restarts.
+        Some(
+            RDKafkaErrorCode::QueueFull
+            | RDKafkaErrorCode::OperationTimedOut
+            | RDKafkaErrorCode::TimedOutQueue
+            | RDKafkaErrorCode::RequestTimedOut
+            | RDKafkaErrorCode::BrokerTransportFailure
+            | RDKafkaErrorCode::AllBrokersDown
+            | RDKafkaErrorCode::Resolve
+            | RDKafkaErrorCode::WaitingForCoordinator
+            | RDKafkaErrorCode::NotCoordinator
+            | RDKafkaErrorCode::CoordinatorNotAvailable
+            | RDKafkaErrorCode::CoordinatorLoadInProgress
+            | RDKafkaErrorCode::LeaderNotAvailable
+            | RDKafkaErrorCode::NotLeaderForPartition
+            | RDKafkaErrorCode::BrokerNotAvailable
+            | RDKafkaErrorCode::ReplicaNotAvailable
+            | RDKafkaErrorCode::NetworkException
+            | RDKafkaErrorCode::NotEnoughReplicas
+            | RDKafkaErrorCode::NotEnoughReplicasAfterAppend
+            | RDKafkaErrorCode::NotController
+            | RDKafkaErrorCode::KafkaStorageError
+            | RDKafkaErrorCode::FencedLeaderEpoch
+            | RDKafkaErrorCode::UnknownLeaderEpoch
+            | RDKafkaErrorCode::StaleBrokerEpoch
+            | RDKafkaErrorCode::RebalanceInProgress
+            | RDKafkaErrorCode::ConcurrentTransactions
+            // Topics exist before a stage starts (it creates them); right after a broker
+            // restart its metadata can still say otherwise.
+            | RDKafkaErrorCode::UnknownTopicOrPartition
+            | RDKafkaErrorCode::UnknownTopic
+            | RDKafkaErrorCode::UnknownPartition,
+        ) => ErrorClass::Retry,
         _ => ErrorClass::Abort,
     }
 }
@@ -139,6 +192,9 @@ mod tests {
         assert_eq!(classify_kafka(&full), ErrorClass::Retry);
         let other = KafkaError::MessageProduction(RDKafkaErrorCode::MessageSizeTooLarge);
         assert_eq!(classify_kafka(&other), ErrorClass::Abort);
+        // Seen while the broker restarts: a read-back must wait, not give up.
+        let moving = KafkaError::MetadataFetch(RDKafkaErrorCode::NotLeaderForPartition);
+        assert_eq!(classify_kafka(&moving), ErrorClass::Retry);
     }
 
     #[test]

@@ -83,7 +83,7 @@ pub fn read_all(
     let mut idle_since = Instant::now();
     while !ends.is_empty() {
         if Instant::now() > deadline {
-            return Err(PipelineError::Config(format!(
+            return Err(PipelineError::Timeout(format!(
                 "reading back {} partition(s) did not reach their end within {timeout:?}",
                 ends.len()
             )));

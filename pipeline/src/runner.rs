@@ -1,48 +1,48 @@
 //! The consume-transform-produce loop every Kafka-fed stage runs on.
 //!
 //! Exactly-once works like this: the runner polls a batch of input messages with no
-//! transaction open, then begins a transaction, produces every output (and every
-//! dead letter) of the batch, adds the batch's input offsets with
-//! `send_offsets_to_transaction`, and commits. Input is read with
-//! `isolation.level=read_committed`. Because no transaction is ever open while the
-//! consumer polls, a rebalance (which only happens inside poll) never finds one open:
-//! whatever was committed is committed, and buffered input from revoked or lost
-//! partitions is dropped before the next transaction, to be re-read by the new owner
-//! from the committed offsets. An aborted transaction rewinds the consumer to the
-//! batch's first offsets, so the batch is redone.
+//! transaction open, then begins a transaction, produces every output (and every dead
+//! letter) of the batch and the stage's changed state, adds the batch's input offsets
+//! with `send_offsets_to_transaction`, and commits ([`crate::txn::Transactions`]). Input
+//! is read with `isolation.level=read_committed`.
+//!
+//! The rewind rule: the consumer's fetch position runs ahead of what is committed, so
+//! whenever work is thrown away the runner brings position and state back to what is
+//! committed before it processes anything else:
+//! - a rebalance (revoke, lost assignment or assign) only happens inside poll, when no
+//!   transaction is open. Everything collected before it is dropped; partitions assigned
+//!   afterwards start at the group's committed offsets, and the stage's state is reloaded
+//!   from its state topic;
+//! - a failed batch (an abort, an unknown commit outcome, a broker gone away) is ended by
+//!   `Transactions::recover`, every partition still owned is sought back to its committed
+//!   offset (or the consumer is recreated if a seek fails), and the state is reloaded.
 //!
 //! librdkafka's transaction calls block, so the loop runs on a blocking thread, never on
 //! an async worker; the async codec is driven from it with `Handle::block_on`.
 
-use std::collections::{BTreeMap, HashSet};
-use std::sync::{Arc, Mutex};
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
-use rdkafka::error::KafkaError;
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
 use rdkafka::message::{Header as KHeader, Message, OwnedHeaders, OwnedMessage};
-use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+use rdkafka::producer::{BaseProducer, BaseRecord};
 use rdkafka::statistics::Statistics;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use tokio::runtime::Handle;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, error, info, info_span, warn};
+use tracing::{error, info, info_span, warn};
 
 use crate::codec::Codec;
 use crate::error::{kafka_err, ErrorClass, PipelineError};
 use crate::events::Event;
+use crate::kafka::{consumer_config, rewind_to_committed, ConsumerRole};
 use crate::telemetry::StageMetrics;
 use crate::topics::Topics;
+use crate::txn::{Transactions, TxnSettings};
 
-/// The delivery guarantee a stage runs with.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Delivery {
-    /// Outputs and input offsets commit in one Kafka transaction.
-    ExactlyOnce,
-    /// Outputs are flushed, then offsets committed; a crash in between redelivers.
-    AtLeastOnce,
-}
+pub use crate::kafka::{retry_until, send_record};
 
 /// One decoded input message, as a stage sees it.
 #[derive(Debug)]
@@ -80,6 +80,9 @@ pub enum Outcome {
     },
 }
 
+/// Which input partitions this instance owns right now.
+pub type Owns<'a> = &'a dyn Fn(&str, i32) -> bool;
+
 /// A stage's pure logic. It must do no IO. State that spans messages goes through the
 /// state hooks (backed by `state::KeyedState`): the runner may call `process` again for
 /// the same input after an abort, and rolls the state back first.
@@ -87,6 +90,15 @@ pub trait Stage: Send + 'static {
     /// Short stage name, e.g. `anonymization`; names the DLQ and metrics.
     fn name(&self) -> &'static str;
     fn process(&mut self, input: &Input<'_>) -> Outcome;
+
+    /// Time-based decisions, called about once a second with the wall clock (micros since
+    /// the epoch): for example a batch whose counts never added up fails after a timeout.
+    /// `owns` says whether this instance owns an input partition, so that of several
+    /// instances only the owner of a batch acts on it. The outputs and state changes
+    /// commit in a transaction of their own.
+    fn tick(&mut self, _now_micros: i64, _owns: Owns<'_>) -> Vec<Output> {
+        Vec::new()
+    }
 
     /// Registers the stage's own metrics beside the runner's, on the /metrics registry.
     fn register_metrics(&mut self, _registry: &prometheus::Registry) -> Result<(), PipelineError> {
@@ -141,7 +153,6 @@ pub struct RunnerConfig {
     /// Topic names, or librdkafka regexes starting with `^`.
     pub input_topics: Vec<String>,
     pub topics: Topics,
-    pub delivery: Delivery,
     pub batch_max_messages: usize,
     pub batch_max_wait: Duration,
     pub transaction_timeout: Duration,
@@ -159,11 +170,10 @@ pub mod dlq_headers {
     pub const SOURCE_OFFSET: &str = "medpipe.dlq.source_offset";
 }
 
-/// Consumer context: remembers revoked partitions and exports lag from statistics.
+/// Consumer context: notes rebalances for the loop and exports lag from statistics.
 pub struct RunnerContext {
-    revoked: Mutex<Vec<(String, i32)>>,
-    /// Set when partitions are assigned, so a stateful stage reloads its state.
-    assigned: std::sync::atomic::AtomicBool,
+    /// Set by every rebalance event; the loop drops what it collected before it.
+    rebalanced: AtomicBool,
     metrics: StageMetrics,
 }
 
@@ -198,23 +208,16 @@ impl ConsumerContext for RunnerContext {
                 let lost = consumer.assignment_lost();
                 info!(
                     partitions = tpl.count(),
-                    lost, "Partitions revoked; dropping their uncommitted input."
+                    lost, "Partitions revoked; dropping uncommitted input."
                 );
-                if let Ok(mut r) = self.revoked.lock() {
-                    r.extend(
-                        tpl.elements()
-                            .iter()
-                            .map(|e| (e.topic().to_string(), e.partition())),
-                    );
-                }
+                self.metrics.rewinds.with_label_values(&["rebalance"]).inc();
             }
             Rebalance::Assign(tpl) => {
                 info!(partitions = tpl.count(), "Partitions assigned.");
-                self.assigned
-                    .store(true, std::sync::atomic::Ordering::SeqCst);
             }
             Rebalance::Error(e) => warn!(error = %e, "Rebalance error."),
         }
+        self.rebalanced.store(true, Ordering::SeqCst);
     }
 }
 
@@ -230,10 +233,10 @@ pub async fn run<S: Stage>(
 ) -> Result<(), PipelineError> {
     let handle = Handle::current();
     tokio::task::spawn_blocking(move || {
-        Runner::new(stage, config, codec, metrics, handle)?.run(&shutdown)
+        Runner::new(stage, config, codec, metrics, handle, &shutdown)?.run(&shutdown)
     })
     .await
-    .map_err(|e| PipelineError::Config(format!("runner thread failed: {e}")))?
+    .map_err(|e| PipelineError::Thread(format!("runner thread failed: {e}")))?
 }
 
 struct Runner<S> {
@@ -243,9 +246,22 @@ struct Runner<S> {
     metrics: StageMetrics,
     rt: Handle,
     consumer: StageConsumer,
-    producer: BaseProducer,
+    txn: Transactions,
     dlq_topic: String,
+    /// The stage's state must be reloaded from its topic before the next batch.
+    reload_state: bool,
+    last_tick: Instant,
 }
+
+/// What one round of polling brought.
+struct Collected {
+    batch: Vec<OwnedMessage>,
+    /// A rebalance happened: what was collected before it was dropped.
+    rebalanced: bool,
+}
+
+/// How often `Stage::tick` runs.
+const TICK_EVERY: Duration = Duration::from_secs(1);
 
 impl<S: Stage> Runner<S> {
     fn new(
@@ -254,45 +270,18 @@ impl<S: Stage> Runner<S> {
         codec: Arc<Codec>,
         metrics: StageMetrics,
         rt: Handle,
+        shutdown: &CancellationToken,
     ) -> Result<Self, PipelineError> {
-        let ctx = RunnerContext {
-            revoked: Mutex::new(Vec::new()),
-            assigned: std::sync::atomic::AtomicBool::new(false),
-            metrics: metrics.clone(),
-        };
-        let consumer: StageConsumer = ClientConfig::new()
-            .set("bootstrap.servers", &config.bootstrap_servers)
-            .set("group.id", &config.group_id)
-            .set("enable.auto.commit", "false")
-            .set("enable.auto.offset.store", "false")
-            .set("isolation.level", "read_committed")
-            .set("auto.offset.reset", "earliest")
-            .set("session.timeout.ms", "10000")
-            .set("heartbeat.interval.ms", "2000")
-            .set("max.poll.interval.ms", "120000")
-            .set("fetch.wait.max.ms", "10")
-            .set(
-                "queued.max.messages.kbytes",
-                config.queued_max_kbytes.to_string(),
-            )
-            .set("queued.min.messages", "1000")
-            .set("statistics.interval.ms", "5000")
-            .set("topic.metadata.refresh.interval.ms", "5000")
-            .create_with_context(ctx)
-            .map_err(kafka_err("create consumer"))?;
-        let mut pc = ClientConfig::new();
-        pc.set("bootstrap.servers", &config.bootstrap_servers)
-            .set("linger.ms", "5")
-            .set("compression.type", "lz4");
-        if config.delivery == Delivery::ExactlyOnce {
-            pc.set("transactional.id", &config.transactional_id).set(
-                "transaction.timeout.ms",
-                config.transaction_timeout.as_millis().to_string(),
-            );
-        } else {
-            pc.set("enable.idempotence", "true");
-        }
-        let producer: BaseProducer = pc.create().map_err(kafka_err("create producer"))?;
+        let consumer = subscribed_consumer(&config, &metrics)?;
+        let txn = Transactions::connect(
+            TxnSettings {
+                bootstrap_servers: config.bootstrap_servers.clone(),
+                transactional_id: config.transactional_id.clone(),
+                transaction_timeout: config.transaction_timeout,
+            },
+            metrics.clone(),
+            shutdown,
+        )?;
         let dlq_topic = config.topics.dlq(stage.name());
         Ok(Runner {
             stage,
@@ -301,61 +290,47 @@ impl<S: Stage> Runner<S> {
             metrics,
             rt,
             consumer,
-            producer,
+            txn,
             dlq_topic,
+            reload_state: true,
+            last_tick: Instant::now(),
         })
     }
 
     fn run(mut self, shutdown: &CancellationToken) -> Result<(), PipelineError> {
         let stage = self.stage.name();
-        if self.config.delivery == Delivery::ExactlyOnce {
-            retry_until(shutdown, "init transactions", || {
-                self.producer
-                    .init_transactions(Duration::from_secs(30))
-                    .map_err(kafka_err("init transactions"))
-            })?;
-        }
-        let topics: Vec<&str> = self
-            .config
-            .input_topics
-            .iter()
-            .map(String::as_str)
-            .collect();
-        self.consumer
-            .subscribe(&topics)
-            .map_err(kafka_err("subscribe"))?;
         self.metrics.set_ready(true);
         info!(stage, topics = ?self.config.input_topics, transactional_id = %self.config.transactional_id, "Stage runner started.");
 
         while !shutdown.is_cancelled() {
-            let batch = self.collect(shutdown)?;
-            self.reload_state_if_assigned()?;
-            if batch.is_empty() {
+            let collected = self.collect(shutdown)?;
+            if collected.rebalanced {
+                self.reload_state = true;
+            }
+            if self.reload_state {
+                self.reload_state(shutdown)?;
+            }
+            let ticked = if self.last_tick.elapsed() >= TICK_EVERY {
+                self.last_tick = Instant::now();
+                self.tick()
+            } else {
+                Vec::new()
+            };
+            if collected.batch.is_empty() && ticked.is_empty() {
                 continue;
             }
-            let started = Instant::now();
-            match self.process_batch(&batch) {
-                Ok(()) => {
-                    self.metrics.transactions_committed.inc();
-                    self.metrics
-                        .processing_seconds
-                        .observe(started.elapsed().as_secs_f64());
+            if let Err(e) = self.process_batch(&collected.batch, ticked) {
+                if e.class() == ErrorClass::Fatal {
+                    error!(stage, error = %e, "Fatal error; exiting so a restart gets a clean producer.");
+                    self.metrics.set_ready(false);
+                    return Err(e);
                 }
-                Err(e) => match e.class() {
-                    ErrorClass::Fatal => {
-                        error!(stage, error = %e, "Fatal error; exiting so a restart gets a clean producer.");
-                        self.metrics.set_ready(false);
-                        return Err(e);
-                    }
-                    class => {
-                        warn!(stage, error = %e, class = class.as_str(), "Batch failed; aborting and redoing it.");
-                        self.abort_and_rewind(&batch)?;
-                        if class == ErrorClass::Retry {
-                            self.codec.clear_cached_errors();
-                        }
-                        std::thread::sleep(Duration::from_millis(500));
-                    }
-                },
+                warn!(stage, error = %e, class = e.class().as_str(), "Batch failed; rewinding to the committed state to redo it.");
+                if e.class() == ErrorClass::Retry {
+                    self.codec.clear_cached_errors();
+                }
+                self.rewind(shutdown)?;
+                std::thread::sleep(Duration::from_millis(500));
             }
         }
         self.metrics.set_ready(false);
@@ -363,34 +338,67 @@ impl<S: Stage> Runner<S> {
         Ok(())
     }
 
-    /// After a partition assignment, reloads a stateful stage's committed state: another
-    /// instance may have advanced it while it owned the partitions. No transaction is open
-    /// here, and the previous owner's last one completed before the assignment did.
-    fn reload_state_if_assigned(&mut self) -> Result<(), PipelineError> {
-        let assigned = self
-            .consumer
-            .context()
-            .assigned
-            .swap(false, std::sync::atomic::Ordering::SeqCst);
-        if !assigned || !self.stage.stateful() {
+    /// Runs the stage's time-based decisions for the partitions this instance owns.
+    fn tick(&mut self) -> Vec<Output> {
+        let assignment = match self.consumer.assignment() {
+            Ok(a) => a,
+            Err(e) => {
+                warn!(error = %e, "Cannot read the assignment; skipping this tick.");
+                return Vec::new();
+            }
+        };
+        let owns =
+            |topic: &str, partition: i32| assignment.find_partition(topic, partition).is_some();
+        let now = chrono::Utc::now().timestamp_micros();
+        self.stage.tick(now, &owns)
+    }
+
+    /// The rewind rule after a failed batch: end the transaction so the committed state is
+    /// definite, move every owned partition back to its committed offset, reload state.
+    fn rewind(&mut self, shutdown: &CancellationToken) -> Result<(), PipelineError> {
+        self.metrics
+            .rewinds
+            .with_label_values(&["failed_batch"])
+            .inc();
+        self.txn.recover(shutdown)?;
+        self.stage.state_rolled_back();
+        if let Err(e) = rewind_to_committed(&self.consumer, shutdown) {
+            if e.class() == ErrorClass::Fatal {
+                return Err(e);
+            }
+            warn!(error = %e, "Cannot seek to the committed offsets; recreating the consumer.");
+            // The new member's partitions start at the committed offsets.
+            self.consumer = subscribed_consumer(&self.config, &self.metrics)?;
+        }
+        self.reload_state = true;
+        Ok(())
+    }
+
+    /// Replaces a stateful stage's state with what its state topic holds committed. No
+    /// transaction of this instance is open here, and a previous owner's last one
+    /// completed before the assignment did.
+    fn reload_state(&mut self, shutdown: &CancellationToken) -> Result<(), PipelineError> {
+        self.stage.state_rolled_back();
+        if !self.stage.stateful() {
+            self.reload_state = false;
             return Ok(());
         }
         let topic = self.config.topics.state(self.stage.name());
-        let entries = crate::readback::read_entries(
-            &self.config.bootstrap_servers,
-            &topic,
-            Duration::from_secs(120),
-        )?;
-        info!(
-            entries = entries.len(),
-            "Stage state reloaded after assignment."
-        );
-        self.stage.state_restore(entries)
+        let bootstrap = self.config.bootstrap_servers.clone();
+        let entries = retry_until(shutdown, "reload stage state", || {
+            crate::readback::read_entries(&bootstrap, &topic, Duration::from_secs(120))
+        })?;
+        info!(entries = entries.len(), "Stage state reloaded.");
+        self.stage.state_restore(entries)?;
+        self.reload_state = false;
+        Ok(())
     }
 
-    /// Polls up to `batch_max_messages` or `batch_max_wait`, whichever comes first, then
-    /// drops messages from partitions revoked meanwhile.
-    fn collect(&self, shutdown: &CancellationToken) -> Result<Vec<OwnedMessage>, PipelineError> {
+    /// Polls up to `batch_max_messages` or `batch_max_wait`, whichever comes first. A
+    /// rebalance ends the round: what was collected before it is dropped (its partitions
+    /// were revoked, or are re-read from the committed offsets), and a message the same
+    /// poll returned after the rebalance is kept, since it comes from the new assignment.
+    fn collect(&self, shutdown: &CancellationToken) -> Result<Collected, PipelineError> {
         let deadline = Instant::now() + self.config.batch_max_wait;
         let mut batch = Vec::new();
         while batch.len() < self.config.batch_max_messages && !shutdown.is_cancelled() {
@@ -403,43 +411,56 @@ impl<S: Stage> Runner<S> {
             } else {
                 deadline.saturating_duration_since(now)
             };
-            match self.consumer.poll(wait) {
-                None => {
-                    if !batch.is_empty() {
-                        break;
-                    }
+            let polled = self.consumer.poll(wait);
+            let rebalanced = self
+                .consumer
+                .context()
+                .rebalanced
+                .swap(false, Ordering::SeqCst);
+            if rebalanced {
+                batch.clear();
+            }
+            let idle = match polled {
+                None => true,
+                Some(Ok(m)) => {
+                    batch.push(m.detach());
+                    false
                 }
-                Some(Ok(m)) => batch.push(m.detach()),
                 Some(Err(e)) => match crate::error::classify_kafka(&e) {
                     ErrorClass::Fatal => return Err(PipelineError::kafka("poll", e)),
-                    _ => warn!(error = %e, "Consumer error; continuing."),
+                    _ => {
+                        warn!(error = %e, "Consumer error; continuing.");
+                        false
+                    }
                 },
+            };
+            if rebalanced {
+                return Ok(Collected {
+                    batch,
+                    rebalanced: true,
+                });
+            }
+            if idle && !batch.is_empty() {
+                break;
             }
         }
-        let revoked: HashSet<(String, i32)> = match self.consumer.context().revoked.lock() {
-            Ok(mut r) => r.drain(..).collect(),
-            Err(_) => HashSet::new(),
-        };
-        if !revoked.is_empty() {
-            let before = batch.len();
-            batch.retain(|m| !revoked.contains(&(m.topic().to_string(), m.partition())));
-            debug!(
-                dropped = before - batch.len(),
-                "Dropped input of revoked partitions."
-            );
-        }
-        Ok(batch)
+        Ok(Collected {
+            batch,
+            rebalanced: false,
+        })
     }
 
-    fn process_batch(&mut self, batch: &[OwnedMessage]) -> Result<(), PipelineError> {
-        let exactly_once = self.config.delivery == Delivery::ExactlyOnce;
-        if exactly_once {
-            self.producer
-                .begin_transaction()
-                .map_err(kafka_err("begin transaction"))?;
-        }
+    fn process_batch(
+        &mut self,
+        batch: &[OwnedMessage],
+        ticked: Vec<Output>,
+    ) -> Result<(), PipelineError> {
+        self.txn.begin()?;
         let mut produced: BTreeMap<&'static str, u64> = BTreeMap::new();
         let mut dead: BTreeMap<&'static str, u64> = BTreeMap::new();
+        for out in ticked {
+            self.produce(out, &mut produced)?;
+        }
         for msg in batch {
             let span = info_span!(
                 "message",
@@ -461,25 +482,20 @@ impl<S: Stage> Runner<S> {
                     Some(v) => record.payload(v.as_slice()),
                     None => record,
                 };
-                send_record(&self.producer, record)?;
+                self.txn.send(record)?;
             }
         }
-        let offsets = next_offsets(batch)?;
-        let timeout = self.config.transaction_timeout;
-        if exactly_once {
+        if batch.is_empty() {
+            self.txn.commit(None)?;
+        } else {
+            let offsets = next_offsets(batch)?;
             let group = self
                 .consumer
                 .group_metadata()
-                .ok_or_else(|| PipelineError::Config("consumer has no group metadata".into()))?;
-            self.producer
-                .send_offsets_to_transaction(&offsets, &group, timeout)
-                .map_err(kafka_err("send offsets to transaction"))?;
-            self.commit_with_retries(timeout)?;
-        } else {
-            self.producer.flush(timeout).map_err(kafka_err("flush"))?;
-            self.consumer
-                .commit(&offsets, CommitMode::Sync)
-                .map_err(kafka_err("commit offsets"))?;
+                .ok_or(PipelineError::Invariant(
+                    "the consumer has no group metadata",
+                ))?;
+            self.txn.commit(Some((&offsets, &group)))?;
         }
         self.stage.state_committed();
         for (t, n) in produced {
@@ -491,29 +507,20 @@ impl<S: Stage> Runner<S> {
         Ok(())
     }
 
-    /// A commit that times out may be retried; anything else is classified by the caller.
-    fn commit_with_retries(&self, timeout: Duration) -> Result<(), PipelineError> {
-        let mut attempt = 0;
-        loop {
-            match self.producer.commit_transaction(timeout) {
-                Ok(()) => return Ok(()),
-                Err(e) => {
-                    let err = PipelineError::kafka("commit transaction", e);
-                    if err.class() == ErrorClass::Retry && attempt < 3 {
-                        attempt += 1;
-                        warn!(attempt, error = %err, "Commit did not complete; retrying it.");
-                        continue;
-                    }
-                    if err.class() == ErrorClass::Retry {
-                        // An indefinite commit outcome: restart with a fresh producer.
-                        return Err(PipelineError::Config(format!(
-                            "transaction commit outcome unknown after retries: {err}"
-                        )));
-                    }
-                    return Err(err);
-                }
-            }
-        }
+    fn produce(
+        &mut self,
+        out: Output,
+        produced: &mut BTreeMap<&'static str, u64>,
+    ) -> Result<(), PipelineError> {
+        let bytes = self.rt.block_on(self.codec.encode(&out.event))?;
+        let topic = self.config.topics.name(out.event.payload.topic_kind());
+        self.txn.send(
+            BaseRecord::to(&topic)
+                .key(out.key.as_bytes())
+                .payload(&bytes),
+        )?;
+        *produced.entry(out.event.event_type()).or_default() += 1;
+        Ok(())
     }
 
     fn handle_message(
@@ -572,29 +579,22 @@ impl<S: Stage> Runner<S> {
             *dead.entry(error_type).or_default() += 1;
         }
         for out in outputs {
-            let bytes = self.rt.block_on(self.codec.encode(&out.event))?;
-            let topic = self.config.topics.name(out.event.payload.topic_kind());
-            send_record(
-                &self.producer,
-                BaseRecord::to(&topic)
-                    .key(out.key.as_bytes())
-                    .payload(&bytes),
-            )?;
-            *produced.entry(out.event.event_type()).or_default() += 1;
+            self.produce(out, produced)?;
         }
         Ok(())
     }
 
     /// Produces the original key and bytes to the DLQ, with the error context in headers.
     fn dead_letter(
-        &self,
+        &mut self,
         msg: &OwnedMessage,
         class: ErrorClass,
         error_type: &str,
         reason: &str,
     ) -> Result<(), PipelineError> {
+        self.txn.begin()?;
         dead_letter(
-            &self.producer,
+            self.txn.producer(),
             &self.dlq_topic,
             self.stage.name(),
             msg,
@@ -603,53 +603,33 @@ impl<S: Stage> Runner<S> {
             reason,
         )
     }
-
-    /// Aborts the open transaction and seeks every batch partition back to its first
-    /// offset, so the batch is read again. Partitions no longer assigned are skipped:
-    /// their new owner reads from the committed offsets.
-    fn abort_and_rewind(&mut self, batch: &[OwnedMessage]) -> Result<(), PipelineError> {
-        self.metrics.transactions_aborted.inc();
-        self.stage.state_rolled_back();
-        if self.config.delivery == Delivery::ExactlyOnce {
-            if let Err(e) = self
-                .producer
-                .abort_transaction(self.config.transaction_timeout)
-            {
-                let err = PipelineError::kafka("abort transaction", e);
-                if err.class() == ErrorClass::Fatal {
-                    return Err(err);
-                }
-                warn!(error = %err, "Abort did not complete cleanly.");
-            }
-        }
-        let mut first: BTreeMap<(&str, i32), i64> = BTreeMap::new();
-        for m in batch {
-            first
-                .entry((m.topic(), m.partition()))
-                .or_insert(m.offset());
-        }
-        let assigned = self
-            .consumer
-            .assignment()
-            .map_err(kafka_err("assignment"))?;
-        for ((topic, partition), offset) in first {
-            if assigned.find_partition(topic, partition).is_none() {
-                continue;
-            }
-            if let Err(e) = self.consumer.seek(
-                topic,
-                partition,
-                Offset::Offset(offset),
-                Duration::from_secs(10),
-            ) {
-                warn!(topic, partition, error = %e, "Cannot rewind partition; it will resume from the committed offset.");
-            }
-        }
-        Ok(())
-    }
 }
 
-/// Produces one record, waiting while librdkafka's queue is full instead of failing.
+/// A stage consumer in the group, subscribed to the stage's input.
+fn subscribed_consumer(
+    config: &RunnerConfig,
+    metrics: &StageMetrics,
+) -> Result<StageConsumer, PipelineError> {
+    let ctx = RunnerContext {
+        rebalanced: AtomicBool::new(false),
+        metrics: metrics.clone(),
+    };
+    let consumer: StageConsumer = consumer_config(
+        &config.bootstrap_servers,
+        &config.group_id,
+        ConsumerRole::Stage {
+            queued_max_kbytes: config.queued_max_kbytes,
+        },
+    )
+    .create_with_context(ctx)
+    .map_err(kafka_err("create consumer"))?;
+    let topics: Vec<&str> = config.input_topics.iter().map(String::as_str).collect();
+    consumer
+        .subscribe(&topics)
+        .map_err(kafka_err("subscribe"))?;
+    Ok(consumer)
+}
+
 /// Produces a message's original key and bytes to a dead-letter topic, with the error
 /// context in `dlq_headers`. Call it inside the transaction that consumes the message.
 pub fn dead_letter(
@@ -703,32 +683,6 @@ pub fn dead_letter(
     send_record(producer, record)
 }
 
-pub fn send_record<K, P>(
-    producer: &BaseProducer,
-    mut record: BaseRecord<'_, K, P>,
-) -> Result<(), PipelineError>
-where
-    K: rdkafka::message::ToBytes + ?Sized,
-    P: rdkafka::message::ToBytes + ?Sized,
-{
-    loop {
-        match producer.send(record) {
-            Ok(()) => {
-                producer.poll(Duration::ZERO);
-                return Ok(());
-            }
-            Err((
-                KafkaError::MessageProduction(rdkafka::types::RDKafkaErrorCode::QueueFull),
-                r,
-            )) => {
-                record = r;
-                producer.poll(Duration::from_millis(50));
-            }
-            Err((e, _)) => return Err(PipelineError::kafka("produce", e)),
-        }
-    }
-}
-
 /// The offsets to commit for a batch: one past the last message of each partition.
 fn next_offsets(batch: &[OwnedMessage]) -> Result<TopicPartitionList, PipelineError> {
     let mut last: BTreeMap<(&str, i32), i64> = BTreeMap::new();
@@ -742,54 +696,6 @@ fn next_offsets(batch: &[OwnedMessage]) -> Result<TopicPartitionList, PipelineEr
             .map_err(kafka_err("build offsets"))?;
     }
     Ok(tpl)
-}
-
-/// A transactional producer for a loop of its own (not the runner): created, then
-/// `init_transactions`, which fences a previous incarnation with the same id and aborts its
-/// open transaction. State read after this returns is what is committed downstream.
-pub fn transactional_producer(
-    bootstrap_servers: &str,
-    transactional_id: &str,
-    transaction_timeout: Duration,
-    shutdown: &CancellationToken,
-) -> Result<BaseProducer, PipelineError> {
-    let producer: BaseProducer = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap_servers)
-        .set("transactional.id", transactional_id)
-        .set(
-            "transaction.timeout.ms",
-            transaction_timeout.as_millis().to_string(),
-        )
-        .set("linger.ms", "5")
-        .set("compression.type", "lz4")
-        .create()
-        .map_err(kafka_err("create producer"))?;
-    retry_until(shutdown, "init transactions", || {
-        producer
-            .init_transactions(Duration::from_secs(30))
-            .map_err(kafka_err("init transactions"))
-    })?;
-    Ok(producer)
-}
-
-/// Retries a blocking call on retriable errors until it succeeds or shutdown.
-pub fn retry_until<T>(
-    shutdown: &CancellationToken,
-    what: &str,
-    mut f: impl FnMut() -> Result<T, PipelineError>,
-) -> Result<T, PipelineError> {
-    let mut delay = Duration::from_millis(200);
-    loop {
-        match f() {
-            Ok(v) => return Ok(v),
-            Err(e) if e.class() == ErrorClass::Retry && !shutdown.is_cancelled() => {
-                warn!(what, error = %e, "Retrying.");
-                std::thread::sleep(delay);
-                delay = (delay * 2).min(Duration::from_secs(5));
-            }
-            Err(e) => return Err(e),
-        }
-    }
 }
 
 #[cfg(test)]

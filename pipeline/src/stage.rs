@@ -10,7 +10,7 @@ use tokio_util::sync::CancellationToken;
 use crate::codec::Codec;
 use crate::config::{KafkaArgs, RunnerArgs, TelemetryArgs};
 use crate::error::PipelineError;
-use crate::runner::{self, Delivery, RunnerConfig, Stage};
+use crate::runner::{self, RunnerConfig, Stage};
 use crate::telemetry::{self, StageMetrics};
 use crate::topics;
 
@@ -126,7 +126,6 @@ pub async fn run_stage<S: Stage>(
         transactional_id: format!("{prefix}-{name}-{}", args.runner.instance_id),
         input_topics,
         topics: args.kafka.topics(),
-        delivery: Delivery::ExactlyOnce,
         batch_max_messages: args.runner.batch_max_messages,
         batch_max_wait: args.runner.batch_max_wait,
         transaction_timeout: args.runner.transaction_timeout,

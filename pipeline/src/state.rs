@@ -109,12 +109,54 @@ impl<T: Clone + Serialize + DeserializeOwned> KeyedState<T> {
         Ok(())
     }
 
+    /// Keys with a value, pending changes included, in no particular order.
+    pub fn keys(&self) -> Vec<String> {
+        let mut keys: Vec<String> = self
+            .committed
+            .keys()
+            .filter(|k| !self.pending.contains_key(*k))
+            .chain(
+                self.pending
+                    .iter()
+                    .filter(|(_, v)| v.is_some())
+                    .map(|(k, _)| k),
+            )
+            .cloned()
+            .collect();
+        keys.sort_unstable();
+        keys
+    }
+
     pub fn len(&self) -> usize {
         self.committed.len()
     }
 
     pub fn is_empty(&self) -> bool {
         self.committed.is_empty()
+    }
+}
+
+/// An upstream closing event a stage holds, in its durable state, while the batch's
+/// counts do not add up yet: the batch closes as finished only once every record the
+/// upstream stage emitted is accounted for, and fails if that has not happened by the
+/// deadline.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct PendingClose {
+    /// How many records the upstream stage says it emitted for the batch.
+    pub upstream: i64,
+    /// The closing event, the cause of the stage's own.
+    pub cause_event_id: String,
+    /// Micros since the epoch (the closing event's time plus the stage's timeout).
+    pub deadline: i64,
+    /// Where the closing event was read: only that partition's owner acts on the deadline.
+    pub topic: String,
+    pub partition: i32,
+}
+
+impl PendingClose {
+    /// True once the deadline has passed and this instance owns the closing partition.
+    pub fn due(&self, now_micros: i64, owns: crate::runner::Owns<'_>) -> bool {
+        now_micros >= self.deadline && owns(&self.topic, self.partition)
     }
 }
 
@@ -161,6 +203,9 @@ mod tests {
         assert_eq!(s.changes().expect("changes"), vec![("b".to_string(), None)]);
         s.rollback();
         assert_eq!(s.get("b"), Some(&3));
+        s.put("c", 4);
+        s.delete("a");
+        assert_eq!(s.keys(), vec!["b".to_string(), "c".to_string()]);
     }
 
     #[test]

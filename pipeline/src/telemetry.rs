@@ -42,6 +42,9 @@ pub struct StageMetrics {
     pub transactions_committed: IntCounter,
     pub transactions_aborted: IntCounter,
     pub processing_seconds: Histogram,
+    /// Times input was re-read from the committed offsets (and state reloaded), by
+    /// reason: `rebalance` or `failed_batch`.
+    pub rewinds: IntCounterVec,
     pub consumer_lag: IntGaugeVec,
     /// Set once the stage is connected and consuming; drives /readyz.
     pub ready: Arc<AtomicBool>,
@@ -91,6 +94,14 @@ impl StageMetrics {
             "Time from the first message of a batch to its committed transaction.",
         ))
         .map_err(m)?;
+        let rewinds = IntCounterVec::new(
+            Opts::new(
+                name("rewinds_total"),
+                "Times uncommitted input was dropped and re-read from the committed offsets, by reason.",
+            ),
+            &["reason"],
+        )
+        .map_err(m)?;
         let consumer_lag = IntGaugeVec::new(
             Opts::new(
                 name("consumer_lag_messages"),
@@ -114,6 +125,7 @@ impl StageMetrics {
         registry
             .register(Box::new(consumer_lag.clone()))
             .map_err(m)?;
+        registry.register(Box::new(rewinds.clone())).map_err(m)?;
         Ok(StageMetrics {
             registry,
             events_in,
@@ -122,6 +134,7 @@ impl StageMetrics {
             transactions_committed,
             transactions_aborted,
             processing_seconds,
+            rewinds,
             consumer_lag,
             ready: Arc::new(AtomicBool::new(false)),
         })

@@ -170,6 +170,41 @@ impl Pipeline {
         }
     }
 
+    /// The exit status of a stage process that has exited on its own, if it has; it is
+    /// then no longer one of the pipeline's processes.
+    pub fn exited(&mut self, name: &str) -> Option<std::process::ExitStatus> {
+        let status = self.children.get_mut(name)?.try_wait().ok().flatten()?;
+        self.children.remove(name);
+        Some(status)
+    }
+
+    /// Waits until `f` holds, like `Tail::wait_until`, but fails at once, with the end
+    /// of its log, when a stage process exits on its own meanwhile.
+    pub fn wait_for(
+        &mut self,
+        tail: &Tail,
+        what: &str,
+        timeout: Duration,
+        f: impl Fn(&Tail) -> bool,
+    ) {
+        let deadline = Instant::now() + timeout;
+        while !f(tail) {
+            let names: Vec<String> = self.children.keys().cloned().collect();
+            for name in names {
+                if let Some(status) = self.exited(&name) {
+                    let log = self.log(&name);
+                    let tail_lines: Vec<&str> = log.lines().rev().take(15).collect();
+                    panic!(
+                        "{name} exited ({status}) while waiting for {what}; its log ends:\n{}",
+                        tail_lines.into_iter().rev().collect::<Vec<_>>().join("\n")
+                    );
+                }
+            }
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     /// SIGTERM, then wait for a clean exit.
     pub fn stop(&mut self, stage: &str) {
         if let Some(mut c) = self.children.remove(stage) {
@@ -248,6 +283,27 @@ impl Pipeline {
     /// A live read_committed view of every topic, for waiting on progress.
     pub fn tail(&self) -> Tail {
         Tail::start(&self.topics)
+    }
+
+    /// The stage's /metrics page, from the address it logged at start-up.
+    pub fn metrics(&self, stage: &str) -> String {
+        use std::io::{Read, Write};
+        let log = self.log(stage);
+        let addr = log
+            .lines()
+            .find_map(|l| {
+                l.contains("Serving /metrics")
+                    .then(|| l.split("bound=").nth(1))
+                    .flatten()
+                    .and_then(|rest| rest.split_whitespace().next())
+            })
+            .unwrap_or_else(|| panic!("{stage} has not logged its metrics address"))
+            .to_string();
+        let mut conn = std::net::TcpStream::connect(&addr).expect("connect to /metrics");
+        write!(conn, "GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n").expect("request");
+        let mut body = String::new();
+        conn.read_to_string(&mut body).expect("read /metrics");
+        body
     }
 
     pub fn log(&self, stage: &str) -> String {
@@ -421,4 +477,173 @@ pub fn assert_exactly_once(what: &str, seen: &HashMap<i64, usize>, n: usize) {
         &dup[..dup.len().min(5)],
         extra.len()
     );
+}
+
+pub mod faults;
+
+/// The batch id ingestion gives a file's content.
+pub fn batch_of(contents: &[u8]) -> String {
+    use sha2::Digest;
+    ingestion::batch_id_for(&hex::encode(sha2::Sha256::digest(contents)))
+}
+
+/// How often each record of each batch appears at each stage, by (batch, position), and
+/// every closing event, as read back with `read_committed`.
+#[derive(Debug, Default)]
+pub struct Flow {
+    pub ingested: HashMap<(String, i64), usize>,
+    pub anonymized: HashMap<(String, i64), usize>,
+    /// Canonical records by their source record: one per record in the tests' files.
+    pub canonical: HashMap<(String, i64), usize>,
+    /// Closing (finished or failed) events of every stage, as (event type, batch).
+    pub closings: Vec<(String, String)>,
+    pub ingestion_finished: Vec<pipeline::events::DataIngestionFinished>,
+    pub anonymization_finished: Vec<pipeline::events::AnonymizationFinished>,
+    pub canonization_completed: Vec<pipeline::events::EventDataCanonizationCompleted>,
+}
+
+impl Flow {
+    pub fn of(records: &[Record]) -> Flow {
+        let mut f = Flow::default();
+        for r in records {
+            let Some(ev) = &r.event else { continue };
+            let batch = ev.header.correlation_id.clone();
+            match &ev.payload {
+                Payload::SourceRecordIngested(s) => {
+                    *f.ingested
+                        .entry((s.batch_id.clone(), s.position))
+                        .or_default() += 1;
+                }
+                Payload::RecordAnonymized(a) => {
+                    *f.anonymized
+                        .entry((a.batch_id.clone(), a.position))
+                        .or_default() += 1;
+                }
+                Payload::DataIngestionFinished(d) => {
+                    f.closings.push((ev.event_type().into(), batch));
+                    f.ingestion_finished.push(d.clone());
+                }
+                Payload::AnonymizationFinished(a) => {
+                    f.closings.push((ev.event_type().into(), batch));
+                    f.anonymization_finished.push(a.clone());
+                }
+                Payload::EventDataCanonizationCompleted(c) => {
+                    f.closings.push((ev.event_type().into(), batch));
+                    f.canonization_completed.push(c.clone());
+                }
+                Payload::DataIngestionFailed(_)
+                | Payload::AnonymizationFailed(_)
+                | Payload::CanonizationFailed(_) => {
+                    f.closings.push((ev.event_type().into(), batch));
+                }
+                p => {
+                    if let Some((_, _, prov)) = p.canonical() {
+                        *f.canonical
+                            .entry((prov.batch_id.clone(), prov.source_position))
+                            .or_default() += 1;
+                    }
+                }
+            }
+        }
+        f
+    }
+
+    /// Asserts that every record of every batch (batch id → record count) went through
+    /// every stage exactly once, and that each batch closed exactly once per stage, as
+    /// finished, with counts that add up. Names what was lost and what was duplicated.
+    pub fn assert_exactly_once(&self, batches: &std::collections::BTreeMap<String, usize>) {
+        let mut problems = Vec::new();
+        for (stage, seen) in [
+            ("ingested", &self.ingested),
+            ("anonymized", &self.anonymized),
+            ("canonical", &self.canonical),
+        ] {
+            let mut lost = Vec::new();
+            let mut dup = Vec::new();
+            for (batch, &n) in batches {
+                for p in 1..=n as i64 {
+                    match seen.get(&(batch.clone(), p)).copied().unwrap_or(0) {
+                        1 => {}
+                        0 => lost.push((batch.clone(), p)),
+                        c => dup.push((batch.clone(), p, c)),
+                    }
+                }
+            }
+            let expected: usize = batches.values().sum();
+            let unexpected = seen.len().saturating_sub(expected - lost.len());
+            if !lost.is_empty() || !dup.is_empty() || unexpected > 0 {
+                problems.push(format!(
+                    "{stage}: {} lost (first {:?}), {} duplicated (first {:?}), {unexpected} unexpected",
+                    lost.len(),
+                    &lost[..lost.len().min(3)],
+                    dup.len(),
+                    &dup[..dup.len().min(3)],
+                ));
+            }
+        }
+        for batch in batches.keys() {
+            let closings: Vec<&str> = self
+                .closings
+                .iter()
+                .filter(|(_, b)| b == batch)
+                .map(|(t, _)| t.as_str())
+                .collect();
+            let mut sorted = closings.clone();
+            sorted.sort_unstable();
+            if sorted
+                != [
+                    "AnonymizationFinished",
+                    "DataIngestionFinished",
+                    "EventDataCanonizationCompleted",
+                ]
+            {
+                problems.push(format!("batch {batch} closed as {closings:?}"));
+            }
+        }
+        for (batch, &n) in batches {
+            let n = n as i64;
+            for d in self
+                .ingestion_finished
+                .iter()
+                .filter(|d| &d.batch_id == batch)
+            {
+                if d.records_emitted != n {
+                    problems.push(format!(
+                        "batch {batch}: ingestion says {} emitted of {n}",
+                        d.records_emitted
+                    ));
+                }
+            }
+            for a in self
+                .anonymization_finished
+                .iter()
+                .filter(|a| &a.batch_id == batch)
+            {
+                let done = a.records_anonymized.unwrap_or(0) + a.records_dead_lettered.unwrap_or(0);
+                if a.upstream_records_emitted != n || done != n {
+                    problems.push(format!(
+                        "batch {batch}: anonymization closed with upstream {} and {done} done, of {n}",
+                        a.upstream_records_emitted
+                    ));
+                }
+            }
+            for c in self
+                .canonization_completed
+                .iter()
+                .filter(|c| &c.batch_id == batch)
+            {
+                if c.records_in != n {
+                    problems.push(format!(
+                        "batch {batch}: canonization closed with {} in, of {n}",
+                        c.records_in
+                    ));
+                }
+            }
+        }
+        assert!(
+            problems.is_empty(),
+            "exactly once broken:\n{}",
+            problems.join("\n")
+        );
+    }
 }

@@ -515,3 +515,115 @@ fn the_phi_sentinel_and_the_stall_monitor_alert_without_values() {
     }
     assert!(!p.log("auditing").contains(planted_ssn));
 }
+
+/// A batch whose closing events do not add up (one record removed on purpose: the
+/// closing events are written by hand with anonymization one record short) raises a
+/// `gap` alert, counted in the metric and shown by `audit report`.
+#[test]
+fn closing_counts_that_do_not_add_up_raise_a_gap_alert() {
+    use pipeline::events::{AnonymizationFinished, AnonymizationStarted, DataIngestionFinished};
+    let mut p = Pipeline::new();
+    p.start("auditing", &[]);
+    let batch = format!("gap-{}", tests::fresh_tag());
+    let started = Event::new(
+        "medpipe-ingestion",
+        &batch,
+        None,
+        Payload::DataIngestionStarted(DataIngestionStarted {
+            batch_id: batch.clone(),
+            format: "csv".into(),
+            file_sha256: "00".into(),
+        }),
+    );
+    let finished = Event::caused_by(
+        &started,
+        "medpipe-ingestion",
+        Payload::DataIngestionFinished(DataIngestionFinished {
+            batch_id: batch.clone(),
+            records_emitted: 3,
+            records_rejected: 0,
+            file_size_bytes: 10,
+            file_sha256: "00".into(),
+            archive_location: "archive".into(),
+        }),
+    );
+    let anon_started = Event::caused_by(
+        &started,
+        "medpipe-anonymization",
+        Payload::AnonymizationStarted(AnonymizationStarted {
+            batch_id: batch.clone(),
+            policy_version: "test".into(),
+            key_id: "k".into(),
+            policy_hash: None,
+        }),
+    );
+    let anon_finished = Event::caused_by(
+        &finished,
+        "medpipe-anonymization",
+        Payload::AnonymizationFinished(AnonymizationFinished {
+            batch_id: batch.clone(),
+            upstream_records_emitted: 3,
+            policy_version: "test".into(),
+            records_anonymized: Some(2),
+            records_dead_lettered: Some(0),
+            policy_hash: None,
+        }),
+    );
+    for e in [&started, &finished, &anon_started, &anon_finished] {
+        p.send(e);
+    }
+    let audit = p.topics.name(TopicKind::Audit);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let gaps = loop {
+        let gaps: Vec<_> = p
+            .read(std::slice::from_ref(&audit))
+            .into_iter()
+            .filter_map(|r| match r.event.map(|e| e.payload) {
+                Some(Payload::ComplianceAlert(a)) if a.kind == "gap" => Some(a),
+                _ => None,
+            })
+            .collect();
+        if gaps.len() >= 2 {
+            break gaps;
+        }
+        assert!(Instant::now() < deadline, "gap alerts so far: {gaps:?}");
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    let details: Vec<&str> = gaps.iter().map(|a| a.detail.as_str()).collect();
+    assert!(gaps
+        .iter()
+        .all(|a| a.batch_id.as_deref() == Some(batch.as_str())));
+    assert!(
+        details.contains(&"AnonymizationFinished does not add up: the stage before emitted 3 records, anonymization accounted for 2"),
+        "{details:?}"
+    );
+    assert!(
+        details.contains(
+            &"anonymization closed the batch with 2 records in, but ingestion emitted 3: 1 missing"
+        ),
+        "{details:?}"
+    );
+    let metrics = p.metrics("auditing");
+    assert!(
+        metrics.contains("medpipe_compliance_alerts_total{kind=\"gap\"} 2"),
+        "{metrics}"
+    );
+    p.stop("auditing");
+    let report = p.medpipe(&[
+        "audit",
+        "report",
+        "--from",
+        "2000-01-01",
+        "--to",
+        "2100-01-01",
+        "--format",
+        "csv",
+    ]);
+    assert!(report.status.success(), "{}", stderr(&report));
+    let row = stdout(&report)
+        .lines()
+        .find(|l| l.starts_with(&format!("{batch},medpipe-auditing")))
+        .map(str::to_string)
+        .unwrap_or_else(|| panic!("no auditing row for the batch:\n{}", stdout(&report)));
+    assert!(row.ends_with(",gap"), "{row}");
+}

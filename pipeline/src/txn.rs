@@ -1,0 +1,227 @@
+//! The one way medpipe commits to Kafka transactionally: the runner's batches,
+//! ingestion's chunks and auditing's publication all go through [`Transactions`], so they
+//! share one commit, abort and unknown-outcome policy.
+//!
+//! The policy:
+//! - a commit that fails with a retriable error (a timeout, the coordinator moving) is
+//!   retried, since librdkafka resumes the same commit;
+//! - if it still has not completed, its outcome is unknown: the transaction may or may not
+//!   be committed. [`Transactions::recover`] then replaces the producer. The new
+//!   producer's `init_transactions` fences the old one and waits for the coordinator to
+//!   finish or abort the old transaction, so afterwards the committed state is definite;
+//! - any other failure of an open transaction is aborted by `recover`;
+//! - a fatal error (the producer was fenced by a newer instance with the same
+//!   transactional id, or librdkafka gave up on it) is returned as fatal: the process
+//!   exits and its restart starts clean.
+//!
+//! After `recover`, the caller must bring its input position and its own state back to
+//! what is committed (the "rewind rule" in ARCHITECTURE.md): the runner rewinds its
+//! consumer and reloads its state topic, ingestion re-reads its ledger, auditing re-reads
+//! its published position. Only then does it process anything again.
+
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::ConsumerGroupMetadata;
+use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+use rdkafka::TopicPartitionList;
+use tokio_util::sync::CancellationToken;
+use tracing::warn;
+
+use crate::error::{kafka_err, ErrorClass, PipelineError};
+use crate::kafka::{retry_until, send_record};
+use crate::telemetry::StageMetrics;
+
+/// How many times a commit is tried before its outcome counts as unknown.
+const COMMIT_ATTEMPTS: u32 = 3;
+
+/// Who commits, and how long a transaction and each blocking call may take.
+#[derive(Debug, Clone)]
+pub struct TxnSettings {
+    pub bootstrap_servers: String,
+    /// Stable per replica: a restarted replica fences its previous incarnation.
+    pub transactional_id: String,
+    pub transaction_timeout: Duration,
+}
+
+/// A transactional producer with medpipe's commit policy. Blocking: use it from a
+/// blocking thread.
+pub struct Transactions {
+    settings: TxnSettings,
+    producer: BaseProducer,
+    metrics: StageMetrics,
+    /// When the open transaction began.
+    open: Option<Instant>,
+    /// The producer's last transaction has an unknown outcome, or could not be aborted:
+    /// `recover` must replace the producer.
+    replace: bool,
+}
+
+impl Transactions {
+    /// Creates the producer and runs `init_transactions`, which fences a previous
+    /// incarnation and completes or aborts its open transaction. State read after this
+    /// returns is what is committed downstream.
+    pub fn connect(
+        settings: TxnSettings,
+        metrics: StageMetrics,
+        shutdown: &CancellationToken,
+    ) -> Result<Self, PipelineError> {
+        let producer = init(&settings, shutdown)?;
+        Ok(Transactions {
+            settings,
+            producer,
+            metrics,
+            open: None,
+            replace: false,
+        })
+    }
+
+    /// The producer, for sends inside the open transaction.
+    pub fn producer(&self) -> &BaseProducer {
+        &self.producer
+    }
+
+    pub fn is_open(&self) -> bool {
+        self.open.is_some()
+    }
+
+    /// Begins a transaction unless one is open.
+    pub fn begin(&mut self) -> Result<(), PipelineError> {
+        if self.open.is_none() {
+            self.producer
+                .begin_transaction()
+                .map_err(kafka_err("begin transaction"))
+                .map_err(|e| self.explain(e))?;
+            self.open = Some(Instant::now());
+        }
+        Ok(())
+    }
+
+    /// A fatal error as librdkafka explains it (say, fenced by a newer instance), rather
+    /// than the bare "Fatal" a produce call returns.
+    fn explain(&self, e: PipelineError) -> PipelineError {
+        if e.class() != ErrorClass::Fatal {
+            return e;
+        }
+        match self.producer.client().fatal_error() {
+            Some((code, reason)) => PipelineError::ProducerFatal {
+                code: format!("{code:?}"),
+                reason,
+            },
+            None => e,
+        }
+    }
+
+    /// Sends one record inside the open transaction (beginning one if needed).
+    pub fn send<K, P>(&mut self, record: BaseRecord<'_, K, P>) -> Result<(), PipelineError>
+    where
+        K: rdkafka::message::ToBytes + ?Sized,
+        P: rdkafka::message::ToBytes + ?Sized,
+    {
+        self.begin()?;
+        send_record(&self.producer, record).map_err(|e| self.explain(e))
+    }
+
+    /// Adds the consumed offsets (if any) and commits. On an error the transaction is
+    /// still open or in doubt: call [`Transactions::recover`], then rewind.
+    pub fn commit(
+        &mut self,
+        offsets: Option<(&TopicPartitionList, &ConsumerGroupMetadata)>,
+    ) -> Result<(), PipelineError> {
+        let Some(started) = self.open else {
+            return Ok(());
+        };
+        let timeout = self.settings.transaction_timeout;
+        if let Some((tpl, group)) = offsets {
+            self.producer
+                .send_offsets_to_transaction(tpl, group, timeout)
+                .map_err(kafka_err("send offsets to transaction"))
+                .map_err(|e| self.explain(e))?;
+        }
+        let mut attempt = 1;
+        loop {
+            match self.producer.commit_transaction(timeout) {
+                Ok(()) => {
+                    self.open = None;
+                    self.metrics.transactions_committed.inc();
+                    self.metrics
+                        .processing_seconds
+                        .observe(started.elapsed().as_secs_f64());
+                    return Ok(());
+                }
+                Err(e) => {
+                    let err = PipelineError::kafka("commit transaction", e);
+                    if err.class() != ErrorClass::Retry {
+                        return Err(self.explain(err));
+                    }
+                    if attempt < COMMIT_ATTEMPTS {
+                        attempt += 1;
+                        warn!(attempt, error = %err, "Commit did not complete; retrying it.");
+                        continue;
+                    }
+                    self.replace = true;
+                    return Err(PipelineError::CommitOutcomeUnknown {
+                        attempts: attempt,
+                        message: err.to_string(),
+                    });
+                }
+            }
+        }
+    }
+
+    /// Ends whatever the last failure left behind, so that the committed state is
+    /// definite: aborts the open transaction, or replaces the producer when the commit's
+    /// outcome is unknown or the abort itself failed. Waits for the broker while it is
+    /// unreachable. Fatal errors are returned.
+    pub fn recover(&mut self, shutdown: &CancellationToken) -> Result<(), PipelineError> {
+        if self.open.is_some() && !self.replace {
+            match self
+                .producer
+                .abort_transaction(self.settings.transaction_timeout)
+            {
+                Ok(()) => {
+                    self.open = None;
+                    self.metrics.transactions_aborted.inc();
+                    return Ok(());
+                }
+                Err(e) => {
+                    let err = PipelineError::kafka("abort transaction", e);
+                    if err.class() == ErrorClass::Fatal {
+                        return Err(self.explain(err));
+                    }
+                    warn!(error = %err, "Abort did not complete; replacing the producer.");
+                    self.replace = true;
+                }
+            }
+        }
+        if self.replace {
+            warn!("Replacing the producer so the last transaction's outcome becomes definite.");
+            // The new producer's init fences the old one; only then is the old dropped.
+            self.producer = init(&self.settings, shutdown)?;
+            self.replace = false;
+            if self.open.take().is_some() {
+                self.metrics.transactions_aborted.inc();
+            }
+        }
+        Ok(())
+    }
+}
+
+fn init(
+    settings: &TxnSettings,
+    shutdown: &CancellationToken,
+) -> Result<BaseProducer, PipelineError> {
+    let producer: BaseProducer = crate::kafka::producer_config(&settings.bootstrap_servers)
+        .set("transactional.id", &settings.transactional_id)
+        .set(
+            "transaction.timeout.ms",
+            settings.transaction_timeout.as_millis().to_string(),
+        )
+        .create()
+        .map_err(kafka_err("create producer"))?;
+    retry_until(shutdown, "init transactions", || {
+        producer
+            .init_transactions(Duration::from_secs(30))
+            .map_err(kafka_err("init transactions"))
+    })?;
+    Ok(producer)
+}

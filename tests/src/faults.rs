@@ -1,0 +1,74 @@
+//! Broker faults for the end-to-end tests: SIGKILL, SIGSTOP and restart of the dev-stack
+//! Kafka broker through `scripts/devstack.sh`, so the tests exercise the same path an
+//! operator would.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+
+fn devstack() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../scripts/devstack.sh")
+}
+
+fn run(cmd: &str) {
+    let out = Command::new("bash")
+        .arg(devstack())
+        .arg(cmd)
+        .output()
+        .expect("run scripts/devstack.sh");
+    assert!(
+        out.status.success(),
+        "devstack.sh {cmd} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The dev-stack broker under test. Dropping it (also when a test panics) leaves the
+/// broker running again, so one failed test does not take the rest of the suite down.
+pub struct Broker {
+    _private: (),
+}
+
+impl Broker {
+    pub fn new() -> Broker {
+        Broker { _private: () }
+    }
+
+    /// SIGKILL: no clean shutdown, open transactions and group sessions are cut off.
+    pub fn crash(&self) {
+        run("crash-broker");
+    }
+
+    /// Starts the broker again with its data (as after a crash) and waits until it
+    /// answers.
+    pub fn start(&self) {
+        run("start");
+    }
+
+    /// Crashes the broker, keeps it down for `down`, and starts it again.
+    pub fn crash_and_restart(&self, down: Duration) {
+        self.crash();
+        std::thread::sleep(down);
+        self.start();
+    }
+
+    /// SIGSTOP: the broker stops answering but keeps its sockets open.
+    pub fn pause(&self) {
+        run("pause-broker");
+    }
+
+    pub fn resume(&self) {
+        run("resume-broker");
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        let _ = Command::new("bash")
+            .arg(devstack())
+            .arg("resume-broker")
+            .output();
+        let _ = Command::new("bash").arg(devstack()).arg("start").output();
+    }
+}

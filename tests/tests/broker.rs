@@ -1,0 +1,185 @@
+//! Broker failures on the real dev stack: the Kafka broker is SIGKILLed, paused or
+//! restarted while records flow through the real stage binaries, and every record is
+//! counted at every stage afterwards (lost, duplicated, or exactly once). These tests
+//! stop and start the shared dev-stack broker, so they run one at a time like the rest
+//! of the suite (`--test-threads=1`).
+
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use ingestion::formats::SourceFormat;
+use pipeline::topics::TopicKind;
+use pipeline::Topics;
+use tests::faults::Broker;
+use tests::{batch_of, fresh_tag, Flow, Pipeline, Tail};
+
+const STAGES: [&str; 3] = ["ingestion", "anonymization", "canonization"];
+
+/// Drops `files` NDJSON files (Patient and Observation pairs) of `per_file` records each
+/// and returns batch id → record count.
+fn drop_files(p: &Pipeline, files: usize, per_file: usize) -> BTreeMap<String, usize> {
+    let mut batches = BTreeMap::new();
+    for i in 0..files {
+        let mut body = Vec::new();
+        ingestion::synthetic::write(SourceFormat::FhirNdjson, &mut body, per_file, &fresh_tag())
+            .expect("write");
+        batches.insert(batch_of(&body), per_file);
+        p.drop_file(&format!("export-{i}.ndjson"), &body);
+    }
+    batches
+}
+
+fn canonical_count(t: &Tail, topics: &Topics) -> usize {
+    t.count(
+        &topics.name(TopicKind::CanonicalPatient),
+        "CanonicalPatient",
+    ) + t.count(
+        &topics.name(TopicKind::CanonicalObservation),
+        "CanonicalObservation",
+    )
+}
+
+fn closed_count(t: &Tail, topics: &Topics) -> usize {
+    t.count(
+        &topics.name(TopicKind::Canonization),
+        "EventDataCanonizationCompleted",
+    ) + t.count(&topics.name(TopicKind::Canonization), "CanonizationFailed")
+}
+
+/// Starts the three stages with `env`, drops two files, and waits until canonical
+/// records flow. Returns the batches and the total record count.
+fn start_flowing(p: &mut Pipeline, tail: &Tail, env: &[(&str, &str)]) -> BTreeMap<String, usize> {
+    for s in STAGES {
+        p.start(s, env);
+    }
+    let batches = drop_files(p, 2, 4000);
+    let topics = p.topics.clone();
+    p.wait_for(
+        tail,
+        "canonical records flowing",
+        Duration::from_secs(300),
+        |t| canonical_count(t, &topics) >= 300,
+    );
+    batches
+}
+
+/// Asserts the fault landed while records were still flowing.
+fn assert_mid_stream(tail: &Tail, p: &Pipeline, batches: &BTreeMap<String, usize>, fault: &str) {
+    let at = canonical_count(tail, &p.topics);
+    let total: usize = batches.values().sum();
+    assert!(
+        at < total,
+        "all {total} records were canonical before the {fault}; the test did not test it"
+    );
+    eprintln!("{fault} after {at} of {total} canonical records");
+}
+
+/// Waits for every batch to close downstream, stops the stages, and checks every record.
+fn settle_and_check(p: &mut Pipeline, tail: Tail, batches: &BTreeMap<String, usize>) {
+    let topics = p.topics.clone();
+    p.wait_for(
+        &tail,
+        "every batch closed by canonization",
+        Duration::from_secs(600),
+        |t| closed_count(t, &topics) >= batches.len(),
+    );
+    p.stop_all();
+    drop(tail);
+    Flow::of(&p.read_all()).assert_exactly_once(batches);
+}
+
+#[test]
+fn a_broker_crash_mid_stream_loses_and_duplicates_nothing() {
+    let broker = Broker::new();
+    let mut p = Pipeline::new();
+    let tail = p.tail();
+    let batches = start_flowing(&mut p, &tail, &[]);
+    broker.crash();
+    assert_mid_stream(&tail, &p, &batches, "broker crash");
+    std::thread::sleep(Duration::from_secs(2));
+    broker.start();
+    settle_and_check(&mut p, tail, &batches);
+}
+
+/// The broker stops answering (SIGSTOP) for longer than the consumers' session timeout
+/// (10 s) and the stages' transaction timeout (set to 10 s here): sessions expire and the
+/// coordinator aborts the open transactions when it wakes up.
+#[test]
+fn a_broker_stopped_past_the_session_and_transaction_timeouts_loses_and_duplicates_nothing() {
+    let broker = Broker::new();
+    let mut p = Pipeline::new();
+    let tail = p.tail();
+    let batches = start_flowing(&mut p, &tail, &[("MEDPIPE_TRANSACTION_TIMEOUT", "10s")]);
+    broker.pause();
+    assert_mid_stream(&tail, &p, &batches, "broker pause");
+    std::thread::sleep(Duration::from_secs(25));
+    broker.resume();
+    settle_and_check(&mut p, tail, &batches);
+}
+
+/// Small transactions keep every stage committing almost all the time; the broker is
+/// frozen first, so each busy stage is left blocked inside `send_offsets_to_transaction`
+/// or `commit_transaction`, and then killed and restarted: the transaction coordinator
+/// restarts while those commits are in flight. With a 10 s transaction timeout the
+/// blocked calls time out before the broker is back, so the stages take the
+/// retry-the-commit or unknown-outcome path, not only librdkafka's internal retries.
+#[test]
+fn a_coordinator_restart_during_in_flight_commits_loses_and_duplicates_nothing() {
+    let broker = Broker::new();
+    let mut p = Pipeline::new();
+    let tail = p.tail();
+    let env = [
+        ("MEDPIPE_BATCH_MAX_MESSAGES", "5"),
+        ("MEDPIPE_BATCH_MAX_WAIT", "20ms"),
+        ("MEDPIPE_TRANSACTION_TIMEOUT", "10s"),
+    ];
+    let batches = start_flowing(&mut p, &tail, &env);
+    broker.pause();
+    assert_mid_stream(&tail, &p, &batches, "coordinator freeze");
+    // Long enough for every busy stage to reach its blocking commit call.
+    std::thread::sleep(Duration::from_secs(2));
+    broker.crash();
+    broker.start();
+    settle_and_check(&mut p, tail, &batches);
+    let interrupted = ["anonymization", "canonization"]
+        .iter()
+        .filter(|s| {
+            let log = p.log(s);
+            log.contains("Commit did not complete") || log.contains("Batch failed; rewinding")
+        })
+        .count();
+    assert!(
+        interrupted > 0,
+        "no stage saw a commit fail or time out; the restart did not hit a commit in flight"
+    );
+}
+
+/// A second anonymization instance with the same transactional id (a misconfigured
+/// replica, or a zombie coming back) fences the first: the first must stop writing and
+/// exit, and the records stay exactly once.
+#[test]
+fn a_stage_fenced_by_a_second_instance_with_its_transactional_id_exits_and_loses_nothing() {
+    let mut p = Pipeline::new();
+    let tail = p.tail();
+    let batches = start_flowing(&mut p, &tail, &[]);
+    p.start_named("anonymization-twin", "anonymization", &[]);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let status = loop {
+        if let Some(status) = p.exited("anonymization") {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the fenced anonymization instance is still running"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(!status.success(), "a fenced instance exits with an error");
+    assert!(
+        p.log("anonymization").to_lowercase().contains("fenced"),
+        "the fenced instance says why it stopped"
+    );
+    settle_and_check(&mut p, tail, &batches);
+}
