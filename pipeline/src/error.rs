@@ -62,6 +62,10 @@ pub enum PipelineError {
     /// instance with the same transactional id fenced it.
     #[error("the producer cannot go on ({code}): {reason}")]
     ProducerFatal { code: String, reason: String },
+    /// The coordinator aborted a transaction that stayed open past its timeout (the
+    /// broker was unreachable for that long); the producer is replaced and the work redone.
+    #[error("the transaction was aborted by its coordinator after its timeout: {reason}")]
+    TransactionTimedOut { reason: String },
     /// Something did not finish in time; trying again later may work.
     #[error("timed out: {0}")]
     Timeout(String),
@@ -105,7 +109,8 @@ impl PipelineError {
             PipelineError::Decode(_) => ErrorClass::DeadLetter,
             PipelineError::Encode { .. } => ErrorClass::Fatal,
             PipelineError::Schema { .. } | PipelineError::Config(_) => ErrorClass::Fatal,
-            PipelineError::CommitOutcomeUnknown { .. } => ErrorClass::Abort,
+            PipelineError::CommitOutcomeUnknown { .. }
+            | PipelineError::TransactionTimedOut { .. } => ErrorClass::Abort,
             PipelineError::Timeout(_) => ErrorClass::Retry,
             PipelineError::Thread(_)
             | PipelineError::ProducerFatal { .. }

@@ -403,7 +403,8 @@ impl<S: Stage> Runner<S> {
         let mut batch = Vec::new();
         while batch.len() < self.config.batch_max_messages && !shutdown.is_cancelled() {
             let now = Instant::now();
-            if now >= deadline && !batch.is_empty() {
+            // An idle round ends too, so that `Stage::tick` runs while no input arrives.
+            if now >= deadline {
                 break;
             }
             let wait = if batch.is_empty() {

@@ -22,6 +22,7 @@
 use std::time::{Duration, Instant};
 
 use rdkafka::consumer::ConsumerGroupMetadata;
+use rdkafka::error::RDKafkaErrorCode;
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use rdkafka::TopicPartitionList;
 use tokio_util::sync::CancellationToken;
@@ -87,27 +88,51 @@ impl Transactions {
     /// Begins a transaction unless one is open.
     pub fn begin(&mut self) -> Result<(), PipelineError> {
         if self.open.is_none() {
-            self.producer
-                .begin_transaction()
-                .map_err(kafka_err("begin transaction"))
-                .map_err(|e| self.explain(e))?;
+            if let Err(e) = self.producer.begin_transaction() {
+                let err = PipelineError::kafka("begin transaction", e);
+                return Err(self.explain(err));
+            }
             self.open = Some(Instant::now());
         }
         Ok(())
     }
 
-    /// A fatal error as librdkafka explains it (say, fenced by a newer instance), rather
-    /// than the bare "Fatal" a produce call returns.
-    fn explain(&self, e: PipelineError) -> PipelineError {
+    /// A fatal error as librdkafka explains it, rather than the bare "Fatal" a produce
+    /// call returns; and a fence that the transaction's own age explains.
+    ///
+    /// librdkafka reports "fenced by a newer instance" in two cases: another live
+    /// instance with the same transactional id called `init_transactions`, or the
+    /// coordinator aborted this transaction because it stayed open past
+    /// `transaction.timeout.ms` (a broker that was down or frozen for that long), which
+    /// bumps the producer epoch. The coordinator can only do the second to a transaction
+    /// at least that old, so a fence of such a transaction is handled like an unknown
+    /// outcome: `recover` replaces the producer and the work is redone. A younger
+    /// transaction can only have been fenced by a live twin, and that stays fatal.
+    fn explain(&mut self, e: PipelineError) -> PipelineError {
         if e.class() != ErrorClass::Fatal {
             return e;
         }
-        match self.producer.client().fatal_error() {
-            Some((code, reason)) => PipelineError::ProducerFatal {
-                code: format!("{code:?}"),
-                reason,
-            },
-            None => e,
+        let Some((code, reason)) = self.producer.client().fatal_error() else {
+            return e;
+        };
+        let timed_out = self
+            .open
+            .is_some_and(|t| t.elapsed() >= self.settings.transaction_timeout);
+        if timed_out
+            && matches!(
+                code,
+                RDKafkaErrorCode::Fenced
+                    | RDKafkaErrorCode::ProducerFenced
+                    | RDKafkaErrorCode::InvalidProducerEpoch
+            )
+        {
+            warn!(%reason, "The coordinator aborted a transaction open past its timeout; the producer will be replaced.");
+            self.replace = true;
+            return PipelineError::TransactionTimedOut { reason };
+        }
+        PipelineError::ProducerFatal {
+            code: format!("{code:?}"),
+            reason,
         }
     }
 
@@ -118,7 +143,10 @@ impl Transactions {
         P: rdkafka::message::ToBytes + ?Sized,
     {
         self.begin()?;
-        send_record(&self.producer, record).map_err(|e| self.explain(e))
+        match send_record(&self.producer, record) {
+            Ok(()) => Ok(()),
+            Err(e) => Err(self.explain(e)),
+        }
     }
 
     /// Adds the consumed offsets (if any) and commits. On an error the transaction is
@@ -132,10 +160,13 @@ impl Transactions {
         };
         let timeout = self.settings.transaction_timeout;
         if let Some((tpl, group)) = offsets {
-            self.producer
+            if let Err(e) = self
+                .producer
                 .send_offsets_to_transaction(tpl, group, timeout)
-                .map_err(kafka_err("send offsets to transaction"))
-                .map_err(|e| self.explain(e))?;
+            {
+                let err = PipelineError::kafka("send offsets to transaction", e);
+                return Err(self.explain(err));
+            }
         }
         let mut attempt = 1;
         loop {

@@ -126,6 +126,9 @@ impl Pipeline {
             .env("MEDPIPE_AUDIT_DIR", self.audit_dir())
             .env("MEDPIPE_AUDIT_KEY", AUDIT_KEY)
             .env("RUST_LOG", "info")
+            // An error's chain, not a backtrace, ends a failed stage's log.
+            .env("RUST_BACKTRACE", "0")
+            .env("RUST_LIB_BACKTRACE", "0")
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
@@ -160,6 +163,65 @@ impl Pipeline {
         })
         .expect("read the audit store");
         out
+    }
+
+    /// Messages on every audited topic (all but the audit topic), by position.
+    pub fn audited_positions(&self) -> std::collections::HashSet<(String, i32, i64)> {
+        let audit = self.topics.name(pipeline::topics::TopicKind::Audit);
+        let audited: Vec<String> = self
+            .topics
+            .all()
+            .into_iter()
+            .filter(|t| *t != audit)
+            .collect();
+        self.read(&audited)
+            .iter()
+            .map(|r| {
+                (
+                    r.message.topic().to_string(),
+                    r.message.partition(),
+                    r.message.offset(),
+                )
+            })
+            .collect()
+    }
+
+    /// Waits until the audit store holds an entry for every message on the audited
+    /// topics, and returns those messages' positions.
+    pub fn wait_for_audit_catch_up(
+        &self,
+        timeout: Duration,
+    ) -> std::collections::HashSet<(String, i32, i64)> {
+        let deadline = Instant::now() + timeout;
+        let mut want = self.audited_positions();
+        let mut confirmed = false;
+        loop {
+            let mut have = std::collections::HashSet::new();
+            auditing::store::scan(&self.audit_dir(), |_, _, e| {
+                if !e.is_own() {
+                    have.insert((e.topic, e.partition, e.offset));
+                }
+                Ok(())
+            })
+            .expect("read the audit store");
+            if want.is_subset(&have) {
+                if confirmed {
+                    return want;
+                }
+                // Messages may have arrived meanwhile: look once more.
+                want = self.audited_positions();
+                confirmed = true;
+                continue;
+            }
+            confirmed = false;
+            assert!(
+                Instant::now() < deadline,
+                "auditing did not catch up: {} of {} messages recorded",
+                have.len(),
+                want.len()
+            );
+            std::thread::sleep(Duration::from_secs(1));
+        }
     }
 
     /// SIGKILL: no chance to finish or abort the open transaction.
@@ -487,6 +549,13 @@ pub fn batch_of(contents: &[u8]) -> String {
     ingestion::batch_id_for(&hex::encode(sha2::Sha256::digest(contents)))
 }
 
+/// A batch's closing events when every stage finished it exactly once, sorted.
+const FINISHED_ONCE: [&str; 3] = [
+    "AnonymizationFinished",
+    "DataIngestionFinished",
+    "EventDataCanonizationCompleted",
+];
+
 /// How often each record of each batch appears at each stage, by (batch, position), and
 /// every closing event, as read back with `read_committed`.
 #[derive(Debug, Default)]
@@ -548,6 +617,44 @@ impl Flow {
         f
     }
 
+    /// Records lost and duplicated at any stage, summed over the stages.
+    pub fn losses(&self, batches: &std::collections::BTreeMap<String, usize>) -> (usize, usize) {
+        let (mut lost, mut duplicated) = (0, 0);
+        for seen in [&self.ingested, &self.anonymized, &self.canonical] {
+            for (batch, &n) in batches {
+                for p in 1..=n as i64 {
+                    match seen.get(&(batch.clone(), p)).copied().unwrap_or(0) {
+                        0 => lost += 1,
+                        1 => {}
+                        c => duplicated += c - 1,
+                    }
+                }
+            }
+        }
+        (lost, duplicated)
+    }
+
+    /// The closing events of one batch, sorted.
+    fn closings_of(&self, batch: &str) -> Vec<&str> {
+        let mut c: Vec<&str> = self
+            .closings
+            .iter()
+            .filter(|(_, b)| b == batch)
+            .map(|(t, _)| t.as_str())
+            .collect();
+        c.sort_unstable();
+        c
+    }
+
+    /// How many batches closed exactly once at every stage, as finished: `n/total`.
+    pub fn closed_once(&self, batches: &std::collections::BTreeMap<String, usize>) -> String {
+        let ok = batches
+            .keys()
+            .filter(|b| self.closings_of(b) == FINISHED_ONCE)
+            .count();
+        format!("{ok}/{}", batches.len())
+    }
+
     /// Asserts that every record of every batch (batch id → record count) went through
     /// every stage exactly once, and that each batch closed exactly once per stage, as
     /// finished, with counts that add up. Names what was lost and what was duplicated.
@@ -582,21 +689,8 @@ impl Flow {
             }
         }
         for batch in batches.keys() {
-            let closings: Vec<&str> = self
-                .closings
-                .iter()
-                .filter(|(_, b)| b == batch)
-                .map(|(t, _)| t.as_str())
-                .collect();
-            let mut sorted = closings.clone();
-            sorted.sort_unstable();
-            if sorted
-                != [
-                    "AnonymizationFinished",
-                    "DataIngestionFinished",
-                    "EventDataCanonizationCompleted",
-                ]
-            {
+            let closings = self.closings_of(batch);
+            if closings != FINISHED_ONCE {
                 problems.push(format!("batch {batch} closed as {closings:?}"));
             }
         }

@@ -78,3 +78,66 @@ fn no_input_identifier_survives_anonymization_in_any_format() {
         "an identifier reached the log"
     );
 }
+
+/// Ingestion's closing event says a record was emitted that never arrives (written by
+/// hand, as a broker fault would leave it): anonymization does not finish the batch; once
+/// `MEDPIPE_BATCH_CLOSE_TIMEOUT` has passed it fails it with `counts_mismatch`, once.
+#[test]
+fn a_batch_whose_records_never_all_arrive_fails_at_its_deadline_instead_of_finishing() {
+    use pipeline::events::{DataIngestionFinished, DataIngestionStarted};
+    let mut p = Pipeline::new();
+    p.start("anonymization", &[("MEDPIPE_BATCH_CLOSE_TIMEOUT", "3s")]);
+    let batch = format!("short-{}", fresh_tag());
+    let started = pipeline::Event::new(
+        "medpipe-ingestion",
+        &batch,
+        None,
+        Payload::DataIngestionStarted(DataIngestionStarted {
+            batch_id: batch.clone(),
+            format: "csv".into(),
+            file_sha256: "00".into(),
+        }),
+    );
+    let finished = pipeline::Event::caused_by(
+        &started,
+        "medpipe-ingestion",
+        Payload::DataIngestionFinished(DataIngestionFinished {
+            batch_id: batch.clone(),
+            records_emitted: 1,
+            records_rejected: 0,
+            file_size_bytes: 10,
+            file_sha256: "00".into(),
+            archive_location: "archive".into(),
+        }),
+    );
+    p.send(&started);
+    p.send(&finished);
+    let anon = p.topics.name(TopicKind::Anonymization);
+    let tail = p.tail();
+    tail.wait_until("the batch to fail", Duration::from_secs(60), |t| {
+        t.count(&anon, "AnonymizationFailed") >= 1
+    });
+    // Ticks go on; the batch must not close a second time.
+    std::thread::sleep(Duration::from_secs(3));
+    p.stop_all();
+    drop(tail);
+    let closings: Vec<Payload> = p
+        .read(&[anon])
+        .into_iter()
+        .filter_map(|r| r.event.map(|e| e.payload))
+        .filter(|e| {
+            matches!(
+                e,
+                Payload::AnonymizationFailed(_) | Payload::AnonymizationFinished(_)
+            )
+        })
+        .collect();
+    let [Payload::AnonymizationFailed(f)] = &closings[..] else {
+        panic!("{closings:?}")
+    };
+    assert_eq!(f.error_kind, "counts_mismatch");
+    assert_eq!(
+        f.reason,
+        "ingestion emitted 1 records, but only 0 were anonymized and 0 dead-lettered: 1 missing after waiting 3s"
+    );
+}

@@ -14,46 +14,6 @@ use pipeline::Event;
 use rdkafka::message::Message;
 use tests::{synthetic_patients, Pipeline};
 
-/// Messages on every audited topic (all but the audit topic), by position.
-fn audited_positions(p: &Pipeline) -> HashSet<(String, i32, i64)> {
-    let audit = p.topics.name(TopicKind::Audit);
-    p.read_all()
-        .iter()
-        .filter(|r| r.message.topic() != audit)
-        .map(|r| {
-            (
-                r.message.topic().to_string(),
-                r.message.partition(),
-                r.message.offset(),
-            )
-        })
-        .collect()
-}
-
-/// Waits until the audit store holds an entry for every message on the audited topics.
-fn wait_for_audit_catch_up(p: &Pipeline, timeout: Duration) -> HashSet<(String, i32, i64)> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let want = audited_positions(p);
-        let have: HashSet<_> = p
-            .audit_entries()
-            .iter()
-            .filter(|e| !e.is_own())
-            .map(|e| (e.topic.clone(), e.partition, e.offset))
-            .collect();
-        if want.is_subset(&have) {
-            return want;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "auditing did not catch up: {} of {} messages recorded",
-            have.len(),
-            want.len()
-        );
-        std::thread::sleep(Duration::from_millis(500));
-    }
-}
-
 fn stdout(o: &std::process::Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
@@ -142,7 +102,7 @@ fn a_batch_is_traced_in_causal_order_verified_and_tampering_is_named() {
     for s in ["ingestion", "anonymization", "canonization"] {
         p.stop(s);
     }
-    let audited = wait_for_audit_catch_up(&p, Duration::from_secs(60));
+    let audited = p.wait_for_audit_catch_up(Duration::from_secs(60));
     // Let a checkpoint cover the last entries and go out, then stop.
     let audit = p.topics.name(TopicKind::Audit);
     let entries = p.audit_entries().len();
@@ -379,7 +339,7 @@ fn sigkill_of_auditing_mid_stream_loses_and_duplicates_no_entry() {
     for s in ["ingestion", "anonymization", "canonization"] {
         p.stop(s);
     }
-    let audited = wait_for_audit_catch_up(&p, Duration::from_secs(120));
+    let audited = p.wait_for_audit_catch_up(Duration::from_secs(120));
     // Every published entry went out too: wait for the audit topic to hold them all.
     let audit = p.topics.name(TopicKind::Audit);
     let stored = p.audit_entries().len();

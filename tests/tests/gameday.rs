@@ -1,0 +1,220 @@
+//! The game day: many records through all four real stages while the broker is SIGKILLed
+//! and restarted at a random moment and stages are SIGKILLed and restarted at random;
+//! afterwards every record is counted at every stage and the audit trail is verified.
+//!
+//! It is long, so it is ignored by the suite (which runs the short broker tests in
+//! `broker.rs`); `scripts/gameday.sh` runs it in release mode:
+//!
+//! ```sh
+//! GAMEDAY_RUNS=20 GAMEDAY_RECORDS=100000 bash scripts/gameday.sh
+//! ```
+//!
+//! Settings (environment): `GAMEDAY_RUNS` (1), `GAMEDAY_RECORDS` per run (100000),
+//! `GAMEDAY_FILES` per run (4), `GAMEDAY_STAGE_KILLS` per run (4), `GAMEDAY_SEED` (from
+//! the clock; printed, so a run can be repeated), `GAMEDAY_REPORT` (a Markdown table is
+//! appended to this file).
+
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::time::{Duration, Instant};
+
+use ingestion::formats::SourceFormat;
+use pipeline::topics::TopicKind;
+use pipeline::Topics;
+use tests::faults::Broker;
+use tests::{batch_of, fresh_tag, Flow, Pipeline, Tail};
+
+const STAGES: [&str; 4] = ["ingestion", "anonymization", "canonization", "auditing"];
+
+fn env_or(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// xorshift64*: enough randomness to place faults, and repeatable from a printed seed.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+
+    /// Uniform in `[lo, hi)`.
+    fn between(&mut self, lo: u64, hi: u64) -> u64 {
+        lo + self.next() % (hi - lo).max(1)
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Fault {
+    /// SIGKILL the broker, keep it down this many ms, start it again.
+    Broker { down_ms: u64 },
+    /// SIGKILL a stage and start it again a second later.
+    Stage(&'static str),
+}
+
+fn canonical_count(t: &Tail, topics: &Topics) -> usize {
+    t.count(
+        &topics.name(TopicKind::CanonicalPatient),
+        "CanonicalPatient",
+    ) + t.count(
+        &topics.name(TopicKind::CanonicalObservation),
+        "CanonicalObservation",
+    )
+}
+
+fn closed_count(t: &Tail, topics: &Topics) -> usize {
+    t.count(
+        &topics.name(TopicKind::Canonization),
+        "EventDataCanonizationCompleted",
+    ) + t.count(&topics.name(TopicKind::Canonization), "CanonizationFailed")
+}
+
+/// One run; returns its report row.
+fn run(rng: &mut Rng, run_no: u64, records: usize, files: usize, stage_kills: u64) -> String {
+    let started = Instant::now();
+    let broker = Broker::new();
+    let mut p = Pipeline::new();
+    for s in STAGES {
+        p.start(s, &[]);
+    }
+    let tail = p.tail();
+    let topics = p.topics.clone();
+    let per_file = records / files;
+    let mut batches = BTreeMap::new();
+    for i in 0..files {
+        let mut body = Vec::new();
+        ingestion::synthetic::write(SourceFormat::FhirNdjson, &mut body, per_file, &fresh_tag())
+            .expect("write");
+        batches.insert(batch_of(&body), per_file);
+        p.drop_file(&format!("export-{i}.ndjson"), &body);
+    }
+    let total = per_file * files;
+
+    // Faults at random points of the stream, by how many canonical records are out.
+    let mut plan: Vec<(usize, Fault)> = vec![(
+        rng.between(total as u64 / 20, total as u64 * 8 / 10) as usize,
+        Fault::Broker {
+            down_ms: rng.between(0, 5000),
+        },
+    )];
+    for _ in 0..stage_kills {
+        let at = rng.between(total as u64 / 50, total as u64 * 9 / 10) as usize;
+        let stage = STAGES[rng.between(0, STAGES.len() as u64) as usize];
+        plan.push((at, Fault::Stage(stage)));
+    }
+    plan.sort_by_key(|(at, _)| *at);
+    let mut faults = Vec::new();
+    for (at, fault) in &plan {
+        p.wait_for(
+            &tail,
+            "the next fault point",
+            Duration::from_secs(1800),
+            |t| canonical_count(t, &topics) >= *at,
+        );
+        let out = canonical_count(&tail, &topics);
+        match *fault {
+            Fault::Broker { down_ms } => {
+                broker.crash();
+                std::thread::sleep(Duration::from_millis(down_ms));
+                broker.start();
+                faults.push(format!("broker@{out} ({down_ms} ms down)"));
+            }
+            Fault::Stage(stage) => {
+                p.kill(stage);
+                std::thread::sleep(Duration::from_secs(1));
+                p.start(stage, &[]);
+                faults.push(format!("{stage}@{out}"));
+            }
+        }
+        eprintln!("run {run_no}: {}", faults.last().unwrap());
+    }
+    p.wait_for(
+        &tail,
+        "every batch closed by canonization",
+        Duration::from_secs(3600),
+        |t| closed_count(t, &topics) >= files,
+    );
+    let elapsed = started.elapsed();
+    for s in ["ingestion", "anonymization", "canonization"] {
+        p.stop(s);
+    }
+    drop(tail);
+    let counted: Vec<String> = [
+        TopicKind::Ingestion,
+        TopicKind::Anonymization,
+        TopicKind::Canonization,
+        TopicKind::CanonicalPatient,
+        TopicKind::CanonicalObservation,
+    ]
+    .iter()
+    .map(|k| topics.name(*k))
+    .collect();
+    let flow = Flow::of(&p.read(&counted));
+    let (lost, duplicated) = flow.losses(&batches);
+    p.wait_for_audit_catch_up(Duration::from_secs(1800));
+    p.stop("auditing");
+    let verify = p.medpipe(&["audit", "verify", "--published"]);
+    let verified = verify.status.success();
+    let row = format!(
+        "| {run_no} | {total} | {} | {lost} | {duplicated} | {} | {} | {:.0} s |",
+        faults.join(", "),
+        flow.closed_once(&batches),
+        if verified { "verified" } else { "FAILED" },
+        elapsed.as_secs_f64()
+    );
+    flow.assert_exactly_once(&batches);
+    assert!(
+        verified,
+        "audit verify failed: {}",
+        String::from_utf8_lossy(&verify.stderr)
+    );
+    row
+}
+
+#[test]
+#[ignore = "long: run by scripts/gameday.sh"]
+fn gameday() {
+    let runs = env_or("GAMEDAY_RUNS", 1);
+    let records = env_or("GAMEDAY_RECORDS", 100_000) as usize;
+    let files = env_or("GAMEDAY_FILES", 4) as usize;
+    let stage_kills = env_or("GAMEDAY_STAGE_KILLS", 4);
+    let seed = env_or(
+        "GAMEDAY_SEED",
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(1, |d| d.as_nanos() as u64),
+    )
+    .max(1);
+    eprintln!("game day: {runs} runs of {records} records, seed {seed}");
+    let mut rng = Rng(seed);
+    let header = format!(
+        "\nGame day, seed {seed}: {runs} runs of {records} records in {files} files, one broker SIGKILL and {stage_kills} stage SIGKILLs per run.\n\n\
+         | run | records | faults (at canonical records out) | lost | duplicated | batches closed once | audit chain | time |\n\
+         |---|---|---|---|---|---|---|---|\n"
+    );
+    let mut report = std::env::var("GAMEDAY_REPORT").ok().map(|path| {
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .expect("report file");
+        f.write_all(header.as_bytes()).expect("write report");
+        f
+    });
+    eprint!("{header}");
+    for run_no in 1..=runs {
+        let row = run(&mut rng, run_no, records, files, stage_kills);
+        eprintln!("{row}");
+        if let Some(f) = report.as_mut() {
+            writeln!(f, "{row}").expect("write report");
+        }
+    }
+}
