@@ -523,6 +523,12 @@ cmd_crash-broker() {
   log "crashing Kafka (SIGKILL pid $pid)"
   kill -KILL "$pid"
   while pid_alive "$pid"; do sleep 0.1; done
+  # A killed JVM can hold its listening sockets a moment longer than its pid.
+  local waited=0
+  while port_in_use "$KAFKA_PORT" || port_in_use "$CONTROLLER_PORT"; do
+    ((waited++ < 300)) || die "ports $KAFKA_PORT/$CONTROLLER_PORT still in use 30s after the crash"
+    sleep 0.1
+  done
   rm -f "$KAFKA_PID_FILE"
 }
 

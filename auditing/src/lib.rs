@@ -27,13 +27,15 @@ use ed25519_dalek::SigningKey;
 use pipeline::crypto::{sha256_hex, KeyRef};
 use pipeline::error::kafka_err;
 use pipeline::events::{AuditCheckpoint, AuditEntryRecorded, ComplianceAlert, Payload};
-use pipeline::kafka::{consumer_config, retry_until, ConsumerRole};
+use pipeline::kafka::{
+    consumer_config, retry_until, ConsumerRole, WatchedConsumer, WatchedContext, STUCK_AFTER,
+};
 use pipeline::telemetry::StageMetrics;
 use pipeline::topics::TopicKind;
 use pipeline::txn::{Transactions, TxnSettings};
 use pipeline::{Codec, Event, PipelineError, Topics};
 use prometheus::{IntCounterVec, Opts};
-use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+use rdkafka::consumer::{CommitMode, Consumer};
 use rdkafka::message::{Message, OwnedMessage};
 use rdkafka::producer::BaseRecord;
 use rdkafka::{Offset, TopicPartitionList};
@@ -188,7 +190,7 @@ struct Auditor {
     key_id: String,
     monitors: Monitors,
     sentinel: Sentinel,
-    consumer: BaseConsumer,
+    consumer: WatchedConsumer,
     txn: Transactions,
     own_topic: String,
     published: Published,
@@ -245,13 +247,7 @@ impl Auditor {
             .map_err(|e| PipelineError::Config(format!("metrics: {e}")))?;
 
         // At least once into the store, which skips what it already holds.
-        let consumer: BaseConsumer = consumer_config(
-            &config.bootstrap_servers,
-            &config.group_id,
-            ConsumerRole::Audit,
-        )
-        .create()
-        .map_err(kafka_err("create consumer"))?;
+        let consumer = audit_consumer(&config)?;
         // Fences a previous incarnation, so the state topic read next holds the last
         // committed position.
         let txn = Transactions::connect(
@@ -290,12 +286,13 @@ impl Auditor {
     }
 
     fn run(mut self, shutdown: &CancellationToken) -> Result<(), PipelineError> {
-        self.consumer
-            .subscribe(&[&self.config.topics.all_regex()])
-            .map_err(kafka_err("subscribe"))?;
         self.metrics.set_ready(true);
         info!(entries = self.store.len(), pattern = %self.config.topics.all_regex(), key_id = %self.key_id, "Auditing started.");
         while !shutdown.is_cancelled() {
+            if let Some(why) = self.consumer.context().watch.stuck(STUCK_AFTER) {
+                warn!(why, "The consumer has been stuck for 30s; recreating it.");
+                self.consumer = audit_consumer(&self.config)?;
+            }
             let batch = self.poll_batch();
             if !batch.is_empty() {
                 self.record(&batch)?;
@@ -585,6 +582,22 @@ impl Auditor {
         self.txn
             .send(BaseRecord::to(&topic).key(key).payload(&bytes))
     }
+}
+
+/// The audit consumer, subscribed to every pipeline topic: at least once into the store,
+/// which skips what it already holds.
+fn audit_consumer(config: &AuditConfig) -> Result<WatchedConsumer, PipelineError> {
+    let consumer: WatchedConsumer = consumer_config(
+        &config.bootstrap_servers,
+        &config.group_id,
+        ConsumerRole::Audit,
+    )
+    .create_with_context(WatchedContext::default())
+    .map_err(kafka_err("create consumer"))?;
+    consumer
+        .subscribe(&[&config.topics.all_regex()])
+        .map_err(kafka_err("subscribe"))?;
+    Ok(consumer)
 }
 
 /// What the publisher has committed (from its state topic), and what the store holds

@@ -24,13 +24,15 @@ use pipeline::archive::ArchiveWriter;
 use pipeline::crypto::{DataKey, KeyRef};
 use pipeline::error::{kafka_err, ErrorClass};
 use pipeline::events::{DataIngestionRejected, Payload, StartDataIntakeCommand};
-use pipeline::kafka::{consumer_config, rewind_to_committed, ConsumerRole};
+use pipeline::kafka::{
+    consumer_config, ConsumerRole, WatchedConsumer, WatchedContext, STUCK_AFTER,
+};
 use pipeline::runner::dead_letter;
 use pipeline::telemetry::StageMetrics;
 use pipeline::topics::TopicKind;
 use pipeline::txn::{Transactions, TxnSettings};
 use pipeline::{Codec, Event, PipelineError, Topics};
-use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::consumer::Consumer;
 use rdkafka::message::{Message, OwnedMessage};
 use rdkafka::producer::BaseRecord;
 use rdkafka::{Offset, TopicPartitionList};
@@ -84,7 +86,7 @@ pub struct Ingestor {
     shutdown: CancellationToken,
     rt: Handle,
     txn: Transactions,
-    commands: BaseConsumer,
+    commands: WatchedConsumer,
     /// Committed ledger entries, by file SHA-256 (or `rejected:<claimed name>`).
     ledger: HashMap<String, ledger::Entry>,
     chunk: Chunk,
@@ -162,7 +164,7 @@ impl Ingestor {
 
     /// The rewind rule after a failed step: end the transaction so the committed state is
     /// definite, re-read the ledger (what is committed downstream, where each batch
-    /// resumes), and move the command consumer back to its committed offset.
+    /// resumes), and start the command consumer again from its committed offset.
     fn rewind(&mut self) -> Result<(), PipelineError> {
         self.metrics
             .rewinds
@@ -171,13 +173,9 @@ impl Ingestor {
         self.chunk = Chunk::default();
         self.txn.recover(&self.shutdown)?;
         self.ledger = read_ledger(&self.config, &self.shutdown)?;
-        if let Err(e) = rewind_to_committed(&self.commands, &self.shutdown) {
-            if e.class() == ErrorClass::Fatal {
-                return Err(e);
-            }
-            warn!(error = %e, "Cannot seek the command consumer; recreating it.");
-            self.commands = command_consumer(&self.config)?;
-        }
+        // Commands are rare, so the command consumer is simply recreated: the new
+        // member's assignment starts at the committed offsets.
+        self.commands = command_consumer(&self.config)?;
         info!(
             ledger_entries = self.ledger.len(),
             "Resuming from the committed ledger."
@@ -501,6 +499,13 @@ impl Ingestor {
 
     /// Reads up to a few commands and claims the files they name.
     fn poll_commands(&mut self) -> Result<bool, PipelineError> {
+        if let Some(why) = self.commands.context().watch.stuck(STUCK_AFTER) {
+            warn!(
+                why,
+                "The command consumer has been stuck for 30s; recreating it."
+            );
+            self.commands = command_consumer(&self.config)?;
+        }
         let mut handled = false;
         for _ in 0..16 {
             let msg = match self.commands.poll(Duration::ZERO) {
@@ -729,13 +734,13 @@ fn read_ledger(
 }
 
 /// The command consumer: a whole file is ingested between two polls.
-fn command_consumer(config: &IngestConfig) -> Result<BaseConsumer, PipelineError> {
-    let commands: BaseConsumer = consumer_config(
+fn command_consumer(config: &IngestConfig) -> Result<WatchedConsumer, PipelineError> {
+    let commands: WatchedConsumer = consumer_config(
         &config.bootstrap_servers,
         &config.group_id,
         ConsumerRole::Commands,
     )
-    .create()
+    .create_with_context(WatchedContext::default())
     .map_err(kafka_err("create command consumer"))?;
     commands
         .subscribe(&[&config.topics.name(TopicKind::IngestionCommands)])

@@ -2,11 +2,15 @@
 //! overrides per role, so every consumer reads `read_committed` with manual offsets and
 //! every producer batches the same way.
 
-use std::time::Duration;
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
-use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
 use rdkafka::error::KafkaError;
 use rdkafka::producer::{BaseProducer, BaseRecord};
+use rdkafka::statistics::Statistics;
+use rdkafka::ClientContext;
 use rdkafka::{ClientConfig, Offset};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -46,13 +50,14 @@ pub fn consumer_config(bootstrap: &str, group_id: &str, role: ConsumerRole) -> C
         .set("fetch.wait.max.ms", "10")
         .set("queued.max.messages.kbytes", "16384")
         .set("queued.min.messages", "1000")
-        .set("topic.metadata.refresh.interval.ms", "5000");
+        .set("topic.metadata.refresh.interval.ms", "5000")
+        // Statistics feed `FetchWatch` (and the runner's lag gauge).
+        .set("statistics.interval.ms", "5000");
     match role {
         ConsumerRole::Stage { queued_max_kbytes } => {
             c.set("enable.auto.offset.store", "false")
                 .set("max.poll.interval.ms", "120000")
-                .set("queued.max.messages.kbytes", queued_max_kbytes.to_string())
-                .set("statistics.interval.ms", "5000");
+                .set("queued.max.messages.kbytes", queued_max_kbytes.to_string());
         }
         ConsumerRole::Commands => {
             c.set("max.poll.interval.ms", "3600000");
@@ -65,6 +70,98 @@ pub fn consumer_config(bootstrap: &str, group_id: &str, role: ConsumerRole) -> C
     c
 }
 
+/// How long an assigned partition may go without fetching before its consumer is
+/// recreated. Statistics come every 5 s.
+pub const STUCK_AFTER: Duration = Duration::from_secs(30);
+
+/// Watches a group consumer's statistics for two ways librdkafka was seen to stall
+/// after a broker restart, neither of which it recovers from on its own:
+/// - an assigned partition that never starts fetching: an offset query answered with
+///   NOT_COORDINATOR is never retried (librdkafka issue 5586);
+/// - a group membership that never settles again (not `up`/`steady`, so no assignment).
+///
+/// The owner recreates the consumer when `stuck` says so; the new member's assignment
+/// starts at the committed offsets.
+#[derive(Debug, Default)]
+pub struct FetchWatch {
+    not_fetching: Mutex<HashMap<(String, i32), Instant>>,
+    /// Since when the group membership has not been `up` and `steady`, with its state.
+    unsettled: Mutex<Option<(Instant, String)>>,
+}
+
+impl FetchWatch {
+    /// Notes which assigned partitions are not fetching, and whether the group membership
+    /// is settled, from one statistics report.
+    pub fn observe(&self, statistics: &Statistics) {
+        if let (Some(g), Ok(mut unsettled)) = (&statistics.cgrp, self.unsettled.lock()) {
+            if g.state == "up" && g.join_state == "steady" {
+                *unsettled = None;
+            } else if unsettled.is_none() {
+                *unsettled = Some((Instant::now(), format!("{}/{}", g.state, g.join_state)));
+            }
+        }
+        let Ok(mut m) = self.not_fetching.lock() else {
+            return;
+        };
+        for (topic, t) in &statistics.topics {
+            for (partition, p) in &t.partitions {
+                let key = (topic.clone(), *partition);
+                if *partition < 0 || !p.desired || p.fetch_state == "active" {
+                    m.remove(&key);
+                } else {
+                    m.entry(key).or_insert_with(Instant::now);
+                }
+            }
+        }
+    }
+
+    /// The assignment changed: start watching afresh.
+    pub fn clear(&self) {
+        if let Ok(mut m) = self.not_fetching.lock() {
+            m.clear();
+        }
+    }
+
+    /// Why the consumer looks stuck, if an assigned partition has not been fetching, or
+    /// the group membership has not settled, for `after`.
+    pub fn stuck(&self, after: Duration) -> Option<String> {
+        if let Ok(m) = self.not_fetching.lock() {
+            if let Some(((topic, partition), _)) =
+                m.iter().find(|(_, since)| since.elapsed() >= after)
+            {
+                return Some(format!("{topic} [{partition}] has not started fetching"));
+            }
+        }
+        if let Ok(u) = self.unsettled.lock() {
+            if let Some((_, state)) = u.as_ref().filter(|(since, _)| since.elapsed() >= after) {
+                return Some(format!("the group membership has stayed {state}"));
+            }
+        }
+        None
+    }
+}
+
+/// The context of a group consumer that needs nothing but the `FetchWatch`.
+#[derive(Debug, Default)]
+pub struct WatchedContext {
+    pub watch: FetchWatch,
+}
+
+impl ClientContext for WatchedContext {
+    fn stats(&self, statistics: Statistics) {
+        self.watch.observe(&statistics);
+    }
+}
+
+impl ConsumerContext for WatchedContext {
+    fn pre_rebalance(&self, _consumer: &BaseConsumer<Self>, _rebalance: &Rebalance<'_>) {
+        self.watch.clear();
+    }
+}
+
+/// A group consumer with a `FetchWatch`.
+pub type WatchedConsumer = BaseConsumer<WatchedContext>;
+
 /// The producer defaults: a short linger and lz4, which batch well at medpipe's rates.
 pub fn producer_config(bootstrap: &str) -> ClientConfig {
     let mut c = ClientConfig::new();
@@ -76,7 +173,10 @@ pub fn producer_config(bootstrap: &str) -> ClientConfig {
 
 /// Moves every partition the consumer owns back to the group's committed offset (the
 /// earliest offset where the group has none), so input read since the last committed
-/// transaction is read again. Waits for the group coordinator while it is unreachable.
+/// transaction is read again. Waits up to `within` for the group coordinator to answer,
+/// then gives up with a `Timeout` error: the caller then recreates the consumer, whose
+/// assignment starts at the committed offsets too. (A consumer whose coordinator went
+/// away can stop answering offset queries for good; see `FetchWatch`.)
 ///
 /// The consumer is polled (with no wait) before each attempt: after a broker failure a
 /// rebalance callback may be pending, and the group answers no offset query until the
@@ -87,30 +187,26 @@ pub fn producer_config(bootstrap: &str) -> ClientConfig {
 /// `committed_offsets` was seen to hang the consumer's destruction (KAFKA-NOTES).
 pub fn rewind_to_committed<C: ConsumerContext>(
     consumer: &BaseConsumer<C>,
+    within: Duration,
     shutdown: &CancellationToken,
 ) -> Result<usize, PipelineError> {
-    let targets: Vec<(String, i32, Offset)> =
-        retry_until(shutdown, "read committed offsets", || {
-            let _ = consumer.poll(Duration::ZERO);
-            let assignment = consumer.assignment().map_err(kafka_err("assignment"))?;
-            if assignment.count() == 0 {
-                return Ok(Vec::new());
+    let deadline = Instant::now() + within;
+    let targets = loop {
+        let _ = consumer.poll(Duration::ZERO);
+        match committed_targets(consumer) {
+            Ok(t) => break t,
+            Err(e) if e.class() == ErrorClass::Retry => {
+                if shutdown.is_cancelled() || Instant::now() >= deadline {
+                    return Err(PipelineError::Timeout(format!(
+                        "the committed offsets could not be read within {within:?}: {e}"
+                    )));
+                }
+                warn!(error = %e, "Cannot read the committed offsets yet; retrying.");
+                std::thread::sleep(Duration::from_millis(500));
             }
-            let committed = consumer
-                .committed_offsets(assignment, Duration::from_secs(5))
-                .map_err(kafka_err("read committed offsets"))?;
-            Ok(committed
-                .elements()
-                .iter()
-                .map(|e| {
-                    let to = match e.offset() {
-                        Offset::Offset(o) => Offset::Offset(o),
-                        _ => Offset::Beginning,
-                    };
-                    (e.topic().to_string(), e.partition(), to)
-                })
-                .collect())
-        })?;
+            Err(e) => return Err(e),
+        }
+    };
     for (topic, partition, to) in &targets {
         consumer
             .seek(topic, *partition, *to, Duration::from_secs(10))
@@ -121,6 +217,30 @@ pub fn rewind_to_committed<C: ConsumerContext>(
         "Rewound to the committed offsets."
     );
     Ok(targets.len())
+}
+
+/// Where each owned partition must be read from again: its committed offset.
+fn committed_targets<C: ConsumerContext>(
+    consumer: &BaseConsumer<C>,
+) -> Result<Vec<(String, i32, Offset)>, PipelineError> {
+    let assignment = consumer.assignment().map_err(kafka_err("assignment"))?;
+    if assignment.count() == 0 {
+        return Ok(Vec::new());
+    }
+    let committed = consumer
+        .committed_offsets(assignment, Duration::from_secs(5))
+        .map_err(kafka_err("read committed offsets"))?;
+    Ok(committed
+        .elements()
+        .iter()
+        .map(|e| {
+            let to = match e.offset() {
+                Offset::Offset(o) => Offset::Offset(o),
+                _ => Offset::Beginning,
+            };
+            (e.topic().to_string(), e.partition(), to)
+        })
+        .collect())
 }
 
 /// Produces one record, waiting while librdkafka's queue is full instead of failing.

@@ -37,7 +37,7 @@ use tracing::{error, info, info_span, warn};
 use crate::codec::Codec;
 use crate::error::{kafka_err, ErrorClass, PipelineError};
 use crate::events::Event;
-use crate::kafka::{consumer_config, rewind_to_committed, ConsumerRole};
+use crate::kafka::{consumer_config, rewind_to_committed, ConsumerRole, FetchWatch, STUCK_AFTER};
 use crate::telemetry::StageMetrics;
 use crate::topics::Topics;
 use crate::txn::{Transactions, TxnSettings};
@@ -170,10 +170,12 @@ pub mod dlq_headers {
     pub const SOURCE_OFFSET: &str = "medpipe.dlq.source_offset";
 }
 
-/// Consumer context: notes rebalances for the loop and exports lag from statistics.
+/// Consumer context: notes rebalances for the loop, exports lag from statistics, and
+/// watches for assigned partitions that never start fetching.
 pub struct RunnerContext {
     /// Set by every rebalance event; the loop drops what it collected before it.
     rebalanced: AtomicBool,
+    watch: FetchWatch,
     metrics: StageMetrics,
 }
 
@@ -182,6 +184,7 @@ impl ClientContext for RunnerContext {
     /// `consumer_lag` is measured against offsets the consumer committed itself, and ours
     /// are committed by the transactional producer, so it would always read -1.
     fn stats(&self, statistics: Statistics) {
+        self.watch.observe(&statistics);
         for (topic, t) in &statistics.topics {
             for (partition, p) in &t.partitions {
                 if let Some(lag) = position_lag(*partition, p.app_offset, p.ls_offset) {
@@ -217,6 +220,7 @@ impl ConsumerContext for RunnerContext {
             }
             Rebalance::Error(e) => warn!(error = %e, "Rebalance error."),
         }
+        self.watch.clear();
         self.rebalanced.store(true, Ordering::SeqCst);
     }
 }
@@ -259,6 +263,9 @@ struct Collected {
     /// A rebalance happened: what was collected before it was dropped.
     rebalanced: bool,
 }
+
+/// How long a rewind waits for the committed offsets before recreating the consumer.
+const REWIND_WITHIN: Duration = Duration::from_secs(30);
 
 /// How often `Stage::tick` runs.
 const TICK_EVERY: Duration = Duration::from_secs(1);
@@ -303,6 +310,18 @@ impl<S: Stage> Runner<S> {
         info!(stage, topics = ?self.config.input_topics, transactional_id = %self.config.transactional_id, "Stage runner started.");
 
         while !shutdown.is_cancelled() {
+            if let Some(why) = self.consumer.context().watch.stuck(STUCK_AFTER) {
+                warn!(
+                    stage,
+                    why, "The consumer has been stuck for 30s; recreating it."
+                );
+                self.metrics
+                    .rewinds
+                    .with_label_values(&["stuck_fetch"])
+                    .inc();
+                self.consumer = subscribed_consumer(&self.config, &self.metrics)?;
+                self.reload_state = true;
+            }
             let collected = self.collect(shutdown)?;
             if collected.rebalanced {
                 self.reload_state = true;
@@ -362,7 +381,7 @@ impl<S: Stage> Runner<S> {
             .inc();
         self.txn.recover(shutdown)?;
         self.stage.state_rolled_back();
-        if let Err(e) = rewind_to_committed(&self.consumer, shutdown) {
+        if let Err(e) = rewind_to_committed(&self.consumer, REWIND_WITHIN, shutdown) {
             if e.class() == ErrorClass::Fatal {
                 return Err(e);
             }
@@ -613,6 +632,7 @@ fn subscribed_consumer(
 ) -> Result<StageConsumer, PipelineError> {
     let ctx = RunnerContext {
         rebalanced: AtomicBool::new(false),
+        watch: FetchWatch::default(),
         metrics: metrics.clone(),
     };
     let consumer: StageConsumer = consumer_config(
