@@ -296,6 +296,60 @@ fn sigkill_mid_file_then_restart_gives_every_record_exactly_once() {
     );
 }
 
+/// A second instance with the same transactional id (a replica restarted while its old
+/// process still runs) fences the first mid-file, with its chunk possibly mid-commit: the
+/// broker returns the fence, the first instance exits saying so, and the second resumes
+/// from the committed ledger, so every record is downstream exactly once.
+#[test]
+fn a_fenced_ingestion_mid_file_exits_and_its_twin_resumes_with_no_duplicate() {
+    let mut p = Pipeline::new();
+    let env = [
+        ("MEDPIPE_CHUNK_RECORDS", "200"),
+        ("MEDPIPE_CHUNK_INTERVAL", "100ms"),
+    ];
+    p.start("ingestion", &env);
+    let n = 20_000;
+    p.drop_file(
+        "big.ndjson",
+        &synthetic_file(SourceFormat::FhirNdjson, n, &fresh_tag()),
+    );
+    let topic = p.topics.name(TopicKind::Ingestion);
+    let tail = p.tail();
+    tail.wait_until("some committed records", Duration::from_secs(120), |t| {
+        t.count(&topic, "SourceRecordIngested") >= 1000
+    });
+    assert_eq!(finished_count(&tail, &p), 0, "the file must still be in progress");
+    p.start_named("ingestion-twin", "ingestion", &env);
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    let status = loop {
+        if let Some(status) = p.exited("ingestion") {
+            break status;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the fenced ingestion instance is still running"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(!status.success(), "a fenced instance exits with an error");
+    assert!(
+        p.log("ingestion").contains("the producer cannot go on (Fenced)"),
+        "the fenced instance says why it stopped"
+    );
+    tail.wait_until("the twin to finish the batch", Duration::from_secs(180), |t| {
+        finished_count(t, &p) >= 1
+    });
+    p.stop("ingestion-twin");
+    let batches = batches(&p);
+    assert_eq!(batches.len(), 1);
+    let (_, emitted, rejected) = check_batch(batches.values().next().unwrap());
+    assert_eq!((emitted, rejected), (n as i64, 0));
+    assert!(
+        p.log("ingestion-twin").contains("Resuming a batch"),
+        "the twin resumed the batch"
+    );
+}
+
 #[test]
 fn bad_records_are_rejected_precisely_and_thresholds_fail_the_batch() {
     let mut p = Pipeline::new();
