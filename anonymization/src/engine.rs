@@ -31,13 +31,14 @@ use chrono::NaiveDate;
 use hmac::{Hmac, Mac};
 use pipeline::crypto::{seal, KeyRef};
 use pipeline::events::SourceRecordBody;
+use pipeline::formats::SourceFormat;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use sha2::Sha256;
 
 use crate::policy::{
-    glob_match, DateMode, Family, FhirSegment, Filter, Format, Hl7Pattern, Method, Pattern, Policy,
-    Rule, RulePath, Specificity,
+    glob_match, DateMode, Family, FhirSegment, Filter, Hl7Pattern, Method, Pattern, Policy, Rule,
+    RulePath, Specificity,
 };
 use crate::scrub::{self, Known};
 
@@ -317,7 +318,7 @@ impl Engine {
         Ok(known)
     }
 
-    fn run<'e>(&'e self, format: Format, record_type: &'e str, patient: &'e str) -> Run<'e> {
+    fn run<'e>(&'e self, format: SourceFormat, record_type: &'e str, patient: &'e str) -> Run<'e> {
         let candidates = self.candidates(format, record_type);
         let index = PatternIndex::new(&candidates);
         Run {
@@ -339,7 +340,7 @@ impl Engine {
     }
 
     /// Every rule path that can apply to records of this format and type, ranked once.
-    fn candidates(&self, format: Format, record_type: &str) -> Vec<Candidate<'_>> {
+    fn candidates(&self, format: SourceFormat, record_type: &str) -> Vec<Candidate<'_>> {
         let mut out = Vec::new();
         for (index, rule) in self.policy.rules.iter().enumerate() {
             if !rule.formats.contains(&format) || !rule.applies_to_type(record_type) {
@@ -364,7 +365,7 @@ impl Engine {
     /// `pseudonymize` for one value. FHIR references keep their shape: `Patient/123` ->
     /// `Patient/<p>`, `urn:uuid:abc` -> `urn:uuid:<p>`, `#c1` -> `#<p>`; an absolute URL loses
     /// its base (a server address) and becomes relative. CSV and HL7 values are opaque.
-    fn pseudonymize_value(&self, format: Format, text: &str) -> String {
+    fn pseudonymize_value(&self, format: SourceFormat, text: &str) -> String {
         if format.family() != Family::Fhir {
             return self.pseudonym(text);
         }
@@ -407,8 +408,8 @@ impl Engine {
 fn format_and_link<'b>(
     source_format: &str,
     body: &'b SourceRecordBody,
-) -> Result<(Format, &'b str), EngineError> {
-    let format = Format::parse(source_format)
+) -> Result<(SourceFormat, &'b str), EngineError> {
+    let format = SourceFormat::parse(source_format)
         .ok_or_else(|| EngineError::UnsupportedFormat(source_format.to_owned()))?;
     let link = body
         .patient_link
@@ -419,9 +420,9 @@ fn format_and_link<'b>(
 }
 
 /// What an empty record looks like when every leaf was removed.
-fn empty_like(format: Format) -> Value {
+fn empty_like(format: SourceFormat) -> Value {
     match format {
-        Format::Hl7v2 => serde_json::json!({"segments": []}),
+        SourceFormat::Hl7v2 => serde_json::json!({"segments": []}),
         _ => Value::Object(Map::new()),
     }
 }
@@ -638,7 +639,7 @@ struct Frame<'v> {
 /// One record being de-identified.
 struct Run<'e> {
     engine: &'e Engine,
-    format: Format,
+    format: SourceFormat,
     record_type: &'e str,
     candidates: Vec<Candidate<'e>>,
     index: PatternIndex<'e>,
@@ -652,10 +653,10 @@ struct Run<'e> {
 impl<'e> Run<'e> {
     fn record(&mut self, content: &Value) -> Result<Option<Value>, EngineError> {
         match self.format {
-            Format::Csv => self.csv(content),
-            Format::FhirNdjson => self.fhir_resource(content, ""),
-            Format::FhirBundle => self.fhir_entry(content),
-            Format::Hl7v2 => self.hl7(content),
+            SourceFormat::Csv => self.csv(content),
+            SourceFormat::FhirNdjson => self.fhir_resource(content, ""),
+            SourceFormat::FhirBundle => self.fhir_entry(content),
+            SourceFormat::Hl7v2 => self.hl7(content),
         }
     }
 
@@ -1259,7 +1260,7 @@ mod tests {
     fn references_keep_their_shape() {
         let e = engine_with(Policy::safe_harbor());
         let p = e.pseudonym("123");
-        let f = |t: &str| e.pseudonymize_value(Format::FhirNdjson, t);
+        let f = |t: &str| e.pseudonymize_value(SourceFormat::FhirNdjson, t);
         assert_eq!(f("Patient/123"), format!("Patient/{p}"));
         assert_eq!(
             f("https://x.example/fhir/Patient/123"),
@@ -1278,7 +1279,7 @@ mod tests {
         );
         // HL7 and CSV values are opaque, so PID-3 `A/123` still links to its patient_link.
         assert_eq!(
-            e.pseudonymize_value(Format::Hl7v2, "Patient/123"),
+            e.pseudonymize_value(SourceFormat::Hl7v2, "Patient/123"),
             e.pseudonym("Patient/123")
         );
     }

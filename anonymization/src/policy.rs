@@ -73,52 +73,7 @@ pub enum DateMode {
 }
 
 /// One source format, as named in `SourceRecordIngested.source_format`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum Format {
-    Csv,
-    FhirNdjson,
-    FhirBundle,
-    Hl7v2,
-}
-
-impl Format {
-    pub const ALL: [Format; 4] = [
-        Format::Csv,
-        Format::FhirNdjson,
-        Format::FhirBundle,
-        Format::Hl7v2,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Format::Csv => "csv",
-            Format::FhirNdjson => "fhir-ndjson",
-            Format::FhirBundle => "fhir-bundle",
-            Format::Hl7v2 => "hl7v2",
-        }
-    }
-
-    pub fn parse(name: &str) -> Option<Format> {
-        Format::ALL.into_iter().find(|f| f.as_str() == name)
-    }
-
-    /// Formats of one family share a path syntax.
-    pub fn family(self) -> Family {
-        match self {
-            Format::Csv => Family::Csv,
-            Format::FhirNdjson | Format::FhirBundle => Family::Fhir,
-            Format::Hl7v2 => Family::Hl7,
-        }
-    }
-}
-
-/// Formats that share a path syntax.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Family {
-    Csv,
-    Fhir,
-    Hl7,
-}
+pub use pipeline::formats::{Family, SourceFormat};
 
 /// What a rule does to every leaf value it governs.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -170,7 +125,7 @@ pub struct Rule {
     /// Safe Harbor identifier category 1..=18, or 0 for data that is not an identifier.
     pub category: u8,
     pub description: Option<String>,
-    pub formats: BTreeSet<Format>,
+    pub formats: BTreeSet<SourceFormat>,
     /// Record types the rule is limited to (globs with `*`); `None` means any.
     pub resource_types: Option<Vec<String>>,
     pub paths: Vec<RulePath>,
@@ -459,7 +414,7 @@ fn validate_rule(position: usize, raw: RawRule) -> Result<Rule, PolicyError> {
     }
     let mut formats = BTreeSet::new();
     for f in &raw.formats {
-        let format = Format::parse(f).ok_or_else(|| {
+        let format = SourceFormat::parse(f).ok_or_else(|| {
             rule_error(
                 &id,
                 "formats",

@@ -22,7 +22,7 @@ use pipeline::events::{
 };
 use pipeline::runner::Owns;
 use pipeline::state::{KeyedState, PendingClose};
-use pipeline::{Event, Input, Outcome, Output, PipelineError, Stage};
+use pipeline::{Event, Input, Outcome, Output, PipelineError, ResourceType, Stage};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -183,11 +183,7 @@ impl Canonizer {
             report,
             fhir_json,
             provenance,
-        )
-        .ok_or_else(|| Refused::Dead {
-            error_type: "mapping",
-            reason: format!("no canonical record type for {resource_type}"),
-        })?;
+        );
         Ok((payload, unmapped))
     }
 
@@ -310,7 +306,12 @@ impl Canonizer {
             Ok(records) => {
                 for (payload, unmapped) in records {
                     *s.by_type
-                        .entry(resource_type_of(&payload).to_string())
+                        .entry(
+                            payload
+                                .resource_type()
+                                .map_or("Unknown", ResourceType::fhir_name)
+                                .to_string(),
+                        )
                         .or_default() += 1;
                     s.codes_unmapped += unmapped;
                     self.unmapped.inc_by(unmapped.unsigned_abs());
@@ -349,33 +350,17 @@ fn lifecycle(cause: &Event, batch: &str, payload: Payload) -> Output {
     }
 }
 
-fn resource_type_of(p: &Payload) -> &'static str {
-    p.event_type()
-        .strip_prefix("Canonical")
-        .unwrap_or("Unknown")
-}
-
 /// The canonical record of one resource: shared typed fields, the type's details.
 fn build(
-    resource_type: &str,
+    resource_type: ResourceType,
     resource_id: String,
     rec: &RecordAnonymized,
     t: Typed,
     report: Report,
     fhir_json: String,
     provenance: Provenance,
-) -> Option<Payload> {
-    if resource_type == "Patient" {
-        return Some(Payload::CanonicalPatient(CanonicalPatient {
-            resource_id,
-            patient_pseudonym: rec.patient_pseudonym.clone(),
-            gender: t.gender,
-            birth_year: t.birth_year,
-            fhir_json,
-            provenance,
-        }));
-    }
-    let base = CanonicalRecord {
+) -> Payload {
+    let base = || CanonicalRecord {
         resource_id,
         patient_pseudonym: rec.patient_pseudonym.clone(),
         patient_id: mapping::patient_id(&rec.patient_pseudonym),
@@ -389,17 +374,28 @@ fn build(
         fhir_json,
         provenance,
     };
-    Some(match resource_type {
-        "Encounter" => Payload::CanonicalEncounter(with_details(
-            base,
+    match resource_type {
+        ResourceType::Patient => {
+            let base = base();
+            Payload::CanonicalPatient(CanonicalPatient {
+                resource_id: base.resource_id,
+                patient_pseudonym: base.patient_pseudonym,
+                gender: t.gender,
+                birth_year: t.birth_year,
+                fhir_json: base.fhir_json,
+                provenance: base.provenance,
+            })
+        }
+        ResourceType::Encounter => Payload::CanonicalEncounter(with_details(
+            base(),
             EncounterDetails {
                 class_code: t.class_code,
                 period_start: t.effective.clone(),
                 period_end: t.period_end,
             },
         )),
-        "Observation" => Payload::CanonicalObservation(with_details(
-            base,
+        ResourceType::Observation => Payload::CanonicalObservation(with_details(
+            base(),
             ObservationDetails {
                 category: t.category,
                 value_number: t.value_number,
@@ -412,45 +408,44 @@ fn build(
                 interpretation: t.interpretation,
             },
         )),
-        "Condition" => Payload::CanonicalCondition(with_details(
-            base,
+        ResourceType::Condition => Payload::CanonicalCondition(with_details(
+            base(),
             ConditionDetails {
                 clinical_status: t.clinical_status,
                 abatement: t.period_end,
             },
         )),
-        "MedicationRequest" => Payload::CanonicalMedicationRequest(with_details(
-            base,
+        ResourceType::MedicationRequest => Payload::CanonicalMedicationRequest(with_details(
+            base(),
             MedicationRequestDetails { intent: t.intent },
         )),
-        "Procedure" => Payload::CanonicalProcedure(with_details(
-            base,
+        ResourceType::Procedure => Payload::CanonicalProcedure(with_details(
+            base(),
             ProcedureDetails {
                 performed_end: t.period_end,
             },
         )),
-        "DiagnosticReport" => Payload::CanonicalDiagnosticReport(with_details(
-            base,
+        ResourceType::DiagnosticReport => Payload::CanonicalDiagnosticReport(with_details(
+            base(),
             DiagnosticReportDetails {
                 category: t.category,
                 result_ids: t.result_ids,
             },
         )),
-        "AllergyIntolerance" => Payload::CanonicalAllergyIntolerance(with_details(
-            base,
+        ResourceType::AllergyIntolerance => Payload::CanonicalAllergyIntolerance(with_details(
+            base(),
             AllergyIntoleranceDetails {
                 criticality: t.criticality,
                 category: t.category,
             },
         )),
-        "Immunization" => Payload::CanonicalImmunization(with_details(
-            base,
+        ResourceType::Immunization => Payload::CanonicalImmunization(with_details(
+            base(),
             ImmunizationDetails {
                 primary_source: t.primary_source,
             },
         )),
-        _ => return None,
-    })
+    }
 }
 
 fn with_details<D>(base: CanonicalRecord<()>, details: D) -> CanonicalRecord<D> {

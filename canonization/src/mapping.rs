@@ -15,7 +15,7 @@
 //! | Synthea CSV | the `Id` column (patients, encounters), else the row's identifying columns (`data/synthea.toml`) |
 //! | HL7 v2 | the visit number (PV1-19), the filler/placer order number (OBR-3/OBR-2) with the OBR-4 code, then OBX set ids; else message control id + segment position |
 //!
-//! A Patient's id is always `resource_id("Patient", pseudonym, "")`: one Patient per
+//! A Patient's id is always `resource_id(ResourceType::Patient, pseudonym, "")`: one Patient per
 //! patient, whatever the source. References use the same scheme, so an Observation's
 //! `encounter` points at exactly the id the Encounter's own mapping produces, across
 //! formats too (Synthea's CSV `Id` and its FHIR resource ids are the same value, and both
@@ -42,42 +42,33 @@ mod hl7;
 mod structure;
 mod tables;
 
+use pipeline::formats::{Family, SourceFormat};
 use serde::Serialize;
 use serde_json::Value;
 use uuid::Uuid;
 
-/// The resource types of the canonical model; nothing else is ever emitted.
-pub const RESOURCE_TYPES: [&str; 9] = [
-    "Patient",
-    "Encounter",
-    "Observation",
-    "Condition",
-    "MedicationRequest",
-    "Procedure",
-    "DiagnosticReport",
-    "AllergyIntolerance",
-    "Immunization",
-];
-
-/// The `source_format` values ingestion writes (`ingestion::formats::SourceFormat`).
-pub const SOURCE_FORMATS: [&str; 4] = ["csv", "fhir-ndjson", "fhir-bundle", "hl7v2"];
+pub use pipeline::ResourceType;
 
 /// Namespace for deterministic resource ids (UUID v5), fixed forever. Must stay equal to
 /// the one in the canonization crate's `resource_id`.
 const ID_NAMESPACE: Uuid = Uuid::from_u128(0x6d65_6470_6970_6545_8000_0000_0000_0001);
 
 /// The deterministic id of a resource: the same inputs give the same id on every replay.
-pub fn resource_id(resource_type: &str, pseudonym: &str, source_identity: &str) -> String {
+pub fn resource_id(resource_type: ResourceType, pseudonym: &str, source_identity: &str) -> String {
     Uuid::new_v5(
         &ID_NAMESPACE,
-        format!("{resource_type}|{pseudonym}|{source_identity}").as_bytes(),
+        format!(
+            "{}|{pseudonym}|{source_identity}",
+            resource_type.fhir_name()
+        )
+        .as_bytes(),
     )
     .to_string()
 }
 
 /// The id of the one canonical Patient of a pseudonym.
 pub fn patient_id(pseudonym: &str) -> String {
-    resource_id("Patient", pseudonym, "")
+    resource_id(ResourceType::Patient, pseudonym, "")
 }
 
 /// The version of the mapping tables (data/synthea.toml and data/hl7v2.toml), for
@@ -106,8 +97,7 @@ pub struct Input<'a> {
 /// One canonical resource.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Mapped {
-    /// One of [`RESOURCE_TYPES`].
-    pub resource_type: &'static str,
+    pub resource_type: ResourceType,
     pub resource_id: String,
     /// The FHIR R4 resource, `id` equal to `resource_id`.
     pub resource: Value,
@@ -154,15 +144,13 @@ pub fn map_record(input: &Input<'_>) -> Result<Vec<Mapped>, MapError> {
         return Err(MapError::invalid("the record has no patient pseudonym"));
     }
     let tables = tables::get()?;
-    let resources = match input.source_format {
-        "fhir-ndjson" | "fhir-bundle" => vec![fhir::map(input, tables)?],
-        "csv" => vec![csv::map(input, tables)?],
-        "hl7v2" => hl7::map(input, tables)?,
-        _ => {
-            return Err(MapError::invalid(
-                "unknown source_format (expected csv, fhir-ndjson, fhir-bundle or hl7v2)",
-            ))
-        }
+    let format = SourceFormat::parse(input.source_format).ok_or_else(|| {
+        MapError::invalid("unknown source_format (expected csv, fhir-ndjson, fhir-bundle or hl7v2)")
+    })?;
+    let resources = match format.family() {
+        Family::Fhir => vec![fhir::map(input, tables)?],
+        Family::Csv => vec![csv::map(input, tables)?],
+        Family::Hl7 => hl7::map(input, tables)?,
     };
     resources
         .into_iter()
@@ -184,11 +172,11 @@ pub fn map_record(input: &Input<'_>) -> Result<Vec<Mapped>, MapError> {
 }
 
 /// A resource as a format mapper hands it to `finish`: type, id, draft resource.
-type Draft = (&'static str, String, Value);
+type Draft = (ResourceType, String, Value);
 
-/// The `&'static` name of a canonical type, or `None` for any other type.
-fn canonical_type(name: &str) -> Option<&'static str> {
-    RESOURCE_TYPES.iter().copied().find(|t| *t == name)
+/// The canonical type a FHIR resource type name names, or `None` for any other type.
+fn canonical_type(name: &str) -> Option<ResourceType> {
+    ResourceType::parse(name)
 }
 
 #[cfg(test)]
@@ -199,17 +187,20 @@ mod tests {
     fn resource_ids_keep_the_canonization_scheme() {
         // Pinned: a change here would re-key every published resource.
         assert_eq!(
-            resource_id("Patient", "abc", ""),
+            resource_id(ResourceType::Patient, "abc", ""),
             Uuid::new_v5(&ID_NAMESPACE, b"Patient|abc|").to_string()
         );
         assert_eq!(
-            resource_id("Patient", "abc", ""),
+            resource_id(ResourceType::Patient, "abc", ""),
             "f188ebb5-8388-55dd-86da-9bd78c19898f"
         );
         assert_ne!(
-            resource_id("Encounter", "abc", "x"),
-            resource_id("Observation", "abc", "x")
+            resource_id(ResourceType::Encounter, "abc", "x"),
+            resource_id(ResourceType::Observation, "abc", "x")
         );
-        assert_eq!(patient_id("abc"), resource_id("Patient", "abc", ""));
+        assert_eq!(
+            patient_id("abc"),
+            resource_id(ResourceType::Patient, "abc", "")
+        );
     }
 }

@@ -4,6 +4,7 @@
 //! canonical record, so nothing the source said is lost.
 
 use pipeline::events::Code;
+use pipeline::ResourceType;
 use serde_json::{json, Value};
 
 use crate::concept_map::{system_uri, ConceptMaps, Translation};
@@ -24,15 +25,17 @@ pub struct Report {
 }
 
 /// Where each type keeps its main CodeableConcept.
-pub fn code_element(resource_type: &str) -> Option<&'static str> {
+pub fn code_element(resource_type: ResourceType) -> Option<&'static str> {
     Some(match resource_type {
-        "Observation" | "Condition" | "Procedure" | "DiagnosticReport" | "AllergyIntolerance" => {
-            "code"
-        }
-        "Immunization" => "vaccineCode",
-        "MedicationRequest" => "medicationCodeableConcept",
-        "Encounter" => "type",
-        _ => return None,
+        ResourceType::Observation
+        | ResourceType::Condition
+        | ResourceType::Procedure
+        | ResourceType::DiagnosticReport
+        | ResourceType::AllergyIntolerance => "code",
+        ResourceType::Immunization => "vaccineCode",
+        ResourceType::MedicationRequest => "medicationCodeableConcept",
+        ResourceType::Encounter => "type",
+        ResourceType::Patient => return None,
     })
 }
 
@@ -54,7 +57,7 @@ fn code_of(coding: &Value) -> Code {
 
 /// Normalises `resource` (of `resource_type`) in place.
 pub fn normalize(
-    resource_type: &str,
+    resource_type: ResourceType,
     resource: &mut Value,
     maps: &ConceptMaps,
     clinical_date: &str,
@@ -107,7 +110,7 @@ pub fn normalize(
             }
         }
     }
-    if resource_type == "Observation" {
+    if resource_type == ResourceType::Observation {
         normalize_quantities(resource, &mut report);
     }
     report
@@ -218,7 +221,7 @@ mod tests {
     fn a_local_lab_code_is_mapped_and_the_source_kept_as_a_second_coding() {
         let mut obs = json!({"resourceType": "Observation", "status": "final",
             "code": {"coding": [{"system": "urn:medpipe:local-lab", "code": "GLU"}]}});
-        let r = normalize("Observation", &mut obs, &maps(), "2019");
+        let r = normalize(ResourceType::Observation, &mut obs, &maps(), "2019");
         assert_eq!(r.code_status, "mapped");
         assert_eq!(obs["code"]["coding"][0]["system"], "http://loinc.org");
         assert_eq!(obs["code"]["coding"][1]["code"], "GLU");
@@ -231,7 +234,7 @@ mod tests {
         let mut obs = json!({"resourceType": "Observation", "status": "final",
             "code": {"coding": [{"system": "urn:example:lab", "code": "XYZ"}]}});
         let before = obs.clone();
-        let r = normalize("Observation", &mut obs, &maps(), "2019");
+        let r = normalize(ResourceType::Observation, &mut obs, &maps(), "2019");
         assert_eq!(r.code_status, "unmapped");
         assert_eq!(obs, before);
     }
@@ -242,7 +245,7 @@ mod tests {
             "code": {"coding": [{"system": "http://loinc.org", "code": "2345-7", "display": "Glucose"}]},
             "valueQuantity": {"value": 90, "unit": "mg/dL"},
             "referenceRange": [{"low": {"value": 70, "unit": "mg/dL"}, "high": {"value": 99, "unit": "mg/dL"}}]});
-        let r = normalize("Observation", &mut obs, &maps(), "2019");
+        let r = normalize(ResourceType::Observation, &mut obs, &maps(), "2019");
         assert_eq!(r.code_status, "standard");
         assert_eq!(r.unit_status, Some("converted"));
         assert_eq!(r.original_value, Some((90.0, "mg/dL".to_string())));

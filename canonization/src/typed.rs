@@ -4,6 +4,7 @@
 //! filters and joins on, extracted one way for every source format. Reads never fail:
 //! a missing or oddly shaped element gives `None`.
 
+use pipeline::ResourceType;
 use serde::Serialize;
 use serde_json::Value;
 
@@ -80,19 +81,22 @@ pub fn effective(resource: &Value) -> Option<String> {
     })
 }
 
-pub fn typed(resource_type: &str, resource: &Value) -> Typed {
+pub fn typed(resource_type: ResourceType, resource: &Value) -> Typed {
     let str_at = |v: &Value, key: &str| v.get(key).and_then(Value::as_str).map(str::to_owned);
     let status = str_at(resource, "status").or_else(|| {
-        matches!(resource_type, "Condition" | "AllergyIntolerance")
-            .then(|| first_coding(resource.get("clinicalStatus")).and_then(|c| c.code))
-            .flatten()
+        matches!(
+            resource_type,
+            ResourceType::Condition | ResourceType::AllergyIntolerance
+        )
+        .then(|| first_coding(resource.get("clinicalStatus")).and_then(|c| c.code))
+        .flatten()
     });
     let code = ["code", "vaccineCode", "medicationCodeableConcept"]
         .iter()
         .find_map(|k| first_coding(resource.get(*k)))
         .or_else(|| {
             // An Encounter has no `code`: what kind of visit it was is its first `type`.
-            (resource_type == "Encounter")
+            (resource_type == ResourceType::Encounter)
                 .then(|| first_coding(resource.get("type").and_then(|t| t.get(0))))
                 .flatten()
         });
@@ -136,7 +140,7 @@ pub fn typed(resource_type: &str, resource: &Value) -> Typed {
         Some(other @ Value::Object(_)) => first_coding(Some(other)).and_then(|c| c.code),
         _ => None,
     };
-    if resource_type == "Patient" {
+    if resource_type == ResourceType::Patient {
         out.gender = str_at(resource, "gender");
         out.birth_year = resource
             .get("birthDate")
@@ -146,7 +150,7 @@ pub fn typed(resource_type: &str, resource: &Value) -> Typed {
     }
     out.class_code = resource
         .get("class")
-        .filter(|_| resource_type == "Encounter")
+        .filter(|_| resource_type == ResourceType::Encounter)
         .and_then(|c| str_at(c, "code"));
     out.result_ids = resource
         .get("result")
@@ -211,7 +215,7 @@ mod tests {
             "valueQuantity": {"value": 105, "unit": "mg/dL"},
             "category": [{"coding": [{"code": "laboratory"}]}],
         });
-        let t = typed("Observation", &obs);
+        let t = typed(ResourceType::Observation, &obs);
         assert_eq!(t.status.as_deref(), Some("final"));
         assert_eq!(t.code.and_then(|c| c.code).as_deref(), Some("2339-0"));
         assert_eq!(t.encounter_id.as_deref(), Some("e-1"));
@@ -221,7 +225,7 @@ mod tests {
         assert_eq!(t.category.as_deref(), Some("laboratory"));
 
         let below = json!({"valueQuantity": {"value": 5, "comparator": "<", "unit": "mg/L"}});
-        let t = typed("Observation", &below);
+        let t = typed(ResourceType::Observation, &below);
         assert_eq!(t.value_number, None);
         assert_eq!(t.value_string.as_deref(), Some("<5"));
     }
@@ -230,37 +234,42 @@ mod tests {
     fn other_types() {
         let cond =
             json!({"clinicalStatus": {"coding": [{"code": "active"}]}, "onsetDateTime": "2019"});
-        let t = typed("Condition", &cond);
+        let t = typed(ResourceType::Condition, &cond);
         assert_eq!(t.status.as_deref(), Some("active"));
         assert_eq!(t.effective.as_deref(), Some("2019"));
         let allergy = json!({"category": ["food"]});
         assert_eq!(
-            typed("AllergyIntolerance", &allergy).category.as_deref(),
+            typed(ResourceType::AllergyIntolerance, &allergy)
+                .category
+                .as_deref(),
             Some("food")
         );
         let p = json!({"gender": "female", "birthDate": "1936"});
-        let t = typed("Patient", &p);
+        let t = typed(ResourceType::Patient, &p);
         assert_eq!(
             (t.gender.as_deref(), t.birth_year),
             (Some("female"), Some(1936))
         );
         let e = json!({"class": {"code": "AMB"}, "period": {"start": "2019"}});
-        let t = typed("Encounter", &e);
+        let t = typed(ResourceType::Encounter, &e);
         assert_eq!(
             (t.class_code.as_deref(), t.effective.as_deref()),
             (Some("AMB"), Some("2019"))
         );
         let dr =
             json!({"result": [{"reference": "Observation/a"}, {"reference": "Observation/b"}]});
-        assert_eq!(typed("DiagnosticReport", &dr).result_ids, ["a", "b"]);
+        assert_eq!(
+            typed(ResourceType::DiagnosticReport, &dr).result_ids,
+            ["a", "b"]
+        );
         let med = json!({"medicationCodeableConcept": {"text": "aspirin"}});
         assert_eq!(
-            typed("MedicationRequest", &med)
+            typed(ResourceType::MedicationRequest, &med)
                 .code
                 .and_then(|c| c.display)
                 .as_deref(),
             Some("aspirin")
         );
-        assert_eq!(typed("Patient", &json!(null)), Typed::default());
+        assert_eq!(typed(ResourceType::Patient, &json!(null)), Typed::default());
     }
 }

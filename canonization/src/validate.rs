@@ -20,7 +20,7 @@
 //!   contained resource itself with the validator for its type, compiled on first
 //!   use. A contained resource that contains resources fails (FHIR invariant dom-2).
 //!
-//! The validators for [`RESOURCE_TYPES`] are compiled in [`FhirValidator::new`]; any
+//! The validators for the canonical types (`pipeline::ResourceType`) are compiled in [`FhirValidator::new`]; any
 //! other R4 type (seen only inside `contained`) is compiled once, on first use.
 //!
 //! Error messages are built from the error kind and the schema, never from the
@@ -45,7 +45,10 @@ const R4_RESOURCE_TYPES: &str = include_str!("../schema/r4-resource-types.txt");
 const SCHEMA_URI: &str = "http://hl7.org/fhir/json-schema/4.0";
 
 /// The resource types the canonization stage emits and therefore validates.
-pub use crate::mapping::RESOURCE_TYPES;
+/// The FHIR names of the canonical types, the ones validated.
+fn canonical_names() -> impl Iterator<Item = &'static str> {
+    pipeline::ResourceType::ALL.iter().map(|t| t.fhir_name())
+}
 
 /// Stand-in for a resource type that cannot be named without echoing input.
 const UNKNOWN_TYPE: &str = "(unknown)";
@@ -99,7 +102,7 @@ fn display_path(path: &str) -> &str {
 pub struct FhirValidator {
     /// The patched schema document, kept for compiling contained types on demand.
     registry: Registry<'static>,
-    /// One slot per FHIR R4 resource type; [`RESOURCE_TYPES`] are filled by `new`.
+    /// One slot per FHIR R4 resource type; the canonical types (`pipeline::ResourceType`) are filled by `new`.
     validators: HashMap<String, OnceLock<Result<jsonschema::Validator, String>>>,
     /// Pattern -> the FHIR primitive type(s) defining it, so a pattern failure can say
     /// "not a valid FHIR dateTime" instead of quoting a long regular expression.
@@ -137,7 +140,7 @@ fn compile(registry: &Registry<'_>, resource_type: &str) -> Result<jsonschema::V
 }
 
 impl FhirValidator {
-    /// Parses the embedded schema and compiles the validators for [`RESOURCE_TYPES`].
+    /// Parses the embedded schema and compiles the validators for the canonical types (`pipeline::ResourceType`).
     /// About 0.12–0.14 s in a release build (0.7 s in a debug one) and ~40 MB peak;
     /// do it once.
     pub fn new() -> Result<Self, ValidatorError> {
@@ -152,13 +155,13 @@ impl FhirValidator {
             return Err(ValidatorError::MissingDefinition("definitions".into()));
         };
         // Every listed type must be a resource definition: its `resourceType` is a const.
-        for name in r4_types.iter().chain(&RESOURCE_TYPES) {
+        for name in r4_types.iter().copied().chain(canonical_names()) {
             let is_resource = definitions
-                .get(*name)
+                .get(name)
                 .and_then(|def| def.pointer("/properties/resourceType/const"))
                 .is_some();
-            if !is_resource || !r4_types.contains(name) {
-                return Err(ValidatorError::MissingDefinition((*name).to_string()));
+            if !is_resource || !r4_types.contains(&name) {
+                return Err(ValidatorError::MissingDefinition(name.to_string()));
             }
         }
         let mut primitives: HashMap<String, Vec<&str>> = HashMap::new();
@@ -209,7 +212,7 @@ impl FhirValidator {
             validators,
             primitives_by_pattern,
         };
-        for resource_type in RESOURCE_TYPES {
+        for resource_type in canonical_names() {
             if let Some(Err(message)) = this.validator(resource_type) {
                 return Err(ValidatorError::Compile {
                     resource_type: resource_type.into(),
@@ -227,11 +230,11 @@ impl FhirValidator {
             .map(|slot| slot.get_or_init(|| compile(&self.registry, resource_type)))
     }
 
-    /// Checks one resource of a type in [`RESOURCE_TYPES`], and every resource it
+    /// Checks one resource of a type in the canonical types (`pipeline::ResourceType`), and every resource it
     /// contains; returns the first problem found.
     pub fn validate(&self, resource: &Value) -> Result<(), Invalid> {
         let resource_type = resource_type_of(resource, "")?;
-        if !RESOURCE_TYPES.contains(&resource_type) {
+        if !canonical_names().any(|t| t == resource_type) {
             return Err(match self.validators.get_key_value(resource_type) {
                 // Named through the map's own key, so nothing of the input is echoed.
                 Some((r4_type, _)) => type_error(
@@ -308,7 +311,7 @@ impl FhirValidator {
 
     /// The resource types [`FhirValidator::validate`] accepts at the top level.
     pub fn resource_types(&self) -> impl Iterator<Item = &'static str> {
-        RESOURCE_TYPES.into_iter()
+        canonical_names()
     }
 }
 
@@ -545,11 +548,14 @@ mod tests {
 
     #[test]
     fn a_minimal_resource_of_each_type_is_valid() {
-        for resource_type in RESOURCE_TYPES {
+        for resource_type in canonical_names() {
             let resource = minimal(resource_type);
             assert_eq!(VALIDATOR.validate(&resource), Ok(()), "{resource_type}");
         }
-        assert_eq!(VALIDATOR.resource_types().count(), RESOURCE_TYPES.len());
+        assert_eq!(
+            VALIDATOR.resource_types().count(),
+            pipeline::ResourceType::ALL.len()
+        );
     }
 
     #[test]
@@ -699,7 +705,7 @@ mod tests {
             .unwrap()
             .remove("medicationCodeableConcept");
         request["medicationReference"] = json!({"reference": "#med1"});
-        // Medication is not one of RESOURCE_TYPES: compiled on first use.
+        // Medication is not a canonical type: compiled on first use.
         let medication = json!({
             "resourceType": "Medication",
             "id": "med1",

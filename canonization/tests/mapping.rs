@@ -8,7 +8,7 @@ mod common;
 use std::collections::{BTreeMap, BTreeSet};
 
 use canonization::mapping::{
-    map_record, patient_id, resource_id, Input, MapError, Mapped, RESOURCE_TYPES,
+    map_record, patient_id, resource_id, Input, MapError, Mapped, ResourceType,
 };
 use serde_json::{json, Value};
 
@@ -63,14 +63,14 @@ fn ids_are_deterministic_and_independent_of_batch_and_position() {
 
 #[test]
 fn ids_are_distinct_across_types_and_within_a_record() {
-    let ids: BTreeSet<String> = RESOURCE_TYPES
+    let ids: BTreeSet<String> = ResourceType::ALL
         .iter()
-        .map(|t| resource_id(t, "p", "same-source-id"))
+        .map(|&t| resource_id(t, "p", "same-source-id"))
         .collect();
-    assert_eq!(ids.len(), RESOURCE_TYPES.len());
+    assert_eq!(ids.len(), ResourceType::ALL.len());
     assert_ne!(
-        resource_id("Observation", "p", "x"),
-        resource_id("Observation", "q", "x")
+        resource_id(ResourceType::Observation, "p", "x"),
+        resource_id(ResourceType::Observation, "q", "x")
     );
 
     // Over every golden: an id belongs to one type, and one record never repeats an id.
@@ -86,9 +86,9 @@ fn ids_are_distinct_across_types_and_within_a_record() {
                 "{}: repeated id",
                 case.name
             );
-            let previous = owner.insert(m.resource_id.clone(), m.resource_type);
+            let previous = owner.insert(m.resource_id.clone(), m.resource_type.fhir_name());
             assert!(
-                previous.is_none_or(|t| t == m.resource_type),
+                previous.is_none_or(|t| m.resource_type == t),
                 "{}",
                 case.name
             );
@@ -147,7 +147,7 @@ fn every_synthea_row_points_at_a_mapped_encounter_and_patient() {
                 encounters.contains(enc.trim_start_matches("Encounter/")),
                 "{file}: encounter reference"
             );
-            let patient_element = match m.resource_type {
+            let patient_element = match m.resource_type.fhir_name() {
                 "AllergyIntolerance" | "Immunization" => "patient",
                 _ => "subject",
             };
@@ -193,7 +193,10 @@ fn hl7_results_link_to_their_report_and_the_admission() {
     let adt = map(&golden_input("hl7-adt-a01"));
     let oru = map(&golden_input("hl7-oru-r01"));
     let encounter = adt.iter().find(|m| m.resource_type == "Encounter").unwrap();
-    let patient = adt.iter().find(|m| m.resource_type == "Patient").unwrap();
+    let patient = adt
+        .iter()
+        .find(|m| m.resource_type == ResourceType::Patient)
+        .unwrap();
     let mut reports = 0;
     for m in &oru {
         assert_eq!(
@@ -352,7 +355,11 @@ fn hl7_edge_cases_still_give_valid_resources() {
     };
     let out = map(&owned);
     for (i, m) in out.iter().enumerate() {
-        assert_valid_r4(m.resource_type, &m.resource, &format!("resource {i}"));
+        assert_valid_r4(
+            m.resource_type.fhir_name(),
+            &m.resource,
+            &format!("resource {i}"),
+        );
     }
     let value = |i: usize, k: &str| out[i].resource[k].clone();
     assert_eq!(value(0, "valueQuantity"), json!({"value": 12.5}));

@@ -10,8 +10,9 @@
 
 mod common;
 
-use canonization::mapping::{map_record, Input, SOURCE_FORMATS};
+use canonization::mapping::{map_record, Input};
 use canonization::typed::typed;
+use pipeline::SourceFormat;
 use proptest::prelude::*;
 use serde_json::{json, Map, Value};
 
@@ -117,7 +118,10 @@ const FHIR_ELEMENTS: [&str; 40] = [
 
 fn fhir_resource() -> impl Strategy<Value = (String, Value)> {
     // The canonical types, and one outside the model.
-    let mut names = canonization::mapping::RESOURCE_TYPES.to_vec();
+    let mut names: Vec<&str> = canonization::mapping::ResourceType::ALL
+        .iter()
+        .map(|t| t.fhir_name())
+        .collect();
     names.push("Coverage");
     let types = prop::sample::select(names);
     let fields = prop::collection::btree_map(
@@ -244,7 +248,7 @@ fn check(format: &str, record_type: &str, content: &Value) -> Result<(), TestCas
             let mut ids = std::collections::BTreeSet::new();
             for m in &resources {
                 prop_assert!(ids.insert(m.resource_id.clone()), "repeated id");
-                assert_valid_r4(m.resource_type, &m.resource, record_type);
+                assert_valid_r4(m.resource_type.fhir_name(), &m.resource, record_type);
                 let _ = typed(m.resource_type, &m.resource);
             }
         }
@@ -260,7 +264,7 @@ proptest! {
 
     #[test]
     fn arbitrary_json_never_panics(
-        format in prop::sample::select(SOURCE_FORMATS.iter().copied().chain(["other"]).collect::<Vec<_>>()),
+        format in prop::sample::select(SourceFormat::ALL.iter().map(|f| f.as_str()).chain(["other"]).collect::<Vec<_>>()),
         record_type in prop_oneof![Just("Observation".to_owned()), Just("ORU^R01".to_owned()), "[A-Za-z^]{0,10}"],
         content in any_json(),
     ) {
@@ -284,8 +288,11 @@ proptest! {
     }
 
     #[test]
-    fn typed_never_panics(resource_type in "[A-Za-z]{0,12}", resource in any_json()) {
-        let _ = typed(&resource_type, &resource);
+    fn typed_never_panics(
+        resource_type in prop::sample::select(canonization::mapping::ResourceType::ALL.to_vec()),
+        resource in any_json(),
+    ) {
+        let _ = typed(resource_type, &resource);
     }
 }
 

@@ -364,7 +364,7 @@ async fn summary(
         writeln!(out, "  {topic:<48} {t:<28} {n:>7}")?;
     }
     writeln!(out, "\nUp to {show} canonical records per resource topic:")?;
-    for kind in TopicKind::CANONICAL {
+    for kind in TopicKind::canonical() {
         let topic = topics.name(kind);
         for r in records
             .iter()

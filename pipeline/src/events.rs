@@ -5,6 +5,7 @@ use chrono::Utc;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
+use crate::resources::ResourceType;
 use crate::topics::TopicKind;
 
 /// The envelope fields every event carries (see `schemas/envelope.avsc`).
@@ -165,6 +166,14 @@ macro_rules! catalogue {
             pub fn topic_kind(&self) -> TopicKind {
                 match self { $( Payload::$variant(_) => $topic, )* }
             }
+
+            /// The canonical resource type of a canonical record (from its topic).
+            pub fn resource_type(&self) -> Option<ResourceType> {
+                match self.topic_kind() {
+                    TopicKind::Canonical(t) => Some(t),
+                    _ => None,
+                }
+            }
         }
 
         /// Every event type, in the fixed order schemas are registered in. New types go at
@@ -231,7 +240,7 @@ catalogue! {
     AnonymizationStarted { ns: "medpipe.anonymization", topic: TopicKind::Anonymization, version: 2, file: "anonymization/AnonymizationStarted.avsc" }
     RecordAnonymized { ns: "medpipe.anonymization", topic: TopicKind::Anonymization, version: 2, file: "anonymization/RecordAnonymized.avsc" }
     AnonymizationFinished { ns: "medpipe.anonymization", topic: TopicKind::Anonymization, version: 2, file: "anonymization/AnonymizationFinished.avsc" }
-    CanonicalPatient { ns: "medpipe.canonical", topic: TopicKind::CanonicalPatient, version: 1, file: "canonical/CanonicalPatient.avsc" }
+    CanonicalPatient { ns: "medpipe.canonical", topic: TopicKind::Canonical(ResourceType::Patient), version: 1, file: "canonical/CanonicalPatient.avsc" }
     StartDataIntakeCommand { ns: "medpipe.ingestion", topic: TopicKind::IngestionCommands, version: 1, file: "ingestion/StartDataIntakeCommand.avsc" }
     DataIngestionRejected { ns: "medpipe.ingestion", topic: TopicKind::Ingestion, version: 1, file: "ingestion/DataIngestionRejected.avsc" }
     AnonymizationFailed { ns: "medpipe.anonymization", topic: TopicKind::Anonymization, version: 1, file: "anonymization/AnonymizationFailed.avsc" }
@@ -242,14 +251,14 @@ catalogue! {
     EventDataCanonizationStarted { ns: "medpipe.canonization", topic: TopicKind::Canonization, version: 1, file: "canonization/EventDataCanonizationStarted.avsc" }
     EventDataCanonizationCompleted { ns: "medpipe.canonization", topic: TopicKind::Canonization, version: 1, file: "canonization/EventDataCanonizationCompleted.avsc" }
     CanonizationFailed { ns: "medpipe.canonization", topic: TopicKind::Canonization, version: 1, file: "canonization/CanonizationFailed.avsc" }
-    CanonicalEncounter { ns: "medpipe.canonical", topic: TopicKind::CanonicalEncounter, version: 1, file: "canonical/CanonicalEncounter.avsc" }
-    CanonicalObservation { ns: "medpipe.canonical", topic: TopicKind::CanonicalObservation, version: 1, file: "canonical/CanonicalObservation.avsc" }
-    CanonicalCondition { ns: "medpipe.canonical", topic: TopicKind::CanonicalCondition, version: 1, file: "canonical/CanonicalCondition.avsc" }
-    CanonicalMedicationRequest { ns: "medpipe.canonical", topic: TopicKind::CanonicalMedicationRequest, version: 1, file: "canonical/CanonicalMedicationRequest.avsc" }
-    CanonicalProcedure { ns: "medpipe.canonical", topic: TopicKind::CanonicalProcedure, version: 1, file: "canonical/CanonicalProcedure.avsc" }
-    CanonicalDiagnosticReport { ns: "medpipe.canonical", topic: TopicKind::CanonicalDiagnosticReport, version: 1, file: "canonical/CanonicalDiagnosticReport.avsc" }
-    CanonicalAllergyIntolerance { ns: "medpipe.canonical", topic: TopicKind::CanonicalAllergyIntolerance, version: 1, file: "canonical/CanonicalAllergyIntolerance.avsc" }
-    CanonicalImmunization { ns: "medpipe.canonical", topic: TopicKind::CanonicalImmunization, version: 1, file: "canonical/CanonicalImmunization.avsc" }
+    CanonicalEncounter { ns: "medpipe.canonical", topic: TopicKind::Canonical(ResourceType::Encounter), version: 1, file: "canonical/CanonicalEncounter.avsc" }
+    CanonicalObservation { ns: "medpipe.canonical", topic: TopicKind::Canonical(ResourceType::Observation), version: 1, file: "canonical/CanonicalObservation.avsc" }
+    CanonicalCondition { ns: "medpipe.canonical", topic: TopicKind::Canonical(ResourceType::Condition), version: 1, file: "canonical/CanonicalCondition.avsc" }
+    CanonicalMedicationRequest { ns: "medpipe.canonical", topic: TopicKind::Canonical(ResourceType::MedicationRequest), version: 1, file: "canonical/CanonicalMedicationRequest.avsc" }
+    CanonicalProcedure { ns: "medpipe.canonical", topic: TopicKind::Canonical(ResourceType::Procedure), version: 1, file: "canonical/CanonicalProcedure.avsc" }
+    CanonicalDiagnosticReport { ns: "medpipe.canonical", topic: TopicKind::Canonical(ResourceType::DiagnosticReport), version: 1, file: "canonical/CanonicalDiagnosticReport.avsc" }
+    CanonicalAllergyIntolerance { ns: "medpipe.canonical", topic: TopicKind::Canonical(ResourceType::AllergyIntolerance), version: 1, file: "canonical/CanonicalAllergyIntolerance.avsc" }
+    CanonicalImmunization { ns: "medpipe.canonical", topic: TopicKind::Canonical(ResourceType::Immunization), version: 1, file: "canonical/CanonicalImmunization.avsc" }
 }
 
 /// Asks ingestion to claim and ingest one file. Sent by data engineers' tooling.

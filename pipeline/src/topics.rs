@@ -8,6 +8,7 @@ use rdkafka::client::DefaultClientContext;
 use rdkafka::types::RDKafkaErrorCode;
 
 use crate::error::PipelineError;
+use crate::resources::ResourceType;
 
 /// The kinds of topic an event can live on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -16,33 +17,18 @@ pub enum TopicKind {
     IngestionCommands,
     Ingestion,
     Anonymization,
-    CanonicalPatient,
     Audit,
     /// Canonization's batch lifecycle (created, started, completed, failed).
     Canonization,
-    CanonicalEncounter,
-    CanonicalObservation,
-    CanonicalCondition,
-    CanonicalMedicationRequest,
-    CanonicalProcedure,
-    CanonicalDiagnosticReport,
-    CanonicalAllergyIntolerance,
-    CanonicalImmunization,
+    /// One canonical resource type's records, which analytics teams read.
+    Canonical(ResourceType),
 }
 
 impl TopicKind {
-    /// The per-resource canonical topics analytics teams read, Patient first.
-    pub const CANONICAL: [TopicKind; 9] = [
-        TopicKind::CanonicalPatient,
-        TopicKind::CanonicalEncounter,
-        TopicKind::CanonicalObservation,
-        TopicKind::CanonicalCondition,
-        TopicKind::CanonicalMedicationRequest,
-        TopicKind::CanonicalProcedure,
-        TopicKind::CanonicalDiagnosticReport,
-        TopicKind::CanonicalAllergyIntolerance,
-        TopicKind::CanonicalImmunization,
-    ];
+    /// The per-resource canonical topics, Patient first.
+    pub fn canonical() -> impl Iterator<Item = TopicKind> {
+        ResourceType::ALL.iter().map(|&t| TopicKind::Canonical(t))
+    }
 }
 
 /// Every topic name of one pipeline, all under `prefix` (default `medpipe`).
@@ -69,17 +55,11 @@ impl Topics {
             TopicKind::IngestionCommands => "ingestion.commands.v1",
             TopicKind::Ingestion => "ingestion.v1",
             TopicKind::Anonymization => "anonymization.v1",
-            TopicKind::CanonicalPatient => "canonical.patient.v1",
             TopicKind::Audit => "audit.v1",
             TopicKind::Canonization => "canonization.v1",
-            TopicKind::CanonicalEncounter => "canonical.encounter.v1",
-            TopicKind::CanonicalObservation => "canonical.observation.v1",
-            TopicKind::CanonicalCondition => "canonical.condition.v1",
-            TopicKind::CanonicalMedicationRequest => "canonical.medicationrequest.v1",
-            TopicKind::CanonicalProcedure => "canonical.procedure.v1",
-            TopicKind::CanonicalDiagnosticReport => "canonical.diagnosticreport.v1",
-            TopicKind::CanonicalAllergyIntolerance => "canonical.allergyintolerance.v1",
-            TopicKind::CanonicalImmunization => "canonical.immunization.v1",
+            TopicKind::Canonical(t) => {
+                return format!("{}.canonical.{}.v1", self.prefix, t.topic_suffix())
+            }
         };
         format!("{}.{suffix}", self.prefix)
     }
@@ -122,7 +102,7 @@ impl Topics {
             TopicKind::Canonization,
         ]
         .into_iter()
-        .chain(TopicKind::CANONICAL)
+        .chain(TopicKind::canonical())
         .chain([TopicKind::Audit])
         .map(|k| self.name(k))
         .collect();
@@ -199,13 +179,13 @@ mod tests {
         let t = Topics::new("medpipe");
         assert_eq!(t.name(TopicKind::Ingestion), "medpipe.ingestion.v1");
         assert_eq!(
-            t.name(TopicKind::CanonicalPatient),
+            t.name(TopicKind::Canonical(ResourceType::Patient)),
             "medpipe.canonical.patient.v1"
         );
         assert_eq!(t.dlq("anonymization"), "medpipe.dlq.anonymization.v1");
         assert_eq!(t.all_regex(), "^medpipe\\..*");
         assert_eq!(
-            t.name(TopicKind::CanonicalMedicationRequest),
+            t.name(TopicKind::Canonical(ResourceType::MedicationRequest)),
             "medpipe.canonical.medicationrequest.v1"
         );
         // 4 stage topics, 9 canonical topics, the audit topic and 4 DLQs; all distinct.

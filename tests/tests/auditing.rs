@@ -11,6 +11,7 @@ use auditing::entry::AuditEntry;
 use pipeline::events::{CanonicalPatient, DataIngestionStarted, Payload, Provenance};
 use pipeline::topics::TopicKind;
 use pipeline::Event;
+use pipeline::ResourceType;
 use rdkafka::message::Message;
 use tests::{synthetic_patients, Pipeline};
 
@@ -91,7 +92,7 @@ fn a_batch_is_traced_in_causal_order_verified_and_tampering_is_named() {
     let (csv, _) = synthetic_patients(n);
     p.drop_file("patients.csv", &csv);
     let tail = p.tail();
-    let canonical = p.topics.name(TopicKind::CanonicalPatient);
+    let canonical = p.topics.name(TopicKind::Canonical(ResourceType::Patient));
     let anon = p.topics.name(TopicKind::Anonymization);
     tail.wait_until("canonical patients", Duration::from_secs(180), |t| {
         t.count(&canonical, "CanonicalPatient") >= n
@@ -328,7 +329,7 @@ fn sigkill_of_auditing_mid_stream_loses_and_duplicates_no_entry() {
         }
     }
     let tail = p.tail();
-    let canonical = p.topics.name(TopicKind::CanonicalPatient);
+    let canonical = p.topics.name(TopicKind::Canonical(ResourceType::Patient));
     let anon = p.topics.name(TopicKind::Anonymization);
     tail.wait_until("canonical patients", Duration::from_secs(300), |t| {
         t.count(&canonical, "CanonicalPatient") >= n
@@ -448,7 +449,11 @@ fn the_phi_sentinel_and_the_stall_monitor_alert_without_values() {
     let phi = alerts.iter().find(|a| a.kind == "phi_sentinel").unwrap();
     assert_eq!(
         phi.topic.as_deref(),
-        Some(p.topics.name(TopicKind::CanonicalPatient).as_str())
+        Some(
+            p.topics
+                .name(TopicKind::Canonical(ResourceType::Patient))
+                .as_str()
+        )
     );
     assert!(phi.detail.contains("ssn"), "{phi:?}");
     let stall = alerts.iter().find(|a| a.kind == "stalled_batch").unwrap();

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use ingestion::formats::SourceFormat;
 use pipeline::topics::TopicKind;
+use pipeline::ResourceType;
 use pipeline::Topics;
 use tests::faults::Broker;
 use tests::{batch_of, fresh_tag, Flow, Pipeline, Tail};
@@ -33,10 +34,10 @@ fn drop_files(p: &Pipeline, files: usize, per_file: usize) -> BTreeMap<String, u
 
 fn canonical_count(t: &Tail, topics: &Topics) -> usize {
     t.count(
-        &topics.name(TopicKind::CanonicalPatient),
+        &topics.name(TopicKind::Canonical(ResourceType::Patient)),
         "CanonicalPatient",
     ) + t.count(
-        &topics.name(TopicKind::CanonicalObservation),
+        &topics.name(TopicKind::Canonical(ResourceType::Observation)),
         "CanonicalObservation",
     )
 }

@@ -12,6 +12,7 @@ use std::time::Duration;
 use pipeline::events::Payload;
 use pipeline::readback::Record;
 use pipeline::topics::TopicKind;
+use pipeline::ResourceType;
 use rdkafka::message::Message;
 use serde_json::Value;
 use tests::Pipeline;
@@ -32,11 +33,8 @@ fn expected_counts() -> BTreeMap<&'static str, usize> {
     let bundle: Value = serde_json::from_slice(&fixture("synthea_bundle.json")).unwrap();
     for e in bundle["entry"].as_array().unwrap() {
         let t = e["resource"]["resourceType"].as_str().unwrap();
-        if let Some(t) = canonization::mapping::RESOURCE_TYPES
-            .iter()
-            .find(|c| **c == t)
-        {
-            *want.entry(t).or_default() += 1;
+        if let Some(t) = ResourceType::parse(t) {
+            *want.entry(t.fhir_name()).or_default() += 1;
         }
     }
     let hl7 = String::from_utf8(fixture("oru_mixed.hl7")).unwrap();
@@ -52,23 +50,9 @@ fn expected_counts() -> BTreeMap<&'static str, usize> {
 }
 
 fn canonical_topics(p: &Pipeline) -> HashMap<String, &'static str> {
-    TopicKind::CANONICAL
+    ResourceType::ALL
         .iter()
-        .map(|k| {
-            let name = p.topics.name(*k);
-            let t = match k {
-                TopicKind::CanonicalPatient => "Patient",
-                TopicKind::CanonicalEncounter => "Encounter",
-                TopicKind::CanonicalObservation => "Observation",
-                TopicKind::CanonicalCondition => "Condition",
-                TopicKind::CanonicalMedicationRequest => "MedicationRequest",
-                TopicKind::CanonicalProcedure => "Procedure",
-                TopicKind::CanonicalDiagnosticReport => "DiagnosticReport",
-                TopicKind::CanonicalAllergyIntolerance => "AllergyIntolerance",
-                _ => "Immunization",
-            };
-            (name, t)
-        })
+        .map(|&t| (p.topics.name(TopicKind::Canonical(t)), t.fhir_name()))
         .collect()
 }
 

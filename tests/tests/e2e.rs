@@ -9,6 +9,7 @@ use std::time::Duration;
 use pipeline::events::Payload;
 use pipeline::runner::dlq_headers;
 use pipeline::topics::TopicKind;
+use pipeline::ResourceType;
 use rdkafka::message::{Headers, Message};
 use tests::{assert_exactly_once, canonical_positions, synthetic_patients, Pipeline};
 
@@ -23,7 +24,7 @@ fn every_record_reaches_the_canonical_topic_exactly_once_with_no_phi_in_clear() 
     let n = 200;
     let (csv, identifiers) = synthetic_patients(n);
     p.drop_file("patients.csv", &csv);
-    let canonical = p.topics.name(TopicKind::CanonicalPatient);
+    let canonical = p.topics.name(TopicKind::Canonical(ResourceType::Patient));
     let tail = p.tail();
     tail.wait_until("all canonical patients", Duration::from_secs(180), |t| {
         t.count(&canonical, "CanonicalPatient") >= n
@@ -103,7 +104,7 @@ fn crash_and_restart(victim: &str, progress_topic: TopicKind, progress_type: &st
         "{victim} finished all {n} records before the kill; the test did not test a crash"
     );
     p.start(victim, &small);
-    let canonical = p.topics.name(TopicKind::CanonicalPatient);
+    let canonical = p.topics.name(TopicKind::Canonical(ResourceType::Patient));
     tail.wait_until(
         "all canonical patients after restart",
         Duration::from_secs(300),
@@ -157,7 +158,7 @@ fn sigkill_of_anonymization_mid_stream_loses_and_duplicates_nothing() {
 fn sigkill_of_canonization_mid_stream_loses_and_duplicates_nothing() {
     crash_and_restart(
         "canonization",
-        TopicKind::CanonicalPatient,
+        TopicKind::Canonical(ResourceType::Patient),
         "CanonicalPatient",
     );
 }

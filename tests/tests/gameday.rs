@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 
 use ingestion::formats::SourceFormat;
 use pipeline::topics::TopicKind;
+use pipeline::ResourceType;
 use pipeline::Topics;
 use tests::faults::Broker;
 use tests::{batch_of, fresh_tag, Flow, Pipeline, Tail};
@@ -62,10 +63,10 @@ enum Fault {
 
 fn canonical_count(t: &Tail, topics: &Topics) -> usize {
     t.count(
-        &topics.name(TopicKind::CanonicalPatient),
+        &topics.name(TopicKind::Canonical(ResourceType::Patient)),
         "CanonicalPatient",
     ) + t.count(
-        &topics.name(TopicKind::CanonicalObservation),
+        &topics.name(TopicKind::Canonical(ResourceType::Observation)),
         "CanonicalObservation",
     )
 }
@@ -151,8 +152,8 @@ fn run(rng: &mut Rng, run_no: u64, records: usize, files: usize, stage_kills: u6
         TopicKind::Ingestion,
         TopicKind::Anonymization,
         TopicKind::Canonization,
-        TopicKind::CanonicalPatient,
-        TopicKind::CanonicalObservation,
+        TopicKind::Canonical(ResourceType::Patient),
+        TopicKind::Canonical(ResourceType::Observation),
     ]
     .iter()
     .map(|k| topics.name(*k))

@@ -318,7 +318,11 @@ fn a_fenced_ingestion_mid_file_exits_and_its_twin_resumes_with_no_duplicate() {
     tail.wait_until("some committed records", Duration::from_secs(120), |t| {
         t.count(&topic, "SourceRecordIngested") >= 1000
     });
-    assert_eq!(finished_count(&tail, &p), 0, "the file must still be in progress");
+    assert_eq!(
+        finished_count(&tail, &p),
+        0,
+        "the file must still be in progress"
+    );
     p.start_named("ingestion-twin", "ingestion", &env);
     let deadline = std::time::Instant::now() + Duration::from_secs(120);
     let status = loop {
@@ -333,12 +337,15 @@ fn a_fenced_ingestion_mid_file_exits_and_its_twin_resumes_with_no_duplicate() {
     };
     assert!(!status.success(), "a fenced instance exits with an error");
     assert!(
-        p.log("ingestion").contains("the producer cannot go on (Fenced)"),
+        p.log("ingestion")
+            .contains("the producer cannot go on (Fenced)"),
         "the fenced instance says why it stopped"
     );
-    tail.wait_until("the twin to finish the batch", Duration::from_secs(180), |t| {
-        finished_count(t, &p) >= 1
-    });
+    tail.wait_until(
+        "the twin to finish the batch",
+        Duration::from_secs(180),
+        |t| finished_count(t, &p) >= 1,
+    );
     p.stop("ingestion-twin");
     let batches = batches(&p);
     assert_eq!(batches.len(), 1);

@@ -2,6 +2,7 @@
 //!
 //! The mapping itself is data; this file only knows how to apply each kind of rule.
 
+use pipeline::ResourceType;
 use serde_json::{json, Map, Value};
 
 use super::datatypes::{
@@ -29,7 +30,7 @@ pub(crate) fn map(input: &Input<'_>, tables: &Tables) -> Result<Draft, MapError>
         pseudonym: input.patient_pseudonym,
         tables,
     };
-    let id = if resource_type == "Patient" {
+    let id = if resource_type == ResourceType::Patient {
         patient_id(ctx.pseudonym)
     } else {
         resource_id(resource_type, ctx.pseudonym, &ctx.identity(spec))
@@ -224,8 +225,8 @@ impl Row<'_> {
             }
             ElementRule::Encounter { element, column } => {
                 if let Some(v) = self.col(column) {
-                    let id = resource_id("Encounter", self.pseudonym, v);
-                    draft.insert(element.clone(), reference("Encounter", &id));
+                    let id = resource_id(ResourceType::Encounter, self.pseudonym, v);
+                    draft.insert(element.clone(), reference(ResourceType::Encounter, &id));
                 }
             }
             ElementRule::ObservationValue {

@@ -392,8 +392,8 @@ pub(crate) fn data_absent(reason: &str) -> Value {
 }
 
 /// A literal reference to a canonical resource.
-pub(crate) fn reference(resource_type: &str, id: &str) -> Value {
-    json!({ "reference": format!("{resource_type}/{id}") })
+pub(crate) fn reference(resource_type: pipeline::ResourceType, id: &str) -> Value {
+    json!({ "reference": format!("{}/{id}", resource_type.fhir_name()) })
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ use serde_json::{Map, Value};
 use super::datatypes::{digest, reference};
 use super::tables::Tables;
 use super::{canonical_type, patient_id, resource_id, Draft, Input, MapError};
+use pipeline::ResourceType;
 
 pub(crate) fn map(input: &Input<'_>, tables: &Tables) -> Result<Draft, MapError> {
     let content = input.content;
@@ -42,7 +43,7 @@ pub(crate) fn map(input: &Input<'_>, tables: &Tables) -> Result<Draft, MapError>
     let resource_type = canonical_type(declared).ok_or_else(|| MapError::unsupported(declared))?;
 
     let pseudonym = input.patient_pseudonym;
-    let id = if resource_type == "Patient" {
+    let id = if resource_type == ResourceType::Patient {
         patient_id(pseudonym)
     } else {
         let own = fields
@@ -60,7 +61,7 @@ pub(crate) fn map(input: &Input<'_>, tables: &Tables) -> Result<Draft, MapError>
     let mut draft = resource.clone();
     let rewriter = Rewriter {
         tables,
-        resource_type,
+        resource_type: resource_type.fhir_name(),
         pseudonym,
     };
     rewriter.rewrite(&mut draft, "");
@@ -115,7 +116,7 @@ impl Rewriter<'_> {
             (None, None, None) => return None,
         };
         let kind = canonical_type(&kind)?;
-        let target = if kind == "Patient" {
+        let target = if kind == ResourceType::Patient {
             patient_id(&id)
         } else {
             resource_id(kind, self.pseudonym, &id)
@@ -219,14 +220,14 @@ mod tests {
             "hasMember": [{"reference": "urn:uuid:m"}],
         });
         rewriter.rewrite(&mut v, "");
-        let enc = resource_id("Encounter", "pseudo", "e1");
+        let enc = resource_id(ResourceType::Encounter, "pseudo", "e1");
         let mut typed_by_element = json!({"encounter": {"reference": "urn:uuid:e1"}});
         rewriter.rewrite(&mut typed_by_element, "");
         assert_eq!(
             typed_by_element,
             json!({"encounter": {"reference": format!("Encounter/{enc}")}})
         );
-        let obs = resource_id("Observation", "pseudo", "o");
+        let obs = resource_id(ResourceType::Observation, "pseudo", "o");
         assert_eq!(
             v,
             json!({

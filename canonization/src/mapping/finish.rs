@@ -13,6 +13,7 @@ use serde_json::{json, Map, Value};
 use super::datatypes::{decimal, is_instant, iso_date_time, reference};
 use super::tables::{Tables, TypeRules};
 use super::{patient_id, MapError};
+use pipeline::ResourceType;
 
 /// Identifier system of the patient pseudonym on every canonical Patient.
 pub(crate) const PSEUDONYM_SYSTEM: &str = "urn:medpipe:pseudonym";
@@ -54,11 +55,12 @@ const COMPARATORS: [&str; 4] = ["<", "<=", ">=", ">"];
 
 pub(crate) fn finish(
     tables: &Tables,
-    resource_type: &'static str,
+    kind: ResourceType,
     id: &str,
     pseudonym: &str,
     draft: Value,
 ) -> Result<Value, MapError> {
+    let resource_type = kind.fhir_name();
     let rules = tables
         .fhir
         .types
@@ -79,10 +81,10 @@ pub(crate) fn finish(
     if let Some(element) = &rules.patient {
         r.insert(
             element.clone(),
-            reference("Patient", &patient_id(pseudonym)),
+            reference(ResourceType::Patient, &patient_id(pseudonym)),
         );
     }
-    if resource_type == "Patient" {
+    if kind == ResourceType::Patient {
         add_pseudonym_identifier(&mut r, pseudonym);
     }
 
@@ -272,7 +274,9 @@ mod tests {
 
     fn run(resource_type: &'static str, draft: Value) -> Result<Value, MapError> {
         let tables = tables::get()?;
-        finish(tables, resource_type, "the-id", "pseudo", draft)
+        let kind =
+            ResourceType::parse(resource_type).ok_or(MapError::unsupported(resource_type))?;
+        finish(tables, kind, "the-id", "pseudo", draft)
     }
 
     #[test]

@@ -17,6 +17,7 @@
 //!
 //! Without a control id the message is identified by a digest of its content.
 
+use pipeline::ResourceType;
 use std::collections::BTreeSet;
 
 use serde_json::{json, Map, Value};
@@ -238,8 +239,8 @@ fn adt(msg: &Message<'_>, t: &Hl7Tables) -> Result<Vec<Draft>, MapError> {
     let mut out = vec![patient(pid, t, msg.pseudonym)];
     if let Some(pv1) = msg.first("PV1") {
         let identity = msg.visit_identity(pv1);
-        let id = resource_id("Encounter", msg.pseudonym, &identity);
-        out.push(("Encounter", id, encounter(pv1, t)));
+        let id = resource_id(ResourceType::Encounter, msg.pseudonym, &identity);
+        out.push((ResourceType::Encounter, id, encounter(pv1, t)));
     }
     Ok(out)
 }
@@ -289,7 +290,11 @@ fn patient(pid: Seg<'_>, t: &Hl7Tables, pseudonym: &str) -> Draft {
     if !addresses.is_empty() {
         p.insert("address".into(), Value::Array(addresses));
     }
-    ("Patient", super::patient_id(pseudonym), Value::Object(p))
+    (
+        ResourceType::Patient,
+        super::patient_id(pseudonym),
+        Value::Object(p),
+    )
 }
 
 fn encounter(pv1: Seg<'_>, t: &Hl7Tables) -> Value {
@@ -352,9 +357,13 @@ struct Group<'a> {
 fn oru(msg: &Message<'_>, t: &Hl7Tables) -> Result<Vec<Draft>, MapError> {
     msg.check_single_patient()?;
     let encounter = msg.first("PV1").and_then(|pv1| {
-        pv1.value(19)
-            .filter(|v| !v.is_empty())
-            .map(|_| resource_id("Encounter", msg.pseudonym, &msg.visit_identity(pv1)))
+        pv1.value(19).filter(|v| !v.is_empty()).map(|_| {
+            resource_id(
+                ResourceType::Encounter,
+                msg.pseudonym,
+                &msg.visit_identity(pv1),
+            )
+        })
     });
 
     let mut groups: Vec<Group<'_>> = Vec::new();
@@ -415,17 +424,21 @@ fn oru(msg: &Message<'_>, t: &Hl7Tables) -> Result<Vec<Draft>, MapError> {
                 _ => format!("#{}", i + 1),
             };
             let identity = unique(&mut used, format!("{report_identity}|OBX:{suffix}"));
-            let id = resource_id("Observation", msg.pseudonym, &identity);
+            let id = resource_id(ResourceType::Observation, msg.pseudonym, &identity);
             let resource = observation(msg, t, group.obr, *obx, notes, encounter.as_deref());
             result_ids.push(id.clone());
-            out.push(("Observation", id, resource));
+            out.push((ResourceType::Observation, id, resource));
         }
         if let Some(obr) = group.obr {
-            let id = resource_id("DiagnosticReport", msg.pseudonym, &report_identity);
+            let id = resource_id(
+                ResourceType::DiagnosticReport,
+                msg.pseudonym,
+                &report_identity,
+            );
             let report = report(t, obr, &result_ids, encounter.as_deref());
             // The report first, then its results: readers see the order before the values.
             let at = out.len() - result_ids.len();
-            out.insert(at, ("DiagnosticReport", id, report));
+            out.insert(at, (ResourceType::DiagnosticReport, id, report));
         }
     }
     Ok(out)
@@ -485,14 +498,14 @@ fn report(t: &Hl7Tables, obr: Seg<'_>, results: &[String], encounter: Option<&st
         r.insert("category".into(), json!([{ "coding": [c] }]));
     }
     if let Some(e) = encounter {
-        r.insert("encounter".into(), reference("Encounter", e));
+        r.insert("encounter".into(), reference(ResourceType::Encounter, e));
     }
     if let Some(d) = obr.value(7).as_deref().and_then(hl7_date_time) {
         r.insert("effectiveDateTime".into(), json!(d));
     }
     let refs: Vec<Value> = results
         .iter()
-        .map(|id| reference("Observation", id))
+        .map(|id| reference(ResourceType::Observation, id))
         .collect();
     if !refs.is_empty() {
         r.insert("result".into(), Value::Array(refs));
@@ -518,7 +531,7 @@ fn observation(
         o.insert("code".into(), cc);
     }
     if let Some(e) = encounter {
-        o.insert("encounter".into(), reference("Encounter", e));
+        o.insert("encounter".into(), reference(ResourceType::Encounter, e));
     }
     let effective = obx
         .value(14)

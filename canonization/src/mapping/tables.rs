@@ -51,7 +51,7 @@ fn load() -> Result<Tables, String> {
             return Err(format!("data/fhir.toml: {name} is not a canonical type"));
         }
     }
-    for name in super::RESOURCE_TYPES {
+    for name in super::ResourceType::ALL.iter().map(|t| t.fhir_name()) {
         if !fhir.types.contains_key(name) {
             return Err(format!("data/fhir.toml: no rules for {name}"));
         }

@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use anonymization::engine::{Context, Engine, Keys};
 use anonymization::policy::{DateMode, Policy};
 use anonymization::scrub::Known;
-use canonization::mapping::{Input, RESOURCE_TYPES};
+use canonization::mapping::{Input, ResourceType};
 use chrono::NaiveDate;
 use ingestion::formats::{self, csv::CsvOptions, Item, ParsedRecord};
 use pipeline::crypto::{KeyRef, Secret};
@@ -343,7 +343,10 @@ const REQUIRED: [(&str, &[&str]); 9] = [
 
 /// Panics with a path when `resource` breaks a structural R4 rule.
 pub fn assert_valid_r4(resource_type: &str, resource: &Value, context: &str) {
-    assert!(RESOURCE_TYPES.contains(&resource_type), "{context}: type");
+    assert!(
+        ResourceType::parse(resource_type).is_some(),
+        "{context}: type"
+    );
     assert_eq!(resource["resourceType"], resource_type, "{context}");
     let id = resource["id"].as_str().unwrap_or_default();
     assert!(
@@ -385,7 +388,7 @@ fn walk(v: &Value, path: &str, context: &str) {
                 let r = r.as_str().unwrap_or_default();
                 let (kind, id) = r.split_once('/').unwrap_or(("", ""));
                 assert!(
-                    RESOURCE_TYPES.contains(&kind) && id.len() == 36,
+                    ResourceType::parse(kind).is_some() && id.len() == 36,
                     "{context}: reference at {path} is not canonical"
                 );
             }

@@ -8,58 +8,7 @@
 
 pub use pipeline::events::SourceRecordBody;
 
-/// The formats ingestion understands.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum SourceFormat {
-    /// CSV (any delimiter) with a header row: Synthea's export or a mapped layout.
-    Csv,
-    /// FHIR R4 NDJSON, the Bulk Data `$export` format: one resource per line.
-    FhirNdjson,
-    /// One FHIR R4 Bundle (`collection`, `transaction` or `batch`) as JSON.
-    FhirBundle,
-    /// HL7 v2.x messages, optionally in FHS/BHS batches or MLLP frames.
-    Hl7v2,
-}
-
-impl SourceFormat {
-    /// The name used in events, config and commands.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            SourceFormat::Csv => "csv",
-            SourceFormat::FhirNdjson => "fhir-ndjson",
-            SourceFormat::FhirBundle => "fhir-bundle",
-            SourceFormat::Hl7v2 => "hl7v2",
-        }
-    }
-
-    pub const ALL: [SourceFormat; 4] = [
-        SourceFormat::Csv,
-        SourceFormat::FhirNdjson,
-        SourceFormat::FhirBundle,
-        SourceFormat::Hl7v2,
-    ];
-}
-
-impl std::str::FromStr for SourceFormat {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        SourceFormat::ALL
-            .into_iter()
-            .find(|f| f.as_str() == s)
-            .ok_or_else(|| {
-                format!(
-                    "unknown format {s:?}; expected one of csv, fhir-ndjson, fhir-bundle, hl7v2"
-                )
-            })
-    }
-}
-
-impl std::fmt::Display for SourceFormat {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
+pub use pipeline::formats::SourceFormat;
 
 /// One record parsed from a file.
 #[derive(Debug, Clone, PartialEq)]
