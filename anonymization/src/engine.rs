@@ -32,6 +32,7 @@ use hmac::{Hmac, Mac};
 use pipeline::crypto::{seal, KeyRef};
 use pipeline::events::SourceRecordBody;
 use pipeline::formats::SourceFormat;
+use pipeline::hl7;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use sha2::Sha256;
@@ -1038,18 +1039,12 @@ impl<'e> Run<'e> {
     // -----------------------------------------------------------------------------------------
 
     fn hl7(&mut self, content: &Value) -> Result<Option<Value>, EngineError> {
-        let message = content
-            .as_object()
-            .ok_or_else(|| unexpected("", "HL7 content is not a JSON object"))?;
-        let segments = message
-            .get("segments")
-            .and_then(Value::as_array)
-            .ok_or_else(|| unexpected("segments", "missing or not an array"))?;
-        let mut out_segments = Vec::with_capacity(segments.len());
-        for (i, segment) in segments.iter().enumerate() {
-            out_segments.push(self.hl7_segment(i, segment)?);
+        let message = hl7::Message::read(content).map_err(|e| unexpected(e.path, e.problem))?;
+        let mut out_segments = Vec::with_capacity(message.segments.len());
+        for segment in &message.segments {
+            out_segments.push(self.hl7_segment(segment)?);
         }
-        for (key, value) in message {
+        for (key, value) in content.as_object().into_iter().flatten() {
             if !matches!(
                 key.as_str(),
                 "segments" | "message_type" | "control_id" | "version"
@@ -1059,53 +1054,20 @@ impl<'e> Run<'e> {
         }
         // The summary keys are re-derived from the de-identified MSH, as ingestion derives
         // them from the original, so they can never say more than MSH does.
-        let msh = out_segments
-            .iter()
-            .find(|s| s.get("id").and_then(Value::as_str) == Some("MSH"));
-        let get = |field: usize, component: usize| {
-            msh.and_then(|s| hl7_get(s, field, component))
-                .filter(|v| !v.is_empty())
-        };
-        let message_type = match (get(9, 1), get(9, 2)) {
-            (Some(t), Some(e)) => Value::String(format!("{t}^{e}")),
-            (Some(t), None) => Value::String(t.to_owned()),
-            _ => Value::Null,
-        };
-        let text = |v: Option<&str>| v.map_or(Value::Null, |s| Value::String(s.to_owned()));
-        let mut out = Map::new();
-        out.insert("message_type".to_owned(), message_type);
-        out.insert("control_id".to_owned(), text(get(10, 1)));
-        out.insert("version".to_owned(), text(get(12, 1)));
-        out.insert("segments".to_owned(), Value::Array(out_segments));
-        Ok(Some(Value::Object(out)))
+        Ok(Some(hl7::message(out_segments)))
     }
 
-    fn hl7_segment(&mut self, index: usize, segment: &Value) -> Result<Value, EngineError> {
+    fn hl7_segment(&mut self, segment: &hl7::Segment<'_>) -> Result<Value, EngineError> {
+        let index = segment.position - 1;
         let at = |what: &str| format!("segments[{index}]{what}");
-        let object = segment
-            .as_object()
-            .ok_or_else(|| unexpected(at(""), "a segment is not a JSON object"))?;
-        let id = object
-            .get("id")
-            .and_then(Value::as_str)
-            .filter(|id| {
-                id.len() == 3
-                    && id
-                        .bytes()
-                        .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit())
-            })
-            .ok_or_else(|| unexpected(at(".id"), "missing or not a segment id"))?;
-        let fields = object
-            .get("fields")
-            .and_then(Value::as_array)
-            .ok_or_else(|| unexpected(at(".fields"), "missing or not an array"))?;
-        for (key, value) in object {
+        let (id, fields) = (segment.id, segment.fields);
+        for (key, value) in segment.raw.as_object().into_iter().flatten() {
             if key != "id" && key != "fields" {
                 self.drop_subtree(value, &format!("{id}.{key}"));
             }
         }
         // OBX-2, the value type, for `when_type` rules.
-        let value_type = hl7_get(segment, 2, 1).map(str::to_owned);
+        let value_type = segment.sub(2, 1, 1, 1).map(str::to_owned);
 
         let mut out_fields = Vec::with_capacity(fields.len());
         for (f, field) in fields.iter().enumerate() {
@@ -1178,10 +1140,7 @@ impl<'e> Run<'e> {
         {
             out_fields.pop();
         }
-        let mut out = Map::new();
-        out.insert("id".to_owned(), Value::String(id.to_owned()));
-        out.insert("fields".to_owned(), Value::Array(out_fields));
-        Ok(Value::Object(out))
+        Ok(hl7::segment(id, out_fields))
     }
 
     fn hl7_governing(
@@ -1216,17 +1175,6 @@ fn join(prefix: &str, name: &str) -> String {
     } else {
         format!("{prefix}.{name}")
     }
-}
-
-/// Subcomponent 1 of repetition 1 of `component` of `field` (1-based) of a segment.
-fn hl7_get(segment: &Value, field: usize, component: usize) -> Option<&str> {
-    segment
-        .get("fields")?
-        .get(field.checked_sub(1)?)?
-        .get(0)?
-        .get(component.checked_sub(1)?)?
-        .get(0)?
-        .as_str()
 }
 
 #[cfg(test)]

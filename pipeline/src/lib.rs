@@ -9,6 +9,7 @@ pub mod crypto;
 pub mod error;
 pub mod events;
 pub mod formats;
+pub mod hl7;
 pub mod kafka;
 pub mod readback;
 pub mod resources;

@@ -56,66 +56,18 @@ enum Kind {
     Oru,
 }
 
-/// One segment of the content, with its 1-based position in the message.
-#[derive(Clone, Copy)]
-struct Seg<'a> {
-    id: &'a str,
-    position: usize,
-    fields: &'a [Value],
-}
+/// One segment of the content (the shared reader's view).
+type Seg<'a> = pipeline::hl7::Segment<'a>;
 
-impl<'a> Seg<'a> {
-    /// Repetitions of field `n` (1-based).
-    fn reps(&self, n: usize) -> &'a [Value] {
-        n.checked_sub(1)
-            .and_then(|i| self.fields.get(i))
-            .and_then(Value::as_array)
-            .map_or(&[], Vec::as_slice)
-    }
-
-    /// Components of repetition `r` of field `n` (both 1-based).
-    fn comps(&self, n: usize, r: usize) -> &'a [Value] {
-        r.checked_sub(1)
-            .and_then(|i| self.reps(n).get(i))
-            .and_then(Value::as_array)
-            .map_or(&[], Vec::as_slice)
-    }
-
-    /// Component `c` of repetition `r` of field `n`, subcomponents joined with `&`.
-    fn text(&self, n: usize, r: usize, c: usize) -> Option<String> {
-        let subs = c
-            .checked_sub(1)
-            .and_then(|i| self.comps(n, r).get(i))
-            .and_then(Value::as_array)?;
-        let parts: Vec<&str> = subs.iter().filter_map(Value::as_str).collect();
-        let joined = parts.join("&");
-        (!joined.trim().is_empty()).then_some(joined)
-    }
-
-    /// Subcomponent `sub` of component `c` of repetition `r` of field `n` (all 1-based).
-    fn sub(&self, n: usize, r: usize, c: usize, sub: usize) -> Option<&'a str> {
-        c.checked_sub(1)
-            .and_then(|i| self.comps(n, r).get(i))
-            .and_then(Value::as_array)
-            .and_then(|subs| sub.checked_sub(1).and_then(|i| subs.get(i)))
-            .and_then(Value::as_str)
-    }
-
-    /// The first component of the first repetition, trimmed: the usual "value" of a field.
-    fn value(&self, n: usize) -> Option<String> {
-        self.text(n, 1, 1).map(|s| s.trim().to_owned())
-    }
-
-    /// A whole repetition as text: components joined with `^`, as the sender wrote it.
-    fn rep_text(&self, n: usize, r: usize, component_separator: char) -> Option<String> {
-        let comps = self.comps(n, r);
-        let parts: Vec<String> = (1..=comps.len())
-            .map(|c| self.text(n, r, c).unwrap_or_default())
-            .collect();
-        let joined = parts.join(&component_separator.to_string());
-        let trimmed = joined.trim_end_matches(component_separator);
-        (!trimmed.trim().is_empty()).then(|| trimmed.to_owned())
-    }
+/// A whole repetition as text: components joined with `^`, as the sender wrote it.
+fn rep_text(seg: &Seg<'_>, n: usize, r: usize, component_separator: char) -> Option<String> {
+    let comps = seg.comps(n, r);
+    let parts: Vec<String> = (1..=comps.len())
+        .map(|c| seg.text(n, r, c).unwrap_or_default())
+        .collect();
+    let joined = parts.join(&component_separator.to_string());
+    let trimmed = joined.trim_end_matches(component_separator);
+    (!trimmed.trim().is_empty()).then(|| trimmed.to_owned())
 }
 
 struct Message<'a> {
@@ -129,38 +81,11 @@ struct Message<'a> {
 
 impl<'a> Message<'a> {
     fn read(input: &Input<'a>) -> Result<Self, MapError> {
-        let Some(content) = input.content.as_object() else {
-            return Err(MapError::invalid("HL7 content is not a message object"));
-        };
-        let Some(list) = content.get("segments").and_then(Value::as_array) else {
-            return Err(MapError::invalid("HL7 content has no segments list"));
-        };
-        let mut segments = Vec::with_capacity(list.len());
-        for (i, s) in list.iter().enumerate() {
-            let id = s.get("id").and_then(Value::as_str);
-            let fields = s.get("fields").and_then(Value::as_array);
-            match (id, fields) {
-                (Some(id), Some(fields)) => segments.push(Seg {
-                    id,
-                    position: i + 1,
-                    fields,
-                }),
-                (Some(id), None) => segments.push(Seg {
-                    id,
-                    position: i + 1,
-                    fields: &[],
-                }),
-                _ => {
-                    return Err(MapError::invalid(format!(
-                        "HL7 segment {} has no id",
-                        i + 1
-                    )))
-                }
-            }
-        }
-        let key = content
-            .get("control_id")
-            .and_then(Value::as_str)
+        let read = pipeline::hl7::Message::read(input.content)
+            .map_err(|e| MapError::invalid(format!("HL7 content: {e}")))?;
+        let segments = read.segments;
+        let key = read
+            .control_id
             .and_then(string)
             .unwrap_or_else(|| digest(input.content));
         // MSH-2 holds the encoding characters: component, repetition, escape, subcomponent.
@@ -218,7 +143,7 @@ impl<'a> Message<'a> {
     fn lines(&self, seg: Seg<'_>, n: usize) -> Option<String> {
         let lines: Vec<String> = (1..=seg.reps(n).len())
             .map(|r| {
-                seg.rep_text(n, r, self.component_separator)
+                rep_text(&seg, n, r, self.component_separator)
                     .map(|t| strip_formatting(&t, self.escape))
                     .unwrap_or_default()
             })
@@ -602,7 +527,7 @@ fn value(
         .reps(5)
         .iter()
         .enumerate()
-        .any(|(r, _)| obx.rep_text(5, r + 1, msg.component_separator).is_some());
+        .any(|(r, _)| rep_text(&obx, 5, r + 1, msg.component_separator).is_some());
     if !has_value {
         return Err("unknown");
     }

@@ -12,9 +12,8 @@
 //!
 //! where `fields[n-1]` is field n, a field is a list of repetitions (`[]` when empty), a
 //! repetition a list of components and a component a list of subcomponent strings with escape
-//! sequences decoded. Downstream code reads it through [`get`], [`Address`], [`segments`] and
-//! [`field`] rather than indexing the arrays by hand, so that `PID-5.1` means the same thing
-//! everywhere.
+//! sequences decoded. The shape is declared once, in `pipeline::hl7`, with its writer (used
+//! here) and its reader (used downstream), so that `PID-5.1` means the same thing everywhere.
 //!
 //! `message_type` (and the record type) is MSH-9.1`^`MSH-9.2, just MSH-9.1 when there is no
 //! trigger event; when MSH-9 is empty it is `null` and the record type is `HL7`. `control_id`
@@ -28,7 +27,6 @@
 //! (see the comments on `Delimiters` and `Delimiters::decode`).
 
 use std::io::{BufRead, ErrorKind};
-use std::str::FromStr;
 
 use serde_json::{json, Value};
 
@@ -137,136 +135,7 @@ pub fn parse<R: BufRead>(reader: R, sink: &mut Sink<'_>) -> Result<(), ParseErro
 // ---------------------------------------------------------------------------------------------
 
 /// Reads one value from a message's content by address, e.g. `PID-5.1`, `PID-3[2].1`,
-/// `PID-5.1.2`, `MSH-9.2`, `OBX-5`, from the first segment with that id.
-///
-/// Repetition, component and subcomponent all default to 1, so `PID-5` is the same as
-/// `PID-5[1].1.1` (the family name): callers always get one decoded string, never encoded
-/// field text that would need re-splitting. A present but empty component is `Some("")`; an
-/// absent segment, field, repetition, component or subcomponent (an empty field has no
-/// repetitions) is `None`. An address that does not parse is also `None`; use
-/// [`Address::from_str`] to catch typos in configuration.
-pub fn get(content: &Value, address: &str) -> Option<String> {
-    let address: Address = address.parse().ok()?;
-    address.lookup(content).map(str::to_owned)
-}
-
-/// All segments with this id, in message order (e.g. every `OBX`).
-pub fn segments<'a>(content: &'a Value, id: &str) -> impl Iterator<Item = &'a Value> {
-    let id = id.to_owned();
-    content
-        .get("segments")
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
-        .filter(move |segment| segment_id(segment) == Some(id.as_str()))
-}
-
-/// The id of one segment of the content, e.g. `PID`.
-pub fn segment_id(segment: &Value) -> Option<&str> {
-    segment.get("id").and_then(Value::as_str)
-}
-
-/// One subcomponent of one segment; `field`, `repetition`, `component` and `subcomponent` are
-/// 1-based as in the standard (a 0 yields `None`). For MSH, field 1 is the field separator and
-/// field 2 the encoding characters, so MSH-9 is `field(msh, 9, ..)`.
-pub fn field(
-    segment: &Value,
-    field: usize,
-    repetition: usize,
-    component: usize,
-    subcomponent: usize,
-) -> Option<&str> {
-    segment
-        .get("fields")?
-        .get(field.checked_sub(1)?)?
-        .get(repetition.checked_sub(1)?)?
-        .get(component.checked_sub(1)?)?
-        .get(subcomponent.checked_sub(1)?)?
-        .as_str()
-}
-
-/// How many repetitions field `field` (1-based) of `segment` has: 0 when it is empty or absent.
-/// Lets callers visit every repetition, e.g. every identifier in PID-3.
-pub fn repetitions(segment: &Value, field: usize) -> usize {
-    field
-        .checked_sub(1)
-        .and_then(|i| segment.get("fields")?.get(i)?.as_array())
-        .map_or(0, Vec::len)
-}
-
-/// A parsed field address such as `PID-3[2].1`: `SEG-FIELD[REPETITION].COMPONENT.SUBCOMPONENT`,
-/// all numbers 1-based, repetition, component and subcomponent defaulting to 1.
-///
-/// Parse addresses once (e.g. from configuration) and call [`Address::lookup`] per record.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Address {
-    /// Segment id, three upper-case letters or digits.
-    pub segment: String,
-    pub field: usize,
-    pub repetition: usize,
-    pub component: usize,
-    pub subcomponent: usize,
-}
-
-impl Address {
-    /// The addressed value in the first segment with this id, as [`get`] describes.
-    pub fn lookup<'a>(&self, content: &'a Value) -> Option<&'a str> {
-        let segment = segments(content, &self.segment).next()?;
-        field(
-            segment,
-            self.field,
-            self.repetition,
-            self.component,
-            self.subcomponent,
-        )
-    }
-}
-
-/// An address that is not of the form `SEG-F[R].C.S`.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("invalid HL7 address {0:?}: expected e.g. PID-5, PID-3[2].1 or PID-5.1.2")]
-pub struct InvalidAddress(pub String);
-
-impl FromStr for Address {
-    type Err = InvalidAddress;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let bad = || InvalidAddress(s.to_owned());
-        let (segment, rest) = s.split_once('-').ok_or_else(bad)?;
-        if !is_segment_id(segment.as_bytes()) {
-            return Err(bad());
-        }
-        let mut parts = rest.split('.');
-        let first = parts.next().unwrap_or_default();
-        let (field, repetition) = match first.split_once('[') {
-            None => (number(first), Some(1)),
-            Some((f, r)) => (number(f), r.strip_suffix(']').and_then(number)),
-        };
-        let component = parts.next().map_or(Some(1), number);
-        let subcomponent = parts.next().map_or(Some(1), number);
-        if parts.next().is_some() {
-            return Err(bad());
-        }
-        match (field, repetition, component, subcomponent) {
-            (Some(field), Some(repetition), Some(component), Some(subcomponent)) => Ok(Address {
-                segment: segment.to_owned(),
-                field,
-                repetition,
-                component,
-                subcomponent,
-            }),
-            _ => Err(bad()),
-        }
-    }
-}
-
-/// A 1-based index written with digits only (no sign, no spaces).
-fn number(s: &str) -> Option<usize> {
-    if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
-        return None;
-    }
-    s.parse().ok().filter(|&n| n >= 1)
-}
+pub use pipeline::hl7::{field, get, repetitions, segment_id, segments, Address, InvalidAddress};
 
 // ---------------------------------------------------------------------------------------------
 // Framing: lines and MLLP blocks
@@ -472,10 +341,7 @@ fn classify(data: &[u8]) -> LineKind {
 
 /// Three upper-case ASCII letters or digits.
 fn is_segment_id(id: &[u8]) -> bool {
-    id.len() == 3
-        && id
-            .iter()
-            .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit())
+    std::str::from_utf8(id).is_ok_and(pipeline::hl7::is_segment_id)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -605,15 +471,6 @@ impl MessageBuilder {
                 reason,
             });
         }
-        let msh = self.segments.first().unwrap_or(&Value::Null);
-        let non_empty = |s: Option<&str>| s.filter(|s| !s.is_empty()).map(str::to_owned);
-        let message_type =
-            non_empty(field(msh, 9, 1, 1, 1)).map(|code| match non_empty(field(msh, 9, 1, 2, 1)) {
-                Some(event) => format!("{code}^{event}"),
-                None => code,
-            });
-        let control_id = non_empty(field(msh, 10, 1, 1, 1));
-        let version = non_empty(field(msh, 12, 1, 1, 1));
         let patient_link = self
             .segments
             .iter()
@@ -621,7 +478,8 @@ impl MessageBuilder {
             .and_then(|pid| field(pid, 3, 1, 1, 1))
             .filter(|id| !id.trim().is_empty())
             .map(str::to_owned);
-        let record_type = message_type.clone().unwrap_or_else(|| "HL7".to_owned());
+        let content = pipeline::hl7::message(self.segments);
+        let record_type = content["message_type"].as_str().unwrap_or("HL7").to_owned();
         let original = String::from_utf8(self.original)
             .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned());
         Item::Record(ParsedRecord {
@@ -629,12 +487,7 @@ impl MessageBuilder {
             record_type,
             body: SourceRecordBody {
                 patient_link,
-                content: json!({
-                    "message_type": message_type,
-                    "control_id": control_id,
-                    "version": version,
-                    "segments": self.segments,
-                }),
+                content,
                 original,
             },
         })
@@ -802,7 +655,7 @@ fn parse_msh(text: &str) -> Result<(Delimiters, Value), String> {
     if !tail.is_empty() {
         fields.extend(split_fields(&format!("MSH{tail}"), delimiters)?);
     }
-    Ok((delimiters, json!({"id": "MSH", "fields": fields})))
+    Ok((delimiters, pipeline::hl7::segment("MSH", fields)))
 }
 
 /// Parses a non-MSH segment line with its message's delimiters.
@@ -821,7 +674,7 @@ fn parse_segment(text: &str, delimiters: Delimiters) -> Result<Value, String> {
             "segment {id}: id is not followed by the field separator"
         ));
     };
-    Ok(json!({"id": id, "fields": fields}))
+    Ok(pipeline::hl7::segment(id, fields))
 }
 
 /// Splits `ID|f1|f2...` into fields (after the id) with `hl7-parser`, decoding every value.
