@@ -105,7 +105,7 @@ pub fn alert_entry(alert: &Alert, own_topic: &str, now: i64) -> Result<AuditEntr
         partition: -1,
         offset: -1,
         event_id: Some(alert.id.clone()),
-        event_type: "ComplianceAlert".into(),
+        event_type: crate::monitors::ALERT_EVENT_TYPE.into(),
         correlation_id: alert.correlation_id.clone(),
         source_service: Some(SERVICE.into()),
         occurred_at: Some(now),

@@ -42,6 +42,7 @@ use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::hash::{Hash, Hasher};
 use std::time::Duration;
 
+use pipeline::events::EventType;
 use uuid::Uuid;
 
 /// One audit entry as the monitors see it: ids, types, positions and counts, no payload.
@@ -151,7 +152,7 @@ pub struct Tracked {
 }
 
 /// The event type under which the stage records its own alerts.
-pub const ALERT_EVENT_TYPE: &str = "ComplianceAlert";
+pub const ALERT_EVENT_TYPE: &str = EventType::ComplianceAlert.as_str();
 const ANONYMIZATION_SERVICE: &str = "medpipe-anonymization";
 const MAX_LINEAGE_HOPS: usize = 8;
 /// Namespace of alert ids. Changing it changes every id, and so re-fires every alert.
@@ -200,45 +201,39 @@ enum Role {
     Derived,
 }
 
-/// The batch lifecycle, as data. Canonical records (`Canonical*` types or topics with
-/// `.canonical.`) are `(Canonization, Derived)` by rule, since their types are open-ended.
-const LIFECYCLE: &[(&str, Stage, Role)] = &[
-    ("DataIngestionStarted", Stage::Ingestion, Role::Start),
-    ("SourceRecordIngested", Stage::Ingestion, Role::Record),
-    ("RecordRejected", Stage::Ingestion, Role::Rejected),
-    ("DataIngestionFinished", Stage::Ingestion, Role::Complete),
-    ("DataIngestionFailed", Stage::Ingestion, Role::Fail),
-    ("AnonymizationStarted", Stage::Anonymization, Role::Start),
-    ("RecordAnonymized", Stage::Anonymization, Role::Record),
-    (
-        "AnonymizationFinished",
-        Stage::Anonymization,
-        Role::Complete,
-    ),
-    ("AnonymizationFailed", Stage::Anonymization, Role::Fail),
-    (
-        "EventDataCanonizationStarted",
-        Stage::Canonization,
-        Role::Start,
-    ),
-    (
-        "EventDataCanonizationCompleted",
-        Stage::Canonization,
-        Role::Complete,
-    ),
-    ("CanonizationFailed", Stage::Canonization, Role::Fail),
-];
-
-fn is_canonical(event_type: &str, topic: &str) -> bool {
-    event_type.starts_with("Canonical") || topic.contains(".canonical.")
+/// The batch lifecycle: what each event type means to the monitors. Matched on the typed
+/// `EventType`, so renaming or removing a lifecycle event fails to compile here. Canonical
+/// records of every resource type are `(Canonization, Derived)`; any other event type (and
+/// a name the catalogue does not know) plays no part in the lifecycle.
+fn lifecycle(t: EventType) -> Option<(Stage, Role)> {
+    use EventType as E;
+    if t.resource_type().is_some() {
+        return Some((Stage::Canonization, Role::Derived));
+    }
+    Some(match t {
+        E::DataIngestionStarted => (Stage::Ingestion, Role::Start),
+        E::SourceRecordIngested => (Stage::Ingestion, Role::Record),
+        E::RecordRejected => (Stage::Ingestion, Role::Rejected),
+        E::DataIngestionFinished => (Stage::Ingestion, Role::Complete),
+        E::DataIngestionFailed => (Stage::Ingestion, Role::Fail),
+        E::AnonymizationStarted => (Stage::Anonymization, Role::Start),
+        E::RecordAnonymized => (Stage::Anonymization, Role::Record),
+        E::AnonymizationFinished => (Stage::Anonymization, Role::Complete),
+        E::AnonymizationFailed => (Stage::Anonymization, Role::Fail),
+        E::EventDataCanonizationStarted => (Stage::Canonization, Role::Start),
+        E::EventDataCanonizationCompleted => (Stage::Canonization, Role::Complete),
+        E::CanonizationFailed => (Stage::Canonization, Role::Fail),
+        _ => return None,
+    })
 }
 
-fn classify(event_type: &str, topic: &str) -> Option<(Stage, Role)> {
-    LIFECYCLE
-        .iter()
-        .find(|(name, _, _)| *name == event_type)
-        .map(|(_, stage, role)| (*stage, *role))
-        .or_else(|| is_canonical(event_type, topic).then_some((Stage::Canonization, Role::Derived)))
+/// True for canonical record types.
+fn is_canonical(event_type: &str) -> bool {
+    EventType::parse(event_type).is_some_and(|t| t.resource_type().is_some())
+}
+
+fn classify(event_type: &str) -> Option<(Stage, Role)> {
+    EventType::parse(event_type).and_then(lifecycle)
 }
 
 /// The id of the alert of `kind` for `key` (e.g. `[batch, stage]` for a stall,
@@ -540,7 +535,7 @@ impl Monitors {
                 ),
             }
         }
-        let Some((stage, role)) = classify(o.event_type, o.topic) else {
+        let Some((stage, role)) = classify(o.event_type) else {
             return out;
         };
         if let Some(batch) = o.correlation_id {
@@ -933,7 +928,7 @@ mod tests {
     }
 
     fn ev(event_type: &str, id: &str) -> Ev {
-        let (topic, service) = if is_canonical(event_type, "") || event_type.contains("Canoniz") {
+        let (topic, service) = if is_canonical(event_type) || event_type.contains("Canoniz") {
             ("medpipe.canonical.patient.v1", "medpipe-canonization")
         } else if event_type.contains("Anonymiz") {
             ("medpipe.anonymization.v1", ANONYMIZATION_SERVICE)

@@ -153,16 +153,23 @@ pub struct ActivityRow {
 /// The services that see identifiable data.
 const PHI_SERVICES: [&str; 2] = ["medpipe-ingestion", "medpipe-anonymization"];
 
-/// Event types that close a service's work on a batch.
-const CLOSING: [&str; 7] = [
-    "DataIngestionFinished",
-    "DataIngestionFailed",
-    "DataIngestionRejected",
-    "AnonymizationFinished",
-    "AnonymizationFailed",
-    "EventDataCanonizationCompleted",
-    "CanonizationFailed",
-];
+/// True for the event types that close a service's work on a batch. Typed, so renaming
+/// a closing event fails to compile here rather than silently emptying the report.
+fn is_closing(event_type: &str) -> bool {
+    use pipeline::events::EventType as E;
+    matches!(
+        E::parse(event_type),
+        Some(
+            E::DataIngestionFinished
+                | E::DataIngestionFailed
+                | E::DataIngestionRejected
+                | E::AnonymizationFinished
+                | E::AnonymizationFailed
+                | E::EventDataCanonizationCompleted
+                | E::CanonizationFailed
+        )
+    )
+}
 
 /// The fields the report reads, borrowed from the line (no canonical re-check: the
 /// report is a view; `audit verify` is the integrity check).
@@ -218,9 +225,7 @@ impl Acc {
         self.last = self.last.max(t);
         self.events += 1;
         self.records += u64::from(e.record_position.is_some());
-        if CLOSING.contains(&e.event_type.as_ref())
-            && self.outcome.as_ref().is_none_or(|(at, _)| *at <= t)
-        {
+        if is_closing(&e.event_type) && self.outcome.as_ref().is_none_or(|(at, _)| *at <= t) {
             self.outcome = Some((t, e.event_type.to_string()));
         }
         if let Some(p) = &e.policy {

@@ -887,7 +887,7 @@ pub(crate) mod tests {
             topic: "medpipe.audit.v1".into(),
             partition: -1,
             offset: -1,
-            event_type: "ComplianceAlert".into(),
+            event_type: crate::monitors::ALERT_EVENT_TYPE.into(),
             ..entry(0)
         };
         assert_eq!(

@@ -154,9 +154,47 @@ macro_rules! catalogue {
             $( $variant($variant), )*
         }
 
+        /// Every event type, as a value: what an audit entry's `event_type` names. Match
+        /// on this, not on strings, so that renaming an event fails to compile where it is
+        /// recognised.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        pub enum EventType {
+            $( $variant, )*
+        }
+
+        impl EventType {
+            pub const fn as_str(self) -> &'static str {
+                match self { $( EventType::$variant => stringify!($variant), )* }
+            }
+
+            /// The event type a name names, if it is one of the catalogue's.
+            pub fn parse(name: &str) -> Option<EventType> {
+                match name {
+                    $( stringify!($variant) => Some(EventType::$variant), )*
+                    _ => None,
+                }
+            }
+
+            pub fn topic_kind(self) -> TopicKind {
+                match self { $( EventType::$variant => $topic, )* }
+            }
+
+            /// The canonical resource type of a canonical record type.
+            pub fn resource_type(self) -> Option<ResourceType> {
+                match self.topic_kind() {
+                    TopicKind::Canonical(t) => Some(t),
+                    _ => None,
+                }
+            }
+        }
+
         impl Payload {
+            pub fn kind(&self) -> EventType {
+                match self { $( Payload::$variant(_) => EventType::$variant, )* }
+            }
+
             pub fn event_type(&self) -> &'static str {
-                match self { $( Payload::$variant(_) => stringify!($variant), )* }
+                self.kind().as_str()
             }
 
             pub fn schema_version(&self) -> i32 {
@@ -164,15 +202,12 @@ macro_rules! catalogue {
             }
 
             pub fn topic_kind(&self) -> TopicKind {
-                match self { $( Payload::$variant(_) => $topic, )* }
+                self.kind().topic_kind()
             }
 
             /// The canonical resource type of a canonical record (from its topic).
             pub fn resource_type(&self) -> Option<ResourceType> {
-                match self.topic_kind() {
-                    TopicKind::Canonical(t) => Some(t),
-                    _ => None,
-                }
+                self.kind().resource_type()
             }
         }
 
