@@ -227,11 +227,6 @@ fn lifecycle(t: EventType) -> Option<(Stage, Role)> {
     })
 }
 
-/// True for canonical record types.
-fn is_canonical(event_type: &str) -> bool {
-    EventType::parse(event_type).is_some_and(|t| t.resource_type().is_some())
-}
-
 fn classify(event_type: &str) -> Option<(Stage, Role)> {
     EventType::parse(event_type).and_then(lifecycle)
 }
@@ -928,7 +923,10 @@ mod tests {
     }
 
     fn ev(event_type: &str, id: &str) -> Ev {
-        let (topic, service) = if is_canonical(event_type) || event_type.contains("Canoniz") {
+        let (topic, service) = if EventType::parse(event_type)
+            .is_some_and(|t| t.resource_type().is_some())
+            || event_type.contains("Canoniz")
+        {
             ("medpipe.canonical.patient.v1", "medpipe-canonization")
         } else if event_type.contains("Anonymiz") {
             ("medpipe.anonymization.v1", ANONYMIZATION_SERVICE)
