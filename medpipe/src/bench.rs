@@ -12,7 +12,7 @@ use ingestion::formats::SourceFormat;
 use pipeline::config::KafkaArgs;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
-use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use rdkafka::{Offset, TopicPartitionList};
 
 /// A throwaway master key for benchmark data (synthetic, deleted afterwards).
 const BENCH_KEY: &str = "4242424242424242424242424242424242424242424242424242424242424242";
@@ -148,13 +148,8 @@ fn measure(
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", &kafka.bootstrap_servers)
-        .set("group.id", format!("bench-{}", uuid::Uuid::new_v4()))
-        .set("isolation.level", "read_committed")
-        .set("enable.auto.commit", "false")
-        .set("fetch.wait.max.ms", "10")
-        .create()?;
+    let consumer: BaseConsumer =
+        pipeline::kafka::readback_config(&kafka.bootstrap_servers, "bench").create()?;
     let ledger = kafka.topics().ingestion_ledger();
     let mut tpl = TopicPartitionList::new();
     for p in 0..kafka.topic_partitions {
@@ -207,9 +202,8 @@ fn peak_rss_kib(pid: u32) -> anyhow::Result<u64> {
 
 async fn delete_topics(kafka: &KafkaArgs) {
     use rdkafka::admin::{AdminClient, AdminOptions};
-    let admin: Result<AdminClient<rdkafka::client::DefaultClientContext>, _> = ClientConfig::new()
-        .set("bootstrap.servers", &kafka.bootstrap_servers)
-        .create();
+    let admin: Result<AdminClient<rdkafka::client::DefaultClientContext>, _> =
+        pipeline::kafka::admin_config(&kafka.bootstrap_servers).create();
     if let Ok(admin) = admin {
         let topics = kafka.topics();
         let mut names = topics.all();

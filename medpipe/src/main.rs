@@ -271,8 +271,7 @@ async fn send_command(
         }),
     );
     let bytes = codec.encode(&event).await?;
-    let producer: FutureProducer = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", &kafka.bootstrap_servers)
+    let producer: FutureProducer = pipeline::kafka::producer_config(&kafka.bootstrap_servers)
         .set("enable.idempotence", "true")
         .create()?;
     let topic = topics.name(TopicKind::IngestionCommands);

@@ -162,6 +162,20 @@ impl ConsumerContext for WatchedContext {
 /// A group consumer with a `FetchWatch`.
 pub type WatchedConsumer = BaseConsumer<WatchedContext>;
 
+/// A consumer for one-off reads of whole topics, in a throwaway group of its own
+/// (`<prefix>-<uuid>`), so it neither joins nor disturbs any stage's group.
+pub fn readback_config(bootstrap: &str, prefix: &str) -> ClientConfig {
+    let group = format!("{prefix}-{}", uuid::Uuid::new_v4());
+    consumer_config(bootstrap, &group, ConsumerRole::Readback)
+}
+
+/// An admin client's configuration (topic creation and deletion).
+pub fn admin_config(bootstrap: &str) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", bootstrap);
+    c
+}
+
 /// The producer defaults: a short linger and lz4, which batch well at medpipe's rates.
 pub fn producer_config(bootstrap: &str) -> ClientConfig {
     let mut c = ClientConfig::new();

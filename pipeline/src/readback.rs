@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Message, OwnedMessage};
-use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use rdkafka::{Offset, TopicPartitionList};
 use tokio::runtime::Handle;
 
 use crate::codec::Codec;
@@ -44,15 +44,7 @@ pub fn read_all(
     codec: Option<(&Codec, &Handle)>,
     timeout: Duration,
 ) -> Result<Vec<Record>, PipelineError> {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
-        .set(
-            "group.id",
-            format!("medpipe-readback-{}", uuid::Uuid::new_v4()),
-        )
-        .set("enable.auto.commit", "false")
-        .set("isolation.level", "read_committed")
-        .set("fetch.wait.max.ms", "10")
+    let consumer: BaseConsumer = crate::kafka::readback_config(bootstrap, "medpipe-readback")
         .create()
         .map_err(kafka_err("create consumer"))?;
     let mut tpl = TopicPartitionList::new();

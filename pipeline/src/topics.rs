@@ -135,10 +135,10 @@ pub async fn ensure_topics(
     names: &[String],
     layout: &TopicLayout,
 ) -> Result<(), PipelineError> {
-    let admin: AdminClient<DefaultClientContext> = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
-        .create()
-        .map_err(|e| PipelineError::kafka("create admin client", e))?;
+    let admin: AdminClient<DefaultClientContext> =
+        crate::kafka::admin_config(bootstrap)
+            .create()
+            .map_err(|e| PipelineError::kafka("create admin client", e))?;
     let new: Vec<NewTopic> = names
         .iter()
         .map(|n| {

@@ -16,7 +16,7 @@ use pipeline::readback::Record;
 use pipeline::{Codec, Topics};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
-use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use rdkafka::{Offset, TopicPartitionList};
 
 pub const BOOTSTRAP: &str = "127.0.0.1:9092";
 pub const REGISTRY: &str = "http://127.0.0.1:8081";
@@ -331,8 +331,7 @@ impl Pipeline {
     /// Sends raw bytes, e.g. a poison message.
     pub fn send_raw(&self, topic: &str, bytes: &[u8]) {
         use rdkafka::producer::{BaseRecord, Producer};
-        let producer: rdkafka::producer::BaseProducer = ClientConfig::new()
-            .set("bootstrap.servers", BOOTSTRAP)
+        let producer: rdkafka::producer::BaseProducer = pipeline::kafka::producer_config(BOOTSTRAP)
             .create()
             .expect("producer");
         producer
@@ -403,12 +402,7 @@ impl Tail {
         let handle = std::thread::spawn(move || {
             let rt = tokio::runtime::Runtime::new().expect("runtime");
             let codec = Codec::new(REGISTRY, &Topics::new("unused")).expect("codec");
-            let consumer: BaseConsumer = ClientConfig::new()
-                .set("bootstrap.servers", BOOTSTRAP)
-                .set("group.id", format!("tail-{}", uuid::Uuid::new_v4()))
-                .set("isolation.level", "read_committed")
-                .set("enable.auto.commit", "false")
-                .set("fetch.wait.max.ms", "10")
+            let consumer: BaseConsumer = pipeline::kafka::readback_config(BOOTSTRAP, "tail")
                 .create()
                 .expect("tail consumer");
             let mut tpl = TopicPartitionList::new();

@@ -168,10 +168,10 @@ fn a_poison_message_goes_to_the_dlq_with_context_and_later_records_flow() {
     let mut p = Pipeline::new();
     p.start("anonymization", &[]);
     let ingestion = p.topics.name(TopicKind::Ingestion);
-    let producer: rdkafka::producer::BaseProducer = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", tests::BOOTSTRAP)
-        .create()
-        .expect("producer");
+    let producer: rdkafka::producer::BaseProducer =
+        pipeline::kafka::producer_config(tests::BOOTSTRAP)
+            .create()
+            .expect("producer");
     use rdkafka::producer::{BaseRecord, Producer};
     // Same key as the good event, so both land on one partition, poison first.
     producer
