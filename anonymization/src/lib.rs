@@ -348,11 +348,7 @@ impl Stage for Anonymizer {
             .collect()
     }
 
-    fn state(&self) -> Option<&dyn pipeline::state::DurableState> {
-        Some(&self.batches)
-    }
-
-    fn state_mut(&mut self) -> Option<&mut dyn pipeline::state::DurableState> {
+    fn state(&mut self) -> Option<&mut dyn pipeline::state::DurableState> {
         Some(&mut self.batches)
     }
 }
@@ -515,10 +511,10 @@ mod tests {
         let mut a = stage(0.2);
         run(&mut a, &lifecycle(false));
         run(&mut a, &record(1, Some("p-1")));
-        a.state_committed();
+        a.batches.commit();
         // A redone batch after an abort must not count twice.
         run(&mut a, &record(2, None));
-        a.state_rolled_back();
+        a.batches.rollback();
         run(&mut a, &record(2, None));
         run(&mut a, &record(3, Some("p-3")));
         let Payload::AnonymizationFailed(f) = closing(run(&mut a, &lifecycle(true))) else {
@@ -532,7 +528,7 @@ mod tests {
         );
         // Closing the batch deletes its state.
         assert_eq!(
-            a.state_changes().expect("changes"),
+            a.batches.changes().expect("changes"),
             vec![("b1".to_string(), None)]
         );
     }
@@ -546,7 +542,8 @@ mod tests {
             closing: None,
         })
         .expect("json");
-        a.state_restore(vec![("b1".into(), Some(saved))])
+        a.batches
+            .restore(vec![("b1".into(), Some(saved))])
             .expect("restore");
         run(&mut a, &record(8, Some("p-8")));
         let Payload::AnonymizationFinished(f) = closing(run(&mut a, &closing_after(8))) else {

@@ -187,7 +187,7 @@ impl Canonizer {
         Ok((payload, unmapped))
     }
 
-    fn state(&self, batch: &str) -> BatchState {
+    fn batch(&self, batch: &str) -> BatchState {
         self.batches.get(batch).cloned().unwrap_or_default()
     }
 
@@ -229,7 +229,7 @@ impl Canonizer {
     /// anonymization counted (duplicates) fail the batch at once; fewer fail it once `now`
     /// is past the deadline.
     fn maybe_close(&mut self, batch: &str, now: Option<i64>) -> Vec<Output> {
-        let s = self.state(batch);
+        let s = self.batch(batch);
         let Some(closing) = s.closing.clone() else {
             return vec![];
         };
@@ -299,7 +299,7 @@ impl Canonizer {
         let batch = rec.batch_id.as_str();
         let mut outputs = self.open(batch, &rec.policy_version, ev);
         let result = self.canonize(rec);
-        let mut s = self.state(batch);
+        let mut s = self.batch(batch);
         s.records_in += 1;
         let mut dead = None;
         match result {
@@ -480,7 +480,7 @@ impl Stage for Canonizer {
             Payload::AnonymizationFinished(f) => {
                 let batch = f.batch_id.as_str();
                 let mut outputs = self.open(batch, &f.policy_version, ev);
-                let mut s = self.state(batch);
+                let mut s = self.batch(batch);
                 s.closing = Some(PendingClose {
                     upstream: f.records_anonymized.unwrap_or(f.upstream_records_emitted),
                     cause_event_id: ev.header.event_id.clone(),
@@ -496,7 +496,7 @@ impl Stage for Canonizer {
                 Outcome::Emit(outputs)
             }
             Payload::AnonymizationFailed(f) => {
-                let s = self.state(&f.batch_id);
+                let s = self.batch(&f.batch_id);
                 self.batches.delete(&f.batch_id);
                 Outcome::Emit(vec![lifecycle(
                     ev,
@@ -541,11 +541,7 @@ impl Stage for Canonizer {
             .map_err(|e| PipelineError::Config(format!("metrics: {e}")))
     }
 
-    fn state(&self) -> Option<&dyn pipeline::state::DurableState> {
-        Some(&self.batches)
-    }
-
-    fn state_mut(&mut self) -> Option<&mut dyn pipeline::state::DurableState> {
+    fn state(&mut self) -> Option<&mut dyn pipeline::state::DurableState> {
         Some(&mut self.batches)
     }
 }

@@ -393,7 +393,9 @@ pub fn canonize(n: usize, rounds: usize) -> anyhow::Result<Vec<(String, f64, f64
                     other => bail!("{name}: the golden input did not map: {other:?}"),
                 }
             }
-            stage.state_rolled_back();
+            if let Some(s) = stage.state() {
+                s.rollback();
+            }
             best = best.max(events.len() as f64 / start.elapsed().as_secs_f64());
         }
         let per_record = resources as f64 / events.len() as f64;

@@ -83,9 +83,10 @@ pub enum Outcome {
 /// Which input partitions this instance owns right now.
 pub type Owns<'a> = &'a dyn Fn(&str, i32) -> bool;
 
-/// A stage's pure logic. It must do no IO. State that spans messages goes through the
-/// state hooks (backed by `state::KeyedState`): the runner may call `process` again for
-/// the same input after an abort, and rolls the state back first.
+/// A stage's pure logic. It must do no IO. State that spans messages lives in the object
+/// `state` returns (a `state::KeyedState`): the runner may call `process` again for the
+/// same input after an abort, and rolls the state back first. Only what a stage really
+/// varies is here: its name, `process`, `tick`, its metrics and its state.
 pub trait Stage: Send + 'static {
     /// Short stage name, e.g. `anonymization`; names the DLQ and metrics.
     fn name(&self) -> &'static str;
@@ -105,41 +106,11 @@ pub trait Stage: Send + 'static {
         Ok(())
     }
 
-    /// The stage's durable state, kept in `<prefix>-internal.<name>-state.v1`, if any.
-    /// A stateful stage implements these two; the hooks below then work on their own.
-    fn state(&self) -> Option<&dyn crate::state::DurableState> {
+    /// The stage's durable state, kept in `<prefix>-internal.<name>-state.v1`, if any
+    /// (`state::KeyedState` implements it). The runner commits, rolls back and reloads it
+    /// with the stage's transactions.
+    fn state(&mut self) -> Option<&mut dyn crate::state::DurableState> {
         None
-    }
-    fn state_mut(&mut self) -> Option<&mut dyn crate::state::DurableState> {
-        None
-    }
-
-    /// True if the stage keeps durable state.
-    fn stateful(&self) -> bool {
-        self.state().is_some()
-    }
-    /// State entries changed by the current batch (`None` deletes).
-    fn state_changes(&self) -> Result<Vec<crate::state::StateEntry>, PipelineError> {
-        self.state().map_or(Ok(vec![]), |s| s.changes())
-    }
-    /// The batch's transaction committed.
-    fn state_committed(&mut self) {
-        if let Some(s) = self.state_mut() {
-            s.commit();
-        }
-    }
-    /// The batch's transaction aborted; the batch will be redone.
-    fn state_rolled_back(&mut self) {
-        if let Some(s) = self.state_mut() {
-            s.rollback();
-        }
-    }
-    /// Replaces the state with the committed entries of the state topic, in topic order.
-    fn state_restore(
-        &mut self,
-        entries: Vec<crate::state::StateEntry>,
-    ) -> Result<(), PipelineError> {
-        self.state_mut().map_or(Ok(()), |s| s.restore(entries))
     }
 }
 
@@ -380,7 +351,9 @@ impl<S: Stage> Runner<S> {
             .with_label_values(&["failed_batch"])
             .inc();
         self.txn.recover(shutdown)?;
-        self.stage.state_rolled_back();
+        if let Some(s) = self.stage.state() {
+            s.rollback();
+        }
         if let Err(e) = rewind_to_committed(&self.consumer, REWIND_WITHIN, shutdown) {
             if e.class() == ErrorClass::Fatal {
                 return Err(e);
@@ -397,10 +370,12 @@ impl<S: Stage> Runner<S> {
     /// transaction of this instance is open here, and a previous owner's last one
     /// completed before the assignment did.
     fn reload_state(&mut self, shutdown: &CancellationToken) -> Result<(), PipelineError> {
-        self.stage.state_rolled_back();
-        if !self.stage.stateful() {
-            self.reload_state = false;
-            return Ok(());
+        match self.stage.state() {
+            Some(s) => s.rollback(),
+            None => {
+                self.reload_state = false;
+                return Ok(());
+            }
         }
         let topic = self.config.topics.state(self.stage.name());
         let bootstrap = self.config.bootstrap_servers.clone();
@@ -408,7 +383,9 @@ impl<S: Stage> Runner<S> {
             crate::readback::read_entries(&bootstrap, &topic, Duration::from_secs(120))
         })?;
         info!(entries = entries.len(), "Stage state reloaded.");
-        self.stage.state_restore(entries)?;
+        if let Some(s) = self.stage.state() {
+            s.restore(entries)?;
+        }
         self.reload_state = false;
         Ok(())
     }
@@ -494,9 +471,9 @@ impl<S: Stage> Runner<S> {
             let _g = span.enter();
             self.handle_message(msg, &mut produced, &mut dead)?;
         }
-        if self.stage.stateful() {
-            let topic = self.config.topics.state(self.stage.name());
-            for (key, value) in self.stage.state_changes()? {
+        let topic = self.config.topics.state(self.stage.name());
+        if let Some(state) = self.stage.state() {
+            for (key, value) in state.changes()? {
                 let record: BaseRecord<'_, str, [u8]> = BaseRecord::to(&topic).key(key.as_str());
                 let record = match &value {
                     Some(v) => record.payload(v.as_slice()),
@@ -517,7 +494,9 @@ impl<S: Stage> Runner<S> {
                 ))?;
             self.txn.commit(Some((&offsets, &group)))?;
         }
-        self.stage.state_committed();
+        if let Some(s) = self.stage.state() {
+            s.commit();
+        }
         for (t, n) in produced {
             self.metrics.events_out.with_label_values(&[t]).inc_by(n);
         }
