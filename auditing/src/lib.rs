@@ -75,7 +75,7 @@ pub struct AuditConfig {
 }
 
 fn store_err(e: StoreError) -> PipelineError {
-    PipelineError::Config(format!("audit store: {e}"))
+    PipelineError::storage("audit store", e)
 }
 
 /// Where an alert points, stored in its entry's `detail` as JSON.
@@ -98,8 +98,7 @@ pub fn alert_entry(alert: &Alert, own_topic: &str, now: i64) -> Result<AuditEntr
         offset: alert.offset,
         detail: alert.detail.clone(),
     };
-    let detail = serde_json::to_string(&detail)
-        .map_err(|e| PipelineError::Config(format!("cannot serialise an alert: {e}")))?;
+    let detail = serde_json::to_string(&detail).map_err(PipelineError::serialize("an alert"))?;
     Ok(AuditEntry {
         topic: own_topic.to_string(),
         partition: -1,
@@ -240,11 +239,11 @@ impl Auditor {
             ),
             &["kind"],
         )
-        .map_err(|e| PipelineError::Config(format!("metrics: {e}")))?;
+        .map_err(PipelineError::Metrics)?;
         metrics
             .registry
             .register(Box::new(alerts.clone()))
-            .map_err(|e| PipelineError::Config(format!("metrics: {e}")))?;
+            .map_err(PipelineError::Metrics)?;
 
         // At least once into the store, which skips what it already holds.
         let consumer = audit_consumer(&config)?;
@@ -516,7 +515,7 @@ impl Auditor {
             let batch = e.correlation_id.as_deref().unwrap_or("audit");
             let line = e
                 .to_line()
-                .map_err(|err| PipelineError::Config(format!("cannot serialise entry: {err}")))?;
+                .map_err(PipelineError::serialize("an audit entry"))?;
             let recorded = Payload::AuditEntryRecorded(AuditEntryRecorded {
                 seq: e.seq as i64,
                 audited_event_type: e.event_type.clone(),
@@ -561,7 +560,7 @@ impl Auditor {
             return Ok(None);
         };
         let d: AlertDetail = serde_json::from_str(detail)
-            .map_err(|err| PipelineError::Config(format!("alert entry {}: {err}", e.seq)))?;
+            .map_err(|err| PipelineError::storage(format!("alert entry {}", e.seq), err))?;
         let payload = Payload::ComplianceAlert(ComplianceAlert {
             alert_id: id.clone(),
             kind: d.kind,

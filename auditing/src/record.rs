@@ -195,8 +195,7 @@ pub fn entry_for(
             .into_iter()
             .map(|(k, v)| (k.to_string(), serde_json::Value::String(v)))
             .collect();
-        let plain = serde_json::to_vec(&map)
-            .map_err(|e| PipelineError::Config(format!("cannot serialise sealed details: {e}")))?;
+        let plain = serde_json::to_vec(&map).map_err(PipelineError::serialize("sealed details"))?;
         let aad = AuditEntry::seal_aad(&e.topic, e.partition, e.offset);
         let (nonce, ct) = seal(key, &plain, &aad)?;
         e.sealed = Some(Sealed {

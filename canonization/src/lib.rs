@@ -82,8 +82,10 @@ impl Canonizer {
         max_failure_ratio: f64,
         close_timeout: std::time::Duration,
     ) -> Result<Self, PipelineError> {
-        let validator =
-            FhirValidator::new().map_err(|e| PipelineError::Config(format!("FHIR schema: {e}")))?;
+        let validator = FhirValidator::new().map_err(|e| PipelineError::Schema {
+            file: "the bundled FHIR R4 JSON schema".into(),
+            message: e.to_string(),
+        })?;
         let maps_version = maps
             .versions()
             .iter()
@@ -101,7 +103,7 @@ impl Canonizer {
                 "medpipe_canonization_codes_unmapped_total",
                 "Codes kept as the source gave them because no concept map covered them.",
             )
-            .map_err(|e| PipelineError::Config(format!("metrics: {e}")))?,
+            .map_err(PipelineError::Metrics)?,
         })
     }
 
@@ -538,7 +540,7 @@ impl Stage for Canonizer {
     fn register_metrics(&mut self, registry: &prometheus::Registry) -> Result<(), PipelineError> {
         registry
             .register(Box::new(self.unmapped.clone()))
-            .map_err(|e| PipelineError::Config(format!("metrics: {e}")))
+            .map_err(PipelineError::Metrics)
     }
 
     fn state(&mut self) -> Option<&mut dyn pipeline::state::DurableState> {

@@ -77,7 +77,7 @@ pub fn item_event(
             let position = r.position as i64;
             // A body that cannot be serialised or sealed is rejected, never sent empty.
             let sealed = serde_json::to_vec(&r.body)
-                .map_err(|e| PipelineError::Crypto(format!("cannot serialise the record: {e}")))
+                .map_err(PipelineError::serialize("a record"))
                 .and_then(|plain| {
                     data_key.seal_record(&plain, &SourceRecordIngested::aad(batch_id, position))
                 });

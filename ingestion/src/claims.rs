@@ -133,8 +133,7 @@ pub fn claim_content(
     claim: &ContentClaim,
 ) -> Result<ContentClaimed, PipelineError> {
     let path = claims.join(format!("{sha256}.json"));
-    let body = serde_json::to_vec(claim)
-        .map_err(|e| PipelineError::Config(format!("cannot serialise a claim: {e}")))?;
+    let body = serde_json::to_vec(claim).map_err(PipelineError::serialize("a claim"))?;
     let tmp = claims.join(format!(".{sha256}.{}.tmp", Uuid::new_v4().simple()));
     {
         let mut f = std::fs::File::create(&tmp).map_err(|e| io(&tmp, e))?;
@@ -147,9 +146,8 @@ pub fn claim_content(
         Ok(()) => Ok(ContentClaimed::New),
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
             let existing = std::fs::read(&path).map_err(|e| io(&path, e))?;
-            let existing = serde_json::from_slice(&existing).map_err(|e| {
-                PipelineError::Config(format!("{} is unreadable: {e}", path.display()))
-            })?;
+            let existing = serde_json::from_slice(&existing)
+                .map_err(|e| PipelineError::storage(path.display().to_string(), e))?;
             Ok(ContentClaimed::Existing(existing))
         }
         Err(e) => Err(io(&path, e)),
@@ -175,7 +173,7 @@ pub fn read_sidecar(claimed: &Path) -> Result<Option<CommandSidecar>, PipelineEr
     match std::fs::read(&path) {
         Ok(b) => serde_json::from_slice(&b)
             .map(Some)
-            .map_err(|e| PipelineError::Config(format!("{} is unreadable: {e}", path.display()))),
+            .map_err(|e| PipelineError::storage(path.display().to_string(), e)),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(io(&path, e)),
     }

@@ -51,8 +51,7 @@ impl Entry {
     }
 
     pub fn to_json(&self) -> Result<Vec<u8>, PipelineError> {
-        serde_json::to_vec(self)
-            .map_err(|e| PipelineError::Config(format!("cannot serialise a ledger entry: {e}")))
+        serde_json::to_vec(self).map_err(PipelineError::serialize("a ledger entry"))
     }
 }
 
@@ -68,11 +67,8 @@ pub fn read(
             ledger.remove(&key);
             continue;
         };
-        let entry = serde_json::from_slice::<Entry>(&value).map_err(|e| {
-            PipelineError::Config(format!(
-                "ledger topic {topic} holds an unreadable entry for {key}: {e}"
-            ))
-        })?;
+        let entry = serde_json::from_slice::<Entry>(&value)
+            .map_err(|e| PipelineError::storage(format!("ledger topic {topic}, entry {key}"), e))?;
         ledger.insert(key, entry);
     }
     Ok(ledger)

@@ -69,6 +69,19 @@ pub enum PipelineError {
     /// Something did not finish in time; trying again later may work.
     #[error("timed out: {0}")]
     Timeout(String),
+    /// Durable data of ours (a state entry, a ledger entry, a claim, the audit store)
+    /// cannot be read or written. Fatal: going on would act on a wrong picture.
+    #[error("storage: {what}: {message}")]
+    Storage { what: String, message: String },
+    /// A metric could not be created or registered; a bug, not bad input.
+    #[error("metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
+    /// The broker refused to create a topic.
+    #[error("cannot create topic {topic}: {code}")]
+    TopicSetup {
+        topic: String,
+        code: RDKafkaErrorCode,
+    },
     /// A worker thread panicked or was cancelled.
     #[error("{0}")]
     Thread(String),
@@ -84,6 +97,22 @@ pub enum PipelineError {
 }
 
 impl PipelineError {
+    /// A serialisation failure of one of our own values (`what`), for `map_err`.
+    pub fn serialize<E: std::fmt::Display>(what: &'static str) -> impl FnOnce(E) -> Self {
+        move |e| PipelineError::Serialize {
+            what,
+            message: e.to_string(),
+        }
+    }
+
+    /// Durable data that cannot be read or written.
+    pub fn storage(what: impl Into<String>, message: impl std::fmt::Display) -> Self {
+        PipelineError::Storage {
+            what: what.into(),
+            message: message.to_string(),
+        }
+    }
+
     pub fn kafka(operation: &'static str, source: KafkaError) -> Self {
         PipelineError::Kafka { operation, source }
     }
@@ -115,7 +144,16 @@ impl PipelineError {
             PipelineError::Thread(_)
             | PipelineError::ProducerFatal { .. }
             | PipelineError::Invariant(_)
-            | PipelineError::Serialize { .. } => ErrorClass::Fatal,
+            | PipelineError::Serialize { .. }
+            | PipelineError::Storage { .. }
+            | PipelineError::Metrics(_) => ErrorClass::Fatal,
+            // No transaction is involved: what is not transient is fatal.
+            PipelineError::TopicSetup { code, .. } => {
+                match classify_kafka(&KafkaError::Global(*code)) {
+                    ErrorClass::Retry => ErrorClass::Retry,
+                    _ => ErrorClass::Fatal,
+                }
+            }
             PipelineError::Crypto(_) => ErrorClass::DeadLetter,
             PipelineError::Io { .. } => ErrorClass::Retry,
         }
@@ -209,5 +247,28 @@ mod tests {
             ErrorClass::DeadLetter
         );
         assert_eq!(PipelineError::Config("x".into()).class(), ErrorClass::Fatal);
+    }
+
+    #[test]
+    fn broken_durable_data_is_fatal_and_a_topic_the_broker_cannot_place_yet_is_retried() {
+        assert_eq!(
+            PipelineError::storage("ledger", "bad json").class(),
+            ErrorClass::Fatal
+        );
+        let e = PipelineError::serialize("a claim")("boom");
+        assert_eq!(e.to_string(), "cannot serialise a claim: boom");
+        assert_eq!(e.class(), ErrorClass::Fatal);
+        let setup = |code| PipelineError::TopicSetup {
+            topic: "t".into(),
+            code,
+        };
+        assert_eq!(
+            setup(RDKafkaErrorCode::TopicAuthorizationFailed).class(),
+            ErrorClass::Fatal
+        );
+        assert_eq!(
+            setup(RDKafkaErrorCode::NotController).class(),
+            ErrorClass::Retry
+        );
     }
 }

@@ -55,9 +55,9 @@ impl<T: Clone + Serialize + DeserializeOwned> KeyedState<T> {
         let mut out = Vec::with_capacity(self.pending.len());
         for (k, v) in &self.pending {
             let bytes = match v {
-                Some(v) => Some(serde_json::to_vec(v).map_err(|e| {
-                    PipelineError::Config(format!("cannot serialise state entry {k}: {e}"))
-                })?),
+                Some(v) => {
+                    Some(serde_json::to_vec(v).map_err(PipelineError::serialize("a state entry"))?)
+                }
                 None => None,
             };
             out.push((k.clone(), bytes));
@@ -96,9 +96,8 @@ impl<T: Clone + Serialize + DeserializeOwned> KeyedState<T> {
         for (k, v) in entries {
             match v {
                 Some(bytes) => {
-                    let value = serde_json::from_slice(&bytes).map_err(|e| {
-                        PipelineError::Config(format!("state entry {k} is unreadable: {e}"))
-                    })?;
+                    let value = serde_json::from_slice(&bytes)
+                        .map_err(|e| PipelineError::storage(format!("state entry {k}"), e))?;
                     self.committed.insert(k, value);
                 }
                 None => {

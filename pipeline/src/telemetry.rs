@@ -54,7 +54,7 @@ impl StageMetrics {
     pub fn new(stage: &str) -> Result<Self, PipelineError> {
         let registry = Registry::new();
         let name = |noun: &str| format!("medpipe_{stage}_{noun}");
-        let m = |e: prometheus::Error| PipelineError::Config(format!("metrics: {e}"));
+        let m = PipelineError::Metrics;
         let events_in = IntCounterVec::new(
             Opts::new(
                 name("events_in_total"),

@@ -161,9 +161,7 @@ pub async fn ensure_topics(
         match r {
             Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
             Err((topic, code)) => {
-                return Err(PipelineError::Config(format!(
-                    "cannot create topic {topic}: {code}"
-                )))
+                return Err(PipelineError::TopicSetup { topic, code });
             }
         }
     }
