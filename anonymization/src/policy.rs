@@ -116,6 +116,22 @@ impl Method {
             Method::Scrub => "scrub",
         }
     }
+
+    /// Whether the method takes the original value out of the record (so the scrubber must
+    /// look for it in the record's free text). Exhaustive on purpose: a new method must
+    /// say here whether it removes the value, or scrubbing silently weakens.
+    pub fn removes_original(&self) -> bool {
+        match self {
+            Method::Redact
+            | Method::Substitute(_)
+            | Method::Pseudonymize
+            | Method::GeneralizeZip
+            | Method::Encrypt => true,
+            // Dates are shifted or generalised, not names or ids; kept and scrubbed values
+            // stay in the record.
+            Method::Keep | Method::Date | Method::Age | Method::Scrub => false,
+        }
+    }
 }
 
 /// One rule: which leaves (format, record type, path) and what happens to them.

@@ -20,11 +20,15 @@
 //! scrub rule is walked twice: once to collect the values of identifier rules, once to
 //! transform.
 
+mod csv;
 mod dates;
+mod fhir;
+mod hl7;
+mod rules;
 
 use std::borrow::Cow;
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 
 use base64::Engine as _;
 use chrono::NaiveDate;
@@ -32,18 +36,16 @@ use hmac::{Hmac, Mac};
 use pipeline::crypto::{seal, KeyRef};
 use pipeline::events::SourceRecordBody;
 use pipeline::formats::SourceFormat;
-use pipeline::hl7;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use sha2::Sha256;
 
-use crate::policy::{
-    glob_match, DateMode, Family, FhirSegment, Filter, Hl7Pattern, Method, Pattern, Policy, Rule,
-    RulePath, Specificity,
-};
+use crate::policy::{DateMode, Family, Method, Policy, Rule};
 use crate::scrub::{self, Known};
 
 use dates::AgeOutcome;
+use fhir::{fhir_metadata, split_reference};
+use rules::{Candidate, Governing, Mode, PatternIndex, Rank};
 
 /// The report key under which the engine counts what it does to a Bundle entry's own fields
 /// (`fullUrl`, `request.method`, `request.url`); policy rule ids cannot contain `:`.
@@ -435,38 +437,6 @@ fn push_known(list: &mut Vec<String>, value: &str, min_chars: usize) {
     }
 }
 
-/// Whether a FHIR leaf is datatype metadata rather than data: a [`FHIR_METADATA`] element,
-/// anything in a Coding (type codes), or an extension's `url`.
-fn fhir_metadata(path: &str) -> bool {
-    let mut segments = path.rsplit('.');
-    let last = segments.next().unwrap_or_default();
-    let parent = segments.next();
-    FHIR_METADATA.contains(&last)
-        || path.split('.').any(|s| s == "coding")
-        || (last == "url" && parent.is_some_and(|p| p.ends_with("xtension")))
-}
-
-fn is_resource_type(s: &str) -> bool {
-    let mut bytes = s.bytes();
-    bytes.next().is_some_and(|b| b.is_ascii_uppercase()) && bytes.all(|b| b.is_ascii_alphabetic())
-}
-
-/// `[base/]Type/id[/_history/version]` -> (Type, id, version).
-fn split_reference(text: &str) -> Option<(&str, &str, Option<&str>)> {
-    if text.contains(['?', '#']) {
-        return None;
-    }
-    let parts: Vec<&str> = text.split('/').collect();
-    let (core, version) = match parts.as_slice() {
-        [core @ .., "_history", v] if core.len() >= 2 && !v.is_empty() => (core, Some(*v)),
-        all => (all, None),
-    };
-    match core {
-        [.., kind, id] if is_resource_type(kind) && !id.is_empty() => Some((kind, id, version)),
-        _ => None,
-    }
-}
-
 /// The text of a scalar (numbers and booleans as JSON writes them).
 fn scalar_text(value: &Value) -> Option<Cow<'_, str>> {
     match value {
@@ -496,145 +466,6 @@ fn generalize_zip(text: &str, restricted: &std::collections::BTreeSet<String>) -
     } else {
         zip3.to_owned()
     })
-}
-
-/// Whether a `where(path='value')` filter holds for an element: any value at the relative
-/// path (arrays iterated) equals the literal.
-fn filter_holds(filter: &Filter, node: &Value) -> bool {
-    fn any_at(node: &Value, path: &[String], want: &str) -> bool {
-        match node {
-            Value::Array(items) => items.iter().any(|i| any_at(i, path, want)),
-            _ => match path.split_first() {
-                None => scalar_text(node).is_some_and(|t| t == want),
-                Some((head, rest)) => node
-                    .get(head.as_str())
-                    .is_some_and(|child| any_at(child, rest, want)),
-            },
-        }
-    }
-    any_at(node, &filter.path, &filter.value)
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-struct Rank {
-    typed: bool,
-    specificity: Specificity,
-    conditional: bool,
-    order: Reverse<usize>,
-}
-
-#[derive(Clone, Copy)]
-struct Candidate<'e> {
-    rule: &'e Rule,
-    path: &'e RulePath,
-    rank: Rank,
-}
-
-#[derive(Clone, Copy)]
-struct Governing<'e> {
-    rule: &'e Rule,
-    rank: Rank,
-}
-
-fn better<'e>(current: Option<Governing<'e>>, c: &Candidate<'e>) -> Option<Governing<'e>> {
-    match current {
-        Some(g) if g.rank >= c.rank => Some(g),
-        _ => Some(Governing {
-            rule: c.rule,
-            rank: c.rank,
-        }),
-    }
-}
-
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Mode {
-    /// First pass: gather identifier values for the scrubber; output is discarded.
-    Collect,
-    /// Second pass: transform and count.
-    Apply,
-}
-
-/// The candidates' FHIR and HL7 patterns, indexed so that each element or subcomponent is
-/// compared only with patterns that can match it: FHIR patterns by depth (they match at
-/// exactly their depth) and literal last name, HL7 patterns by segment id.
-struct PatternIndex<'e> {
-    /// By depth, then by the literal last name.
-    fhir_named: Vec<HashMap<&'e str, FhirList<'e>>>,
-    /// By depth: patterns whose last segment is a glob.
-    fhir_glob: Vec<FhirList<'e>>,
-    hl7_named: HashMap<&'e str, Hl7List<'e>>,
-    /// Patterns for any segment (`*-...`).
-    hl7_any: Hl7List<'e>,
-}
-
-type FhirList<'e> = Vec<(Candidate<'e>, &'e [FhirSegment])>;
-type Hl7List<'e> = Vec<(Candidate<'e>, &'e Hl7Pattern)>;
-
-impl<'e> PatternIndex<'e> {
-    fn new(candidates: &[Candidate<'e>]) -> Self {
-        let mut index = PatternIndex {
-            fhir_named: Vec::new(),
-            fhir_glob: Vec::new(),
-            hl7_named: HashMap::new(),
-            hl7_any: Vec::new(),
-        };
-        for c in candidates {
-            match &c.path.pattern {
-                Pattern::Fhir(segments) => {
-                    let depth = segments.len();
-                    if index.fhir_glob.len() <= depth {
-                        index.fhir_glob.resize_with(depth + 1, Vec::new);
-                        index.fhir_named.resize_with(depth + 1, HashMap::new);
-                    }
-                    match segments.last().map(|s| s.name.as_str()) {
-                        Some(name) if !name.contains('*') => {
-                            if let Some(map) = index.fhir_named.get_mut(depth) {
-                                map.entry(name).or_default().push((*c, segments));
-                            }
-                        }
-                        _ => {
-                            if let Some(list) = index.fhir_glob.get_mut(depth) {
-                                list.push((*c, segments));
-                            }
-                        }
-                    }
-                }
-                Pattern::Hl7(p) => match p.segment.as_deref() {
-                    Some(id) => index.hl7_named.entry(id).or_default().push((*c, p)),
-                    None => index.hl7_any.push((*c, p)),
-                },
-                Pattern::Csv(_) => {}
-            }
-        }
-        index
-    }
-
-    fn fhir(
-        &self,
-        depth: usize,
-        name: &str,
-    ) -> impl Iterator<Item = &(Candidate<'e>, &'e [FhirSegment])> {
-        self.fhir_named
-            .get(depth)
-            .and_then(|map| map.get(name))
-            .into_iter()
-            .flatten()
-            .chain(self.fhir_glob.get(depth).into_iter().flatten())
-    }
-
-    fn hl7(&self, segment: &str) -> impl Iterator<Item = &(Candidate<'e>, &'e Hl7Pattern)> {
-        self.hl7_named
-            .get(segment)
-            .into_iter()
-            .flatten()
-            .chain(&self.hl7_any)
-    }
-}
-
-/// One FHIR element on the path from the resource root: its name and value (one array item).
-struct Frame<'v> {
-    name: &'v str,
-    value: &'v Value,
 }
 
 /// One record being de-identified.
@@ -705,15 +536,7 @@ impl<'e> Run<'e> {
     /// names; categories 2 and 4-18 are other identifiers; dates (3), kept or scrubbed values
     /// and FHIR datatype metadata are not identifiers to look for.
     fn collect(&mut self, rule: &Rule, value: &Value, path: &str) {
-        let removes = matches!(
-            rule.method,
-            Method::Redact
-                | Method::Substitute(_)
-                | Method::Pseudonymize
-                | Method::GeneralizeZip
-                | Method::Encrypt
-        );
-        if !removes || rule.category == 0 || rule.category == 3 {
+        if !rule.method.removes_original() || rule.category == 0 || rule.category == 3 {
             return;
         }
         if self.format.family() == Family::Fhir && fhir_metadata(path) {
@@ -821,351 +644,6 @@ impl<'e> Run<'e> {
             }
             _ => bump(&mut self.report.default_redactions, path),
         }
-    }
-
-    // -----------------------------------------------------------------------------------------
-    // CSV
-    // -----------------------------------------------------------------------------------------
-
-    fn csv(&mut self, content: &Value) -> Result<Option<Value>, EngineError> {
-        let row = content
-            .as_object()
-            .ok_or_else(|| unexpected("", "CSV content is not a JSON object"))?;
-        let mut out = Map::new();
-        for (column, value) in row {
-            if value.is_object() || value.is_array() {
-                return Err(unexpected(
-                    "column",
-                    "a CSV cell is an object or array, not a scalar",
-                ));
-            }
-            let mut governing = None;
-            for c in &self.candidates {
-                if let Pattern::Csv(glob) = &c.path.pattern {
-                    if glob_match(glob, column) {
-                        governing = better(governing, c);
-                    }
-                }
-            }
-            if let Some(v) = self.leaf(value, column, governing)? {
-                out.insert(column.clone(), v);
-            }
-        }
-        Ok((!out.is_empty()).then_some(Value::Object(out)))
-    }
-
-    // -----------------------------------------------------------------------------------------
-    // FHIR
-    // -----------------------------------------------------------------------------------------
-
-    /// A Bundle entry: the resource goes through the rules; `fullUrl` and `request` are the
-    /// engine's (their ids pseudonymized like references); anything else is dropped.
-    fn fhir_entry(&mut self, content: &Value) -> Result<Option<Value>, EngineError> {
-        let entry = content
-            .as_object()
-            .ok_or_else(|| unexpected("entry", "a Bundle entry is not a JSON object"))?;
-        let resource = entry
-            .get("resource")
-            .ok_or_else(|| unexpected("entry.resource", "missing"))?;
-        let mut out = Map::new();
-        if let Some(r) = self.fhir_resource(resource, "entry.resource")? {
-            out.insert("resource".to_owned(), r);
-        }
-        for (key, value) in entry {
-            match (key.as_str(), value) {
-                ("resource", _) => {}
-                ("fullUrl", Value::String(url)) => {
-                    let p = self.engine.pseudonymize_value(self.format, url);
-                    if let Some(v) = self.engine_leaf("entry.fullUrl", p) {
-                        out.insert(key.clone(), v);
-                    }
-                }
-                ("request", Value::Object(request)) => {
-                    let mut req = Map::new();
-                    for (k, v) in request {
-                        let path = join("entry.request", k);
-                        let handled = match (k.as_str(), v) {
-                            ("method", Value::String(m)) => Some(m.clone()),
-                            ("url", Value::String(u)) => Some(self.request_url(u)),
-                            _ => None,
-                        };
-                        match handled {
-                            Some(text) => {
-                                if let Some(v) = self.engine_leaf(&path, text) {
-                                    req.insert(k.clone(), v);
-                                }
-                            }
-                            None => self.drop_subtree(v, &path),
-                        }
-                    }
-                    if !req.is_empty() {
-                        out.insert(key.clone(), Value::Object(req));
-                    }
-                }
-                _ => self.drop_subtree(value, &join("entry", key)),
-            }
-        }
-        Ok((!out.is_empty()).then_some(Value::Object(out)))
-    }
-
-    /// An engine-handled Bundle entry field: counted under [`BUNDLE_ENTRY_RULE`].
-    fn engine_leaf(&mut self, path: &str, text: String) -> Option<Value> {
-        if self.mode != Mode::Apply {
-            return None;
-        }
-        bump_rule(&mut self.report.rules, BUNDLE_ENTRY_RULE, path);
-        Some(Value::String(text))
-    }
-
-    /// `Patient` stays; `Patient/123` -> `Patient/<p>`; a conditional query
-    /// (`Patient?identifier=...`) holds identifiers and is cut off.
-    fn request_url(&self, url: &str) -> String {
-        let base = url.split_once('?').map_or(url, |(b, _)| b);
-        if is_resource_type(base) {
-            base.to_owned()
-        } else {
-            self.engine.pseudonymize_value(self.format, base)
-        }
-    }
-
-    fn fhir_resource(
-        &mut self,
-        resource: &Value,
-        location: &str,
-    ) -> Result<Option<Value>, EngineError> {
-        let object = resource
-            .as_object()
-            .ok_or_else(|| unexpected(location, "the FHIR resource is not a JSON object"))?;
-        match object.get("resourceType").and_then(Value::as_str) {
-            Some(t) if t == self.record_type => {}
-            Some(_) => {
-                return Err(unexpected(
-                    join(location, "resourceType"),
-                    "does not match the record type",
-                ))
-            }
-            None => {
-                return Err(unexpected(
-                    join(location, "resourceType"),
-                    "missing or not a string",
-                ))
-            }
-        }
-        let mut stack = Vec::new();
-        self.fhir_object(object, &mut stack, None)
-    }
-
-    fn fhir_object<'v>(
-        &mut self,
-        object: &'v Map<String, Value>,
-        stack: &mut Vec<Frame<'v>>,
-        governing: Option<Governing<'e>>,
-    ) -> Result<Option<Value>, EngineError> {
-        let mut out = Map::new();
-        for (name, value) in object {
-            let result = match value {
-                Value::Array(items) => {
-                    let mut kept = Vec::new();
-                    for item in items {
-                        if let Some(v) = self.fhir_element(name, item, stack, governing)? {
-                            kept.push(v);
-                        }
-                    }
-                    (!kept.is_empty()).then_some(Value::Array(kept))
-                }
-                _ => self.fhir_element(name, value, stack, governing)?,
-            };
-            if let Some(v) = result {
-                out.insert(name.clone(), v);
-            }
-        }
-        Ok((!out.is_empty()).then_some(Value::Object(out)))
-    }
-
-    /// One element (or one item of a repeating element): finds the best rule matching the
-    /// path exactly here; a deeper match outranks the inherited one unless that is typed.
-    fn fhir_element<'v>(
-        &mut self,
-        name: &'v str,
-        value: &'v Value,
-        stack: &mut Vec<Frame<'v>>,
-        inherited: Option<Governing<'e>>,
-    ) -> Result<Option<Value>, EngineError> {
-        stack.push(Frame { name, value });
-        let mut governing = inherited;
-        for (c, segments) in self.index.fhir(stack.len(), name) {
-            let matches = segments.iter().zip(stack.iter()).all(|(s, f)| {
-                glob_match(&s.name, f.name)
-                    && s.filter
-                        .as_ref()
-                        .is_none_or(|flt| filter_holds(flt, f.value))
-            });
-            if matches {
-                governing = better(governing, c);
-            }
-        }
-        let result = self.fhir_value(value, stack, governing);
-        stack.pop();
-        result
-    }
-
-    fn fhir_value<'v>(
-        &mut self,
-        value: &'v Value,
-        stack: &mut Vec<Frame<'v>>,
-        governing: Option<Governing<'e>>,
-    ) -> Result<Option<Value>, EngineError> {
-        match value {
-            Value::Object(object) => self.fhir_object(object, stack, governing),
-            Value::Array(items) => {
-                // Arrays of arrays are not FHIR JSON; handled like one repeating element.
-                let mut kept = Vec::new();
-                for item in items {
-                    if let Some(v) = self.fhir_value(item, stack, governing)? {
-                        kept.push(v);
-                    }
-                }
-                Ok((!kept.is_empty()).then_some(Value::Array(kept)))
-            }
-            _ => {
-                let path = stack.iter().map(|f| f.name).collect::<Vec<_>>().join(".");
-                self.leaf(value, &path, governing)
-            }
-        }
-    }
-
-    // -----------------------------------------------------------------------------------------
-    // HL7 v2
-    // -----------------------------------------------------------------------------------------
-
-    fn hl7(&mut self, content: &Value) -> Result<Option<Value>, EngineError> {
-        let message = hl7::Message::read(content).map_err(|e| unexpected(e.path, e.problem))?;
-        let mut out_segments = Vec::with_capacity(message.segments.len());
-        for segment in &message.segments {
-            out_segments.push(self.hl7_segment(segment)?);
-        }
-        for (key, value) in content.as_object().into_iter().flatten() {
-            if !matches!(
-                key.as_str(),
-                "segments" | "message_type" | "control_id" | "version"
-            ) {
-                self.drop_subtree(value, key);
-            }
-        }
-        // The summary keys are re-derived from the de-identified MSH, as ingestion derives
-        // them from the original, so they can never say more than MSH does.
-        Ok(Some(hl7::message(out_segments)))
-    }
-
-    fn hl7_segment(&mut self, segment: &hl7::Segment<'_>) -> Result<Value, EngineError> {
-        let index = segment.position - 1;
-        let at = |what: &str| format!("segments[{index}]{what}");
-        let (id, fields) = (segment.id, segment.fields);
-        for (key, value) in segment.raw.as_object().into_iter().flatten() {
-            if key != "id" && key != "fields" {
-                self.drop_subtree(value, &format!("{id}.{key}"));
-            }
-        }
-        // OBX-2, the value type, for `when_type` rules.
-        let value_type = segment.sub(2, 1, 1, 1).map(str::to_owned);
-
-        let mut out_fields = Vec::with_capacity(fields.len());
-        for (f, field) in fields.iter().enumerate() {
-            let number = f + 1;
-            if id == "MSH" && number <= 2 {
-                // The delimiters, stored literally: structure, not data.
-                out_fields.push(field.clone());
-                continue;
-            }
-            let bad = || {
-                unexpected(
-                    at(&format!(".fields[{f}]")),
-                    "not a list of repetitions of components of subcomponent strings",
-                )
-            };
-            let repetitions = field.as_array().ok_or_else(bad)?;
-            let mut out_reps = Vec::new();
-            for repetition in repetitions {
-                let components = repetition.as_array().ok_or_else(bad)?;
-                let mut out_comps = Vec::with_capacity(components.len());
-                for (c, component) in components.iter().enumerate() {
-                    let subs = component.as_array().ok_or_else(bad)?;
-                    let mut out_subs = Vec::with_capacity(subs.len());
-                    for (s, sub) in subs.iter().enumerate() {
-                        if !sub.is_string() {
-                            return Err(bad());
-                        }
-                        let governing =
-                            self.hl7_governing(id, number, c + 1, s + 1, value_type.as_deref());
-                        let path = if s == 0 {
-                            format!("{id}-{number}.{}", c + 1)
-                        } else {
-                            format!("{id}-{number}.{}.{}", c + 1, s + 1)
-                        };
-                        let text = match self.leaf(sub, &path, governing)? {
-                            Some(Value::String(t)) => t,
-                            Some(other) => other.to_string(),
-                            None => String::new(),
-                        };
-                        out_subs.push(text);
-                    }
-                    while out_subs.last().is_some_and(String::is_empty) {
-                        out_subs.pop();
-                    }
-                    out_comps.push(out_subs);
-                }
-                while out_comps.last().is_some_and(Vec::is_empty) {
-                    out_comps.pop();
-                }
-                if !out_comps.is_empty() {
-                    let comps = out_comps
-                        .into_iter()
-                        .map(|subs| {
-                            let subs = if subs.is_empty() {
-                                vec![String::new()]
-                            } else {
-                                subs
-                            };
-                            Value::Array(subs.into_iter().map(Value::String).collect())
-                        })
-                        .collect();
-                    out_reps.push(Value::Array(comps));
-                }
-            }
-            out_fields.push(Value::Array(out_reps));
-        }
-        while out_fields
-            .last()
-            .is_some_and(|f| f.as_array().is_some_and(Vec::is_empty))
-        {
-            out_fields.pop();
-        }
-        Ok(hl7::segment(id, out_fields))
-    }
-
-    fn hl7_governing(
-        &self,
-        segment: &str,
-        field: usize,
-        component: usize,
-        subcomponent: usize,
-        value_type: Option<&str>,
-    ) -> Option<Governing<'e>> {
-        let mut governing = None;
-        for (c, p) in self.index.hl7(segment) {
-            let matches = p.segment.as_deref().is_none_or(|s| s == segment)
-                && p.field.is_none_or(|f| f == field)
-                && p.component.is_none_or(|x| x == component)
-                && p.subcomponent.is_none_or(|x| x == subcomponent)
-                && c.rule
-                    .when_type
-                    .as_ref()
-                    .is_none_or(|types| value_type.is_some_and(|t| types.contains(t)));
-            if matches {
-                governing = better(governing, c);
-            }
-        }
-        governing
     }
 }
 
@@ -1489,18 +967,5 @@ method = "keep"
             other.content,
             serde_json::json!({"CODE": "1", "NOTE": "Zelda"})
         );
-    }
-
-    #[test]
-    fn filters() {
-        let f = Filter {
-            path: vec!["type".into(), "coding".into(), "code".into()],
-            value: "MR".into(),
-        };
-        let id =
-            serde_json::json!({"type": {"coding": [{"code": "XX"}, {"code": "MR"}]}, "value": "1"});
-        assert!(filter_holds(&f, &id));
-        let other = serde_json::json!({"type": {"coding": [{"code": "SS"}]}});
-        assert!(!filter_holds(&f, &other));
     }
 }
