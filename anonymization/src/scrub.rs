@@ -500,11 +500,50 @@ fn month_alternation() -> String {
 
 const US_STATES: &str = "AL|AK|AZ|AR|CA|CO|CT|DE|DC|FL|GA|HI|ID|IL|IN|IA|KS|KY|LA|ME|MD|MA|MI|MN|MS|MO|MT|NE|NV|NH|NJ|NM|NY|NC|ND|OH|OK|OR|PA|RI|SC|SD|TN|TX|UT|VT|VA|WA|WV|WI|WY|PR|VI|GU|AS|MP";
 
-fn build_rules() -> Result<Vec<Rule>, regex::Error> {
+/// One scrubber pattern: what it finds, whether it is a titled-name rule, the regex, and
+/// how a match becomes a span.
+type Spec = (Kind, bool, String, SpanFn);
+
+/// A scrubber pattern that does not compile. Patterns are code (below), so this is a
+/// build defect; the engine reports it at start rather than redacting every text.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "scrubber pattern #{index} ({kind}) in anonymization/src/scrub.rs does not compile: {message}"
+)]
+pub struct PatternError {
+    pub index: usize,
+    pub kind: &'static str,
+    pub message: String,
+}
+
+fn build_rules() -> Result<Vec<Rule>, PatternError> {
+    compile(specs())
+}
+
+fn compile(specs: Vec<Spec>) -> Result<Vec<Rule>, PatternError> {
+    specs
+        .into_iter()
+        .enumerate()
+        .map(|(index, (kind, titled, pattern, span))| {
+            Ok(Rule {
+                kind,
+                rank: pattern_rank(kind, titled),
+                re: Regex::new(&pattern).map_err(|e| PatternError {
+                    index,
+                    kind: kind.as_str(),
+                    message: e.to_string(),
+                })?,
+                span,
+            })
+        })
+        .collect()
+}
+
+fn specs() -> Vec<Spec> {
     let month = month_alternation();
     // Value of a labelled identifier (MRN, account number...).
     let value = r"([a-z0-9](?:[a-z0-9/-]*[a-z0-9])?)";
-    let specs: Vec<(Kind, bool, String, SpanFn)> = vec![
+    let specs: Vec<Spec> = vec![
         // --- SSN
         (
             Kind::Ssn,
@@ -677,16 +716,6 @@ fn build_rules() -> Result<Vec<Rule>, regex::Error> {
         ),
     ];
     specs
-        .into_iter()
-        .map(|(kind, titled, pattern, span)| {
-            Ok(Rule {
-                kind,
-                rank: pattern_rank(kind, titled),
-                re: Regex::new(&pattern)?,
-                span,
-            })
-        })
-        .collect()
 }
 
 // ---------------------------------------------------------------------------
@@ -977,10 +1006,20 @@ fn fail_closed() -> Scrubbed {
 }
 
 impl Scrubber {
-    pub fn new() -> Result<Self, regex::Error> {
+    pub fn new() -> Result<Self, PatternError> {
         Ok(Scrubber {
             rules: build_rules()?,
         })
+    }
+
+    /// The process's scrubber, compiled once. The engine takes it at construction, so a
+    /// pattern that does not compile stops the stage at start.
+    pub fn shared() -> Result<&'static Scrubber, PatternError> {
+        static SHARED: OnceLock<Result<Scrubber, PatternError>> = OnceLock::new();
+        SHARED
+            .get_or_init(Scrubber::new)
+            .as_ref()
+            .map_err(Clone::clone)
     }
 
     /// Scrubs `text`, compiling `known` for this call.
@@ -1063,21 +1102,36 @@ fn replace(text: &str, mut cands: Vec<Cand>) -> Scrubbed {
     Scrubbed { text: out, counts }
 }
 
-/// Replaces identifiers in narrative text with typed placeholders, using a shared,
-/// lazily built [`Scrubber`]. Fails closed (`[REDACTED]`) if it cannot be built.
-pub fn scrub(text: &str, known: &Known) -> Scrubbed {
-    static DEFAULT: OnceLock<Option<Scrubber>> = OnceLock::new();
-    match DEFAULT.get_or_init(|| Scrubber::new().ok()) {
-        Some(s) => s.scrub(text, known),
-        None => fail_closed(),
-    }
-}
-
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    fn scrub(text: &str, known: &Known) -> Scrubbed {
+        Scrubber::shared().unwrap().scrub(text, known)
+    }
+
+    #[test]
+    fn a_pattern_that_does_not_compile_is_named_not_silently_redacting() {
+        let mut bad = specs();
+        bad.insert(
+            3,
+            (
+                Kind::Phone,
+                false,
+                "(unclosed".into(),
+                span_whole_digit_bounded,
+            ),
+        );
+        let err = compile(bad).map(|_| ()).unwrap_err();
+        assert_eq!((err.index, err.kind), (3, "PHONE"));
+        assert!(
+            err.to_string().contains("anonymization/src/scrub.rs"),
+            "{err}"
+        );
+        assert!(Scrubber::new().is_ok());
+    }
 
     fn known(names: &[&str], ids: &[&str]) -> Known {
         Known {

@@ -64,6 +64,7 @@ enum Refused {
 
 pub struct Canonizer {
     maps: ConceptMaps,
+    tables: mapping::Tables,
     validator: FhirValidator,
     /// `id@version` of every loaded map, for lifecycle events.
     maps_version: String,
@@ -77,8 +78,12 @@ pub struct Canonizer {
 }
 
 impl Canonizer {
+    /// A stage with its concept maps and mapping tables (loaded and validated by the
+    /// caller) and the built-in unit table and FHIR schema (validated here), so that
+    /// nothing that can be broken is first noticed on a record.
     pub fn new(
         maps: ConceptMaps,
+        tables: mapping::Tables,
         max_failure_ratio: f64,
         close_timeout: std::time::Duration,
     ) -> Result<Self, PipelineError> {
@@ -92,8 +97,13 @@ impl Canonizer {
             .map(|(id, v, _, _)| format!("{id}@{v}"))
             .collect::<Vec<_>>()
             .join(",");
+        units::embedded_table().map_err(|e| PipelineError::Schema {
+            file: "canonization/units/ucum.toml (built in)".into(),
+            message: e.to_string(),
+        })?;
         Ok(Canonizer {
             maps,
+            tables,
             validator,
             maps_version,
             max_failure_ratio,
@@ -123,14 +133,17 @@ impl Canonizer {
                     e.column()
                 ),
             })?;
-        let mapped = map_record(&mapping::Input {
-            source_format: &rec.source_format,
-            record_type: &rec.record_type,
-            patient_pseudonym: &rec.patient_pseudonym,
-            content: &content,
-            batch_id: &rec.batch_id,
-            position: rec.position,
-        })
+        let mapped = map_record(
+            &self.tables,
+            &mapping::Input {
+                source_format: &rec.source_format,
+                record_type: &rec.record_type,
+                patient_pseudonym: &rec.patient_pseudonym,
+                content: &content,
+                batch_id: &rec.batch_id,
+                position: rec.position,
+            },
+        )
         .map_err(|e| match e {
             MapError::Unsupported { .. } => Refused::Unsupported,
             MapError::Invalid { reason } => Refused::Dead {
@@ -557,6 +570,7 @@ mod tests {
     fn stage() -> Canonizer {
         Canonizer::new(
             ConceptMaps::load_embedded().expect("maps"),
+            mapping::Tables::load(None).expect("tables"),
             0.5,
             Duration::from_secs(60),
         )

@@ -20,6 +20,10 @@ struct Args {
     /// A directory of concept-map TOML files to use instead of the shipped starter maps.
     #[arg(long, env = "MEDPIPE_CONCEPT_MAP_DIR")]
     concept_map_dir: Option<PathBuf>,
+    /// A directory whose fhir.toml, fhir-r4-structure.json, synthea.toml or hl7v2.toml
+    /// replace the built-in mapping tables of the same name (the others stay built in).
+    #[arg(long, env = "MEDPIPE_MAPPING_DIR")]
+    mapping_dir: Option<PathBuf>,
     /// Past this share of dead-lettered records, a batch ends in CanonizationFailed.
     #[arg(long, env = "MEDPIPE_MAX_FAILURE_RATIO", default_value_t = 0.05)]
     max_failure_ratio: f64,
@@ -34,9 +38,10 @@ async fn main() -> anyhow::Result<()> {
         None => ConceptMaps::load_embedded(),
     }
     .context("cannot load the concept maps")?;
-    canonization::units::embedded_table().context("the unit table is invalid")?;
+    let tables = canonization::mapping::Tables::load(args.mapping_dir.as_deref())?;
     let stage = canonization::Canonizer::new(
         maps,
+        tables,
         args.max_failure_ratio,
         args.common.runner.batch_close_timeout,
     )?;

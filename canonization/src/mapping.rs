@@ -48,6 +48,7 @@ use serde_json::Value;
 use uuid::Uuid;
 
 pub use pipeline::ResourceType;
+pub use tables::{Tables, TablesError};
 
 /// Namespace for deterministic resource ids (UUID v5), fixed forever. Must stay equal to
 /// the one in the canonization crate's `resource_id`.
@@ -69,15 +70,6 @@ pub fn resource_id(resource_type: ResourceType, pseudonym: &str, source_identity
 /// The id of the one canonical Patient of a pseudonym.
 pub fn patient_id(pseudonym: &str) -> String {
     resource_id(ResourceType::Patient, pseudonym, "")
-}
-
-/// The version of the mapping tables (data/synthea.toml and data/hl7v2.toml), for
-/// `Provenance.concept_map_version`: a change of a code mapping changes it.
-pub fn concept_map_version() -> String {
-    match tables::get() {
-        Ok(t) => format!("synthea-{}+hl7v2-{}", t.synthea.version, t.hl7.version),
-        Err(_) => "unavailable".to_owned(),
-    }
 }
 
 /// One de-identified record, as carried by `RecordAnonymized`.
@@ -139,11 +131,10 @@ impl MapError {
 
 /// Maps one de-identified record to its canonical resources: one for FHIR and CSV records,
 /// Patient + Encounter for an HL7 ADT message, DiagnosticReports + Observations for ORU.
-pub fn map_record(input: &Input<'_>) -> Result<Vec<Mapped>, MapError> {
+pub fn map_record(tables: &Tables, input: &Input<'_>) -> Result<Vec<Mapped>, MapError> {
     if input.patient_pseudonym.is_empty() {
         return Err(MapError::invalid("the record has no patient pseudonym"));
     }
-    let tables = tables::get()?;
     let format = SourceFormat::parse(input.source_format).ok_or_else(|| {
         MapError::invalid("unknown source_format (expected csv, fhir-ndjson, fhir-bundle or hl7v2)")
     })?;

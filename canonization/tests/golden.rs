@@ -20,9 +20,14 @@ use common::{
     CASES,
 };
 
+/// The built-in mapping tables.
+fn tables() -> &'static canonization::mapping::Tables {
+    canonization::mapping::Tables::embedded().unwrap_or_else(|e| panic!("{e}"))
+}
+
 /// What a golden output holds for a mapping result.
 fn render(input: &Owned) -> Value {
-    match map_record(&input.input()) {
+    match map_record(tables(), &input.input()) {
         Ok(resources) => json!({
             "resources": resources.iter().map(|m| json!({
                 "resource_type": m.resource_type,

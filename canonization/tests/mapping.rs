@@ -16,12 +16,17 @@ use common::{
     assert_valid_r4, find_case, fixtures_dir, generate_all, read_json, Owned, Source, CASES,
 };
 
+/// The built-in mapping tables.
+fn tables() -> &'static canonization::mapping::Tables {
+    canonization::mapping::Tables::embedded().unwrap_or_else(|e| panic!("{e}"))
+}
+
 fn golden_input(name: &str) -> Owned {
     Owned::from_json(&read_json(&fixtures_dir().join(format!("{name}.in.json"))))
 }
 
 fn map(owned: &Owned) -> Vec<Mapped> {
-    map_record(&owned.input()).unwrap_or_else(|e| panic!("{e}"))
+    map_record(tables(), &owned.input()).unwrap_or_else(|e| panic!("{e}"))
 }
 
 fn one(owned: &Owned) -> Mapped {
@@ -52,12 +57,12 @@ fn input<'a>(format: &'a str, record_type: &'a str, content: &'a Value) -> Input
 fn ids_are_deterministic_and_independent_of_batch_and_position() {
     for case in CASES {
         let owned = golden_input(case.name);
-        let first = map_record(&owned.input());
+        let first = map_record(tables(), &owned.input());
         let mut moved = golden_input(case.name);
         moved.batch_id = "another-batch".into();
         moved.position = 9_999;
-        assert_eq!(first, map_record(&moved.input()), "{}", case.name);
-        assert_eq!(first, map_record(&owned.input()), "{}", case.name);
+        assert_eq!(first, map_record(tables(), &moved.input()), "{}", case.name);
+        assert_eq!(first, map_record(tables(), &owned.input()), "{}", case.name);
     }
 }
 
@@ -76,7 +81,7 @@ fn ids_are_distinct_across_types_and_within_a_record() {
     // Over every golden: an id belongs to one type, and one record never repeats an id.
     let mut owner: BTreeMap<String, &str> = BTreeMap::new();
     for case in CASES {
-        let Ok(out) = map_record(&golden_input(case.name).input()) else {
+        let Ok(out) = map_record(tables(), &golden_input(case.name).input()) else {
             continue;
         };
         let mut seen = BTreeSet::new();
@@ -243,7 +248,7 @@ fn a_corrected_result_replaces_the_preliminary_one() {
 fn unsupported_record_types() {
     let coverage = golden_input("fhir-bundle-coverage");
     assert_eq!(
-        map_record(&coverage.input()),
+        map_record(tables(), &coverage.input()),
         Err(MapError::Unsupported {
             record_type: "Coverage".into()
         })
@@ -257,7 +262,7 @@ fn unsupported_record_types() {
         ("hl7v2", "HL7", &json!({"segments": []})),
     ];
     for (format, record_type, content) in cases {
-        let got = map_record(&input(format, record_type, content));
+        let got = map_record(tables(), &input(format, record_type, content));
         assert!(
             matches!(got, Err(MapError::Unsupported { .. })),
             "{record_type}: {got:?}"
@@ -301,7 +306,7 @@ fn invalid_records_are_rejected_with_reasons_free_of_values() {
         ("xml", "Observation", json!({"a": secret})),
     ];
     for (format, record_type, content) in &cases {
-        let got = map_record(&input(format, record_type, content));
+        let got = map_record(tables(), &input(format, record_type, content));
         let Err(e @ MapError::Invalid { .. }) = &got else {
             panic!("{format} {record_type}: expected Invalid, got {got:?}");
         };
@@ -399,7 +404,7 @@ fn goldens_cover_every_type_and_format() {
     for case in CASES {
         let owned = golden_input(case.name);
         formats.insert(owned.source_format.clone());
-        if let Ok(out) = map_record(&owned.input()) {
+        if let Ok(out) = map_record(tables(), &owned.input()) {
             types.extend(out.iter().map(|m| m.resource_type));
         }
     }

@@ -341,6 +341,7 @@ pub fn canonize(n: usize, rounds: usize) -> anyhow::Result<Vec<(String, f64, f64
     ];
     let mut stage = canonization::Canonizer::new(
         canonization::concept_map::ConceptMaps::load_embedded()?,
+        canonization::mapping::Tables::load(None)?,
         1.0,
         std::time::Duration::from_secs(300),
     )?;

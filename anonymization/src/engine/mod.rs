@@ -109,6 +109,8 @@ pub enum EngineError {
     MissingKey(String),
     #[error("cryptographic failure: {0}")]
     Crypto(String),
+    #[error(transparent)]
+    Scrubber(#[from] scrub::PatternError),
 }
 
 fn unexpected(path: impl Into<String>, reason: impl Into<String>) -> EngineError {
@@ -173,6 +175,8 @@ pub struct Engine {
     /// HMAC-SHA256 keyed with the pseudonym key, cloned per use (keying once is cheaper and
     /// leaves no fallible step after construction).
     mac: HmacSha256,
+    /// The free-text scrubber, compiled (and so checked) before the first record.
+    scrubber: &'static scrub::Scrubber,
 }
 
 impl std::fmt::Debug for Engine {
@@ -196,11 +200,13 @@ impl Engine {
         let mac = HmacSha256::new_from_slice(keys.pseudonym.key.expose()).map_err(|_| {
             EngineError::Crypto("the pseudonym key cannot key HMAC-SHA256".to_owned())
         })?;
+        let scrubber = scrub::Scrubber::shared()?;
         Ok(Engine {
             policy,
             keys,
             ctx,
             mac,
+            scrubber,
         })
     }
 
@@ -607,7 +613,7 @@ impl<'e> Run<'e> {
             }
             Method::Encrypt => Some(self.engine.encrypt(rule, &text)?),
             Method::Scrub => {
-                let scrubbed = scrub::scrub(&text, &self.known);
+                let scrubbed = self.engine.scrubber.scrub(&text, &self.known);
                 for (kind, n) in scrubbed.counts {
                     *self.report.scrubbed.entry(kind.to_owned()).or_default() += n;
                 }

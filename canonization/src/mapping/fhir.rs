@@ -203,7 +203,7 @@ mod tests {
 
     #[test]
     fn references_point_at_canonical_ids_or_go() {
-        let Ok(tables) = crate::mapping::tables::get() else {
+        let Ok(tables) = crate::mapping::Tables::embedded() else {
             panic!("tables")
         };
         let rewriter = Rewriter {

@@ -270,10 +270,10 @@ fn keep_allowed_codes(r: &mut Map<String, Value>, path: &str, allowed: &[String]
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::mapping::tables;
+    use crate::mapping::Tables;
 
     fn run(resource_type: &'static str, draft: Value) -> Result<Value, MapError> {
-        let tables = tables::get()?;
+        let tables = Tables::embedded().map_err(|e| MapError::invalid(e.to_string()))?;
         let kind =
             ResourceType::parse(resource_type).ok_or(MapError::unsupported(resource_type))?;
         finish(tables, kind, "the-id", "pseudo", draft)

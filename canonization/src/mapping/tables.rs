@@ -1,9 +1,10 @@
-//! The mapping's data tables (`data/*.toml`), compiled in and parsed once.
+//! The mapping's data tables (`data/*.toml` and the R4 structure), compiled in, or read
+//! from a directory that overrides them file by file.
 //!
 //! They are data rather than code so that a terminologist can review and extend them
-//! (a new encounter class, an HL7 status code) without reading the mappers. A table that
-//! fails to parse is a build defect caught by the unit test below; at run time it turns
-//! every record into a `MapError::Invalid` instead of a panic.
+//! (a new encounter class, an HL7 status code) without reading the mappers. They are
+//! loaded and cross-checked when the stage starts: a broken table stops it with an error
+//! naming the file (and line), rather than dead-lettering every record.
 
 use std::collections::BTreeMap;
 use std::sync::LazyLock;
@@ -12,74 +13,124 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use super::structure::Structure;
-use super::MapError;
+use std::path::Path;
 
-const FHIR_TOML: &str = include_str!("../../data/fhir.toml");
-const STRUCTURE_JSON: &str = include_str!("../../data/fhir-r4-structure.json");
-const SYNTHEA_TOML: &str = include_str!("../../data/synthea.toml");
-const HL7_TOML: &str = include_str!("../../data/hl7v2.toml");
+/// The four table files, by name, with their built-in text.
+const FILES: [(&str, &str); 4] = [
+    ("fhir.toml", include_str!("../../data/fhir.toml")),
+    (
+        "fhir-r4-structure.json",
+        include_str!("../../data/fhir-r4-structure.json"),
+    ),
+    ("synthea.toml", include_str!("../../data/synthea.toml")),
+    ("hl7v2.toml", include_str!("../../data/hl7v2.toml")),
+];
 
+/// The mapping's tables, loaded and cross-checked as a whole.
 #[derive(Debug)]
-pub(crate) struct Tables {
-    pub fhir: FhirRules,
-    pub structure: Structure,
-    pub synthea: Synthea,
-    pub hl7: Hl7Tables,
+pub struct Tables {
+    pub(crate) fhir: FhirRules,
+    pub(crate) structure: Structure,
+    pub(crate) synthea: Synthea,
+    pub(crate) hl7: Hl7Tables,
 }
 
-/// The tables, parsed on first use.
-pub(crate) fn get() -> Result<&'static Tables, MapError> {
-    static TABLES: LazyLock<Result<Tables, String>> = LazyLock::new(load);
-    TABLES.as_ref().map_err(|e| {
-        MapError::invalid(format!(
-            "the built-in mapping tables do not load ({e}); this is a build defect"
-        ))
-    })
+/// A table that does not load: the file, and what is wrong (with its line and column
+/// where the parser gives them).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("mapping table {file}: {message}")]
+pub struct TablesError {
+    pub file: String,
+    pub message: String,
 }
 
-fn load() -> Result<Tables, String> {
-    let fhir: FhirRules =
-        toml::from_str(FHIR_TOML).map_err(|e| format!("data/fhir.toml: {}", e.message()))?;
-    let structure = Structure::parse(STRUCTURE_JSON, &fhir.constraint)
-        .map_err(|e| format!("data/fhir-r4-structure.json: {e}"))?;
-    let synthea: Synthea =
-        toml::from_str(SYNTHEA_TOML).map_err(|e| format!("data/synthea.toml: {}", e.message()))?;
-    let hl7: Hl7Tables =
-        toml::from_str(HL7_TOML).map_err(|e| format!("data/hl7v2.toml: {}", e.message()))?;
-    for name in fhir.types.keys() {
-        if super::canonical_type(name).is_none() {
-            return Err(format!("data/fhir.toml: {name} is not a canonical type"));
-        }
+impl Tables {
+    /// The built-in tables, parsed once. A failure is a build defect (the unit test below
+    /// catches it); the stage reports it at start.
+    pub fn embedded() -> Result<&'static Tables, TablesError> {
+        static TABLES: LazyLock<Result<Tables, TablesError>> = LazyLock::new(|| Tables::load(None));
+        TABLES.as_ref().map_err(Clone::clone)
     }
-    for name in super::ResourceType::ALL.iter().map(|t| t.fhir_name()) {
-        if !fhir.types.contains_key(name) {
-            return Err(format!("data/fhir.toml: no rules for {name}"));
+
+    /// The tables, each file taken from `dir` where it holds one (so a terminologist can
+    /// try a changed table without a rebuild), else built in. Everything is validated here,
+    /// so a broken table stops the stage at start instead of failing every record.
+    pub fn load(dir: Option<&Path>) -> Result<Tables, TablesError> {
+        let mut texts = Vec::with_capacity(FILES.len());
+        for (name, builtin) in FILES {
+            let path = dir.map(|d| d.join(name)).filter(|p| p.exists());
+            texts.push(match path {
+                Some(path) => {
+                    let file = path.display().to_string();
+                    let text = std::fs::read_to_string(&path).map_err(|e| TablesError {
+                        file: file.clone(),
+                        message: e.to_string(),
+                    })?;
+                    (file, std::borrow::Cow::Owned(text))
+                }
+                None => (
+                    format!("canonization/data/{name} (built in)"),
+                    std::borrow::Cow::Borrowed(builtin),
+                ),
+            });
         }
-        if !structure.has(name) {
-            return Err(format!("data/fhir-r4-structure.json: no {name}"));
+        let [fhir, structure, synthea, hl7] = &texts[..] else {
+            unreachable!("FILES has four entries")
+        };
+        let err = |file: &String, message: String| TablesError {
+            file: file.clone(),
+            message,
+        };
+        let toml_err =
+            |file: &String, e: toml::de::Error| err(file, e.to_string().trim().to_owned());
+        let fhir_rules: FhirRules = toml::from_str(&fhir.1).map_err(|e| toml_err(&fhir.0, e))?;
+        let structure_t = Structure::parse(&structure.1, &fhir_rules.constraint)
+            .map_err(|e| err(&structure.0, e.to_string()))?;
+        let synthea_t: Synthea = toml::from_str(&synthea.1).map_err(|e| toml_err(&synthea.0, e))?;
+        let hl7_t: Hl7Tables = toml::from_str(&hl7.1).map_err(|e| toml_err(&hl7.0, e))?;
+        for name in fhir_rules.types.keys() {
+            if super::canonical_type(name).is_none() {
+                return Err(err(&fhir.0, format!("{name} is not a canonical type")));
+            }
         }
-    }
-    for record in &synthea.record {
-        if super::canonical_type(&record.resource_type).is_none() {
-            return Err(format!(
-                "data/synthea.toml: record {} maps to a non-canonical type",
-                record.record_type
-            ));
+        for name in super::ResourceType::ALL.iter().map(|t| t.fhir_name()) {
+            if !fhir_rules.types.contains_key(name) {
+                return Err(err(&fhir.0, format!("no rules for {name}")));
+            }
+            if !structure_t.has(name) {
+                return Err(err(&structure.0, format!("no {name}")));
+            }
         }
-        for rule in &record.element {
-            if let ElementRule::Lookup { table, .. } = rule {
-                if !synthea.tables.contains_key(table) {
-                    return Err(format!("data/synthea.toml: no table {table}"));
+        for record in &synthea_t.record {
+            if super::canonical_type(&record.resource_type).is_none() {
+                return Err(err(
+                    &synthea.0,
+                    format!("record {} maps to a non-canonical type", record.record_type),
+                ));
+            }
+            for rule in &record.element {
+                if let ElementRule::Lookup { table, .. } = rule {
+                    if !synthea_t.tables.contains_key(table) {
+                        return Err(err(&synthea.0, format!("no table {table}")));
+                    }
                 }
             }
         }
+        Ok(Tables {
+            fhir: fhir_rules,
+            structure: structure_t,
+            synthea: synthea_t,
+            hl7: hl7_t,
+        })
     }
-    Ok(Tables {
-        fhir,
-        structure,
-        synthea,
-        hl7,
-    })
+
+    /// The version of the code-mapping tables, e.g. `synthea-3+hl7v2-2`.
+    pub fn version(&self) -> String {
+        format!(
+            "synthea-{}+hl7v2-{}",
+            self.synthea.version, self.hl7.version
+        )
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -292,7 +343,7 @@ mod tests {
 
     #[test]
     fn the_tables_load_and_cover_every_canonical_type() {
-        let tables = load().unwrap_or_else(|e| panic!("{e}"));
+        let tables = Tables::load(None).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(tables.fhir.types.len(), 9);
         assert_eq!(tables.synthea.record.len(), 8);
         assert!(!tables.synthea.version.is_empty());
@@ -315,5 +366,19 @@ mod tests {
         for gender in tables.hl7.gender.values() {
             assert!(genders.contains(gender));
         }
+    }
+
+    #[test]
+    fn a_broken_table_in_the_override_directory_is_named_with_its_line() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let broken = dir.path().join("synthea.toml");
+        std::fs::write(&broken, "version = \"9\"\n[[record]]\nrecord_type = \n")
+            .unwrap_or_else(|e| panic!("{e}"));
+        let err = Tables::load(Some(dir.path())).expect_err("a broken table must not load");
+        assert_eq!(err.file, broken.display().to_string());
+        assert!(err.message.contains("line 3"), "{}", err.message);
+        // The files the directory does not hold stay built in.
+        std::fs::remove_file(&broken).unwrap_or_else(|e| panic!("{e}"));
+        assert!(Tables::load(Some(dir.path())).is_ok());
     }
 }
