@@ -19,7 +19,7 @@ use aes_gcm::Aes256Gcm;
 use base64::Engine;
 use serde::{Deserialize, Serialize};
 
-use crate::crypto::{cipher_for, unwrap_data_key, DataKey, KeyRef};
+use crate::crypto::{unwrap_data_key, DataKey, KeyRef};
 use crate::error::PipelineError;
 
 const MAGIC: &str = "medpipe-archive-v2";
@@ -71,7 +71,7 @@ impl ArchiveWriter {
         let header = serde_json::to_string(&header)
             .map_err(|e| PipelineError::Crypto(format!("cannot write archive header: {e}")))?;
         writeln!(out, "{MAGIC}\n{header}").map_err(io)?;
-        let enc = EncryptorBE32::from_aead(key.cipher(), prefix.as_slice().into());
+        let enc = EncryptorBE32::from_aead(key.key.cipher(), prefix.as_slice().into());
         Ok(ArchiveWriter {
             path: path.to_path_buf(),
             tmp,
@@ -160,7 +160,7 @@ pub fn open_archive(
         return Err(crypto("archive nonce prefix has the wrong length"));
     }
     let key = unwrap_data_key(master, &header.key_id, &wrapped)?;
-    let mut dec = DecryptorBE32::from_aead(cipher_for(&key), prefix.as_slice().into());
+    let mut dec = DecryptorBE32::from_aead(key.cipher(), prefix.as_slice().into());
     let limit = header.chunk_bytes + 16;
     let mut next = read_chunk(&mut r, limit).map_err(io)?;
     let mut total = 0u64;

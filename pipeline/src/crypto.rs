@@ -57,7 +57,8 @@ impl KeyRef {
         })
     }
 
-    fn cipher(&self) -> Aes256Gcm {
+    /// The AES-256-GCM cipher of this key (for `seal`/`open` and the archive's stream).
+    pub(crate) fn cipher(&self) -> Aes256Gcm {
         Aes256Gcm::new(Key::<Aes256Gcm>::from_slice(self.key.expose()))
     }
 }
@@ -118,7 +119,7 @@ pub fn random_key_bytes() -> Secret<[u8; 32]> {
 
 /// A fresh per-batch data key, plus its wrapped form (nonce ‖ sealed key) under `master`.
 pub struct DataKey {
-    key: KeyRef,
+    pub(crate) key: KeyRef,
     wrapped: Vec<u8>,
     master_id: String,
 }
@@ -147,10 +148,6 @@ impl DataKey {
     /// The data key wrapped by the master key (nonce ‖ sealed key).
     pub fn wrapped(&self) -> &[u8] {
         &self.wrapped
-    }
-
-    pub(crate) fn cipher(&self) -> Aes256Gcm {
-        self.key.cipher()
     }
 
     /// Seals one record; `aad` should name the record (batch id and position).
@@ -195,10 +192,6 @@ pub(crate) fn unwrap_data_key(
         id: "data-key".into(),
         key: Secret::new(raw),
     })
-}
-
-pub(crate) fn cipher_for(key: &KeyRef) -> Aes256Gcm {
-    key.cipher()
 }
 
 /// Opens a sealed record with the master key it names.
