@@ -217,10 +217,17 @@ impl Transactions {
                 Err(e) => {
                     let err = PipelineError::kafka("abort transaction", e);
                     if err.class() == ErrorClass::Fatal {
-                        return Err(self.explain(err));
+                        // A transaction open past its timeout was already aborted by its
+                        // coordinator, which fenced this producer's epoch: `explain` then
+                        // asks for a new producer. Any other fatal error ends the process.
+                        let err = self.explain(err);
+                        if !self.replace {
+                            return Err(err);
+                        }
+                    } else {
+                        warn!(error = %err, "Abort did not complete; replacing the producer.");
+                        self.replace = true;
                     }
-                    warn!(error = %err, "Abort did not complete; replacing the producer.");
-                    self.replace = true;
                 }
             }
         }

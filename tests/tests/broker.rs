@@ -184,3 +184,50 @@ fn a_stage_fenced_by_a_second_instance_with_its_transactional_id_exits_and_loses
     );
     settle_and_check(&mut p, tail, &batches);
 }
+
+/// A transaction left open past its timeout is aborted by its coordinator, which bumps
+/// the producer's epoch; librdkafka then reports the producer "fenced". That is not a
+/// zombie: `recover` must replace the producer so the work can be redone, not end the
+/// process. (The game day found auditing's publisher exiting here after a broker restart.)
+#[test]
+fn a_transaction_its_coordinator_aborted_after_the_timeout_is_recovered_not_fatal() {
+    use pipeline::txn::{Transactions, TxnSettings};
+    use rdkafka::message::Message;
+    use rdkafka::producer::{BaseRecord, Producer};
+
+    let p = Pipeline::new();
+    let topic = p.topics.name(TopicKind::Ingestion);
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let timeout = Duration::from_secs(2);
+    let settings = TxnSettings {
+        bootstrap_servers: tests::BOOTSTRAP.into(),
+        transactional_id: format!("{}-timed-out", p.prefix),
+        transaction_timeout: timeout,
+    };
+    let metrics = pipeline::telemetry::StageMetrics::new("txn_probe").expect("metrics");
+    let mut txn = Transactions::connect(settings, metrics, &shutdown).expect("connect");
+    txn.send(
+        BaseRecord::to(&topic)
+            .key("k")
+            .payload("aborted by the coordinator"),
+    )
+    .expect("send");
+    txn.producer()
+        .flush(Duration::from_secs(10))
+        .expect("flush");
+    // The broker aborts timed-out transactions on a 10 s sweep
+    // (transaction.abort.timed.out.transaction.cleanup.interval.ms).
+    std::thread::sleep(timeout + Duration::from_secs(14));
+    txn.recover(&shutdown)
+        .expect("a coordinator-aborted transaction is recovered by a new producer");
+    txn.send(BaseRecord::to(&topic).key("k").payload("committed"))
+        .expect("send after recovery");
+    txn.commit(None).expect("commit after recovery");
+    let payloads: Vec<String> = p
+        .read(&[topic])
+        .iter()
+        .filter_map(|r| r.message.payload())
+        .map(|b| String::from_utf8_lossy(b).into_owned())
+        .collect();
+    assert_eq!(payloads, vec!["committed".to_string()]);
+}
