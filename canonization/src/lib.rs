@@ -167,7 +167,13 @@ impl Canonizer {
             mut resource,
         } = m;
         let date = typed::effective(&resource).unwrap_or_default();
-        let report = normalize::normalize(resource_type, &mut resource, &self.maps, &date);
+        let report = normalize::normalize(
+            resource_type,
+            self.tables.code_element(resource_type),
+            &mut resource,
+            &self.maps,
+            &date,
+        );
         self.validator
             .validate(&resource)
             .map_err(|inv| Refused::Dead {

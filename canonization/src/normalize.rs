@@ -24,21 +24,6 @@ pub struct Report {
     pub unit_status: Option<&'static str>,
 }
 
-/// Where each type keeps its main CodeableConcept.
-pub fn code_element(resource_type: ResourceType) -> Option<&'static str> {
-    Some(match resource_type {
-        ResourceType::Observation
-        | ResourceType::Condition
-        | ResourceType::Procedure
-        | ResourceType::DiagnosticReport
-        | ResourceType::AllergyIntolerance => "code",
-        ResourceType::Immunization => "vaccineCode",
-        ResourceType::MedicationRequest => "medicationCodeableConcept",
-        ResourceType::Encounter => "type",
-        ResourceType::Patient => return None,
-    })
-}
-
 fn main_coding<'a>(resource: &'a mut Value, element: &str) -> Option<&'a mut Vec<Value>> {
     let cc = resource.get_mut(element)?;
     // Encounter.type is a list of CodeableConcepts; the first is the main one.
@@ -58,6 +43,7 @@ fn code_of(coding: &Value) -> Code {
 /// Normalises `resource` (of `resource_type`) in place.
 pub fn normalize(
     resource_type: ResourceType,
+    code_element: Option<&str>,
     resource: &mut Value,
     maps: &ConceptMaps,
     clinical_date: &str,
@@ -69,7 +55,7 @@ pub fn normalize(
         original_value: None,
         unit_status: None,
     };
-    if let Some(element) = code_element(resource_type) {
+    if let Some(element) = code_element {
         if let Some(codings) = main_coding(resource, element) {
             if let Some(first) = codings.first_mut() {
                 let source = code_of(first);
@@ -221,7 +207,13 @@ mod tests {
     fn a_local_lab_code_is_mapped_and_the_source_kept_as_a_second_coding() {
         let mut obs = json!({"resourceType": "Observation", "status": "final",
             "code": {"coding": [{"system": "urn:medpipe:local-lab", "code": "GLU"}]}});
-        let r = normalize(ResourceType::Observation, &mut obs, &maps(), "2019");
+        let r = normalize(
+            ResourceType::Observation,
+            Some("code"),
+            &mut obs,
+            &maps(),
+            "2019",
+        );
         assert_eq!(r.code_status, "mapped");
         assert_eq!(obs["code"]["coding"][0]["system"], "http://loinc.org");
         assert_eq!(obs["code"]["coding"][1]["code"], "GLU");
@@ -234,7 +226,13 @@ mod tests {
         let mut obs = json!({"resourceType": "Observation", "status": "final",
             "code": {"coding": [{"system": "urn:example:lab", "code": "XYZ"}]}});
         let before = obs.clone();
-        let r = normalize(ResourceType::Observation, &mut obs, &maps(), "2019");
+        let r = normalize(
+            ResourceType::Observation,
+            Some("code"),
+            &mut obs,
+            &maps(),
+            "2019",
+        );
         assert_eq!(r.code_status, "unmapped");
         assert_eq!(obs, before);
     }
@@ -245,7 +243,13 @@ mod tests {
             "code": {"coding": [{"system": "http://loinc.org", "code": "2345-7", "display": "Glucose"}]},
             "valueQuantity": {"value": 90, "unit": "mg/dL"},
             "referenceRange": [{"low": {"value": 70, "unit": "mg/dL"}, "high": {"value": 99, "unit": "mg/dL"}}]});
-        let r = normalize(ResourceType::Observation, &mut obs, &maps(), "2019");
+        let r = normalize(
+            ResourceType::Observation,
+            Some("code"),
+            &mut obs,
+            &maps(),
+            "2019",
+        );
         assert_eq!(r.code_status, "standard");
         assert_eq!(r.unit_status, Some("converted"));
         assert_eq!(r.original_value, Some((90.0, "mg/dL".to_string())));

@@ -5,7 +5,6 @@ use chrono::Utc;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use crate::resources::ResourceType;
 use crate::topics::TopicKind;
 
 /// The envelope fields every event carries (see `schemas/envelope.avsc`).
@@ -146,8 +145,52 @@ impl EventSpec {
     }
 }
 
+/// The topic of a catalogue entry: a lifecycle topic, or the canonical topic of a
+/// resource type.
+macro_rules! topic_of {
+    (topic $kind:ident) => {
+        TopicKind::$kind
+    };
+    (resource $t:ident) => {
+        TopicKind::Canonical(ResourceType::$t)
+    };
+}
+
+/// `Control`: the catalogue's events that are not canonical records, filtered out of the
+/// entries (`topic`/`resource` tags) one by one.
+macro_rules! control_view {
+    ([$($done:ident)*]) => {
+        /// Every event that is not a canonical record, by reference. A consumer that treats
+        /// all canonical records alike (through [`Payload::canonical`]) matches on this,
+        /// exhaustively, so a new lifecycle event fails to compile there until handled, and
+        /// a new resource type needs no change there at all.
+        #[derive(Debug, Clone, Copy)]
+        pub enum Control<'a> {
+            $( $done(&'a $done), )*
+        }
+
+        impl Payload {
+            /// The event as a [`Control`], or `None` for a canonical record.
+            pub fn control(&self) -> Option<Control<'_>> {
+                match self {
+                    $( Payload::$done(p) => Some(Control::$done(p)), )*
+                    _ => None,
+                }
+            }
+        }
+    };
+    ([$($done:ident)*] topic $v:ident $($rest:ident)*) => {
+        control_view!([$($done)* $v] $($rest)*);
+    };
+    ([$($done:ident)*] resource $v:ident $($rest:ident)*) => {
+        control_view!([$($done)*] $($rest)*);
+    };
+}
+
 macro_rules! catalogue {
-    ($( $variant:ident { ns: $ns:literal, topic: $topic:expr, version: $version:literal, file: $file:literal } )*) => {
+    ($( $variant:ident { ns: $ns:literal, $tag:ident: $target:ident, version: $version:literal, file: $file:literal } )*) => {
+        control_view!([] $( $tag $variant )*);
+
         /// Every event payload. Adding a variant means adding a schema file too.
         #[derive(Debug, Clone, PartialEq)]
         pub enum Payload {
@@ -176,7 +219,7 @@ macro_rules! catalogue {
             }
 
             pub fn topic_kind(self) -> TopicKind {
-                match self { $( EventType::$variant => $topic, )* }
+                match self { $( EventType::$variant => topic_of!($tag $target), )* }
             }
 
             /// The canonical resource type of a canonical record type.
@@ -217,7 +260,7 @@ macro_rules! catalogue {
             $( EventSpec {
                 name: stringify!($variant),
                 namespace: $ns,
-                topic: $topic,
+                topic: topic_of!($tag $target),
                 version: $version,
                 file: $file,
                 payload_schema: include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/../schemas/", $file)),
@@ -265,35 +308,49 @@ pub(crate) mod erased {
     }
 }
 
+// The canonical resource types (see `resources.rs`): a new one also needs its
+// `Canonical<Type>` entry in the catalogue below, its details struct and its schema file.
+crate::resources::resource_types! {
+    Patient => "patient",
+    Encounter => "encounter",
+    Observation => "observation",
+    Condition => "condition",
+    MedicationRequest => "medicationrequest",
+    Procedure => "procedure",
+    DiagnosticReport => "diagnosticreport",
+    AllergyIntolerance => "allergyintolerance",
+    Immunization => "immunization",
+}
+
 catalogue! {
-    DataIngestionCreated { ns: "medpipe.ingestion", topic: TopicKind::Ingestion, version: 1, file: "ingestion/DataIngestionCreated.avsc" }
-    DataIngestionStarted { ns: "medpipe.ingestion", topic: TopicKind::Ingestion, version: 1, file: "ingestion/DataIngestionStarted.avsc" }
-    SourceRecordIngested { ns: "medpipe.ingestion", topic: TopicKind::Ingestion, version: 1, file: "ingestion/SourceRecordIngested.avsc" }
-    RecordRejected { ns: "medpipe.ingestion", topic: TopicKind::Ingestion, version: 1, file: "ingestion/RecordRejected.avsc" }
-    DataIngestionFinished { ns: "medpipe.ingestion", topic: TopicKind::Ingestion, version: 1, file: "ingestion/DataIngestionFinished.avsc" }
-    DataIngestionFailed { ns: "medpipe.ingestion", topic: TopicKind::Ingestion, version: 2, file: "ingestion/DataIngestionFailed.avsc" }
-    AnonymizationStarted { ns: "medpipe.anonymization", topic: TopicKind::Anonymization, version: 2, file: "anonymization/AnonymizationStarted.avsc" }
-    RecordAnonymized { ns: "medpipe.anonymization", topic: TopicKind::Anonymization, version: 2, file: "anonymization/RecordAnonymized.avsc" }
-    AnonymizationFinished { ns: "medpipe.anonymization", topic: TopicKind::Anonymization, version: 2, file: "anonymization/AnonymizationFinished.avsc" }
-    CanonicalPatient { ns: "medpipe.canonical", topic: TopicKind::Canonical(ResourceType::Patient), version: 1, file: "canonical/CanonicalPatient.avsc" }
-    StartDataIntakeCommand { ns: "medpipe.ingestion", topic: TopicKind::IngestionCommands, version: 1, file: "ingestion/StartDataIntakeCommand.avsc" }
-    DataIngestionRejected { ns: "medpipe.ingestion", topic: TopicKind::Ingestion, version: 1, file: "ingestion/DataIngestionRejected.avsc" }
-    AnonymizationFailed { ns: "medpipe.anonymization", topic: TopicKind::Anonymization, version: 1, file: "anonymization/AnonymizationFailed.avsc" }
-    AuditEntryRecorded { ns: "medpipe.audit", topic: TopicKind::Audit, version: 1, file: "audit/AuditEntryRecorded.avsc" }
-    AuditCheckpoint { ns: "medpipe.audit", topic: TopicKind::Audit, version: 1, file: "audit/AuditCheckpoint.avsc" }
-    ComplianceAlert { ns: "medpipe.audit", topic: TopicKind::Audit, version: 1, file: "audit/ComplianceAlert.avsc" }
-    EventDataCanonizationCreated { ns: "medpipe.canonization", topic: TopicKind::Canonization, version: 1, file: "canonization/EventDataCanonizationCreated.avsc" }
-    EventDataCanonizationStarted { ns: "medpipe.canonization", topic: TopicKind::Canonization, version: 1, file: "canonization/EventDataCanonizationStarted.avsc" }
-    EventDataCanonizationCompleted { ns: "medpipe.canonization", topic: TopicKind::Canonization, version: 1, file: "canonization/EventDataCanonizationCompleted.avsc" }
-    CanonizationFailed { ns: "medpipe.canonization", topic: TopicKind::Canonization, version: 1, file: "canonization/CanonizationFailed.avsc" }
-    CanonicalEncounter { ns: "medpipe.canonical", topic: TopicKind::Canonical(ResourceType::Encounter), version: 1, file: "canonical/CanonicalEncounter.avsc" }
-    CanonicalObservation { ns: "medpipe.canonical", topic: TopicKind::Canonical(ResourceType::Observation), version: 1, file: "canonical/CanonicalObservation.avsc" }
-    CanonicalCondition { ns: "medpipe.canonical", topic: TopicKind::Canonical(ResourceType::Condition), version: 1, file: "canonical/CanonicalCondition.avsc" }
-    CanonicalMedicationRequest { ns: "medpipe.canonical", topic: TopicKind::Canonical(ResourceType::MedicationRequest), version: 1, file: "canonical/CanonicalMedicationRequest.avsc" }
-    CanonicalProcedure { ns: "medpipe.canonical", topic: TopicKind::Canonical(ResourceType::Procedure), version: 1, file: "canonical/CanonicalProcedure.avsc" }
-    CanonicalDiagnosticReport { ns: "medpipe.canonical", topic: TopicKind::Canonical(ResourceType::DiagnosticReport), version: 1, file: "canonical/CanonicalDiagnosticReport.avsc" }
-    CanonicalAllergyIntolerance { ns: "medpipe.canonical", topic: TopicKind::Canonical(ResourceType::AllergyIntolerance), version: 1, file: "canonical/CanonicalAllergyIntolerance.avsc" }
-    CanonicalImmunization { ns: "medpipe.canonical", topic: TopicKind::Canonical(ResourceType::Immunization), version: 1, file: "canonical/CanonicalImmunization.avsc" }
+    DataIngestionCreated { ns: "medpipe.ingestion", topic: Ingestion, version: 1, file: "ingestion/DataIngestionCreated.avsc" }
+    DataIngestionStarted { ns: "medpipe.ingestion", topic: Ingestion, version: 1, file: "ingestion/DataIngestionStarted.avsc" }
+    SourceRecordIngested { ns: "medpipe.ingestion", topic: Ingestion, version: 1, file: "ingestion/SourceRecordIngested.avsc" }
+    RecordRejected { ns: "medpipe.ingestion", topic: Ingestion, version: 1, file: "ingestion/RecordRejected.avsc" }
+    DataIngestionFinished { ns: "medpipe.ingestion", topic: Ingestion, version: 1, file: "ingestion/DataIngestionFinished.avsc" }
+    DataIngestionFailed { ns: "medpipe.ingestion", topic: Ingestion, version: 2, file: "ingestion/DataIngestionFailed.avsc" }
+    AnonymizationStarted { ns: "medpipe.anonymization", topic: Anonymization, version: 2, file: "anonymization/AnonymizationStarted.avsc" }
+    RecordAnonymized { ns: "medpipe.anonymization", topic: Anonymization, version: 2, file: "anonymization/RecordAnonymized.avsc" }
+    AnonymizationFinished { ns: "medpipe.anonymization", topic: Anonymization, version: 2, file: "anonymization/AnonymizationFinished.avsc" }
+    CanonicalPatient { ns: "medpipe.canonical", resource: Patient, version: 1, file: "canonical/CanonicalPatient.avsc" }
+    StartDataIntakeCommand { ns: "medpipe.ingestion", topic: IngestionCommands, version: 1, file: "ingestion/StartDataIntakeCommand.avsc" }
+    DataIngestionRejected { ns: "medpipe.ingestion", topic: Ingestion, version: 1, file: "ingestion/DataIngestionRejected.avsc" }
+    AnonymizationFailed { ns: "medpipe.anonymization", topic: Anonymization, version: 1, file: "anonymization/AnonymizationFailed.avsc" }
+    AuditEntryRecorded { ns: "medpipe.audit", topic: Audit, version: 1, file: "audit/AuditEntryRecorded.avsc" }
+    AuditCheckpoint { ns: "medpipe.audit", topic: Audit, version: 1, file: "audit/AuditCheckpoint.avsc" }
+    ComplianceAlert { ns: "medpipe.audit", topic: Audit, version: 1, file: "audit/ComplianceAlert.avsc" }
+    EventDataCanonizationCreated { ns: "medpipe.canonization", topic: Canonization, version: 1, file: "canonization/EventDataCanonizationCreated.avsc" }
+    EventDataCanonizationStarted { ns: "medpipe.canonization", topic: Canonization, version: 1, file: "canonization/EventDataCanonizationStarted.avsc" }
+    EventDataCanonizationCompleted { ns: "medpipe.canonization", topic: Canonization, version: 1, file: "canonization/EventDataCanonizationCompleted.avsc" }
+    CanonizationFailed { ns: "medpipe.canonization", topic: Canonization, version: 1, file: "canonization/CanonizationFailed.avsc" }
+    CanonicalEncounter { ns: "medpipe.canonical", resource: Encounter, version: 1, file: "canonical/CanonicalEncounter.avsc" }
+    CanonicalObservation { ns: "medpipe.canonical", resource: Observation, version: 1, file: "canonical/CanonicalObservation.avsc" }
+    CanonicalCondition { ns: "medpipe.canonical", resource: Condition, version: 1, file: "canonical/CanonicalCondition.avsc" }
+    CanonicalMedicationRequest { ns: "medpipe.canonical", resource: MedicationRequest, version: 1, file: "canonical/CanonicalMedicationRequest.avsc" }
+    CanonicalProcedure { ns: "medpipe.canonical", resource: Procedure, version: 1, file: "canonical/CanonicalProcedure.avsc" }
+    CanonicalDiagnosticReport { ns: "medpipe.canonical", resource: DiagnosticReport, version: 1, file: "canonical/CanonicalDiagnosticReport.avsc" }
+    CanonicalAllergyIntolerance { ns: "medpipe.canonical", resource: AllergyIntolerance, version: 1, file: "canonical/CanonicalAllergyIntolerance.avsc" }
+    CanonicalImmunization { ns: "medpipe.canonical", resource: Immunization, version: 1, file: "canonical/CanonicalImmunization.avsc" }
 }
 
 /// Asks ingestion to claim and ingest one file. Sent by data engineers' tooling.

@@ -1,5 +1,6 @@
-//! The canonical resource types: declared once, here. Each one's FHIR name, topic and
-//! event type follow from this list; a `match` over `ResourceType` is exhaustive, so
+//! The canonical resource types: declared once (the `resource_types!` list in
+//! `events.rs`, beside their events). Each one's FHIR name, topic and event type follow
+//! from that list; a `match` over `ResourceType` is exhaustive, so
 //! adding a type fails to compile until canonization maps it (ARCHITECTURE.md, "How to
 //! add...").
 
@@ -38,18 +39,11 @@ macro_rules! resource_types {
         }
     };
 }
+pub(crate) use resource_types;
 
-resource_types! {
-    Patient => "patient",
-    Encounter => "encounter",
-    Observation => "observation",
-    Condition => "condition",
-    MedicationRequest => "medicationrequest",
-    Procedure => "procedure",
-    DiagnosticReport => "diagnosticreport",
-    AllergyIntolerance => "allergyintolerance",
-    Immunization => "immunization",
-}
+/// The type itself is generated in `events.rs`, beside the catalogue of the canonical
+/// record events, so that adding a resource type is one change in one file there.
+pub use crate::events::ResourceType;
 
 impl ResourceType {
     /// The canonical type a FHIR resource type name names, if any.

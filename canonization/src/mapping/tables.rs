@@ -124,6 +124,14 @@ impl Tables {
         })
     }
 
+    /// Where a resource type keeps its main CodeableConcept (`data/fhir.toml`).
+    pub fn code_element(&self, resource_type: super::ResourceType) -> Option<&str> {
+        self.fhir
+            .types
+            .get(resource_type.fhir_name())
+            .and_then(|t| t.code.as_deref())
+    }
+
     /// The version of the code-mapping tables, e.g. `synthea-3+hl7v2-2`.
     pub fn version(&self) -> String {
         format!(
@@ -161,6 +169,8 @@ impl FhirRules {
 pub(crate) struct TypeRules {
     /// The element referencing the record's patient (`subject` or `patient`).
     pub patient: Option<String>,
+    /// The element holding the type's main CodeableConcept, if it has one.
+    pub code: Option<String>,
     /// Element path (`status`, `reaction.severity`) → codes of its required value set.
     #[serde(default)]
     pub codes: BTreeMap<String, Vec<String>>,
