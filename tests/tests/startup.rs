@@ -2,6 +2,8 @@
 //! an error naming the file and the line, before the stage reads a record; nothing is
 //! dead-lettered record by record.
 
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
 use std::path::Path;
 use std::time::{Duration, Instant};
 
