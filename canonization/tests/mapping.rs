@@ -408,7 +408,7 @@ fn goldens_cover_every_type_and_format() {
             types.extend(out.iter().map(|m| m.resource_type));
         }
     }
-    assert_eq!(types.len(), 9, "{types:?}");
+    assert_eq!(types.len(), ResourceType::ALL.len(), "{types:?}");
     assert_eq!(formats.len(), 4, "{formats:?}");
     let _ = find_case("hl7-oru-r01");
 }
