@@ -187,7 +187,11 @@ impl Canonizer {
                 ),
             })?;
         let unmapped = i64::from(report.code_status == "unmapped");
-        let t = typed::typed(resource_type, &resource);
+        let t = typed::typed(
+            resource_type,
+            self.tables.code_element(resource_type),
+            &resource,
+        );
         let provenance = Provenance {
             source_format: rec.source_format.clone(),
             batch_id: rec.batch_id.clone(),

@@ -81,7 +81,7 @@ pub fn effective(resource: &Value) -> Option<String> {
     })
 }
 
-pub fn typed(resource_type: ResourceType, resource: &Value) -> Typed {
+pub fn typed(resource_type: ResourceType, code_element: Option<&str>, resource: &Value) -> Typed {
     let str_at = |v: &Value, key: &str| v.get(key).and_then(Value::as_str).map(str::to_owned);
     let status = str_at(resource, "status").or_else(|| {
         matches!(
@@ -91,15 +91,12 @@ pub fn typed(resource_type: ResourceType, resource: &Value) -> Typed {
         .then(|| first_coding(resource.get("clinicalStatus")).and_then(|c| c.code))
         .flatten()
     });
-    let code = ["code", "vaccineCode", "medicationCodeableConcept"]
-        .iter()
-        .find_map(|k| first_coding(resource.get(*k)))
-        .or_else(|| {
-            // An Encounter has no `code`: what kind of visit it was is its first `type`.
-            (resource_type == ResourceType::Encounter)
-                .then(|| first_coding(resource.get("type").and_then(|t| t.get(0))))
-                .flatten()
-        });
+    // The type's main CodeableConcept (data/fhir.toml `code`); of a list (Encounter.type),
+    // the first is the main one.
+    let code = code_element
+        .and_then(|k| resource.get(k))
+        .and_then(|c| if c.is_array() { c.get(0) } else { Some(c) })
+        .and_then(|c| first_coding(Some(c)));
     let encounter_id = resource
         .get("encounter")
         .and_then(|e| e.get("reference"))
@@ -203,6 +200,12 @@ fn first_coding(concept: Option<&Value>) -> Option<Code> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn code_of(t: ResourceType) -> Option<&'static str> {
+        crate::mapping::Tables::embedded()
+            .ok()
+            .and_then(|tables| tables.code_element(t))
+    }
     use serde_json::json;
 
     #[test]
@@ -215,7 +218,11 @@ mod tests {
             "valueQuantity": {"value": 105, "unit": "mg/dL"},
             "category": [{"coding": [{"code": "laboratory"}]}],
         });
-        let t = typed(ResourceType::Observation, &obs);
+        let t = typed(
+            ResourceType::Observation,
+            code_of(ResourceType::Observation),
+            &obs,
+        );
         assert_eq!(t.status.as_deref(), Some("final"));
         assert_eq!(t.code.and_then(|c| c.code).as_deref(), Some("2339-0"));
         assert_eq!(t.encounter_id.as_deref(), Some("e-1"));
@@ -225,7 +232,11 @@ mod tests {
         assert_eq!(t.category.as_deref(), Some("laboratory"));
 
         let below = json!({"valueQuantity": {"value": 5, "comparator": "<", "unit": "mg/L"}});
-        let t = typed(ResourceType::Observation, &below);
+        let t = typed(
+            ResourceType::Observation,
+            code_of(ResourceType::Observation),
+            &below,
+        );
         assert_eq!(t.value_number, None);
         assert_eq!(t.value_string.as_deref(), Some("<5"));
     }
@@ -234,24 +245,36 @@ mod tests {
     fn other_types() {
         let cond =
             json!({"clinicalStatus": {"coding": [{"code": "active"}]}, "onsetDateTime": "2019"});
-        let t = typed(ResourceType::Condition, &cond);
+        let t = typed(
+            ResourceType::Condition,
+            code_of(ResourceType::Condition),
+            &cond,
+        );
         assert_eq!(t.status.as_deref(), Some("active"));
         assert_eq!(t.effective.as_deref(), Some("2019"));
         let allergy = json!({"category": ["food"]});
         assert_eq!(
-            typed(ResourceType::AllergyIntolerance, &allergy)
-                .category
-                .as_deref(),
+            typed(
+                ResourceType::AllergyIntolerance,
+                code_of(ResourceType::AllergyIntolerance),
+                &allergy
+            )
+            .category
+            .as_deref(),
             Some("food")
         );
         let p = json!({"gender": "female", "birthDate": "1936"});
-        let t = typed(ResourceType::Patient, &p);
+        let t = typed(ResourceType::Patient, code_of(ResourceType::Patient), &p);
         assert_eq!(
             (t.gender.as_deref(), t.birth_year),
             (Some("female"), Some(1936))
         );
         let e = json!({"class": {"code": "AMB"}, "period": {"start": "2019"}});
-        let t = typed(ResourceType::Encounter, &e);
+        let t = typed(
+            ResourceType::Encounter,
+            code_of(ResourceType::Encounter),
+            &e,
+        );
         assert_eq!(
             (t.class_code.as_deref(), t.effective.as_deref()),
             (Some("AMB"), Some("2019"))
@@ -259,17 +282,33 @@ mod tests {
         let dr =
             json!({"result": [{"reference": "Observation/a"}, {"reference": "Observation/b"}]});
         assert_eq!(
-            typed(ResourceType::DiagnosticReport, &dr).result_ids,
+            typed(
+                ResourceType::DiagnosticReport,
+                code_of(ResourceType::DiagnosticReport),
+                &dr
+            )
+            .result_ids,
             ["a", "b"]
         );
         let med = json!({"medicationCodeableConcept": {"text": "aspirin"}});
         assert_eq!(
-            typed(ResourceType::MedicationRequest, &med)
-                .code
-                .and_then(|c| c.display)
-                .as_deref(),
+            typed(
+                ResourceType::MedicationRequest,
+                code_of(ResourceType::MedicationRequest),
+                &med
+            )
+            .code
+            .and_then(|c| c.display)
+            .as_deref(),
             Some("aspirin")
         );
-        assert_eq!(typed(ResourceType::Patient, &json!(null)), Typed::default());
+        assert_eq!(
+            typed(
+                ResourceType::Patient,
+                code_of(ResourceType::Patient),
+                &json!(null)
+            ),
+            Typed::default()
+        );
     }
 }

@@ -32,7 +32,7 @@ fn render(input: &Owned) -> Value {
             "resources": resources.iter().map(|m| json!({
                 "resource_type": m.resource_type,
                 "resource_id": m.resource_id,
-                "typed": serde_json::to_value(typed(m.resource_type, &m.resource)).unwrap(),
+                "typed": serde_json::to_value(typed(m.resource_type, tables().code_element(m.resource_type), &m.resource)).unwrap(),
                 "resource": m.resource,
             })).collect::<Vec<_>>()
         }),

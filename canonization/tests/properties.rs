@@ -254,7 +254,11 @@ fn check(format: &str, record_type: &str, content: &Value) -> Result<(), TestCas
             for m in &resources {
                 prop_assert!(ids.insert(m.resource_id.clone()), "repeated id");
                 assert_valid_r4(m.resource_type.fhir_name(), &m.resource, record_type);
-                let _ = typed(m.resource_type, &m.resource);
+                let _ = typed(
+                    m.resource_type,
+                    tables().code_element(m.resource_type),
+                    &m.resource,
+                );
             }
         }
         Err(e) => {
@@ -297,7 +301,7 @@ proptest! {
         resource_type in prop::sample::select(canonization::mapping::ResourceType::ALL.to_vec()),
         resource in any_json(),
     ) {
-        let _ = typed(resource_type, &resource);
+        let _ = typed(resource_type, tables().code_element(resource_type), &resource);
     }
 }
 

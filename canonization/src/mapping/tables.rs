@@ -354,7 +354,10 @@ mod tests {
     #[test]
     fn the_tables_load_and_cover_every_canonical_type() {
         let tables = Tables::load(None).unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!(tables.fhir.types.len(), super::super::ResourceType::ALL.len());
+        assert_eq!(
+            tables.fhir.types.len(),
+            super::super::ResourceType::ALL.len()
+        );
         assert_eq!(tables.synthea.record.len(), 8);
         assert!(!tables.synthea.version.is_empty());
         assert!(!tables.hl7.version.is_empty());
