@@ -56,12 +56,7 @@ pub async fn ingest(b: IngestBench) -> anyhow::Result<IngestResult> {
     let dir = b.work_dir.join(&kafka.topic_prefix);
     let landing = dir.join("landing");
     std::fs::create_dir_all(&landing)?;
-    let ext = match b.format {
-        SourceFormat::Csv => "csv",
-        SourceFormat::FhirNdjson => "ndjson",
-        SourceFormat::FhirBundle => "json",
-        SourceFormat::Hl7v2 => "hl7",
-    };
+    let ext = b.format.extension();
     let staged = dir.join(format!("bench.{ext}"));
     eprintln!(
         "Generating {} {} records in {} ...",

@@ -25,6 +25,31 @@ pub enum Family {
     Hl7,
 }
 
+/// The JSON shape in which one record of a format travels (sealed in
+/// `SourceRecordIngested`, in the clear in `RecordAnonymized`): what anonymization walks
+/// and canonization maps. A new format of an existing shape needs no code in either.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum RecordShape {
+    /// One CSV row: `{column: cell}`.
+    CsvRow,
+    /// One FHIR resource.
+    FhirResource,
+    /// One Bundle entry: `{fullUrl, resource, request}`.
+    FhirBundleEntry,
+    /// One HL7 v2 message (`pipeline::hl7::Message`).
+    Hl7Message,
+}
+
+impl RecordShape {
+    pub fn family(self) -> Family {
+        match self {
+            RecordShape::CsvRow => Family::Csv,
+            RecordShape::FhirResource | RecordShape::FhirBundleEntry => Family::Fhir,
+            RecordShape::Hl7Message => Family::Hl7,
+        }
+    }
+}
+
 impl SourceFormat {
     pub const ALL: [SourceFormat; 4] = [
         SourceFormat::Csv,
@@ -43,11 +68,26 @@ impl SourceFormat {
         }
     }
 
-    pub fn family(self) -> Family {
+    pub fn shape(self) -> RecordShape {
         match self {
-            SourceFormat::Csv => Family::Csv,
-            SourceFormat::FhirNdjson | SourceFormat::FhirBundle => Family::Fhir,
-            SourceFormat::Hl7v2 => Family::Hl7,
+            SourceFormat::Csv => RecordShape::CsvRow,
+            SourceFormat::FhirNdjson => RecordShape::FhirResource,
+            SourceFormat::FhirBundle => RecordShape::FhirBundleEntry,
+            SourceFormat::Hl7v2 => RecordShape::Hl7Message,
+        }
+    }
+
+    pub fn family(self) -> Family {
+        self.shape().family()
+    }
+
+    /// The usual file extension of the format (without the dot).
+    pub fn extension(self) -> &'static str {
+        match self {
+            SourceFormat::Csv => "csv",
+            SourceFormat::FhirNdjson => "ndjson",
+            SourceFormat::FhirBundle => "json",
+            SourceFormat::Hl7v2 => "hl7",
         }
     }
 

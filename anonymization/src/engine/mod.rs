@@ -35,7 +35,7 @@ use chrono::NaiveDate;
 use hmac::{Hmac, Mac};
 use pipeline::crypto::{seal, KeyRef};
 use pipeline::events::SourceRecordBody;
-use pipeline::formats::SourceFormat;
+use pipeline::formats::{RecordShape, SourceFormat};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use sha2::Sha256;
@@ -430,9 +430,11 @@ fn format_and_link<'b>(
 
 /// What an empty record looks like when every leaf was removed.
 fn empty_like(format: SourceFormat) -> Value {
-    match format {
-        SourceFormat::Hl7v2 => serde_json::json!({"segments": []}),
-        _ => Value::Object(Map::new()),
+    match format.shape() {
+        RecordShape::Hl7Message => serde_json::json!({"segments": []}),
+        RecordShape::CsvRow | RecordShape::FhirResource | RecordShape::FhirBundleEntry => {
+            Value::Object(Map::new())
+        }
     }
 }
 
@@ -490,11 +492,11 @@ struct Run<'e> {
 
 impl<'e> Run<'e> {
     fn record(&mut self, content: &Value) -> Result<Option<Value>, EngineError> {
-        match self.format {
-            SourceFormat::Csv => self.csv(content),
-            SourceFormat::FhirNdjson => self.fhir_resource(content, ""),
-            SourceFormat::FhirBundle => self.fhir_entry(content),
-            SourceFormat::Hl7v2 => self.hl7(content),
+        match self.format.shape() {
+            RecordShape::CsvRow => self.csv(content),
+            RecordShape::FhirResource => self.fhir_resource(content, ""),
+            RecordShape::FhirBundleEntry => self.fhir_entry(content),
+            RecordShape::Hl7Message => self.hl7(content),
         }
     }
 
