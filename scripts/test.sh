@@ -11,6 +11,9 @@ export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-${MEDPIPE_CACHE:-$HOME/.cache/medpi
 
 started_stack=0
 if ! "$here/devstack.sh" status >/dev/null 2>&1; then
+  # The tests need no data of earlier runs, and a broker holding thousands of their
+  # partitions takes minutes to restart (the broker-fault tests restart it): start empty.
+  "$here/devstack.sh" reset
   "$here/devstack.sh" start
   started_stack=1
 fi
