@@ -199,6 +199,17 @@ fn normalize_quantities(resource: &mut Value, report: &mut Report) {
 mod tests {
     use super::*;
 
+    /// Normalises an Observation (main code at `code`) as of 2019.
+    fn observation(obs: &mut Value) -> Report {
+        normalize(
+            ResourceType::Observation,
+            Some("code"),
+            obs,
+            &maps(),
+            "2019",
+        )
+    }
+
     fn maps() -> ConceptMaps {
         ConceptMaps::load_embedded().expect("maps")
     }
@@ -207,13 +218,7 @@ mod tests {
     fn a_local_lab_code_is_mapped_and_the_source_kept_as_a_second_coding() {
         let mut obs = json!({"resourceType": "Observation", "status": "final",
             "code": {"coding": [{"system": "urn:medpipe:local-lab", "code": "GLU"}]}});
-        let r = normalize(
-            ResourceType::Observation,
-            Some("code"),
-            &mut obs,
-            &maps(),
-            "2019",
-        );
+        let r = observation(&mut obs);
         assert_eq!(r.code_status, "mapped");
         assert_eq!(obs["code"]["coding"][0]["system"], "http://loinc.org");
         assert_eq!(obs["code"]["coding"][1]["code"], "GLU");
@@ -226,13 +231,7 @@ mod tests {
         let mut obs = json!({"resourceType": "Observation", "status": "final",
             "code": {"coding": [{"system": "urn:example:lab", "code": "XYZ"}]}});
         let before = obs.clone();
-        let r = normalize(
-            ResourceType::Observation,
-            Some("code"),
-            &mut obs,
-            &maps(),
-            "2019",
-        );
+        let r = observation(&mut obs);
         assert_eq!(r.code_status, "unmapped");
         assert_eq!(obs, before);
     }
@@ -243,13 +242,7 @@ mod tests {
             "code": {"coding": [{"system": "http://loinc.org", "code": "2345-7", "display": "Glucose"}]},
             "valueQuantity": {"value": 90, "unit": "mg/dL"},
             "referenceRange": [{"low": {"value": 70, "unit": "mg/dL"}, "high": {"value": 99, "unit": "mg/dL"}}]});
-        let r = normalize(
-            ResourceType::Observation,
-            Some("code"),
-            &mut obs,
-            &maps(),
-            "2019",
-        );
+        let r = observation(&mut obs);
         assert_eq!(r.code_status, "standard");
         assert_eq!(r.unit_status, Some("converted"));
         assert_eq!(r.original_value, Some((90.0, "mg/dL".to_string())));
