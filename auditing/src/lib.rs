@@ -27,9 +27,7 @@ use ed25519_dalek::SigningKey;
 use pipeline::crypto::{sha256_hex, KeyRef};
 use pipeline::error::kafka_err;
 use pipeline::events::{AuditCheckpoint, AuditEntryRecorded, ComplianceAlert, Payload};
-use pipeline::kafka::{
-    consumer_config, retry_until, ConsumerRole, WatchedConsumer, WatchedContext, STUCK_AFTER,
-};
+use pipeline::kafka::{retry_until, watched_consumer, ConsumerRole, WatchedConsumer, STUCK_AFTER};
 use pipeline::telemetry::StageMetrics;
 use pipeline::topics::TopicKind;
 use pipeline::txn::{Transactions, TxnSettings};
@@ -250,11 +248,11 @@ impl Auditor {
         // Fences a previous incarnation, so the state topic read next holds the last
         // committed position.
         let txn = Transactions::connect(
-            TxnSettings {
-                bootstrap_servers: config.bootstrap_servers.clone(),
-                transactional_id: config.transactional_id.clone(),
-                transaction_timeout: config.transaction_timeout,
-            },
+            TxnSettings::new(
+                &config.bootstrap_servers,
+                &config.transactional_id,
+                config.transaction_timeout,
+            ),
             metrics.clone(),
             shutdown,
         )?;
@@ -586,17 +584,12 @@ impl Auditor {
 /// The audit consumer, subscribed to every pipeline topic: at least once into the store,
 /// which skips what it already holds.
 fn audit_consumer(config: &AuditConfig) -> Result<WatchedConsumer, PipelineError> {
-    let consumer: WatchedConsumer = consumer_config(
+    watched_consumer(
         &config.bootstrap_servers,
         &config.group_id,
         ConsumerRole::Audit,
+        &[&config.topics.all_regex()],
     )
-    .create_with_context(WatchedContext::default())
-    .map_err(kafka_err("create consumer"))?;
-    consumer
-        .subscribe(&[&config.topics.all_regex()])
-        .map_err(kafka_err("subscribe"))?;
-    Ok(consumer)
 }
 
 /// What the publisher has committed (from its state topic), and what the store holds

@@ -24,9 +24,7 @@ use pipeline::archive::ArchiveWriter;
 use pipeline::crypto::{DataKey, KeyRef};
 use pipeline::error::{kafka_err, ErrorClass};
 use pipeline::events::{DataIngestionRejected, Payload, StartDataIntakeCommand};
-use pipeline::kafka::{
-    consumer_config, ConsumerRole, WatchedConsumer, WatchedContext, STUCK_AFTER,
-};
+use pipeline::kafka::{watched_consumer, ConsumerRole, WatchedConsumer, STUCK_AFTER};
 use pipeline::runner::dead_letter;
 use pipeline::telemetry::StageMetrics;
 use pipeline::topics::TopicKind;
@@ -138,11 +136,11 @@ impl Ingestor {
         // Fences a previous incarnation, so the ledger read below is exactly what is
         // downstream.
         let txn = Transactions::connect(
-            TxnSettings {
-                bootstrap_servers: config.bootstrap_servers.clone(),
-                transactional_id: config.transactional_id.clone(),
-                transaction_timeout: config.transaction_timeout,
-            },
+            TxnSettings::new(
+                &config.bootstrap_servers,
+                &config.transactional_id,
+                config.transaction_timeout,
+            ),
             metrics.clone(),
             &shutdown,
         )?;
@@ -735,17 +733,12 @@ fn read_ledger(
 
 /// The command consumer: a whole file is ingested between two polls.
 fn command_consumer(config: &IngestConfig) -> Result<WatchedConsumer, PipelineError> {
-    let commands: WatchedConsumer = consumer_config(
+    watched_consumer(
         &config.bootstrap_servers,
         &config.group_id,
         ConsumerRole::Commands,
+        &[&config.topics.name(TopicKind::IngestionCommands)],
     )
-    .create_with_context(WatchedContext::default())
-    .map_err(kafka_err("create command consumer"))?;
-    commands
-        .subscribe(&[&config.topics.name(TopicKind::IngestionCommands)])
-        .map_err(kafka_err("subscribe to commands"))?;
-    Ok(commands)
 }
 
 /// Keeps a command id usable as a file name.

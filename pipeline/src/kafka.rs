@@ -162,6 +162,21 @@ impl ConsumerContext for WatchedContext {
 /// A group consumer with a `FetchWatch`.
 pub type WatchedConsumer = BaseConsumer<WatchedContext>;
 
+/// A `WatchedConsumer` of `role` in `group_id`, subscribed to `topics` (names or `^`
+/// regexes).
+pub fn watched_consumer(
+    bootstrap: &str,
+    group_id: &str,
+    role: ConsumerRole,
+    topics: &[&str],
+) -> Result<WatchedConsumer, PipelineError> {
+    let consumer: WatchedConsumer = consumer_config(bootstrap, group_id, role)
+        .create_with_context(WatchedContext::default())
+        .map_err(kafka_err("create consumer"))?;
+    consumer.subscribe(topics).map_err(kafka_err("subscribe"))?;
+    Ok(consumer)
+}
+
 /// A consumer for one-off reads of whole topics, in a throwaway group of its own
 /// (`<prefix>-<uuid>`), so it neither joins nor disturbs any stage's group.
 pub fn readback_config(bootstrap: &str, prefix: &str) -> ClientConfig {

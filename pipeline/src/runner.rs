@@ -252,11 +252,11 @@ impl<S: Stage> Runner<S> {
     ) -> Result<Self, PipelineError> {
         let consumer = subscribed_consumer(&config, &metrics)?;
         let txn = Transactions::connect(
-            TxnSettings {
-                bootstrap_servers: config.bootstrap_servers.clone(),
-                transactional_id: config.transactional_id.clone(),
-                transaction_timeout: config.transaction_timeout,
-            },
+            TxnSettings::new(
+                &config.bootstrap_servers,
+                &config.transactional_id,
+                config.transaction_timeout,
+            ),
             metrics.clone(),
             shutdown,
         )?;

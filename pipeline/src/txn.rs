@@ -44,6 +44,20 @@ pub struct TxnSettings {
     pub transaction_timeout: Duration,
 }
 
+impl TxnSettings {
+    pub fn new(
+        bootstrap_servers: &str,
+        transactional_id: &str,
+        transaction_timeout: Duration,
+    ) -> Self {
+        TxnSettings {
+            bootstrap_servers: bootstrap_servers.to_owned(),
+            transactional_id: transactional_id.to_owned(),
+            transaction_timeout,
+        }
+    }
+}
+
 /// A transactional producer with medpipe's commit policy. Blocking: use it from a
 /// blocking thread.
 pub struct Transactions {
