@@ -3,6 +3,8 @@
 //! records keyed by patient pseudonym, with per-batch counts kept as durable state.
 
 pub mod engine;
+pub mod eval;
+pub mod gold;
 pub mod policy;
 pub mod scrub;
 

@@ -73,6 +73,9 @@ pub struct Scrubbed {
     pub text: String,
     /// Placeholder type (e.g. "NAME", "DATE", "SSN") -> number of replacements.
     pub counts: BTreeMap<&'static str, u64>,
+    /// What was replaced: byte ranges of the input, in order, with the placeholder's kind
+    /// (for measuring the scrubber against gold annotations).
+    pub spans: Vec<(usize, usize, Kind)>,
 }
 
 /// Every placeholder this module can emit (`[REDACTED]` only when failing closed).
@@ -996,12 +999,13 @@ impl std::fmt::Debug for Scrubber {
     }
 }
 
-fn fail_closed() -> Scrubbed {
+fn fail_closed(text: &str) -> Scrubbed {
     let mut counts = BTreeMap::new();
     counts.insert(Kind::Redacted.as_str(), 1);
     Scrubbed {
         text: Kind::Redacted.placeholder().to_string(),
         counts,
+        spans: vec![(0, text.len(), Kind::Redacted)],
     }
 }
 
@@ -1031,7 +1035,7 @@ impl Scrubber {
     pub fn scrub_prepared(&self, text: &str, known: &KnownMatcher) -> Scrubbed {
         let mut cands = Vec::new();
         if !known.candidates(text, &mut cands) {
-            return fail_closed();
+            return fail_closed(text);
         }
         for rule in &self.rules {
             rule_candidates(rule, text, &mut cands);
@@ -1068,6 +1072,7 @@ fn replace(text: &str, mut cands: Vec<Cand>) -> Scrubbed {
         return Scrubbed {
             text: text.to_string(),
             counts,
+            spans: Vec::new(),
         };
     }
     cands.sort_by_key(|c| (c.start, std::cmp::Reverse(c.end), c.rank));
@@ -1076,11 +1081,13 @@ fn replace(text: &str, mut cands: Vec<Cand>) -> Scrubbed {
         la > lb || (la == lb && a.rank < b.rank)
     };
     let mut out = String::with_capacity(text.len());
+    let mut spans = Vec::new();
     let mut copied = 0;
     let mut emit = |start: usize, end: usize, kind: Kind, out: &mut String| {
         out.push_str(text.get(copied..start).unwrap_or(""));
         out.push_str(kind.placeholder());
         *counts.entry(kind.as_str()).or_insert(0) += 1;
+        spans.push((start, end, kind));
         copied = end;
     };
     let mut cur = cands[0];
@@ -1099,7 +1106,11 @@ fn replace(text: &str, mut cands: Vec<Cand>) -> Scrubbed {
     }
     emit(cur.start, cur.end, best.kind, &mut out);
     out.push_str(text.get(copied..).unwrap_or(""));
-    Scrubbed { text: out, counts }
+    Scrubbed {
+        text: out,
+        counts,
+        spans,
+    }
 }
 
 #[cfg(test)]
