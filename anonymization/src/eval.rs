@@ -108,6 +108,9 @@ pub struct Evaluation {
     pub replaced_phi: u64,
     pub clinical_tokens: u64,
     pub clinical_tokens_kept: u64,
+    /// Missed gold spans by type and surface form (letters as `a`, digits as `9`, runs
+    /// collapsed): where the scrubber falls short, without printing what it missed.
+    pub missed_forms: BTreeMap<String, u64>,
 }
 
 impl Evaluation {
@@ -162,8 +165,43 @@ impl Evaluation {
             self.clinical_tokens,
             ratio(self.clinical_tokens_kept, self.clinical_tokens),
         ));
+        let mut missed: Vec<(&String, &u64)> = self.missed_forms.iter().collect();
+        missed.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
+        if !missed.is_empty() {
+            out.push_str("\nmost missed surface forms (letters a/A, digits 9):\n");
+            for (form, n) in missed.into_iter().take(25) {
+                out.push_str(&format!("  {n:>5}  {form}\n"));
+            }
+        }
         out
     }
+}
+
+/// The shape of a text: letters as `a` (`A` for a capital), digits as `9`, each run
+/// collapsed to one, other characters kept. `Smith, John` -> `Aa, Aa`.
+pub fn surface_form(text: &str) -> String {
+    let mut out = String::new();
+    for c in text.chars() {
+        let class = match c {
+            c if c.is_ascii_digit() => '9',
+            c if c.is_uppercase() => 'A',
+            c if c.is_alphabetic() => 'a',
+            c => c,
+        };
+        let repeat = out.ends_with(class) && matches!(class, '9' | 'a');
+        let upper_run = class == 'A' && (out.ends_with('A') || out.ends_with('a'));
+        if repeat {
+            continue;
+        }
+        if upper_run {
+            // `SMITH` -> `A`, `Smith` -> `Aa`: only the first capital of a run counts.
+            if out.ends_with('A') {
+                continue;
+            }
+        }
+        out.push(class);
+    }
+    out
 }
 
 fn ratio(n: u64, d: u64) -> f64 {
@@ -209,6 +247,10 @@ pub fn evaluate(scrubber: &Scrubber, notes: &[GoldNote]) -> Evaluation {
                 .filter(|(_, c)| c.is_alphanumeric())
                 .all(|(i, _)| replaced(start + i));
             tally.removed += u64::from(gone);
+            if !gone {
+                let form = format!("{kind} {}", surface_form(&note.text[*start..*end]));
+                *ev.missed_forms.entry(form).or_default() += 1;
+            }
         }
         for (s, e, _) in &out.spans {
             ev.replaced += 1;

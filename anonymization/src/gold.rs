@@ -627,7 +627,7 @@ fn date(n: &mut Note, r: &mut Rng) {
     let month = MONTHS[m - 1];
     let s = match r.below(12) {
         0 => format!("{m:02}/{d:02}/{y}"),
-        1 => format!("{m}/{d}/{}", y % 100),
+        1 => format!("{m}/{d}/{:02}", y % 100),
         2 => format!("{m}-{d:02}-{:02}", y % 100),
         3 => format!("{m:02}.{d:02}.{y}"),
         4 => format!("{y}-{m:02}-{d:02}"),

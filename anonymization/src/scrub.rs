@@ -52,6 +52,8 @@
 //! * If the scrubber cannot be built (cannot happen with the built-in patterns, but is
 //!   handled), it fails closed: the whole text becomes `[REDACTED]`.
 
+mod names;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv6Addr;
 use std::sync::OnceLock;
@@ -91,6 +93,8 @@ pub const PLACEHOLDERS: &[&str] = &[
     "[DATE]",
     "[ZIP]",
     "[AGE]",
+    "[ADDRESS]",
+    "[LOCATION]",
     "[REDACTED]",
 ];
 
@@ -108,6 +112,10 @@ pub enum Kind {
     Date,
     Zip,
     Age,
+    /// A street address or a town.
+    Address,
+    /// A hospital, clinic or other named place of care.
+    Location,
     /// Whole text withheld because the scrubber could not run (fail closed).
     Redacted,
 }
@@ -127,6 +135,8 @@ impl Kind {
             Kind::Date => "DATE",
             Kind::Zip => "ZIP",
             Kind::Age => "AGE",
+            Kind::Address => "ADDRESS",
+            Kind::Location => "LOCATION",
             Kind::Redacted => "REDACTED",
         }
     }
@@ -145,6 +155,8 @@ impl Kind {
             Kind::Date => "[DATE]",
             Kind::Zip => "[ZIP]",
             Kind::Age => "[AGE]",
+            Kind::Address => "[ADDRESS]",
+            Kind::Location => "[LOCATION]",
             Kind::Redacted => "[REDACTED]",
         }
     }
@@ -169,6 +181,8 @@ fn pattern_rank(kind: Kind, titled_name: bool) -> u8 {
         Kind::Id => 9,
         Kind::Zip => 10,
         Kind::Age => 11,
+        Kind::Address => 14,
+        Kind::Location => 15,
         Kind::Name => 12,
         Kind::Redacted => 13,
     }
@@ -418,6 +432,57 @@ fn span_titled_name(caps: &Captures<'_>, _text: &str) -> Option<(usize, usize)> 
         .or_else(|| name.strip_suffix("\u{2019}s"))
         .unwrap_or(name);
     Some((m.start(), m.start() + name.len()))
+}
+
+/// `m-d-yy`: a valid month and day, with a two-digit year.
+fn span_date_dashed_short_year(caps: &Captures<'_>, text: &str) -> Option<(usize, usize)> {
+    let (s, e) = whole(caps)?;
+    let (m, d) = (num(caps, 1)?, num(caps, 2)?);
+    ((1..=12).contains(&m) && (1..=31).contains(&d) && digit_bounded(text, s, e)).then_some((s, e))
+}
+
+/// `m/dd` or `m/yy` with nothing more: a month and a day or a two-digit year. Common
+/// fractions (`1/2 tab`) and a slash after or before another number (`120/80`,
+/// `3/4/5`) are not dates.
+fn span_date_month_day_or_year(caps: &Captures<'_>, text: &str) -> Option<(usize, usize)> {
+    let (s, e) = whole(caps)?;
+    let (m, second) = (num(caps, 1)?, num(caps, 2)?);
+    let before = text[..s].chars().next_back();
+    let after = text[e..].chars().next();
+    if before.is_some_and(|c| c.is_ascii_digit() || c == '/' || c == '.')
+        || after.is_some_and(|c| c.is_ascii_digit() || c == '/')
+    {
+        return None;
+    }
+    let fraction = matches!((m, second), (1, 2) | (1, 3) | (2, 3) | (1, 4) | (3, 4));
+    let second_len = caps.get(2)?.as_str().len();
+    let valid = (1..=12).contains(&m) && ((1..=31).contains(&second) || second_len == 2);
+    (valid && !fraction).then_some((s, e))
+}
+
+/// A month name, alone or with a day. `May` alone is a word, not a date.
+fn span_month_name(caps: &Captures<'_>, text: &str) -> Option<(usize, usize)> {
+    let (s, e) = whole(caps)?;
+    let m = &text[s..e];
+    let word_end = !text[e..].starts_with(|c: char| c.is_alphanumeric());
+    (word_end && m != "May").then_some((s, e))
+}
+
+/// Digit groups joined by dashes with at least six digits (`123-45-67-8`).
+fn span_digit_groups(caps: &Captures<'_>, text: &str) -> Option<(usize, usize)> {
+    let (s, e) = whole(caps)?;
+    let groups: Vec<&str> = text[s..e].split('-').collect();
+    let digits: usize = groups.iter().map(|g| g.len()).sum();
+    // `yyyy-mm-dd` shapes are the date rules' business (an invalid one is no identifier).
+    let date_shaped =
+        matches!(groups.as_slice(), [y, m, d] if y.len() == 4 && m.len() == 2 && d.len() == 2);
+    (digits >= 6 && !date_shaped).then_some((s, e))
+}
+
+/// The first capture group that matched.
+fn span_any_group(caps: &Captures<'_>, _text: &str) -> Option<(usize, usize)> {
+    let m = caps.iter().skip(1).flatten().next()?;
+    Some((m.start(), m.end()))
 }
 
 /// Month/day without a year after a date word (`on 12/25`): groups 1 month, 2 day.
@@ -703,6 +768,70 @@ fn specs() -> Vec<Spec> {
             span_group_digit_bounded,
         ),
         (Kind::Zip, false, r"\d{5}-\d{4}".into(), span_whole_digit_bounded),
+        // --- dates without a year, or with a two-digit year after dashes
+        (
+            Kind::Date,
+            false,
+            r"(\d{1,2})-(\d{1,2})-(\d{2})\b".into(),
+            span_date_dashed_short_year,
+        ),
+        (
+            Kind::Date,
+            false,
+            r"(\d{1,2})/(\d{1,2})\b".into(),
+            span_date_month_day_or_year,
+        ),
+        (
+            Kind::Date,
+            false,
+            r"\b(?:January|February|March|April|June|July|August|September|October|November|December|Jan|Feb|Mar|Apr|Jun|Jul|Aug|Sep|Sept|Oct|Nov|Dec)\b\.?(?:\s+\d{1,2}(?:st|nd|rd|th)?\b)?".into(),
+            span_month_name,
+        ),
+        // --- identifiers by shape or after an identifier word
+        (
+            Kind::Id,
+            false,
+            r"\b\d{2,4}(?:-\d{1,4}){2,}\b".into(),
+            span_digit_groups,
+        ),
+        (Kind::Id, false, r"\b[A-Z]{1,3}\d{2,}/\d{2,}\b".into(), span_whole),
+        (
+            Kind::Id,
+            false,
+            r"(?i)\b(?:entered|verified|collected|reviewed|recorded)\s+by\s+([A-Z]{1,3}\d{1,4})\b|\b(?:initials|operator|tech(?:nician)?)\s*:?\s*([A-Z]{1,3}\d{0,4})\b|\buser(?:name|\s*id)?\s*:?\s+([A-Za-z][A-Za-z0-9._-]{2,})".into(),
+            span_any_group,
+        ),
+        (
+            Kind::Id,
+            false,
+            r"(?i)\b(?:record|ref(?:erence)?|accession|specimen|order|requisition)\.?\s*(?:no\.?|number|#|id)?\s*[:#]?\s*([A-Z]{0,3}\d[A-Z0-9/-]{3,})".into(),
+            span_any_group,
+        ),
+        (
+            Kind::Phone,
+            false,
+            r"(?i)\b(?:ext|extension)\.?\s*\d{2,5}\b".into(),
+            span_whole,
+        ),
+        // --- addresses and places
+        (
+            Kind::Address,
+            false,
+            r"\b\d{1,6}\s+(?:[A-Z][a-z]+\.?\s+){1,3}(?:Street|St|Avenue|Ave|Road|Rd|Drive|Dr|Lane|Ln|Boulevard|Blvd|Place|Pl|Court|Ct|Way|Terrace|Parkway|Pkwy|Circle|Cir|Highway|Hwy)\b\.?".into(),
+            span_whole,
+        ),
+        (
+            Kind::Address,
+            false,
+            format!(r"\b([A-Z][a-z]+(?:\s[A-Z][a-z]+)?),\s+(?:{US_STATES})\b"),
+            span_any_group,
+        ),
+        (
+            Kind::Location,
+            false,
+            r"\b(?:(?:St|Mt)\.\s+|Saint\s+|Mount\s+)?(?:[A-Z][a-z]+'?s?\s+){1,4}(?:Hospital|Medical\s+Cent(?:er|re)|Clinic|Health\s+Cent(?:er|re)|Health\s+System|Infirmary|Sanatorium|Nursing\s+Home|Hospice)\b".into(),
+            span_whole,
+        ),
         // --- AGE over 89
         (
             Kind::Age,
@@ -989,6 +1118,7 @@ fn push_cand(text: &str, out: &mut Vec<Cand>, start: usize, end: usize, kind: Ki
 /// Precompiled scrubber. Create once (it compiles ~25 regexes) and share; it is `Sync`.
 pub struct Scrubber {
     rules: Vec<Rule>,
+    names: names::NameFinder,
 }
 
 impl std::fmt::Debug for Scrubber {
@@ -1013,6 +1143,7 @@ impl Scrubber {
     pub fn new() -> Result<Self, PatternError> {
         Ok(Scrubber {
             rules: build_rules()?,
+            names: names::NameFinder::new(),
         })
     }
 
@@ -1040,6 +1171,8 @@ impl Scrubber {
         for rule in &self.rules {
             rule_candidates(rule, text, &mut cands);
         }
+        self.names
+            .candidates(text, pattern_rank(Kind::Name, true), &mut cands);
         replace(text, cands)
     }
 }
@@ -1177,7 +1310,8 @@ mod tests {
             &[("SSN", 1)],
         ),
         ("lot 123456789 used", "lot 123456789 used", &[]),
-        ("ref 1123-45-67890", "ref 1123-45-67890", &[]),
+        // Not an SSN (too many digits), but an identifier by shape and by its label.
+        ("ref 1123-45-67890", "ref [ID]", &[("ID", 1)]),
         // PHONE
         (
             "call (555) 123-4567 today",
@@ -1265,7 +1399,11 @@ mod tests {
             &[],
         ),
         // ZIP / AGE
-        ("Boston, MA 02115", "Boston, MA [ZIP]", &[("ZIP", 1)]),
+        (
+            "Boston, MA 02115",
+            "[ADDRESS], MA [ZIP]",
+            &[("ADDRESS", 1), ("ZIP", 1)],
+        ),
         ("zip 02115-1234", "zip [ZIP]", &[("ZIP", 1)]),
         (
             "a 92-year-old woman",
@@ -1544,7 +1682,10 @@ mod tests {
         #[test]
         fn lowercase_prose_is_unchanged(words in prop::collection::vec("[a-z]{1,10}", 0..30),
                                         seps in prop::collection::vec(prop::sample::select(vec![" ", ", ", ". ", "; "]), 30)) {
-            let text: String = words.iter().zip(&seps).map(|(w, s)| format!("{w}{s}")).collect();
+            // Except after `dr` and `cc`, where a lower-case word is taken as a name, and
+            // `user`, after which it is a user name.
+            let words = words.into_iter().filter(|w| !matches!(w.as_str(), "dr" | "cc" | "user" | "username"));
+            let text: String = words.zip(&seps).map(|(w, s)| format!("{w}{s}")).collect();
             let out = scrub(&text, &Known::default());
             prop_assert_eq!(out.text, text);
             prop_assert!(out.counts.is_empty());
