@@ -706,11 +706,11 @@ fn labs(n: &mut Note, r: &mut Rng) {
     let glucose = 70 + r.below(140);
     let a1c = 5 + r.below(5);
     n.t(&format!(
-        "Glucose {glucose} mg/dL, HbA1c {a1c}.{}%, creatinine 0.{} mg/dL, BP 1{}/{} mmHg, \
+        "Glucose {glucose} mg/dL, HbA1c {a1c}.{}%, creatinine 0.{} mg/dL, BP {}/{} mmHg, \
          LDL 2.{} mmol/L (LOINC 13457-7). ",
         r.below(10),
         7 + r.below(3),
-        r.below(6) + 1,
+        100 + r.below(60),
         60 + r.below(30),
         r.below(10)
     ));

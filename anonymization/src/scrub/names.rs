@@ -9,6 +9,7 @@
 //!   the next one to three capitalised words, and after `Dr` or `cc:` a lower-case one;
 //! - a **credential** after it (`, M.D.`, `MD`, `RN`, `NP`, `PA-C`, `DO`, `PhD`): the one to
 //!   three capitalised words before it;
+//! - an **initial** before a surname (`J. Smith`);
 //! - a capitalised **first name** on its own that is not an ordinary word
 //!   (`common-words.txt`), three letters or more.
 //!
@@ -70,7 +71,16 @@ struct Tok<'t> {
     text: &'t str,
 }
 
+/// Titles: never part of the name they introduce (`Dr. [NAME]`).
+const TITLES: &[&str] = &[
+    "Dr", "DR", "dr", "Mr", "MR", "Mrs", "MRS", "Ms", "MS", "Miss", "Mx", "Prof", "Doctor",
+];
+
 impl Tok<'_> {
+    fn title(&self) -> bool {
+        TITLES.contains(&self.text)
+    }
+
     fn titlecase(&self) -> bool {
         let mut cs = self.text.chars();
         cs.next().is_some_and(char::is_uppercase) && cs.any(char::is_lowercase)
@@ -221,6 +231,15 @@ impl NameFinder {
                     }
                 }
             }
+            // An initial and a surname: `J. Smith`.
+            if t.initial()
+                && gap(i, i + 1) == ". "
+                && toks
+                    .get(i + 1)
+                    .is_some_and(|n| n.titlecase() && self.is_last(n) && !self.is_common(n))
+            {
+                push(i, i + 1);
+            }
             // Labels.
             let before = &text[..t.start];
             let label = LABELS
@@ -235,9 +254,12 @@ impl NameFinder {
                 .copied();
             if let Some(label) = label {
                 let lower_ok = LOWERCASE_LABELS.contains(&label);
-                if t.capitalised() || (lower_ok && t.text.len() > 1) {
+                if !t.title() && (t.capitalised() || (lower_ok && t.text.len() > 1)) {
                     let mut end = i;
                     for (j, next) in toks.iter().enumerate().skip(i + 1).take(3) {
+                        if credential_follows(&text[toks[j - 1].end..]) {
+                            break;
+                        }
                         let g = gap(j - 1, j);
                         let joined = matches!(g, " " | ", " | ". ");
                         if joined && (next.capitalised() || next.initial()) {
@@ -255,7 +277,7 @@ impl NameFinder {
                 while s > 0 && i - s < 3 {
                     let g = gap(s - 1, s);
                     let p = toks[s - 1];
-                    if matches!(g, " " | ". ") && (p.capitalised() || p.initial()) {
+                    if matches!(g, " " | ". ") && !p.title() && (p.capitalised() || p.initial()) {
                         s -= 1;
                     } else {
                         break;
@@ -284,6 +306,7 @@ mod tests {
         let mut out = Vec::new();
         NameFinder::new().candidates(text, 1, &mut out);
         out.sort_by_key(|c| (c.start, c.end));
+        out.dedup_by_key(|c| (c.start, c.end));
         out.iter().map(|c| &text[c.start..c.end]).collect()
     }
 
@@ -299,6 +322,12 @@ mod tests {
         assert!(found("discussed with dr zxcvb").contains(&"zxcvb"));
         assert!(found("Qwerty P Zxcv, M.D.").contains(&"Qwerty P Zxcv"));
         assert!(found("cc: Zxcv, Qwerty").contains(&"Zxcv, Qwerty"));
+        assert_eq!(found("cc: Dr. Zxcv"), ["Zxcv"]);
+        assert_eq!(found("seen by Dr Zxcv, MD"), ["Zxcv"]);
+        assert_eq!(
+            found("requested by J. Okonkwo-Smith."),
+            ["J. Okonkwo-Smith"]
+        );
     }
 
     #[test]
