@@ -6,23 +6,11 @@
 //!
 //! This is regex-and-dictionary scrubbing. It is a safety net, not a guarantee.
 //!
-//! It **catches**: identifiers written in common formats (SSNs, US phone/fax numbers,
-//! e-mail addresses, URLs, IPv4/IPv6 addresses, labelled MRNs and account/member/policy
-//! numbers, dates other than a bare year, ZIP codes after a state or "zip", ages over 89),
-//! every name and identifier already known from the record's structured fields (the
-//! [`Known`] lists), and names written after a title (`Dr. Smith`, `Mrs. O'Neil`).
-//!
-//! It **will miss**: names it was not told about and that carry no title (a relative's
-//! first name, a neighbour, an employer), misspelled or abbreviated names, nicknames,
-//! identifiers in unusual formats or without a label, street addresses and towns,
-//! identifiers split across lines or markup, month/day dates without a year unless
-//! after a date word (`on 12/25` is caught, `12/25` alone is not: it looks like a score),
-//! and contextual re-identification (a rare diagnosis, an occupation, "the mayor's
-//! wife", an event reported in the news).
-//!
-//! It **can over-redact**: numbers that merely look like phone numbers, SSNs or dates,
-//! lab accession numbers shaped like `YYYYMMDD`, capitalised words after a title, and
-//! known names that are also ordinary words (`Rose`, `Brown`, `Will`).
+//! It catches identifiers by pattern (SSNs, phones, e-mail, URLs, IPs, dates but a bare
+//! year, labelled and shaped identifiers, addresses, places of care, ages over 89), the
+//! names and identifiers the record itself announced ([`Known`]), and names found with the
+//! Census name lists in context (`names.rs`). What it misses and over-redacts, and how it
+//! measures, is in `docs/SCRUBBING.md`; `medpipe eval deid` measures it on any gold file.
 //!
 //! Policy recommendation: keep narrative fields **redacted by default** and enable
 //! scrubbing only for fields where the analytics value justifies the residual risk, with
