@@ -774,7 +774,11 @@ fn discharge_summary(r: &mut Rng) -> GoldNote {
             pt.last.to_lowercase()
         ),
     );
-    n.t("\n\nHospital course: Mr./Ms. ");
+    n.t(if r.below(2) == 0 {
+        "\n\nHospital course: Mr. "
+    } else {
+        "\n\nHospital course: Ms. "
+    });
     n.phi("NAME", pt.last)
         .t(" was admitted with community-acquired pneumonia (J18.9). Treated with ceftriaxone 1 g daily. ");
     if r.below(3) == 0 {

@@ -448,12 +448,38 @@ fn span_date_month_day_or_year(caps: &Captures<'_>, text: &str) -> Option<(usize
     (valid && !fraction).then_some((s, e))
 }
 
-/// A month name, alone or with a day. `May` alone is a word, not a date.
+/// A month name, alone or with a day. `May` alone is a date only after a word that
+/// introduces one (`in May`, `since May`); otherwise it is the verb.
 fn span_month_name(caps: &Captures<'_>, text: &str) -> Option<(usize, usize)> {
     let (s, e) = whole(caps)?;
     let m = &text[s..e];
     let word_end = !text[e..].starts_with(|c: char| c.is_alphanumeric());
-    (word_end && m != "May").then_some((s, e))
+    let previous = text[..s]
+        .trim_end()
+        .rsplit(|c: char| !c.is_alphabetic())
+        .next()
+        .unwrap_or("")
+        .to_lowercase();
+    let may_as_month = matches!(
+        previous.as_str(),
+        "in" | "since"
+            | "on"
+            | "by"
+            | "during"
+            | "until"
+            | "till"
+            | "of"
+            | "last"
+            | "next"
+            | "early"
+            | "late"
+            | "mid"
+            | "from"
+            | "through"
+            | "before"
+            | "after"
+    );
+    (word_end && (m != "May" || may_as_month)).then_some((s, e))
 }
 
 /// Digit groups joined by dashes with at least six digits (`123-45-67-8`).
