@@ -716,6 +716,44 @@ fn labs(n: &mut Note, r: &mut Rng) {
     ));
 }
 
+/// Clinical sentences with no PHI, full of words the scrubber must keep: drug names,
+/// eponyms that are also surnames, and capitalised words that are also first names.
+const CLINICAL_SENTENCES: &[&str] = &[
+    "Foley catheter removed on day two. ",
+    "History of Parkinson disease, stable on carbidopa. ",
+    "Crohn disease in remission; no Graves disease. ",
+    "Remote Hodgkin lymphoma, treated. ",
+    "Left Bell palsy resolving. ",
+    "Murphy sign negative, Homans sign negative. ",
+    "Gram stain showed gram-positive cocci in clusters. ",
+    "Glasgow Coma Scale 15. Wells score 1. ",
+    "Apgar scores 8 and 9. ",
+    "No stigmata of Cushing syndrome or Addison disease. ",
+    "Barrett esophagus on last endoscopy; Baker cyst behind the right knee. ",
+    "Holter monitor for 48 hours; Doppler of the legs negative. ",
+    "Babinski absent, Romberg negative, Kernig and Brudzinski signs negative. ",
+    "Tenderness at McBurney point. ",
+    "Tinel and Phalen tests positive on the right; Lachman test negative. ",
+    "Allen test normal before the radial line. Mallampati class II. ",
+    "Status post Whipple procedure and Nissen fundoplication. ",
+    "Mother had Alzheimer disease; no family history of Huntington disease. ",
+    "Hashimoto thyroiditis on levothyroxine 75 mcg daily. ",
+    "Will continue warfarin; May need apixaban instead. ",
+    "Patient Education given on insulin and metformin. ",
+    "Pain controlled with acetaminophen 650 mg and ibuprofen 400 mg. ",
+    "Started vancomycin 1 g and azithromycin 500 mg. ",
+    "Grace period for the prior authorisation requested. ",
+    "Down syndrome screening discussed. ",
+    "Albuterol as needed; omeprazole 20 mg daily. ",
+];
+
+/// One or two clinical sentences.
+fn clinical(n: &mut Note, r: &mut Rng) {
+    for _ in 0..1 + r.below(2) {
+        n.t(r.pick(CLINICAL_SENTENCES));
+    }
+}
+
 fn progress_note(r: &mut Rng) -> GoldNote {
     let (pt, doc, cc) = (person(r), person(r), person(r));
     let mut n = Note::new();
@@ -738,6 +776,7 @@ fn progress_note(r: &mut Rng) -> GoldNote {
     phone(&mut n, r);
     n.t(".\nO: ");
     labs(&mut n, r);
+    clinical(&mut n, r);
     n.t("\nA/P: type 2 diabetes (E11.9), continue metformin 500 mg twice daily. Follow up ");
     date(&mut n, r);
     n.t(".\n\n");
@@ -781,6 +820,7 @@ fn discharge_summary(r: &mut Rng) -> GoldNote {
     });
     n.phi("NAME", pt.last)
         .t(" was admitted with community-acquired pneumonia (J18.9). Treated with ceftriaxone 1 g daily. ");
+    clinical(&mut n, r);
     if r.below(3) == 0 {
         let age = 90 + r.below(12);
         n.t("The patient is a ")
@@ -820,8 +860,10 @@ fn radiology(r: &mut Rng) -> GoldNote {
     date(&mut n, r);
     n.t(
         ".\nCT chest without contrast. A 4 mm nodule in the right upper lobe, unchanged. \
-         No effusion. Workstation ",
+         No effusion. ",
     );
+    clinical(&mut n, r);
+    n.t("Workstation ");
     n.phi(
         "IP",
         &format!("10.{}.{}.{}", r.below(256), r.below(256), r.below(256)),
@@ -849,6 +891,7 @@ fn lab_narrative(r: &mut Rng) -> GoldNote {
     date(&mut n, r);
     n.t(". ");
     labs(&mut n, r);
+    clinical(&mut n, r);
     n.t("Specimen hemolysed; recollect requested by ");
     n.phi("NAME", &format!("{}. {}", &tech.first[..1], tech.last));
     n.t(". Results faxed to ");

@@ -11,9 +11,20 @@
 //!   three capitalised words before it;
 //! - an **initial** before a surname (`J. Smith`);
 //! - a capitalised **first name** on its own that is not an ordinary word
-//!   (`common-words.txt`), three letters or more.
+//!   (`common-words.txt`), three letters or more;
+//! - a **soft label** before it (`Patient`, `Pt`, `husband`, `daughter`, ...): the next
+//!   capitalised word when it is a listed name, and the capitalised words joined to it;
+//! - a **reporting verb** after a listed name (`Frank reports`, `Grace denies`);
+//! - a listed name that **opens a line** and is followed by a bracket (`Smith (MRN ...)`);
+//! - a listed first name that is not an ordinary word, next to an unlisted capitalised word
+//!   that is not one either (`Billy Okafor`, `Okafor, Maria`);
+//! - a capitalised word that is in no list at all: no listed name, and no word of the
+//!   English vocabulary (`data/words/english.txt`), the drug names (`drugs.txt`) or the
+//!   clinical words (`clinical.txt`), even inflected (`Sturkenboom`, `Okafor`).
 //!
-//! A surname alone, without a label or title, is not taken: too many are ordinary words.
+//! A surname alone, without any of these, is not taken: too many are ordinary words. A
+//! listed name followed by a noun such as `sign`, `test` or `disease` is an eponym and is
+//! taken only with a label, a title, a credential or a neighbouring name.
 
 use std::collections::HashSet;
 
@@ -22,6 +33,9 @@ use super::{push_cand, Cand, Kind};
 const FIRST: &str = include_str!("../../data/names/first.txt");
 const LAST: &str = include_str!("../../data/names/last.txt");
 const COMMON: &str = include_str!("../../data/names/common-words.txt");
+const ENGLISH: &str = include_str!("../../data/words/english.txt");
+const CLINICAL: &str = include_str!("../../data/words/clinical.txt");
+const DRUGS: &str = include_str!("../../data/words/drugs.txt");
 
 /// Labels after which the next words are a name. Compared case-sensitively, ending right
 /// before the name (after optional spaces).
@@ -54,6 +68,114 @@ const LABELS: &[&str] = &[
     "dr",
 ];
 
+/// Words after which a capitalised word that is a listed name is a name: `Patient Brown`,
+/// `her husband Grace`. Compared as whole words, ignoring case.
+const SOFT_LABELS: &[&str] = &[
+    "Patient",
+    "Pt",
+    "husband",
+    "wife",
+    "spouse",
+    "partner",
+    "son",
+    "daughter",
+    "mother",
+    "father",
+    "brother",
+    "sister",
+    "friend",
+    "caregiver",
+    "guardian",
+    "niece",
+    "nephew",
+    "aunt",
+    "uncle",
+    "grandson",
+    "granddaughter",
+    "grandmother",
+    "grandfather",
+    "fiance",
+    "fiancee",
+    "neighbor",
+    "neighbour",
+];
+
+/// Nouns that, right after a listed name, make it an eponym (`Allen test`, `Barrett
+/// esophagus`): then it is not taken on its own, only with stronger context.
+const EPONYM_NOUNS: &[&str] = &[
+    "sign",
+    "signs",
+    "test",
+    "tests",
+    "disease",
+    "syndrome",
+    "palsy",
+    "esophagus",
+    "cyst",
+    "catheter",
+    "procedure",
+    "operation",
+    "score",
+    "scale",
+    "classification",
+    "criteria",
+    "stain",
+    "monitor",
+    "maneuver",
+    "manoeuvre",
+    "point",
+    "reflex",
+    "fracture",
+    "lymphoma",
+    "thyroiditis",
+    "tube",
+    "needle",
+    "forceps",
+    "position",
+    "ulcer",
+    "phenomenon",
+    "law",
+    "line",
+    "block",
+    "shunt",
+    "fundoplication",
+    "triad",
+    "node",
+    "nodes",
+    "tumor",
+    "tumour",
+    "sarcoma",
+    "ratio",
+    "formula",
+    "equation",
+];
+
+/// Verbs that, right after a listed name, make it a person (`Frank reports ...`).
+const REPORTING_VERBS: &[&str] = &[
+    "reports",
+    "reported",
+    "states",
+    "stated",
+    "denies",
+    "denied",
+    "complains",
+    "complained",
+    "presents",
+    "presented",
+    "endorses",
+    "endorsed",
+    "notes",
+    "noted",
+    "says",
+    "said",
+    "describes",
+    "admits",
+    "tolerated",
+    "returns",
+    "returned",
+    "underwent",
+];
+
 /// After these labels a lower-case name is taken too (`Dr smith`, `cc: jones`).
 const LOWERCASE_LABELS: &[&str] = &["cc:", "CC:", "Cc:", "Dr.", "Dr", "DR.", "dr.", "dr"];
 
@@ -62,6 +184,8 @@ pub(super) struct NameFinder {
     first: HashSet<String>,
     last: HashSet<String>,
     common: HashSet<String>,
+    /// English, clinical and drug words, lower case.
+    vocabulary: HashSet<&'static str>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -165,7 +289,59 @@ impl NameFinder {
             first: set(FIRST),
             last: set(LAST),
             common: set(COMMON),
+            vocabulary: [ENGLISH, CLINICAL, DRUGS]
+                .iter()
+                .flat_map(|l| l.lines())
+                .map(str::trim)
+                .filter(|l| !l.is_empty() && !l.starts_with('#'))
+                .collect(),
         }
+    }
+
+    /// Whether `word` is an English or clinical word, itself or by a regular inflection
+    /// (`Patients`, `Collected`, `Stopping`); every part of a hyphenated word must be.
+    fn is_word(&self, word: &str) -> bool {
+        let lower = word.to_lowercase().replace('\u{2019}', "'");
+        if self.vocabulary.contains(lower.as_str()) {
+            return true;
+        }
+        lower
+            .split(['-', '\''])
+            .filter(|p| !p.is_empty())
+            .all(|p| self.is_word_part(p))
+    }
+
+    fn is_word_part(&self, w: &str) -> bool {
+        if self.vocabulary.contains(w) {
+            return true;
+        }
+        let known = |stem: &str| stem.len() >= 2 && self.vocabulary.contains(stem);
+        // A doubled final consonant before `-ed`/`-ing`/`-er` (`stopped` -> `stop`).
+        let undouble = |stem: &str| {
+            let b = stem.as_bytes();
+            b.len() >= 3 && b[b.len() - 1] == b[b.len() - 2] && known(&stem[..stem.len() - 1])
+        };
+        for suffix in [
+            "s", "es", "ed", "d", "ing", "er", "ers", "est", "ly", "ness", "ment",
+        ] {
+            if let Some(stem) = w.strip_suffix(suffix) {
+                if known(stem) || undouble(stem) || known(&format!("{stem}e")) {
+                    return true;
+                }
+            }
+        }
+        if ["ies", "ied", "ier", "iest", "ily"].iter().any(|suffix| {
+            w.strip_suffix(suffix)
+                .is_some_and(|stem| known(&format!("{stem}y")))
+        }) {
+            return true;
+        }
+        // A compound of two words of four letters or more (`workstation`).
+        w.char_indices().skip(4).any(|(at, _)| {
+            w.len() - at >= 4
+                && self.vocabulary.contains(&w[..at])
+                && self.vocabulary.contains(&w[at..])
+        })
     }
 
     fn is_first(&self, t: &Tok<'_>) -> bool {
@@ -194,8 +370,9 @@ impl NameFinder {
             let to = toks.get(b).map_or(text.len(), |t| t.start);
             text.get(from..to).unwrap_or("")
         };
-        let mut push =
-            |s: usize, e: usize| push_cand(text, out, toks[s].start, toks[e].end, Kind::Name, rank);
+        // Found names, as ranges of words; widened and pushed at the end.
+        let mut found: Vec<(usize, usize)> = Vec::new();
+        let mut push = |s: usize, e: usize| found.push((s, e));
         for i in 0..toks.len() {
             let t = toks[i];
             // A middle initial between i and the next word: `John Q. Smith`, `John Q Smith`.
@@ -211,12 +388,14 @@ impl NameFinder {
                     let same_case = (t.titlecase() && n.titlecase()) || (t.upper() && n.upper());
                     let g = gap(next - 1, next);
                     let spaced = g == " " || (next > i + 1 && matches!(g, " " | ". "));
+                    // A middle initial makes two ordinary words a name (`Mark H. Ward`).
+                    let middle = next > i + 1;
                     if same_case
                         && spaced
                         && gap(i, i + 1) == " "
                         && self.is_first(&t)
                         && self.is_last(n)
-                        && !(self.is_common(&t) && self.is_common(n))
+                        && (middle || !(self.is_common(&t) && self.is_common(n)))
                     {
                         push(i, next);
                     }
@@ -231,12 +410,18 @@ impl NameFinder {
                     }
                 }
             }
-            // An initial and a surname: `J. Smith`.
+            // An initial and a surname: `J. Smith`; after `by`, `per` or `with` any
+            // capitalised word (`requested by A. Okafor`).
+            let introduced = i > 0
+                && gap(i - 1, i) == " "
+                && matches!(toks[i - 1].text, "by" | "per" | "with" | "from" | "to");
             if t.initial()
                 && gap(i, i + 1) == ". "
-                && toks
-                    .get(i + 1)
-                    .is_some_and(|n| n.titlecase() && self.is_last(n) && !self.is_common(n))
+                && toks.get(i + 1).is_some_and(|n| {
+                    n.titlecase()
+                        && ((self.is_last(n) && !(self.is_common(n) && n.text.contains('-')))
+                            || (introduced && n.text.chars().count() >= 2))
+                })
             {
                 push(i, i + 1);
             }
@@ -285,14 +470,147 @@ impl NameFinder {
                 }
                 push(s, i);
             }
+            let listed = self.is_first(&t) || self.is_last(&t);
+            let rare_first = |k: &Tok<'_>| {
+                k.capitalised()
+                    && k.text.chars().count() >= 3
+                    && self.is_first(k)
+                    && !self.is_common(k)
+            };
+            let unlisted = |k: &Tok<'_>| {
+                k.capitalised()
+                    && k.text.chars().count() >= 3
+                    && !self.is_first(k)
+                    && !self.is_last(k)
+                    && !self.is_common(k)
+            };
+            // Soft labels: the word before, whole.
+            let soft = i > 0
+                && SOFT_LABELS
+                    .iter()
+                    .any(|l| l.eq_ignore_ascii_case(toks[i - 1].text))
+                && gap(i - 1, i) == " ";
+            let eponym = gap(i, i + 1) == " "
+                && toks
+                    .get(i + 1)
+                    .is_some_and(|n| EPONYM_NOUNS.contains(&n.text.to_lowercase().as_str()));
+            if soft
+                && t.capitalised()
+                && !t.title()
+                && listed
+                && !eponym
+                && !text[t.end..].starts_with(':')
+            {
+                let mut end = i;
+                for (j, next) in toks.iter().enumerate().skip(i + 1).take(3) {
+                    let joined = matches!(gap(j - 1, j), " " | ", " | ". ");
+                    if joined && (next.capitalised() || next.initial()) {
+                        end = j;
+                    } else {
+                        break;
+                    }
+                }
+                push(i, end);
+            }
+            // A listed name and a reporting verb.
+            if t.titlecase()
+                && listed
+                && gap(i, i + 1) == " "
+                && toks
+                    .get(i + 1)
+                    .is_some_and(|v| REPORTING_VERBS.contains(&v.text))
+            {
+                push(i, i);
+            }
+            // A listed name that opens a line, then a bracket.
+            let line_start = text[..t.start]
+                .rsplit('\n')
+                .next()
+                .is_some_and(|l| l.trim().is_empty());
+            if line_start
+                && t.capitalised()
+                && listed
+                && !eponym
+                && text[t.end..].trim_start_matches(' ').starts_with('(')
+            {
+                push(i, i);
+            }
+            // A rare first name next to an unlisted capitalised word, in the same case
+            // (`Billy Okafor`, `Billy O. Okafor`, `OKAFOR, BILLY`).
+            let alike = |a: &Tok<'_>, b: &Tok<'_>| {
+                (a.titlecase() && b.titlecase()) || (a.upper() && b.upper())
+            };
+            let next = after_initial(i + 1).unwrap_or(i + 1);
+            if let Some(n) = toks.get(next) {
+                if rare_first(&t)
+                    && gap(i, i + 1) == " "
+                    && matches!(gap(next - 1, next), " " | ". ")
+                    && unlisted(n)
+                    && alike(&t, n)
+                {
+                    push(i, next);
+                }
+            }
+            if let Some(n) = toks.get(i + 1) {
+                if unlisted(&t) && gap(i, i + 1) == ", " && rare_first(n) && alike(&t, n) {
+                    push(i, i + 1);
+                }
+            }
+            // A capitalised word that is no English or clinical word: an unlisted name
+            // (`Sturkenboom`, `Okafor`) or a listed one that is no word (`Olsen`).
+            let alone = !text[..t.start]
+                .chars()
+                .next_back()
+                .is_some_and(char::is_alphanumeric)
+                && !text[t.end..]
+                    .chars()
+                    .next()
+                    .is_some_and(char::is_alphanumeric);
+            // `MRNs`, `HbA` are abbreviations: the second letter must be lower case.
+            let proper = t.text.chars().nth(1).is_some_and(char::is_lowercase);
+            if t.titlecase()
+                && !t.title()
+                && proper
+                && alone
+                && !eponym
+                && t.text.chars().count() >= 3
+                && !self.is_common(&t)
+                && !self.is_word(t.text)
+            {
+                push(i, i);
+            }
             // A first name alone.
             if t.titlecase()
+                && !eponym
                 && t.text.chars().count() >= 3
                 && self.is_first(&t)
                 && !self.is_common(&t)
             {
                 push(i, i);
             }
+        }
+        // Widen each name over the initials and name-like words right next to it, so that
+        // no part of `Anastasie M. Cressac` is left when one part was found.
+        let namelike = |k: &Tok<'_>| {
+            !k.title()
+                && (k.initial()
+                    || (k.capitalised()
+                        && (self.is_first(k) || self.is_last(k) || !self.is_word(k.text))))
+        };
+        for (mut s, mut e) in found {
+            while s > 0
+                && namelike(&toks[s - 1])
+                && (gap(s - 1, s) == " " || (gap(s - 1, s) == ". " && toks[s - 1].initial()))
+            {
+                s -= 1;
+            }
+            while e + 1 < toks.len()
+                && namelike(&toks[e + 1])
+                && (gap(e, e + 1) == " " || (gap(e, e + 1) == ". " && toks[e].initial()))
+            {
+                e += 1;
+            }
+            push_cand(text, out, toks[s].start, toks[e].end, Kind::Name, rank);
         }
     }
 }
@@ -312,11 +630,11 @@ mod tests {
 
     #[test]
     fn pairs_labels_credentials_and_first_names_are_found() {
-        assert_eq!(found("seen with John Smith today"), ["John", "John Smith"]);
+        assert_eq!(found("seen with John Smith today"), ["John Smith"]);
         assert_eq!(found("SMITH, JOHN was admitted"), ["SMITH, JOHN"]);
         assert_eq!(
             found("Smith, John Q. was admitted"),
-            ["Smith, John Q", "John"]
+            ["Smith, John Q", "John Q"]
         );
         assert!(found("Signed: Qwerty Zxcv").contains(&"Qwerty Zxcv"));
         assert!(found("discussed with dr zxcvb").contains(&"zxcvb"));
@@ -328,6 +646,29 @@ mod tests {
             found("requested by J. Okonkwo-Smith."),
             ["J. Okonkwo-Smith"]
         );
+    }
+
+    #[test]
+    fn soft_labels_verbs_unknown_words_and_widening() {
+        assert_eq!(found("home with her husband Grace."), ["Grace"]);
+        assert_eq!(found("Frank reports pain"), ["Frank"]);
+        assert_eq!(found("seen by Sturkenboom today"), ["Sturkenboom"]);
+        assert_eq!(
+            found("My name is Anastasie M. Cressac."),
+            ["Anastasie M. Cressac"]
+        );
+        assert_eq!(found("requested by A. Okafor."), ["A. Okafor"]);
+        assert_eq!(found("Patient Brown, ref 1"), ["Brown"]);
+        assert_eq!(found("Okafor (MRN 1)"), ["Okafor"]);
+    }
+
+    #[test]
+    fn eponyms_drugs_and_known_words_are_kept() {
+        assert!(found("Allen test normal. Babinski absent.").is_empty());
+        assert!(found("Barrett esophagus on endoscopy").is_empty());
+        assert!(found("Workstation 4. Patients were seen.").is_empty());
+        assert!(found("Started Lasix and Coumadin.").is_empty());
+        assert!(found("Patient Education given; MRNs reviewed").is_empty());
     }
 
     #[test]
