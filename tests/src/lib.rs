@@ -495,6 +495,73 @@ pub fn in_clear<'a>(records: &[Record], identifiers: &'a [String]) -> Vec<&'a st
         .collect()
 }
 
+/// The identifiers that appear in clear as whole words: like [`in_clear`], but a hit must
+/// have no ASCII letter or digit right before or after it. For short strings taken from
+/// free text (`54106`, `Bell`), which otherwise match inside hashes, UUIDs or longer words.
+pub fn in_clear_as_words<'a>(records: &[Record], identifiers: &'a [String]) -> Vec<&'a str> {
+    identifiers
+        .iter()
+        .map(String::as_str)
+        .filter(|id| {
+            records
+                .iter()
+                .any(|r| message_parts(r).iter().any(|hay| contains_word(hay, id)))
+        })
+        .collect()
+}
+
+fn message_parts(r: &Record) -> Vec<&[u8]> {
+    use rdkafka::message::Headers;
+    let m = &r.message;
+    let mut parts = vec![m.key().unwrap_or_default(), m.payload().unwrap_or_default()];
+    if let Some(h) = m.headers() {
+        parts.extend(h.iter().map(|hd| hd.value.unwrap_or_default()));
+    }
+    parts
+}
+
+/// Whether `id` occurs in `hay` with no ASCII letter or digit right before or after it.
+pub fn contains_word(hay: &[u8], id: &str) -> bool {
+    let n = id.len();
+    hay.windows(n).enumerate().any(|(at, w)| {
+        w == id.as_bytes()
+            && !(at > 0 && hay[at - 1].is_ascii_alphanumeric())
+            && !hay.get(at + n).is_some_and(u8::is_ascii_alphanumeric)
+    })
+}
+
+/// Where `id` appears in clear: the topic and the bytes around each hit, for a failing
+/// test's message (test data are synthetic, so printing them is safe).
+pub fn where_in_clear(records: &[Record], id: &str) -> Vec<String> {
+    use rdkafka::message::Headers;
+    let mut found = Vec::new();
+    for r in records {
+        let m = &r.message;
+        let mut parts = vec![
+            ("key", m.key().unwrap_or_default()),
+            ("value", m.payload().unwrap_or_default()),
+        ];
+        if let Some(h) = m.headers() {
+            parts.extend(h.iter().map(|hd| ("header", hd.value.unwrap_or_default())));
+        }
+        for (part, hay) in parts {
+            for (at, _) in hay
+                .windows(id.len())
+                .enumerate()
+                .filter(|(_, w)| *w == id.as_bytes())
+            {
+                let around = &hay[at.saturating_sub(40)..(at + id.len() + 40).min(hay.len())];
+                found.push(format!(
+                    "{} {part}: {:?}",
+                    m.topic(),
+                    String::from_utf8_lossy(around)
+                ));
+            }
+        }
+    }
+    found
+}
+
 /// A short random tag for synthetic file contents.
 pub fn fresh_tag() -> String {
     uuid::Uuid::new_v4().simple().to_string()[..8].to_string()
