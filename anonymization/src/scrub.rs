@@ -51,7 +51,7 @@ use aho_corasick::{AhoCorasick, AhoCorasickKind, MatchKind};
 use regex::{Captures, Regex};
 
 /// Identifiers known from the structured fields of the same record (and patient).
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Known {
     /// Personal names (given, family, full), replaced by `[NAME]` wherever they occur.
     pub names: Vec<String>,
