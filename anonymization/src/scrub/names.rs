@@ -26,7 +26,9 @@
 //! listed name followed by a noun such as `sign`, `test` or `disease` is an eponym and is
 //! taken only with a label, a title, a credential or a neighbouring name.
 
-use std::collections::HashSet;
+/// Look-ups in the name and word sets are the name finder's inner loop: a fast hasher
+/// (the sets hold public word lists, so hash flooding is no concern).
+type HashSet<T> = foldhash::HashSet<T>;
 
 use super::{push_cand, Cand, Kind};
 
@@ -193,6 +195,17 @@ struct Tok<'t> {
     start: usize,
     end: usize,
     text: &'t str,
+    /// `text` in lower case (see [`lower_in_place`]).
+    lower: &'t str,
+    /// Whether it is a listed first name, surname or common word: looked up once per
+    /// token by [`NameFinder::classify`], since the rules ask again and again.
+    first: bool,
+    last: bool,
+    common: bool,
+    /// Capital then some lower case (`Smith`, `McDonald`).
+    titlecase: bool,
+    /// Two letters or more, none lower case (`SMITH`).
+    upper: bool,
 }
 
 /// Titles: never part of the name they introduce (`Dr. [NAME]`).
@@ -202,17 +215,15 @@ const TITLES: &[&str] = &[
 
 impl Tok<'_> {
     fn title(&self) -> bool {
-        TITLES.contains(&self.text)
+        self.text.len() <= 6 && TITLES.contains(&self.text)
     }
 
     fn titlecase(&self) -> bool {
-        let mut cs = self.text.chars();
-        cs.next().is_some_and(char::is_uppercase) && cs.any(char::is_lowercase)
+        self.titlecase
     }
 
     fn upper(&self) -> bool {
-        self.text.chars().filter(|c| c.is_alphabetic()).count() >= 2
-            && !self.text.chars().any(char::is_lowercase)
+        self.upper
     }
 
     fn capitalised(&self) -> bool {
@@ -225,7 +236,24 @@ impl Tok<'_> {
     }
 }
 
-fn words(text: &str) -> Vec<Tok<'_>> {
+/// `text` in lower case, byte for byte at the same offsets: a character whose lower case
+/// has another length (rare outside Turkish `İ`) is kept as it is.
+fn lower_in_place(text: &str) -> String {
+    if text.is_ascii() {
+        return text.to_ascii_lowercase();
+    }
+    text.chars()
+        .map(|c| {
+            let mut l = c.to_lowercase();
+            match (l.next(), l.next()) {
+                (Some(lc), None) if lc.len_utf8() == c.len_utf8() => lc,
+                _ => c,
+            }
+        })
+        .collect()
+}
+
+fn words<'t>(text: &'t str, lower: &'t str) -> Vec<Tok<'t>> {
     let mut out = Vec::new();
     let mut start = None;
     let mut chars = text.char_indices().peekable();
@@ -236,27 +264,38 @@ fn words(text: &str) -> Vec<Tok<'_>> {
         if c.is_alphabetic() || inner {
             start.get_or_insert(i);
         } else if let Some(s) = start.take() {
-            out.push(tok(text, s, i));
+            out.push(tok(text, lower, s, i));
         }
     }
     if let Some(s) = start {
-        out.push(tok(text, s, text.len()));
+        out.push(tok(text, lower, s, text.len()));
     }
     out
 }
 
 /// A word, without a possessive `'s` (`Brown's` -> `Brown`).
-fn tok(text: &str, start: usize, end: usize) -> Tok<'_> {
+fn tok<'t>(text: &'t str, lower: &'t str, start: usize, end: usize) -> Tok<'t> {
     let word = &text[start..end];
     let word = word
         .strip_suffix("'s")
         .or_else(|| word.strip_suffix("\u{2019}s"))
         .filter(|w| !w.is_empty())
         .unwrap_or(word);
+    let end = start + word.len();
+    let mut cs = word.chars();
+    let titlecase = cs.next().is_some_and(char::is_uppercase) && cs.any(char::is_lowercase);
+    let upper = word.chars().filter(|c| c.is_alphabetic()).count() >= 2
+        && !word.chars().any(char::is_lowercase);
     Tok {
+        titlecase,
+        upper,
         start,
-        end: start + word.len(),
+        end,
         text: word,
+        lower: lower.get(start..end).unwrap_or(word),
+        first: false,
+        last: false,
+        common: false,
     }
 }
 
@@ -300,9 +339,14 @@ impl NameFinder {
 
     /// Whether `word` is an English or clinical word, itself or by a regular inflection
     /// (`Patients`, `Collected`, `Stopping`); every part of a hyphenated word must be.
-    fn is_word(&self, word: &str) -> bool {
-        let lower = word.to_lowercase().replace('\u{2019}', "'");
-        if self.vocabulary.contains(lower.as_str()) {
+    /// `lower` is the word in lower case (a token's `lower`).
+    fn is_word(&self, lower: &str) -> bool {
+        let lower: std::borrow::Cow<'_, str> = if lower.contains('\u{2019}') {
+            lower.replace('\u{2019}', "'").into()
+        } else {
+            lower.into()
+        };
+        if self.vocabulary.contains(lower.as_ref()) {
             return true;
         }
         lower
@@ -344,26 +388,36 @@ impl NameFinder {
         })
     }
 
+    /// Looks a token up in the name and common-word lists.
+    fn classify(&self, t: &mut Tok<'_>) {
+        t.first = self.first.contains(t.lower);
+        t.last = self.last.contains(t.lower)
+            || t.lower
+                .split(['-', '\'', '\u{2019}'])
+                .filter(|p| p.len() > 1)
+                .any(|p| self.last.contains(p));
+        t.common = self.common.contains(t.lower);
+    }
+
     fn is_first(&self, t: &Tok<'_>) -> bool {
-        self.first.contains(&t.text.to_lowercase())
+        t.first
     }
 
     fn is_last(&self, t: &Tok<'_>) -> bool {
-        let lower = t.text.to_lowercase();
-        self.last.contains(&lower)
-            || lower
-                .split(['-', '\'', '\u{2019}'])
-                .filter(|p| p.len() > 1)
-                .any(|p| self.last.contains(p))
+        t.last
     }
 
     fn is_common(&self, t: &Tok<'_>) -> bool {
-        self.common.contains(&t.text.to_lowercase())
+        t.common
     }
 
     /// Pushes a `NAME` candidate for every name it finds in `text`.
     pub(super) fn candidates(&self, text: &str, rank: u8, out: &mut Vec<Cand>) {
-        let toks = words(text);
+        let lower = lower_in_place(text);
+        let mut toks = words(text, &lower);
+        for t in &mut toks {
+            self.classify(t);
+        }
         // The text between word `a` and word `b` (to the end when there is no `b`).
         let gap = |a: usize, b: usize| {
             let from = toks.get(a).map_or(text.len(), |t| t.end);
@@ -426,12 +480,14 @@ impl NameFinder {
                 push(i, i + 1);
             }
             // Labels.
-            let before = &text[..t.start];
+            let before = text[..t.start].trim_end();
+            let last_byte = before.as_bytes().last().copied();
             let label = LABELS
                 .iter()
                 .find(|l| {
-                    before.trim_end().ends_with(*l)
-                        && before[..before.trim_end().len() - l.len()]
+                    l.as_bytes().last().copied() == last_byte
+                        && before.ends_with(*l)
+                        && before[..before.len() - l.len()]
                             .chars()
                             .next_back()
                             .is_none_or(|c| !c.is_alphanumeric())
@@ -493,7 +549,7 @@ impl NameFinder {
             let eponym = gap(i, i + 1) == " "
                 && toks
                     .get(i + 1)
-                    .is_some_and(|n| EPONYM_NOUNS.contains(&n.text.to_lowercase().as_str()));
+                    .is_some_and(|n| EPONYM_NOUNS.contains(&n.lower));
             if soft
                 && t.capitalised()
                 && !t.title()
@@ -522,16 +578,19 @@ impl NameFinder {
             {
                 push(i, i);
             }
-            // A listed name that opens a line, then a bracket.
-            let line_start = text[..t.start]
-                .rsplit('\n')
-                .next()
-                .is_some_and(|l| l.trim().is_empty());
-            if line_start
-                && t.capitalised()
+            // A listed name that opens a line, then a bracket. (The line's start is looked
+            // for last: it scans back over the line.)
+            let line_start = || {
+                text[..t.start]
+                    .rsplit('\n')
+                    .next()
+                    .is_some_and(|l| l.trim().is_empty())
+            };
+            if t.capitalised()
                 && listed
                 && !eponym
                 && text[t.end..].trim_start_matches(' ').starts_with('(')
+                && line_start()
             {
                 push(i, i);
             }
@@ -575,7 +634,7 @@ impl NameFinder {
                 && !eponym
                 && t.text.chars().count() >= 3
                 && !self.is_common(&t)
-                && !self.is_word(t.text)
+                && !self.is_word(t.lower)
             {
                 push(i, i);
             }
@@ -595,7 +654,7 @@ impl NameFinder {
             !k.title()
                 && (k.initial()
                     || (k.capitalised()
-                        && (self.is_first(k) || self.is_last(k) || !self.is_word(k.text))))
+                        && (self.is_first(k) || self.is_last(k) || !self.is_word(k.lower))))
         };
         for (mut s, mut e) in found {
             while s > 0
