@@ -412,6 +412,28 @@ fn span_age(caps: &Captures<'_>, text: &str) -> Option<(usize, usize)> {
         .then_some((m.start(), m.end()))
 }
 
+/// An age over 89 in a statement (`he was 95`), unless the number is a measurement: a
+/// decimal (`98.6`), a percentage or a number with a unit after it (`was 95 mmHg`).
+fn span_age_stated(caps: &Captures<'_>, text: &str) -> Option<(usize, usize)> {
+    let m = first_group(caps)?;
+    let (s, e) = span_age(caps, text)?;
+    let decimal = next_char(text, e) == Some('.') && is_digit(next_char(text, e + 1));
+    let rest = text[m.end()..].trim_start_matches(' ');
+    let unit = rest.starts_with('%')
+        || rest
+            .split(|c: char| !c.is_alphanumeric() && c != '/')
+            .next()
+            .is_some_and(|w| {
+                let w = w.to_ascii_lowercase();
+                UNITS.contains(&w.as_str())
+                    || [
+                        "mmhg", "bpm", "beats", "breaths", "f", "c", "degrees", "percent", "on",
+                    ]
+                    .contains(&w.as_str())
+            });
+    (!decimal && !unit).then_some((s, e))
+}
+
 fn span_titled_name(caps: &Captures<'_>, _text: &str) -> Option<(usize, usize)> {
     let m = caps.get(1)?;
     // Keep a possessive outside the placeholder: `Dr. Brown's` -> `Dr. [NAME]'s`.
@@ -621,6 +643,32 @@ fn span_labelled_address(caps: &Captures<'_>, _text: &str) -> Option<(usize, usi
         .chars()
         .any(|c| c.is_ascii_digit() || c.is_uppercase()))
     .then_some((m.start(), m.start() + value.len()))
+}
+
+/// A place after a verb of living or moving: the capitalised words, without a trailing
+/// particle (`from Rio de`) and not a title that starts a name (`moved to Dr Smith's`).
+fn span_place_named(caps: &Captures<'_>, _text: &str) -> Option<(usize, usize)> {
+    let m = caps.get(1)?;
+    let mut value = m.as_str();
+    // A full stop after a word longer than an abbreviation (`St.`) ends the sentence.
+    let mut at = 0;
+    for word in value.split_inclusive([' ', '\t']) {
+        let w = word.trim_end();
+        if w.ends_with('.') && w.chars().count() > 4 {
+            value = &value[..at + w.len() - 1];
+            break;
+        }
+        at += word.len();
+    }
+    while let Some((head, last)) = value.rsplit_once([' ', '\t']) {
+        if last.starts_with(char::is_uppercase) {
+            break;
+        }
+        value = head.trim_end();
+    }
+    let first = value.split([' ', '\t']).next().unwrap_or("");
+    let title = ["Dr", "Dr.", "Mr", "Mr.", "Mrs", "Mrs.", "Ms", "Ms.", "The"].contains(&first);
+    (!title && !value.is_empty()).then_some((m.start(), m.start() + value.len()))
 }
 
 /// The first capture group that matched.
@@ -1001,6 +1049,32 @@ fn specs() -> Vec<Spec> {
             r"\b(?i:apt|apartment|suite|ste|unit|flat|po\s+box|p\.o\.\s*box)(?:\.?[ \t]*#?[ \t]*\d[A-Za-z0-9-]{0,6}|\.?[ \t]+#?[A-Z])\b".into(),
             span_whole,
         ),
+        // A place someone lives in, comes from or went to: smaller than a state it is
+        // PHI, and it cannot be told from a state or country without a gazetteer, so any
+        // capitalised place there is removed (`lives in Johannesburg`, `moved here from
+        // DRAMMEN`, `flew to PUCH BEI HALLEIN`).
+        (
+            Kind::Location,
+            false,
+            r"\b(?i:lives|living|lived|resides|residing|resided|located|based|born|raised|grew\s+up|stays|staying|works|working|moved(?:\s+here|\s+back)?|relocated|came(?:\s+here)?|emigrated|immigrated|flew|travell?ed|drove|I'm|I\s+am|we're|we\s+are)(?:\s+(?i:in|from|to|near|at))[ \t]+((?:\p{Lu}[\p{L}'.-]*)(?:[ \t]+(?:\p{Lu}[\p{L}'.-]*|(?:de|del|la|le|bei|am|an|upon|sur|di|da|do|dos|das|of)\b)){0,4})".into(),
+            span_place_named,
+        ),
+        // A street and house number, a town, a region code and a postal code
+        // (`Illoqarfiup Qeppa 24, Paamiut, SM 3940`).
+        (
+            Kind::Address,
+            false,
+            r"\b\p{Lu}[\p{L}'-]+(?:[ \t]+\p{Lu}[\p{L}'-]+){0,3}[ \t]+\d{1,5}[A-Za-z]?,[ \t]+\p{Lu}[\p{L}'-]+(?:[ \t]+\p{Lu}[\p{L}'-]+){0,2},[ \t]+[A-Z]{2}[ \t]+\d{4,5}(?:[ \t][A-Z]{2})?\b".into(),
+            span_whole,
+        ),
+        // A postal code after a region code after a town (`Paamiut, SM 3940`,
+        // `Oosterwolde, FR 8431 TC`).
+        (
+            Kind::Address,
+            true,
+            r", [A-Z]{2} (\d{4,5}(?: [A-Z]{2})?)\b".into(),
+            span_any_group,
+        ),
         // Postal codes of the UK (`OX18 7FR`) and Canada (`K1A 0B1`).
         (
             Kind::Address,
@@ -1026,6 +1100,13 @@ fn specs() -> Vec<Spec> {
             false,
             r"(?i)\b(\d{2,3})\s*-?\s*(?:years?|yrs?|y)\s*-?\s*old\b|\b(\d{2,3})\s*(?:yo\b|y/o|y\.o\.)|\bage[d:]?\s*(\d{2,3})\b".into(),
             span_age,
+        ),
+        // Ages stated without `years`: `turned 102`, `at the age of 91`, `he was 95.`
+        (
+            Kind::Age,
+            false,
+            r"\b(?i:turned|age of|aged)\s+(\d{2,3})\b|\b(?:[Hh]e|[Ss]he|I|[Tt]hey|[Pp]atient|[Pp]t)\s+(?:was|is|am|were)\s+(\d{2,3})\b".into(),
+            span_age_stated,
         ),
         // --- titled names (small heuristic; the title itself is kept)
         (
@@ -1658,6 +1739,33 @@ mod tests {
             "a 45-year-old man, 95 yo",
             "a 45-year-old man, [AGE] yo",
             &[("AGE", 1)],
+        ),
+        (
+            "She just turned 102. Retired at the age of 91; he was 95 when it began.",
+            "She just turned [AGE]. Retired at the age of [AGE]; he was [AGE] when it began.",
+            &[("AGE", 3)],
+        ),
+        (
+            "My friend lives in Johannesburg. We moved here from DRAMMEN, and she flew to Puch bei Hallein on Friday. Born in Rio de Janeiro.",
+            "My friend lives in [LOCATION]. We moved here from [LOCATION], and she flew to [LOCATION] on Friday. Born in [LOCATION].",
+            &[("LOCATION", 4)],
+        ),
+        (
+            "Illoqarfiup Qeppa 24, Paamiut, SM 3940, Greenland; Evertsmaad 72, Oosterwolde, FR 8431 TC",
+            "[ADDRESS], Greenland; [ADDRESS]",
+            &[("ADDRESS", 2)],
+        ),
+        // Prose and titles after the same verbs are kept.
+        (
+            "She lives in a nursing home, works at night, and lives in the",
+            "She lives in a nursing home, works at night, and lives in the",
+            &[],
+        ),
+        // Measurements and younger ages stated the same way are kept.
+        (
+            "He was 98.6 F, she was 95% compliant, pt was 92 on room air, he is 45, turned 120 mmHg",
+            "He was 98.6 F, she was 95% compliant, pt was 92 on room air, he is 45, turned 120 mmHg",
+            &[],
         ),
         // titled names
         (
