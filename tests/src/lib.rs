@@ -478,19 +478,14 @@ pub fn synthetic_patients(n: usize) -> (Vec<u8>, Vec<String>) {
 /// The identifiers that appear in clear in any message: in its key, its value or a
 /// header value. Sealed payloads are ciphertext, so a hit is a real leak.
 pub fn in_clear<'a>(records: &[Record], identifiers: &'a [String]) -> Vec<&'a str> {
-    use rdkafka::message::Headers;
     let has = |hay: &[u8], id: &str| hay.windows(id.len()).any(|w| w == id.as_bytes());
     identifiers
         .iter()
         .map(String::as_str)
         .filter(|id| {
-            records.iter().any(|r| {
-                let m = &r.message;
-                has(m.key().unwrap_or_default(), id)
-                    || has(m.payload().unwrap_or_default(), id)
-                    || m.headers()
-                        .is_some_and(|h| h.iter().any(|hd| has(hd.value.unwrap_or_default(), id)))
-            })
+            records
+                .iter()
+                .any(|r| message_parts(r).iter().any(|(_, hay)| has(hay, id)))
         })
         .collect()
 }
@@ -503,19 +498,25 @@ pub fn in_clear_as_words<'a>(records: &[Record], identifiers: &'a [String]) -> V
         .iter()
         .map(String::as_str)
         .filter(|id| {
-            records
-                .iter()
-                .any(|r| message_parts(r).iter().any(|hay| contains_word(hay, id)))
+            records.iter().any(|r| {
+                message_parts(r)
+                    .iter()
+                    .any(|(_, hay)| contains_word(hay, id))
+            })
         })
         .collect()
 }
 
-fn message_parts(r: &Record) -> Vec<&[u8]> {
+/// A message's key, value and header values, each named.
+fn message_parts(r: &Record) -> Vec<(&'static str, &[u8])> {
     use rdkafka::message::Headers;
     let m = &r.message;
-    let mut parts = vec![m.key().unwrap_or_default(), m.payload().unwrap_or_default()];
+    let mut parts = vec![
+        ("key", m.key().unwrap_or_default()),
+        ("value", m.payload().unwrap_or_default()),
+    ];
     if let Some(h) = m.headers() {
-        parts.extend(h.iter().map(|hd| hd.value.unwrap_or_default()));
+        parts.extend(h.iter().map(|hd| ("header", hd.value.unwrap_or_default())));
     }
     parts
 }
@@ -533,18 +534,9 @@ pub fn contains_word(hay: &[u8], id: &str) -> bool {
 /// Where `id` appears in clear: the topic and the bytes around each hit, for a failing
 /// test's message (test data are synthetic, so printing them is safe).
 pub fn where_in_clear(records: &[Record], id: &str) -> Vec<String> {
-    use rdkafka::message::Headers;
     let mut found = Vec::new();
     for r in records {
-        let m = &r.message;
-        let mut parts = vec![
-            ("key", m.key().unwrap_or_default()),
-            ("value", m.payload().unwrap_or_default()),
-        ];
-        if let Some(h) = m.headers() {
-            parts.extend(h.iter().map(|hd| ("header", hd.value.unwrap_or_default())));
-        }
-        for (part, hay) in parts {
+        for (part, hay) in message_parts(r) {
             for (at, _) in hay
                 .windows(id.len())
                 .enumerate()
@@ -553,7 +545,7 @@ pub fn where_in_clear(records: &[Record], id: &str) -> Vec<String> {
                 let around = &hay[at.saturating_sub(40)..(at + id.len() + 40).min(hay.len())];
                 found.push(format!(
                     "{} {part}: {:?}",
-                    m.topic(),
+                    r.message.topic(),
                     String::from_utf8_lossy(around)
                 ));
             }
