@@ -39,11 +39,6 @@ pub struct SealedKnown {
     pub ciphertext: String,
 }
 
-/// What cannot be opened is an error of the stored state, not of a record.
-fn storage(what: &str, e: impl std::fmt::Display) -> PipelineError {
-    PipelineError::storage(what.to_string(), e.to_string())
-}
-
 /// Batch counts by batch id and sealed known identifiers by pseudonym, committed, rolled
 /// back and reloaded together by the runner.
 pub struct StageState {
@@ -120,7 +115,8 @@ impl StageState {
     }
 
     fn open(&self, patient: &str, s: &SealedKnown) -> Result<Known, PipelineError> {
-        let bytes = |h: &str| hex::decode(h).map_err(|e| storage("a sealed known entry", e));
+        let bytes =
+            |h: &str| hex::decode(h).map_err(|e| PipelineError::storage("a sealed known entry", e));
         let sealed = SealedPayload {
             key_id: s.key_id.clone(),
             wrapped_key: bytes(&s.wrapped_key)?,
@@ -128,7 +124,8 @@ impl StageState {
             ciphertext: bytes(&s.ciphertext)?,
         };
         let plain = open_record(&self.master, &sealed, patient.as_bytes())?;
-        serde_json::from_slice(&plain).map_err(|e| storage("opened known identifiers", e))
+        serde_json::from_slice(&plain)
+            .map_err(|e| PipelineError::storage("opened known identifiers", e))
     }
 
     /// Rebuilds the order and the sequence from what `known` holds, and empties the cache.
@@ -167,7 +164,7 @@ impl DurableState for StageState {
     }
 
     fn rollback(&mut self) {
-        let changed = !self.known.changes().map(|c| c.is_empty()).unwrap_or(false);
+        let changed = self.known.has_changes();
         self.batches.rollback();
         self.known.rollback();
         if changed {

@@ -418,19 +418,13 @@ fn span_age_stated(caps: &Captures<'_>, text: &str) -> Option<(usize, usize)> {
     let m = first_group(caps)?;
     let (s, e) = span_age(caps, text)?;
     let decimal = next_char(text, e) == Some('.') && is_digit(next_char(text, e + 1));
-    let rest = text[m.end()..].trim_start_matches(' ');
-    let unit = rest.starts_with('%')
-        || rest
-            .split(|c: char| !c.is_alphanumeric() && c != '/')
-            .next()
-            .is_some_and(|w| {
-                let w = w.to_ascii_lowercase();
-                UNITS.contains(&w.as_str())
-                    || [
-                        "mmhg", "bpm", "beats", "breaths", "f", "c", "degrees", "percent", "on",
-                    ]
-                    .contains(&w.as_str())
-            });
+    let unit = text[m.end()..].trim_start_matches(' ').starts_with('%')
+        || is_unit(
+            word_after(text, m.end(), '/'),
+            &[
+                "mmhg", "bpm", "beats", "breaths", "f", "c", "degrees", "percent", "on",
+            ],
+        );
     (!decimal && !unit).then_some((s, e))
 }
 
@@ -536,6 +530,23 @@ const UNITS: &[&str] = &[
     "unit", "cells", "copies", "mm", "cm", "m", "k", "%", "/",
 ];
 
+/// The word right after byte `at` (spaces skipped); `also` counts as part of a word.
+fn word_after(text: &str, at: usize, also: char) -> &str {
+    text[at..]
+        .trim_start_matches(' ')
+        .split(|c: char| !c.is_alphanumeric() && c != also)
+        .next()
+        .unwrap_or("")
+}
+
+/// Whether `word` is a unit of measure, or one of `extra`, in any case.
+fn is_unit(word: &str, extra: &[&str]) -> bool {
+    UNITS
+        .iter()
+        .chain(extra)
+        .any(|u| word.eq_ignore_ascii_case(u))
+}
+
 /// Code systems whose codes are clinical content, not identifiers (`SNOMED 44054006`), and
 /// the lot or batch of a product (`lot 123456789`).
 const CODE_SYSTEMS: &[&str] = &[
@@ -559,11 +570,7 @@ fn span_long_number(caps: &Captures<'_>, text: &str) -> Option<(usize, usize)> {
     let groups: Vec<&str> = m.split(['-', '.']).collect();
     let decimal = m.matches('.').count() == 1 && !m.contains('-');
     let loinc = matches!(groups.as_slice(), [code, check] if code.len() <= 5 && check.len() == 1);
-    let unit = text[e..]
-        .trim_start_matches(' ')
-        .split(|c: char| !c.is_alphanumeric() && c != '%')
-        .next()
-        .is_some_and(|w| UNITS.iter().any(|u| w.eq_ignore_ascii_case(u)))
+    let unit = is_unit(word_after(text, e, '%'), &[])
         || text[e..].trim_start_matches(' ').starts_with(['%', '/']);
     let before = text[..s].to_lowercase();
     let coded = before
@@ -586,11 +593,7 @@ fn span_spaced_digits(caps: &Captures<'_>, text: &str) -> Option<(usize, usize)>
     let glued_after = next_char(text, e).is_some_and(|c| c.is_alphanumeric() || c == '/');
     let decimal_after = next_char(text, e) == Some('.') && is_digit(next_char(text, e + 1));
     let bounded = !glued_before && !glued_after && !decimal_after;
-    let unit = text[e..]
-        .trim_start_matches(' ')
-        .split(|c: char| !c.is_alphanumeric() && c != '%')
-        .next()
-        .is_some_and(|w| UNITS.iter().any(|u| w.eq_ignore_ascii_case(u)));
+    let unit = is_unit(word_after(text, e, '%'), &[]);
     // Years are kept, so a range of them is too (`2019-2020`).
     let years = text[s..e]
         .split([' ', '-', '.'])

@@ -66,6 +66,11 @@ impl<T: Clone + Serialize + DeserializeOwned> KeyedState<T> {
         Ok(out)
     }
 
+    /// Whether anything changed since the last commit or rollback.
+    pub fn has_changes(&self) -> bool {
+        !self.pending.is_empty()
+    }
+
     /// The transaction carrying the changes committed.
     pub fn commit(&mut self) {
         for (k, v) in self.pending.drain() {
