@@ -174,7 +174,8 @@ impl Pipeline {
             .into_iter()
             .filter(|t| *t != audit)
             .collect();
-        self.read(&audited)
+        pipeline::readback::read_all(BOOTSTRAP, &audited, None, Duration::from_secs(120))
+            .expect("read back")
             .iter()
             .map(|r| {
                 (
@@ -184,6 +185,68 @@ impl Pipeline {
                 )
             })
             .collect()
+    }
+
+    /// How far auditing's committed offsets trail the ends of the audited topics, allowing
+    /// one transaction marker per partition. Only a hint: the audit store is the truth.
+    pub fn audit_lag(&self) -> i64 {
+        let audit = self.topics.name(pipeline::topics::TopicKind::Audit);
+        let consumer: BaseConsumer = pipeline::kafka::consumer_config(
+            BOOTSTRAP,
+            &format!("{}-auditing", self.prefix),
+            pipeline::kafka::ConsumerRole::Readback,
+        )
+        .create()
+        .expect("consumer");
+        let mut ends = HashMap::new();
+        let mut tpl = TopicPartitionList::new();
+        for topic in self.topics.all().into_iter().filter(|t| *t != audit) {
+            let Ok(md) = consumer.fetch_metadata(Some(&topic), Duration::from_secs(10)) else {
+                return i64::MAX;
+            };
+            for p in md.topics().iter().flat_map(|t| t.partitions()) {
+                let Ok((_, high)) =
+                    consumer.fetch_watermarks(&topic, p.id(), Duration::from_secs(10))
+                else {
+                    return i64::MAX;
+                };
+                ends.insert((topic.clone(), p.id()), high);
+                tpl.add_partition(&topic, p.id());
+            }
+        }
+        let Ok(committed) = consumer.committed_offsets(tpl, Duration::from_secs(10)) else {
+            return i64::MAX;
+        };
+        committed
+            .elements()
+            .iter()
+            .map(|e| {
+                let at = match e.offset() {
+                    Offset::Offset(o) => o,
+                    _ => 0,
+                };
+                let high = ends[&(e.topic().to_string(), e.partition())];
+                (high - at - 1).max(0)
+            })
+            .sum()
+    }
+
+    /// Waits, cheaply, until auditing's committed offsets are close to the ends of the
+    /// audited topics, or until they stop falling for 30 s. Scanning the store decrypts
+    /// every entry and competes with auditing for the CPU, so a long run waits here first.
+    pub fn wait_for_audit_lag_hint(&self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        let (mut best, mut since) = (i64::MAX, Instant::now());
+        loop {
+            let lag = self.audit_lag();
+            if lag == 0 || since.elapsed() > Duration::from_secs(30) || Instant::now() > deadline {
+                return;
+            }
+            if lag < best {
+                (best, since) = (lag, Instant::now());
+            }
+            std::thread::sleep(Duration::from_secs(2));
+        }
     }
 
     /// Waits until the audit store holds an entry for every message on the audited
