@@ -51,26 +51,29 @@ for stage in ingestion anonymization canonization auditing; do
 done
 
 mkdir -p "$work/ingestion/landing"
-# Three synthetic samples: Synthea CSV patients, a Synthea-style FHIR Bundle, an HL7 ORU.
-for f in patients.csv synthea_bundle.json oru_mixed.hl7; do
+# Four synthetic samples: Synthea CSV patients, a Synthea-style FHIR Bundle, Synthea's
+# providers Bundle (a practitioner, their role, organisation and location) and an HL7 ORU.
+for f in patients.csv synthea_bundle.json synthea_providers.json oru_mixed.hl7; do
   cp "samples/$f" "$work/ingestion/landing/.$f.part"
   mv "$work/ingestion/landing/.$f.part" "$work/ingestion/landing/$f"
 done
-# Canonical records to expect: a Patient per CSV row, a resource per Bundle entry of the
-# nine canonical types (its Coverage is not one), a DiagnosticReport per OBR and an
-# Observation per OBX.
+# Canonical records to expect: a Patient per CSV row, a resource per Bundle entry of a
+# canonical type (its Coverage is not one), a DiagnosticReport per OBR and an Observation
+# per OBX.
 records=$(python3 - <<'PY'
 import json
 rows = sum(1 for _ in open("samples/patients.csv")) - 1
 types = {"Patient", "Encounter", "Observation", "Condition", "MedicationRequest", "Procedure",
-         "DiagnosticReport", "AllergyIntolerance", "Immunization"}
-entries = json.load(open("samples/synthea_bundle.json"))["entry"]
+         "DiagnosticReport", "AllergyIntolerance", "Immunization", "Practitioner",
+         "PractitionerRole", "Organization", "Location", "Medication", "Device"}
+entries = [e for f in ("samples/synthea_bundle.json", "samples/synthea_providers.json")
+           for e in json.load(open(f))["entry"]]
 bundle = sum(1 for e in entries if e["resource"]["resourceType"] in types)
 oru = sum(1 for s in open("samples/oru_mixed.hl7", newline="").read().split("\r") if s[:3] in ("OBR", "OBX"))
 print(rows + bundle + oru)
 PY
 )
-echo "Dropped samples/patients.csv, synthea_bundle.json and oru_mixed.hl7 into $work/ingestion/landing; expecting $records canonical records"
+echo "Dropped samples/patients.csv, synthea_bundle.json, synthea_providers.json and oru_mixed.hl7 into $work/ingestion/landing; expecting $records canonical records"
 
 "$bin/medpipe" summary --wait-canonical "$records" --timeout 180s --show 1
 # Give auditing a moment to record the last committed events, then stop the stages.

@@ -9,7 +9,7 @@ pub mod memory;
 pub mod policy;
 pub mod scrub;
 
-pub use engine::{Anonymized, Context, Engine, EngineError, Keys, Report};
+pub use engine::{Anonymized, Context, Engine, EngineError, Keys, Report, Subject};
 pub use policy::{Policy, PolicyError};
 
 use pipeline::crypto::{open_record, KeyRef};
@@ -44,6 +44,7 @@ impl AnonymizeError {
             AnonymizeError::Decrypt(_) => "decrypt",
             AnonymizeError::Body(_) => "record_body",
             AnonymizeError::Engine(EngineError::NoPatientLink) => "no_patient_link",
+            AnonymizeError::Engine(EngineError::NoResourceId(_)) => "no_resource_id",
             AnonymizeError::Engine(_) => "policy",
             AnonymizeError::Memory(_) => "known_memory",
         }
@@ -93,10 +94,12 @@ impl Anonymizer {
         &self.engine
     }
 
+    /// The de-identified record and its key: its patient's pseudonym, or a shared
+    /// resource's own pseudonymized id.
     fn anonymize(
         &mut self,
         rec: &SourceRecordIngested,
-    ) -> Result<RecordAnonymized, AnonymizeError> {
+    ) -> Result<(RecordAnonymized, String), AnonymizeError> {
         let aad = SourceRecordIngested::aad(&rec.batch_id, rec.position);
         let plain = open_record(&self.master, &rec.sealed, &aad)
             .map_err(|e| AnonymizeError::Decrypt(e.to_string()))?;
@@ -149,19 +152,24 @@ impl Anonymizer {
             .sum();
         let invalid: u64 = out.report.invalid.values().flat_map(|p| p.values()).sum();
         let redacted = out.report.default_redactions.values().sum::<u64>() + by_rules + invalid;
-        Ok(RecordAnonymized {
+        let record = RecordAnonymized {
             batch_id: rec.batch_id.clone(),
             position: rec.position,
             source_format: rec.source_format.clone(),
             record_type: rec.record_type.clone(),
-            patient_pseudonym: out.patient_pseudonym,
+            // A shared resource (a practitioner, a medication) names no patient.
+            patient_pseudonym: match out.subject {
+                Subject::Patient => out.patient_pseudonym.clone(),
+                Subject::Shared => String::new(),
+            },
             policy_version: policy.version.clone(),
             key_id: self.engine.key_id().to_string(),
             content_json: out.content.to_string(),
             fields_redacted: redacted as i64,
             policy_hash: Some(policy.hash.clone()),
             report_json: serde_json::to_string(&out.report).ok(),
-        })
+        };
+        Ok((record, out.patient_pseudonym))
     }
 
     fn counts(&self, batch: &str) -> BatchCounts {
@@ -294,8 +302,9 @@ impl Stage for Anonymizer {
                 let closed = self.try_close(&rec.batch_id, None);
                 match result {
                     Ok(out) => {
+                        let (out, key) = out;
                         let mut outputs = vec![Output {
-                            key: out.patient_pseudonym.clone(),
+                            key,
                             event: Event::caused_by(ev, SERVICE, Payload::RecordAnonymized(out)),
                         }];
                         outputs.extend(closed);
@@ -517,6 +526,121 @@ mod tests {
             (f.records_anonymized, f.records_dead_lettered),
             (Some(1), Some(1))
         );
+    }
+
+    #[test]
+    fn shared_resources_need_no_patient_and_are_keyed_by_their_own_pseudonym() {
+        let mut a = stage(0.5);
+        run(&mut a, &lifecycle(false));
+        let practitioner = json!({
+            "fullUrl": "urn:uuid:pr-1",
+            "resource": {
+                "resourceType": "Practitioner", "id": "pr-1", "active": true, "gender": "female",
+                "name": [{"family": "Quigley", "given": ["Zelda"], "prefix": ["Dr."]}],
+                "identifier": [
+                    {"system": "http://hl7.org/fhir/sid/us-npi", "value": "9999912345"},
+                    {"system": "http://hl7.org/fhir/sid/us-ssn", "value": "999-12-3456"}
+                ],
+                "telecom": [{"system": "phone", "value": "555-0142"}],
+                "address": [{"line": ["12 Elm St"], "city": "Springfield", "state": "MA", "postalCode": "01101"}]
+            }
+        });
+        let Outcome::Emit(outs) = run(
+            &mut a,
+            &sealed(1, None, "fhir-bundle", "Practitioner", practitioner),
+        ) else {
+            panic!()
+        };
+        let Payload::RecordAnonymized(r) = &outs[0].event.payload else {
+            panic!()
+        };
+        assert_eq!(
+            r.patient_pseudonym, "",
+            "a practitioner is nobody's patient"
+        );
+        assert_eq!(outs[0].key, a.engine().pseudonym("pr-1"));
+        let content: Value = serde_json::from_str(&r.content_json).expect("json");
+        let resource = &content["resource"];
+        assert_eq!(resource["id"], a.engine().pseudonym("pr-1"));
+        assert_eq!(
+            resource["identifier"],
+            json!([{"system": "http://hl7.org/fhir/sid/us-npi", "value": a.engine().pseudonym("9999912345")}])
+        );
+        for phi in [
+            "Quigley",
+            "Zelda",
+            "999-12-3456",
+            "9999912345",
+            "555-0142",
+            "Elm",
+            "Springfield",
+            "01101",
+        ] {
+            assert!(!r.content_json.contains(phi), "{phi} in {}", r.content_json);
+        }
+        assert_eq!(resource["address"][0]["state"], "MA");
+
+        // Synthea creates providers under a condition and references them by it: both
+        // sides get the same pseudonym, and the reference keeps its type.
+        let npi = "Practitioner?identifier=http://hl7.org/fhir/sid/us-npi|9999912345";
+        let created = json!({
+            "fullUrl": "urn:uuid:pr-3",
+            "request": {"method": "POST", "url": "Practitioner", "ifNoneExist": "identifier=http://hl7.org/fhir/sid/us-npi|9999912345"},
+            "resource": {"resourceType": "Practitioner", "id": "pr-3"}
+        });
+        let Outcome::Emit(outs) = run(
+            &mut a,
+            &sealed(4, None, "fhir-bundle", "Practitioner", created),
+        ) else {
+            panic!()
+        };
+        let Payload::RecordAnonymized(r) = &outs[0].event.payload else {
+            panic!()
+        };
+        let content: Value = serde_json::from_str(&r.content_json).expect("json");
+        assert_eq!(content["request"]["ifNoneExist"], a.engine().pseudonym(npi));
+        let encounter = json!({"resource": {
+            "resourceType": "Encounter", "id": "e-1", "subject": {"reference": "Patient/p-1"},
+            "participant": [{"individual": {"reference": npi, "display": "Dr. Zelda Quigley"}}],
+            "serviceProvider": {"reference": "Organization?identifier=https://github.com/synthetichealth/synthea|org-9"},
+        }});
+        let Outcome::Emit(outs) = run(
+            &mut a,
+            &sealed(5, Some("p-1"), "fhir-bundle", "Encounter", encounter),
+        ) else {
+            panic!()
+        };
+        let Payload::RecordAnonymized(r) = &outs[0].event.payload else {
+            panic!()
+        };
+        let content: Value = serde_json::from_str(&r.content_json).expect("json");
+        assert_eq!(
+            content["resource"]["participant"][0]["individual"],
+            json!({"reference": format!("Practitioner/{}", a.engine().pseudonym(npi))})
+        );
+        assert!(!r.content_json.contains("org-9") && !r.content_json.contains("9999912345"));
+
+        // An organisation without an id or fullUrl cannot be referenced: a real error.
+        let nameless = json!({"resource": {"resourceType": "Organization", "name": "X"}});
+        assert!(matches!(
+            run(
+                &mut a,
+                &sealed(2, None, "fhir-bundle", "Organization", nameless)
+            ),
+            Outcome::DeadLetter {
+                error_type: "no_resource_id",
+                ..
+            }
+        ));
+        // Only FHIR resources of a shared type stand alone: a CSV row still needs a patient.
+        let row = json!({"Id": "pr-2", "NAME": "Zelda Quigley"});
+        assert!(matches!(
+            run(&mut a, &sealed(3, None, "csv", "Practitioner", row)),
+            Outcome::DeadLetter {
+                error_type: "no_patient_link",
+                ..
+            }
+        ));
     }
 
     #[test]

@@ -14,11 +14,11 @@ pub mod validate;
 use std::collections::BTreeMap;
 
 use pipeline::events::{
-    AllergyIntoleranceDetails, CanonicalPatient, CanonicalRecord, CanonizationFailed,
-    ConditionDetails, DiagnosticReportDetails, EncounterDetails, EventDataCanonizationCompleted,
-    EventDataCanonizationCreated, EventDataCanonizationStarted, ImmunizationDetails,
-    MedicationRequestDetails, ObservationDetails, Payload, ProcedureDetails, Provenance,
-    RecordAnonymized,
+    AllergyIntoleranceDetails, CanonicalPatient, CanonicalRecord, CanonicalSharedRecord,
+    CanonizationFailed, ConditionDetails, DiagnosticReportDetails, EncounterDetails,
+    EventDataCanonizationCompleted, EventDataCanonizationCreated, EventDataCanonizationStarted,
+    ImmunizationDetails, MedicationRequestDetails, ObservationDetails, Payload, ProcedureDetails,
+    Provenance, RecordAnonymized,
 };
 use pipeline::runner::Owns;
 use pipeline::state::{KeyedState, PendingClose};
@@ -340,8 +340,15 @@ impl Canonizer {
                         .or_default() += 1;
                     s.codes_unmapped += unmapped;
                     self.unmapped.inc_by(unmapped.unsigned_abs());
+                    // Keyed by patient; a shared resource by its own canonical id.
+                    let key = match payload.resource_type() {
+                        Some(t) if t.is_shared() => payload
+                            .canonical()
+                            .map_or_else(String::new, |(key, _, _)| key.to_string()),
+                        _ => rec.patient_pseudonym.clone(),
+                    };
                     outputs.push(Output {
-                        key: rec.patient_pseudonym.clone(),
+                        key,
                         event: Event::caused_by(ev, SERVICE, payload),
                     });
                 }
@@ -385,7 +392,7 @@ fn build(
     fhir_json: String,
     provenance: Provenance,
 ) -> Payload {
-    let base = || CanonicalRecord {
+    let base = CanonicalRecord {
         resource_id,
         patient_pseudonym: rec.patient_pseudonym.clone(),
         patient_id: mapping::patient_id(&rec.patient_pseudonym),
@@ -399,20 +406,25 @@ fn build(
         fhir_json,
         provenance,
     };
+    // Shared resources keep the fields that need no patient.
+    let shared = |base: CanonicalRecord<()>| CanonicalSharedRecord {
+        resource_id: base.resource_id,
+        status: base.status,
+        code: base.code,
+        fhir_json: base.fhir_json,
+        provenance: base.provenance,
+    };
     match resource_type {
-        ResourceType::Patient => {
-            let base = base();
-            Payload::CanonicalPatient(CanonicalPatient {
-                resource_id: base.resource_id,
-                patient_pseudonym: base.patient_pseudonym,
-                gender: t.gender,
-                birth_year: t.birth_year,
-                fhir_json: base.fhir_json,
-                provenance: base.provenance,
-            })
-        }
+        ResourceType::Patient => Payload::CanonicalPatient(CanonicalPatient {
+            resource_id: base.resource_id,
+            patient_pseudonym: base.patient_pseudonym,
+            gender: t.gender,
+            birth_year: t.birth_year,
+            fhir_json: base.fhir_json,
+            provenance: base.provenance,
+        }),
         ResourceType::Encounter => Payload::CanonicalEncounter(with_details(
-            base(),
+            base,
             EncounterDetails {
                 class_code: t.class_code,
                 period_start: t.effective.clone(),
@@ -420,7 +432,7 @@ fn build(
             },
         )),
         ResourceType::Observation => Payload::CanonicalObservation(with_details(
-            base(),
+            base,
             ObservationDetails {
                 category: t.category,
                 value_number: t.value_number,
@@ -434,42 +446,48 @@ fn build(
             },
         )),
         ResourceType::Condition => Payload::CanonicalCondition(with_details(
-            base(),
+            base,
             ConditionDetails {
                 clinical_status: t.clinical_status,
                 abatement: t.period_end,
             },
         )),
         ResourceType::MedicationRequest => Payload::CanonicalMedicationRequest(with_details(
-            base(),
+            base,
             MedicationRequestDetails { intent: t.intent },
         )),
         ResourceType::Procedure => Payload::CanonicalProcedure(with_details(
-            base(),
+            base,
             ProcedureDetails {
                 performed_end: t.period_end,
             },
         )),
         ResourceType::DiagnosticReport => Payload::CanonicalDiagnosticReport(with_details(
-            base(),
+            base,
             DiagnosticReportDetails {
                 category: t.category,
                 result_ids: t.result_ids,
             },
         )),
         ResourceType::AllergyIntolerance => Payload::CanonicalAllergyIntolerance(with_details(
-            base(),
+            base,
             AllergyIntoleranceDetails {
                 criticality: t.criticality,
                 category: t.category,
             },
         )),
         ResourceType::Immunization => Payload::CanonicalImmunization(with_details(
-            base(),
+            base,
             ImmunizationDetails {
                 primary_source: t.primary_source,
             },
         )),
+        ResourceType::Practitioner => Payload::CanonicalPractitioner(shared(base)),
+        ResourceType::PractitionerRole => Payload::CanonicalPractitionerRole(shared(base)),
+        ResourceType::Organization => Payload::CanonicalOrganization(shared(base)),
+        ResourceType::Location => Payload::CanonicalLocation(shared(base)),
+        ResourceType::Medication => Payload::CanonicalMedication(shared(base)),
+        ResourceType::Device => Payload::CanonicalDevice(shared(base)),
     }
 }
 
@@ -654,6 +672,90 @@ mod tests {
                 )
             })
             .collect()
+    }
+
+    fn anonymized(position: i64, pseudonym: &str, content: serde_json::Value) -> Event {
+        event(Payload::RecordAnonymized(RecordAnonymized {
+            batch_id: "b1".into(),
+            position,
+            source_format: "fhir-bundle".into(),
+            record_type: content["resource"]["resourceType"]
+                .as_str()
+                .unwrap_or_default()
+                .into(),
+            patient_pseudonym: pseudonym.into(),
+            policy_version: "p1".into(),
+            key_id: "k1".into(),
+            content_json: content.to_string(),
+            fields_redacted: 0,
+            policy_hash: None,
+            report_json: None,
+        }))
+    }
+
+    #[test]
+    fn shared_resources_are_keyed_by_their_own_id_and_patient_records_reference_it() {
+        let mut c = stage();
+        run(&mut c, &started());
+        let practitioner = serde_json::json!({
+            "fullUrl": "urn:uuid:pr1",
+            "resource": {"resourceType": "Practitioner", "id": "pr1", "active": true, "gender": "male"}
+        });
+        let outs = match c.process(&Input {
+            topic: "t",
+            partition: 0,
+            offset: 1,
+            event: &anonymized(1, "", practitioner),
+        }) {
+            Outcome::Emit(outs) => outs,
+            other => panic!("{other:?}"),
+        };
+        let record = outs
+            .iter()
+            .find_map(|o| match &o.event.payload {
+                Payload::CanonicalPractitioner(p) => Some((o.key.clone(), p.clone())),
+                _ => None,
+            })
+            .expect("a canonical Practitioner");
+        let id = mapping::shared_id(ResourceType::Practitioner, "pr1");
+        assert_eq!(record.0, id, "keyed by its own id");
+        assert_eq!(record.1.resource_id, id);
+        assert_eq!(record.1.status.as_deref(), Some("true"));
+        assert!(
+            !record.1.fhir_json.contains("Patient"),
+            "{}",
+            record.1.fhir_json
+        );
+
+        // Two patients' encounters name the same practitioner and organisation.
+        for (position, pseudonym) in [(2, "a".repeat(64)), (3, "b".repeat(64))] {
+            let encounter = serde_json::json!({
+                "fullUrl": format!("urn:uuid:e{position}"),
+                "resource": {
+                    "resourceType": "Encounter", "id": format!("e{position}"), "status": "finished",
+                    "class": {"code": "AMB"},
+                    "subject": {"reference": format!("Patient/{pseudonym}")},
+                    "participant": [{"individual": {"reference": "Practitioner/pr1"}}],
+                    "serviceProvider": {"reference": "urn:uuid:org1"},
+                }
+            });
+            let payloads = run(&mut c, &anonymized(position, &pseudonym, encounter));
+            let Some(Payload::CanonicalEncounter(e)) = payloads.first() else {
+                panic!("{payloads:?}")
+            };
+            let fhir: serde_json::Value = serde_json::from_str(&e.fhir_json).expect("json");
+            assert_eq!(
+                fhir["participant"][0]["individual"]["reference"],
+                format!("Practitioner/{id}")
+            );
+            assert_eq!(
+                fhir["serviceProvider"]["reference"],
+                format!(
+                    "Organization/{}",
+                    mapping::shared_id(ResourceType::Organization, "org1")
+                )
+            );
+        }
     }
 
     #[test]

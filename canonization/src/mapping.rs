@@ -15,6 +15,10 @@
 //! | Synthea CSV | the `Id` column (patients, encounters), else the row's identifying columns (`data/synthea.toml`) |
 //! | HL7 v2 | the visit number (PV1-19), the filler/placer order number (OBR-3/OBR-2) with the OBR-4 code, then OBX set ids; else message control id + segment position |
 //!
+//! A shared resource (a practitioner, an organisation, a location, a medication, a device)
+//! belongs to no patient: its id is [`shared_id`]`(type, source identity)`, the same from
+//! every record that references it.
+//!
 //! A Patient's id is always `resource_id(ResourceType::Patient, pseudonym, "")`: one Patient per
 //! patient, whatever the source. References use the same scheme, so an Observation's
 //! `encounter` points at exactly the id the Encounter's own mapping produces, across
@@ -65,6 +69,12 @@ pub fn resource_id(resource_type: ResourceType, pseudonym: &str, source_identity
         .as_bytes(),
     )
     .to_string()
+}
+
+/// The id of a resource many patients share ([`ResourceType::is_shared`]): its source id
+/// alone, with no patient in it, so every record that references it finds it.
+pub fn shared_id(resource_type: ResourceType, source_identity: &str) -> String {
+    resource_id(resource_type, "", source_identity)
 }
 
 /// The id of the one canonical Patient of a pseudonym.
@@ -132,7 +142,8 @@ impl MapError {
 /// Maps one de-identified record to its canonical resources: one for FHIR and CSV records,
 /// Patient + Encounter for an HL7 ADT message, DiagnosticReports + Observations for ORU.
 pub fn map_record(tables: &Tables, input: &Input<'_>) -> Result<Vec<Mapped>, MapError> {
-    if input.patient_pseudonym.is_empty() {
+    let shared = ResourceType::parse(input.record_type).is_some_and(ResourceType::is_shared);
+    if input.patient_pseudonym.is_empty() && !shared {
         return Err(MapError::invalid("the record has no patient pseudonym"));
     }
     let format = SourceFormat::parse(input.source_format).ok_or_else(|| {

@@ -90,6 +90,13 @@ pub fn typed(resource_type: ResourceType, code_element: Option<&str>, resource: 
         )
         .then(|| first_coding(resource.get("clinicalStatus")).and_then(|c| c.code))
         .flatten()
+        // Practitioners, roles and organisations have an active flag instead.
+        .or_else(|| {
+            resource
+                .get("active")
+                .and_then(Value::as_bool)
+                .map(|a| a.to_string())
+        })
     });
     // The type's main CodeableConcept (data/fhir.toml `code`); of a list (Encounter.type),
     // the first is the main one.

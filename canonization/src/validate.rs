@@ -535,6 +535,16 @@ mod tests {
                 "patient": patient,
                 "occurrenceDateTime": "2019-10-01",
             }),
+            "Practitioner" => json!({"active": true, "gender": "female"}),
+            "PractitionerRole" => {
+                json!({"practitioner": {"reference": "Practitioner/p1"}, "code": [concept]})
+            }
+            "Organization" => json!({"active": true, "identifier": [{"value": "o1"}]}),
+            "Location" => {
+                json!({"status": "active", "managingOrganization": {"reference": "Organization/o1"}})
+            }
+            "Medication" => json!({"code": concept, "status": "active"}),
+            "Device" => json!({"status": "active", "type": concept, "patient": patient}),
             other => panic!("no minimal resource for {other}"),
         };
         resource["resourceType"] = json!(resource_type);

@@ -320,6 +320,12 @@ crate::resources::resource_types! {
     DiagnosticReport => "diagnosticreport",
     AllergyIntolerance => "allergyintolerance",
     Immunization => "immunization",
+    Practitioner => "practitioner",
+    PractitionerRole => "practitionerrole",
+    Organization => "organization",
+    Location => "location",
+    Medication => "medication",
+    Device => "device",
 }
 
 catalogue! {
@@ -351,6 +357,12 @@ catalogue! {
     CanonicalDiagnosticReport { ns: "medpipe.canonical", resource: DiagnosticReport, version: 1, file: "canonical/CanonicalDiagnosticReport.avsc" }
     CanonicalAllergyIntolerance { ns: "medpipe.canonical", resource: AllergyIntolerance, version: 1, file: "canonical/CanonicalAllergyIntolerance.avsc" }
     CanonicalImmunization { ns: "medpipe.canonical", resource: Immunization, version: 1, file: "canonical/CanonicalImmunization.avsc" }
+    CanonicalPractitioner { ns: "medpipe.canonical", resource: Practitioner, version: 1, file: "canonical/CanonicalPractitioner.avsc" }
+    CanonicalPractitionerRole { ns: "medpipe.canonical", resource: PractitionerRole, version: 1, file: "canonical/CanonicalPractitionerRole.avsc" }
+    CanonicalOrganization { ns: "medpipe.canonical", resource: Organization, version: 1, file: "canonical/CanonicalOrganization.avsc" }
+    CanonicalLocation { ns: "medpipe.canonical", resource: Location, version: 1, file: "canonical/CanonicalLocation.avsc" }
+    CanonicalMedication { ns: "medpipe.canonical", resource: Medication, version: 1, file: "canonical/CanonicalMedication.avsc" }
+    CanonicalDevice { ns: "medpipe.canonical", resource: Device, version: 1, file: "canonical/CanonicalDevice.avsc" }
 }
 
 /// Asks ingestion to claim and ingest one file. Sent by data engineers' tooling.
@@ -671,14 +683,37 @@ pub struct ImmunizationDetails {
     pub primary_source: Option<bool>,
 }
 
+/// One canonical record of a resource that many patients share (a practitioner, an
+/// organisation, a location, a medication, a device): no patient fields, keyed by its own
+/// canonical id, which patient records reference. Its id depends on its (pseudonymized)
+/// source id only, so every record that references it finds it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CanonicalSharedRecord {
+    pub resource_id: String,
+    /// `active` or `status`, as the type has it (`true`/`false` for `active`).
+    pub status: Option<String>,
+    /// The type's main code (Medication.code, Device.type, a role's or a place's first
+    /// type), when it has one.
+    pub code: Option<Code>,
+    pub fhir_json: String,
+    pub provenance: Provenance,
+}
+
 impl<D> CanonicalRecord<D> {
     fn shared(&self) -> (&str, &str, &Provenance) {
         (&self.patient_pseudonym, &self.fhir_json, &self.provenance)
     }
 }
 
+impl CanonicalSharedRecord {
+    fn shared(&self) -> (&str, &str, &Provenance) {
+        (&self.resource_id, &self.fhir_json, &self.provenance)
+    }
+}
+
 impl Payload {
-    /// For a canonical record of any type: its patient pseudonym, FHIR JSON and provenance.
+    /// For a canonical record of any type: its key (the patient pseudonym, or a shared
+    /// resource's own canonical id), FHIR JSON and provenance.
     pub fn canonical(&self) -> Option<(&str, &str, &Provenance)> {
         match self {
             Payload::CanonicalPatient(c) => {
@@ -692,10 +727,23 @@ impl Payload {
             Payload::CanonicalDiagnosticReport(c) => Some(c.shared()),
             Payload::CanonicalAllergyIntolerance(c) => Some(c.shared()),
             Payload::CanonicalImmunization(c) => Some(c.shared()),
+            Payload::CanonicalPractitioner(c)
+            | Payload::CanonicalPractitionerRole(c)
+            | Payload::CanonicalOrganization(c)
+            | Payload::CanonicalLocation(c)
+            | Payload::CanonicalMedication(c)
+            | Payload::CanonicalDevice(c) => Some(c.shared()),
             _ => None,
         }
     }
 }
+
+pub type CanonicalPractitioner = CanonicalSharedRecord;
+pub type CanonicalPractitionerRole = CanonicalSharedRecord;
+pub type CanonicalOrganization = CanonicalSharedRecord;
+pub type CanonicalLocation = CanonicalSharedRecord;
+pub type CanonicalMedication = CanonicalSharedRecord;
+pub type CanonicalDevice = CanonicalSharedRecord;
 
 pub type CanonicalEncounter = CanonicalRecord<EncounterDetails>;
 pub type CanonicalObservation = CanonicalRecord<ObservationDetails>;

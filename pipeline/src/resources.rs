@@ -46,6 +46,21 @@ pub(crate) use resource_types;
 pub use crate::events::ResourceType;
 
 impl ResourceType {
+    /// Whether many patients share resources of this type (practitioners, organisations,
+    /// locations, medications, devices): they need no patient, their canonical id depends
+    /// on their own id only, and their topic is keyed by that id.
+    pub fn is_shared(self) -> bool {
+        matches!(
+            self,
+            ResourceType::Practitioner
+                | ResourceType::PractitionerRole
+                | ResourceType::Organization
+                | ResourceType::Location
+                | ResourceType::Medication
+                | ResourceType::Device
+        )
+    }
+
     /// The canonical type a FHIR resource type name names, if any.
     pub fn parse(fhir_name: &str) -> Option<ResourceType> {
         ResourceType::ALL
@@ -87,6 +102,22 @@ mod tests {
             assert_eq!(t.event_type(), format!("Canonical{}", t.fhir_name()));
         }
         assert_eq!(ResourceType::ALL[0], ResourceType::Patient);
-        assert_eq!(ResourceType::parse("Practitioner"), None);
+        assert_eq!(ResourceType::parse("Specimen"), None);
+        let shared: Vec<&str> = ResourceType::ALL
+            .iter()
+            .filter(|t| t.is_shared())
+            .map(|t| t.fhir_name())
+            .collect();
+        assert_eq!(
+            shared,
+            [
+                "Practitioner",
+                "PractitionerRole",
+                "Organization",
+                "Location",
+                "Medication",
+                "Device"
+            ]
+        );
     }
 }

@@ -186,12 +186,16 @@ mod tests {
             t.name(TopicKind::Canonical(ResourceType::MedicationRequest)),
             "medpipe.canonical.medicationrequest.v1"
         );
-        // 4 stage topics, 9 canonical topics, the audit topic and 4 DLQs; all distinct.
+        assert_eq!(
+            t.name(TopicKind::Canonical(ResourceType::Practitioner)),
+            "medpipe.canonical.practitioner.v1"
+        );
+        // 4 stage topics, 15 canonical topics, the audit topic and 4 DLQs; all distinct.
         let mut all = t.all();
-        assert_eq!(all.len(), 18);
+        assert_eq!(all.len(), 24);
         all.sort();
         all.dedup();
-        assert_eq!(all.len(), 18);
+        assert_eq!(all.len(), 24);
         assert_eq!(t.ingestion_ledger(), "medpipe-internal.ingestion-ledger.v1");
         assert!(!t.ingestion_ledger().starts_with("medpipe."));
         assert!(t.is_dlq("medpipe.dlq.canonization.v1"));

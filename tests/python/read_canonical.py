@@ -69,8 +69,11 @@ def main() -> int:
             for field in ("event_id", "event_type", "correlation_id", "source_service"):
                 if not event.get(field):
                     problems.append(f"{where}: envelope field {field} is empty")
-            if msg.key().decode() != payload["patient_pseudonym"]:
-                problems.append(f"{where}: key is not the patient pseudonym")
+            # Patient records are keyed by patient pseudonym; shared resources (practitioners,
+            # organisations, ...) have none and are keyed by their own id.
+            key = payload.get("patient_pseudonym", payload["resource_id"])
+            if msg.key().decode() != key:
+                problems.append(f"{where}: key is not the patient pseudonym or shared id")
             fhir = json.loads(payload["fhir_json"])
             if fhir.get("id") != payload["resource_id"]:
                 problems.append(f"{where}: fhir_json id differs from resource_id")

@@ -1,7 +1,9 @@
 //! End-to-end test of canonization on the real broker and registry: a Synthea-style FHIR
-//! Bundle and an HL7 ORU go through every stage; the canonical topics hold exactly the
-//! expected records, each a valid FHIR R4 resource; a standard Python Confluent client
-//! reads them all; and replaying the anonymized events gives the same resource ids.
+//! Bundle, Synthea's providers Bundle (practitioners, organisations, locations: resources
+//! of no patient) and an HL7 ORU go through every stage; nothing is dead-lettered; the
+//! canonical topics hold exactly the expected records, each a valid FHIR R4 resource whose
+//! references resolve; a standard Python Confluent client reads them all; and replaying the
+//! anonymized events gives the same resource ids.
 
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
@@ -28,13 +30,17 @@ fn fixture(name: &str) -> Vec<u8> {
 /// What the fixtures should give, counted from the fixtures themselves: one resource per
 /// Bundle entry of a canonical type; per HL7 ORU, one DiagnosticReport per OBR and one
 /// Observation per OBX (an ORU carries no Patient of its own: ADT messages do).
+const BUNDLES: [&str; 2] = ["synthea_bundle.json", "synthea_providers.json"];
+
 fn expected_counts() -> BTreeMap<&'static str, usize> {
     let mut want: BTreeMap<&'static str, usize> = BTreeMap::new();
-    let bundle: Value = serde_json::from_slice(&fixture("synthea_bundle.json")).unwrap();
-    for e in bundle["entry"].as_array().unwrap() {
-        let t = e["resource"]["resourceType"].as_str().unwrap();
-        if let Some(t) = ResourceType::parse(t) {
-            *want.entry(t.fhir_name()).or_default() += 1;
+    for file in BUNDLES {
+        let bundle: Value = serde_json::from_slice(&fixture(file)).unwrap();
+        for e in bundle["entry"].as_array().unwrap() {
+            let t = e["resource"]["resourceType"].as_str().unwrap();
+            if let Some(t) = ResourceType::parse(t) {
+                *want.entry(t.fhir_name()).or_default() += 1;
+            }
         }
     }
     let hl7 = String::from_utf8(fixture("oru_mixed.hl7")).unwrap();
@@ -67,12 +73,27 @@ fn canonical(p: &Pipeline, records: &[Record]) -> Vec<(&'static str, String, Val
             assert_eq!(
                 r.message.key(),
                 Some(pseudonym.as_bytes()),
-                "canonical records are keyed by patient pseudonym"
+                "canonical records are keyed by patient pseudonym, shared ones by their own id"
             );
             let fhir: Value = serde_json::from_str(fhir).unwrap();
             Some((*t, fhir["id"].as_str().unwrap().to_string(), fhir))
         })
         .collect()
+}
+
+/// Every `reference` below a value.
+fn references(v: &Value) -> Vec<String> {
+    match v {
+        Value::Object(m) => m
+            .iter()
+            .flat_map(|(k, v)| match (k.as_str(), v) {
+                ("reference", Value::String(r)) => vec![r.clone()],
+                _ => references(v),
+            })
+            .collect(),
+        Value::Array(items) => items.iter().flat_map(references).collect(),
+        _ => Vec::new(),
+    }
 }
 
 fn counts(c: &[(&'static str, String, Value)]) -> BTreeMap<&'static str, usize> {
@@ -92,12 +113,15 @@ fn a_bundle_and_an_oru_become_valid_canonical_records_read_by_the_python_client(
     for s in ["ingestion", "anonymization", "canonization"] {
         p.start(s, &[]);
     }
-    p.drop_file("synthea_bundle.json", &fixture("synthea_bundle.json"));
+    for file in BUNDLES {
+        p.drop_file(file, &fixture(file));
+    }
     p.drop_file("oru_mixed.hl7", &fixture("oru_mixed.hl7"));
     let tail = p.tail();
     let lifecycle = p.topics.name(TopicKind::Canonization);
-    tail.wait_until("two completed batches", Duration::from_secs(180), |t| {
-        t.count(&lifecycle, "EventDataCanonizationCompleted") >= 2
+    let batches = BUNDLES.len() + 1;
+    tail.wait_until("every batch completed", Duration::from_secs(180), |t| {
+        t.count(&lifecycle, "EventDataCanonizationCompleted") >= batches
     });
     p.stop("canonization");
     let records = p.read_all();
@@ -134,6 +158,86 @@ fn a_bundle_and_an_oru_become_valid_canonical_records_read_by_the_python_client(
     ids.sort();
     ids.dedup();
     assert_eq!(ids.len(), first.len(), "resource ids are unique");
+
+    // Nothing was dead-lettered: resources of no patient are data, not errors.
+    for stage in ["ingestion", "anonymization", "canonization"] {
+        let dlq = p.topics.dlq(stage);
+        let dead: Vec<_> = records
+            .iter()
+            .filter(|r| r.message.topic() == dlq)
+            .collect();
+        assert!(dead.is_empty(), "{} dead letters on {dlq}", dead.len());
+    }
+
+    // The providers' identifying values reach no anonymization or canonical topic, in any
+    // part of any message (key, headers, payload).
+    let mut downstream_topics: Vec<String> = canonical_topics(&p).into_keys().collect();
+    downstream_topics.push(p.topics.name(TopicKind::Anonymization));
+    let downstream = p.read(&downstream_topics);
+    let provider_phi: Vec<String> = [
+        "Hoppe518",
+        "Jacquelyn64",
+        "9999977593",
+        "BROCKTON",
+        "63 MAIN ST",
+        "508-559-6699",
+        "Jacquelyn64.Hoppe518@example.com",
+        "02301",
+        "42.083",
+        "12843391",
+        "9512731",
+        "14413218384931",
+        "b1ddf812-1fdd-3adf-b1d5-32cc8bd07ebb",
+    ]
+    .map(String::from)
+    .to_vec();
+    let leaked = tests::in_clear(&downstream, &provider_phi);
+    let places: Vec<String> = leaked
+        .iter()
+        .flat_map(|id| tests::where_in_clear(&downstream, id))
+        .collect();
+    assert!(
+        leaked.is_empty(),
+        "in clear downstream: {leaked:?} at {places:#?}"
+    );
+
+    // Every reference of the Bundles' records resolves to a record on a canonical topic:
+    // patient records to the shared practitioner, organisation, location and medication,
+    // and those to each other. (The ORU's name a patient whose ADT is not in this test.)
+    let known: std::collections::HashSet<String> =
+        first.iter().map(|(t, id, _)| format!("{t}/{id}")).collect();
+    let mut resolved: BTreeMap<String, usize> = BTreeMap::new();
+    for r in &records {
+        let Some((_, fhir, prov)) = r.event.as_ref().and_then(|e| e.payload.canonical()) else {
+            continue;
+        };
+        if prov.source_format != "fhir-bundle" {
+            continue;
+        }
+        let fhir: Value = serde_json::from_str(fhir).unwrap();
+        for reference in references(&fhir) {
+            assert!(
+                known.contains(&reference),
+                "{reference} (from {}) is on no canonical topic",
+                fhir["resourceType"]
+            );
+            let kind = reference.split('/').next().unwrap_or_default().to_string();
+            *resolved.entry(kind).or_default() += 1;
+        }
+    }
+    for kind in [
+        "Practitioner",
+        "Organization",
+        "Location",
+        "Medication",
+        "Patient",
+        "Encounter",
+    ] {
+        assert!(
+            resolved.contains_key(kind),
+            "no reference to a {kind} resolved: {resolved:?}"
+        );
+    }
 
     // Codes and units are normalised: the local cholesterol code is mapped to LOINC, the
     // glucose in mg/dL is in mmol/L, and the source value is kept on the record.
@@ -241,7 +345,7 @@ fn a_bundle_and_an_oru_become_valid_canonical_records_read_by_the_python_client(
     tail.wait_until(
         "the replay's completed batches",
         Duration::from_secs(180),
-        |t| t.count(&lifecycle, "EventDataCanonizationCompleted") >= 4,
+        |t| t.count(&lifecycle, "EventDataCanonizationCompleted") >= 2 * batches,
     );
     p.stop_all();
     drop(tail);

@@ -24,6 +24,17 @@ fn is_resource_type(s: &str) -> bool {
     bytes.next().is_some_and(|b| b.is_ascii_uppercase()) && bytes.all(|b| b.is_ascii_alphabetic())
 }
 
+/// A conditional reference, `Type?query` (Synthea's `Practitioner?identifier=<system>|<npi>`)
+/// -> its type. Its pseudonym is that of the whole text, which a Bundle entry created with
+/// the same condition (`request.ifNoneExist`) also gets, so the reference still resolves.
+/// Only references to shared types (practitioners, organisations, ...) are kept this way: a
+/// patient is always referenced by the id its pseudonym derives from.
+pub(super) fn conditional_reference(text: &str) -> Option<&str> {
+    let (kind, query) = text.split_once('?')?;
+    let shared = pipeline::ResourceType::parse(kind).is_some_and(|t| t.is_shared());
+    (shared && !query.is_empty()).then_some(kind)
+}
+
 /// `[base/]Type/id[/_history/version]` -> (Type, id, version).
 pub(super) fn split_reference(text: &str) -> Option<(&str, &str, Option<&str>)> {
     if text.contains(['?', '#']) {
@@ -76,6 +87,14 @@ impl<'e> Run<'e> {
                         let handled = match (k.as_str(), v) {
                             ("method", Value::String(m)) => Some(m.clone()),
                             ("url", Value::String(u)) => Some(self.request_url(u)),
+                            // The condition a shared resource was created under, as the
+                            // pseudonym conditional references to it get.
+                            ("ifNoneExist", Value::String(q)) => request
+                                .get("url")
+                                .and_then(Value::as_str)
+                                .map(|u| format!("{u}?{q}"))
+                                .filter(|c| conditional_reference(c).is_some())
+                                .map(|c| self.engine.pseudonym(&c)),
                             _ => None,
                         };
                         match handled {

@@ -44,7 +44,7 @@ use crate::policy::{DateMode, Family, Method, Policy, Rule};
 use crate::scrub::{self, Known};
 
 use dates::AgeOutcome;
-use fhir::{fhir_metadata, split_reference};
+use fhir::{conditional_reference, fhir_metadata, split_reference};
 use rules::{Candidate, Governing, Mode, PatternIndex, Rank};
 
 /// The report key under which the engine counts what it does to a Bundle entry's own fields
@@ -99,6 +99,10 @@ pub struct Context {
 pub enum EngineError {
     #[error("the record has no patient link, so no patient pseudonym can be derived")]
     NoPatientLink,
+    #[error(
+        "the shared resource (a {0} without a patient) has no id or fullUrl, so no record can reference it"
+    )]
+    NoResourceId(String),
     #[error("unsupported source format `{0}` (expected csv, fhir-ndjson, fhir-bundle or hl7v2)")]
     UnsupportedFormat(String),
     #[error("unexpected record structure at `{path}`: {reason}")]
@@ -123,10 +127,23 @@ fn unexpected(path: impl Into<String>, reason: impl Into<String>) -> EngineError
 /// The de-identified record.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Anonymized {
-    /// Equals `engine.pseudonym(patient_link)`.
+    /// Equals `engine.pseudonym(patient_link)`; for a shared resource without a patient
+    /// (see [`Subject::Shared`]), the pseudonym of its own id.
     pub patient_pseudonym: String,
+    /// Whose record it is.
+    pub subject: Subject,
     pub content: Value,
     pub report: Report,
+}
+
+/// Whose record a record is: a patient's, or a resource many patients share
+/// ([`pipeline::ResourceType::is_shared`]: a practitioner, an organisation, a location, a
+/// medication, a device) that names no patient. A shared resource's own id stands in for
+/// the patient link: it keys its pseudonym, its date shift and its free-text scrubbing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Subject {
+    Patient,
+    Shared,
 }
 
 /// What was done to one record: counts only, keyed by rule id and by path without array
@@ -268,15 +285,15 @@ impl Engine {
         body: &SourceRecordBody,
         extra_known: &Known,
     ) -> Result<Anonymized, EngineError> {
-        let (format, link) = format_and_link(source_format, body)?;
-        let patient = self.pseudonym(link);
+        let (format, link, subject) = format_and_link(source_format, record_type, body)?;
+        let patient = self.pseudonym(&link);
         let mut run = self.run(format, record_type, &patient);
         if run
             .candidates
             .iter()
             .any(|c| c.rule.method == Method::Scrub)
         {
-            run.known = self.collect(&mut run, link, &body.content, extra_known)?;
+            run.known = self.collect(&mut run, &link, &body.content, extra_known)?;
         }
         run.mode = Mode::Apply;
         let content = run
@@ -285,6 +302,7 @@ impl Engine {
         let report = run.report;
         Ok(Anonymized {
             patient_pseudonym: patient,
+            subject,
             content,
             report,
         })
@@ -301,10 +319,10 @@ impl Engine {
         body: &SourceRecordBody,
         extra_known: &Known,
     ) -> Result<Known, EngineError> {
-        let (format, link) = format_and_link(source_format, body)?;
-        let patient = self.pseudonym(link);
+        let (format, link, _) = format_and_link(source_format, record_type, body)?;
+        let patient = self.pseudonym(&link);
         let mut run = self.run(format, record_type, &patient);
-        self.collect(&mut run, link, &body.content, extra_known)
+        self.collect(&mut run, &link, &body.content, extra_known)
     }
 
     fn collect(
@@ -373,7 +391,8 @@ impl Engine {
 
     /// `pseudonymize` for one value. FHIR references keep their shape: `Patient/123` ->
     /// `Patient/<p>`, `urn:uuid:abc` -> `urn:uuid:<p>`, `#c1` -> `#<p>`; an absolute URL loses
-    /// its base (a server address) and becomes relative. CSV and HL7 values are opaque.
+    /// its base (a server address) and becomes relative; a conditional `Type?query` becomes
+    /// `Type/<pseudonym of the whole text>`. CSV and HL7 values are opaque.
     fn pseudonymize_value(&self, format: SourceFormat, text: &str) -> String {
         if format.family() != Family::Fhir {
             return self.pseudonym(text);
@@ -382,6 +401,9 @@ impl Engine {
             if let Some(id) = text.strip_prefix(prefix) {
                 return format!("{prefix}{}", self.pseudonym(id));
             }
+        }
+        if let Some(kind) = conditional_reference(text) {
+            return format!("{kind}/{}", self.pseudonym(text));
         }
         match split_reference(text) {
             Some((kind, id, version)) => {
@@ -413,19 +435,44 @@ impl Engine {
     }
 }
 
-/// The parsed source format and the (non-blank) patient link of a record.
+/// The parsed source format, the (non-blank) patient link of a record and whose record it
+/// is. A FHIR resource of a shared type without a patient link is linked to its own id
+/// (its `id`, else its Bundle entry's `fullUrl` id).
 fn format_and_link<'b>(
     source_format: &str,
+    record_type: &str,
     body: &'b SourceRecordBody,
-) -> Result<(SourceFormat, &'b str), EngineError> {
+) -> Result<(SourceFormat, Cow<'b, str>, Subject), EngineError> {
     let format = SourceFormat::parse(source_format)
         .ok_or_else(|| EngineError::UnsupportedFormat(source_format.to_owned()))?;
-    let link = body
+    if let Some(link) = body
         .patient_link
         .as_deref()
         .filter(|l| !l.trim().is_empty())
-        .ok_or(EngineError::NoPatientLink)?;
-    Ok((format, link))
+    {
+        return Ok((format, Cow::Borrowed(link), Subject::Patient));
+    }
+    let shared = pipeline::ResourceType::parse(record_type).is_some_and(|t| t.is_shared());
+    if !shared || format.family() != Family::Fhir {
+        return Err(EngineError::NoPatientLink);
+    }
+    let content = &body.content;
+    let resource = content.get("resource").unwrap_or(content);
+    let own = resource
+        .get("id")
+        .and_then(Value::as_str)
+        .filter(|id| !id.trim().is_empty())
+        .map(Cow::Borrowed)
+        .or_else(|| {
+            let url = content.get("fullUrl").and_then(Value::as_str)?;
+            let id = match url.strip_prefix("urn:uuid:") {
+                Some(id) => id,
+                None => split_reference(url).map(|(_, id, _)| id)?,
+            };
+            (!id.trim().is_empty()).then(|| Cow::Owned(id.to_owned()))
+        })
+        .ok_or_else(|| EngineError::NoResourceId(record_type.to_owned()))?;
+    Ok((format, own, Subject::Shared))
 }
 
 /// What an empty record looks like when every leaf was removed.

@@ -2,22 +2,23 @@
 //! `resource`) keeps its content and gets canonical ids and references.
 //!
 //! References are rewritten by what their text says:
-//! - to one of the nine canonical types (`Encounter/x`, an absolute URL ending in it, or
+//! - to one of the canonical types (`Encounter/x`, an absolute URL ending in it, or
 //!   `urn:uuid:x` with a `type`): `Type/<resource_id(Type, pseudonym, x)>`, the id that
-//!   type's own mapping gives the resource with id `x`;
+//!   type's own mapping gives the resource with id `x`; to a shared type (Practitioner,
+//!   Organization, Location, ...), `Type/<shared_id(Type, x)>`, which has no patient in it;
 //! - to a Patient: `Patient/<patient_id(x)>` (the referenced id *is* a patient pseudonym:
 //!   de-identification pseudonymizes Patient ids and patient links alike); a bare
 //!   `urn:uuid:` equal to the record's pseudonym is read as its Patient;
-//! - anything else (Practitioner, Organization, Location, a contained `#x`, an unresolvable
-//!   `urn:uuid:`) is removed: those resources are not in the canonical model, so the
-//!   reference would dangle. Backbone elements left without their required reference go
+//! - anything else (a type outside the canonical model, a contained `#x`, an unresolvable
+//!   `urn:uuid:`, a conditional `Type?identifier=...` reference) is removed: the reference
+//!   would dangle. Backbone elements left without their required reference go
 //!   too (`[[constraint]]` in data/fhir.toml and the schema's required elements).
 
 use serde_json::{Map, Value};
 
 use super::datatypes::{digest, reference};
 use super::tables::Tables;
-use super::{canonical_type, patient_id, resource_id, Draft, Input, MapError};
+use super::{canonical_type, patient_id, resource_id, shared_id, Draft, Input, MapError};
 use pipeline::ResourceType;
 
 pub(crate) fn map(input: &Input<'_>, tables: &Tables) -> Result<Draft, MapError> {
@@ -50,12 +51,25 @@ pub(crate) fn map(input: &Input<'_>, tables: &Tables) -> Result<Draft, MapError>
             .get("id")
             .and_then(Value::as_str)
             .filter(|id| !id.trim().is_empty());
-        let identity = match (own, full_url.and_then(id_in_url)) {
-            (Some(id), _) => id.to_owned(),
-            (None, Some(id)) => id,
-            (None, None) => digest(resource),
+        // A shared resource created under a condition (a transaction entry's
+        // `request.ifNoneExist`, pseudonymized) is known by it: Synthea references its
+        // practitioners, organisations and locations by that condition only.
+        let condition = content
+            .get("request")
+            .and_then(|r| r.get("ifNoneExist"))
+            .and_then(Value::as_str)
+            .filter(|c| resource_type.is_shared() && !c.trim().is_empty());
+        let identity = match (condition, own, full_url.and_then(id_in_url)) {
+            (Some(c), _, _) => c.to_owned(),
+            (None, Some(id), _) => id.to_owned(),
+            (None, None, Some(id)) => id,
+            (None, None, None) => digest(resource),
         };
-        resource_id(resource_type, pseudonym, &identity)
+        if resource_type.is_shared() {
+            shared_id(resource_type, &identity)
+        } else {
+            resource_id(resource_type, pseudonym, &identity)
+        }
     };
 
     let mut draft = resource.clone();
@@ -118,6 +132,8 @@ impl Rewriter<'_> {
         let kind = canonical_type(&kind)?;
         let target = if kind == ResourceType::Patient {
             patient_id(&id)
+        } else if kind.is_shared() {
+            shared_id(kind, &id)
         } else {
             resource_id(kind, self.pseudonym, &id)
         };
@@ -218,6 +234,7 @@ mod tests {
             "location": [{"location": {"reference": "Location/l"}, "status": "active"}],
             "partOf": [{"reference": "#c"}],
             "hasMember": [{"reference": "urn:uuid:m"}],
+            "basedOn": [{"reference": "Practitioner?identifier=x|1"}],
         });
         rewriter.rewrite(&mut v, "");
         let enc = resource_id(ResourceType::Encounter, "pseudo", "e1");
@@ -232,12 +249,25 @@ mod tests {
             v,
             json!({
                 "encounter": {"reference": format!("Encounter/{enc}")},
-                "performer": [{"reference": format!("Observation/{obs}")}],
+                "performer": [
+                    {"reference": format!("Practitioner/{}", shared_id(ResourceType::Practitioner, "p"))},
+                    {"reference": format!("Observation/{obs}")},
+                ],
                 "subject": {"reference": format!("Patient/{}", patient_id("pseudo"))},
-                "location": [{"status": "active"}],
+                "location": [{"location": {"reference": format!("Location/{}", shared_id(ResourceType::Location, "l"))}, "status": "active"}],
                 "partOf": [],
                 "hasMember": [],
+                "basedOn": [],
             })
+        );
+        // A shared resource's id has no patient in it: the same from every patient.
+        assert_eq!(
+            shared_id(ResourceType::Practitioner, "p"),
+            resource_id(ResourceType::Practitioner, "", "p")
+        );
+        assert_ne!(
+            shared_id(ResourceType::Practitioner, "p"),
+            resource_id(ResourceType::Practitioner, "pseudo", "p")
         );
     }
 }

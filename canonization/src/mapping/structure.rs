@@ -1,5 +1,5 @@
 //! R4 structure conformance: prunes a resource to what the FHIR R4 JSON schema allows,
-//! driven by `data/fhir-r4-structure.json` (the schema's definitions for the nine types
+//! driven by `data/fhir-r4-structure.json` (the schema's definitions for every R4 type
 //! and every data type and backbone element they reach).
 //!
 //! FHIR input passes through mostly unchanged, and neither ingestion nor de-identification

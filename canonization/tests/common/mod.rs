@@ -67,7 +67,7 @@ const fn case(name: &'static str, source: Source, position: u64) -> Case {
     }
 }
 
-pub const CASES: [Case; 24] = [
+pub const CASES: [Case; 30] = [
     case("fhir-patient", Source::Ndjson("fhir/patient.ndjson"), 1),
     case(
         "fhir-observation",
@@ -101,6 +101,25 @@ pub const CASES: [Case; 24] = [
         Source::Bundle("fhir/bundle.json"),
         4,
     ),
+    // Shared resources (Synthea's providers Bundle, a Medication, a Device).
+    case(
+        "fhir-organization",
+        Source::Bundle("fhir/providers.json"),
+        1,
+    ),
+    case("fhir-location", Source::Bundle("fhir/providers.json"), 2),
+    case(
+        "fhir-practitioner",
+        Source::Bundle("fhir/providers.json"),
+        3,
+    ),
+    case(
+        "fhir-practitioner-role",
+        Source::Bundle("fhir/providers.json"),
+        4,
+    ),
+    case("fhir-medication", Source::Bundle("fhir/providers.json"), 5),
+    case("fhir-device", Source::Bundle("fhir/providers.json"), 6),
     case("csv-patient", Source::Csv("synthea/patients.csv"), 1),
     case("csv-encounter", Source::Csv("synthea/encounters.csv"), 1),
     case(
@@ -323,7 +342,7 @@ impl Owned {
 // ---------------------------------------------------------------------------------------------
 
 /// Required elements per type; `x*` means one variant of choice `x[x]` (or its `_x` form).
-const REQUIRED: [(&str, &[&str]); 9] = [
+const REQUIRED: [(&str, &[&str]); 15] = [
     ("Patient", &[]),
     ("Encounter", &["status", "class"]),
     ("Observation", &["status", "code"]),
@@ -339,6 +358,13 @@ const REQUIRED: [(&str, &[&str]); 9] = [
         "Immunization",
         &["status", "vaccineCode", "patient", "occurrence*"],
     ),
+    // R4 requires no element of the shared types.
+    ("Practitioner", &[]),
+    ("PractitionerRole", &[]),
+    ("Organization", &[]),
+    ("Location", &[]),
+    ("Medication", &[]),
+    ("Device", &[]),
 ];
 
 /// Panics with a path when `resource` breaks a structural R4 rule.
