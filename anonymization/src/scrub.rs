@@ -611,8 +611,14 @@ fn address_tail(text: &str, mut e: usize) -> usize {
         )
         .ok()
     });
+    // A country ends the address: it is not PHI.
+    static COUNTRY: std::sync::LazyLock<Option<Regex>> =
+        std::sync::LazyLock::new(|| Regex::new(&format!(r"^,[ \t]*(?:{COUNTRIES})\b")).ok());
     let Some(part) = PART.as_ref() else { return e };
     for _ in 0..4 {
+        if COUNTRY.as_ref().is_some_and(|c| c.is_match(&text[e..])) {
+            break;
+        }
         match part.find(&text[e..]) {
             Some(m) => e += m.end(),
             None => break,
@@ -760,6 +766,9 @@ fn month_alternation() -> String {
     alts.dedup();
     format!(r"\b(?:{})\b\.?", alts.join("|"))
 }
+
+/// Country names in English: a number after one is a postal code.
+const COUNTRIES: &str = "Afghanistan|Albania|Algeria|Argentina|Armenia|Australia|Austria|Azerbaijan|Bangladesh|Belarus|Belgium|Bolivia|Bosnia[ \\t]+and[ \\t]+Herzegovina|Brazil|Bulgaria|Cambodia|Cameroon|Canada|Chile|China|Colombia|Costa[ \\t]+Rica|Croatia|Cuba|Cyprus|Czech[ \\t]+Republic|Czechia|Denmark|Dominican[ \\t]+Republic|Ecuador|Egypt|El[ \\t]+Salvador|Estonia|Ethiopia|Finland|France|Georgia|Germany|Ghana|Greece|Greenland|Guatemala|Honduras|Hungary|Iceland|India|Indonesia|Iran|Iraq|Ireland|Israel|Italy|Jamaica|Japan|Jordan|Kazakhstan|Kenya|Korea|Kuwait|Latvia|Lebanon|Lithuania|Luxembourg|Malaysia|Malta|Mexico|Moldova|Morocco|Nepal|Netherlands|New[ \\t]+Zealand|Nicaragua|Nigeria|Norway|Pakistan|Panama|Paraguay|Peru|Philippines|Poland|Portugal|Puerto[ \\t]+Rico|Romania|Russia|Saudi[ \\t]+Arabia|Serbia|Singapore|Slovakia|Slovenia|South[ \\t]+Africa|Spain|Sri[ \\t]+Lanka|Sweden|Switzerland|Taiwan|Thailand|Tunisia|Turkey|Ukraine|United[ \\t]+Arab[ \\t]+Emirates|United[ \\t]+Kingdom|United[ \\t]+States|Uruguay|Venezuela|Vietnam";
 
 const US_STATES: &str = "AL|AK|AZ|AR|CA|CO|CT|DE|DC|FL|GA|HI|ID|IL|IN|IA|KS|KY|LA|ME|MD|MA|MI|MN|MS|MO|MT|NE|NV|NH|NJ|NM|NY|NC|ND|OH|OK|OR|PA|RI|SC|SD|TN|TX|UT|VT|VA|WA|WV|WI|WY|PR|VI|GU|AS|MP";
 
@@ -1028,7 +1037,7 @@ fn specs() -> Vec<Spec> {
         (
             Kind::Address,
             false,
-            r"\b\d{1,6}\s+(?:[A-Z][a-z]+\.?\s+){1,3}(?:Street|St|Avenue|Ave|Road|Rd|Drive|Dr|Lane|Ln|Boulevard|Blvd|Place|Pl|Court|Ct|Way|Terrace|Parkway|Pkwy|Circle|Cir|Highway|Hwy)\b\.?".into(),
+            r"\b\d{1,6}[ \t]+(?:[A-Z][a-z]+\.?[ \t]+){1,3}(?:Street|St|Avenue|Ave|Road|Rd|Drive|Dr|Lane|Ln|Boulevard|Blvd|Place|Pl|Court|Ct|Way|Terrace|Parkway|Pkwy|Circle|Cir|Highway|Hwy)\b\.?".into(),
             span_street_address,
         ),
         // Streets written the European way: a street word and a house number
@@ -1110,6 +1119,21 @@ fn specs() -> Vec<Spec> {
             false,
             r"\b(?i:turned|age of|aged)\s+(\d{2,3})\b|\b(?:[Hh]e|[Ss]he|I|[Tt]hey|[Pp]atient|[Pp]t)\s+(?:was|is|am|were)\s+(\d{2,3})\b".into(),
             span_age_stated,
+        ),
+        // A labelled postal code of any country (`ZIP: 4563`, `postcode 1703 AL`).
+        (
+            Kind::Address,
+            false,
+            r"\b(?i:zip|postal|post)(?i:[ \t]*code)?(?:[ \t]+(?i:is))?[ \t]*:?[ \t]*(\d{3,6}(?:[ -]\d{2,4}|[ \t][A-Z]{2})?)\b".into(),
+            span_any_group,
+        ),
+        // A postal code after a country name (`Denmark 1319 CK`, `Hungary 382 03`, `Canada
+        // 6139`): the country stays, the code goes.
+        (
+            Kind::Address,
+            false,
+            format!(r"\b(?:{COUNTRIES})[ \t]+(\d{{3,6}}(?:[ -]\d{{2,3}}|[ \t][A-Z]{{2}})?)\b"),
+            span_any_group,
         ),
         // --- titled names (small heuristic; the title itself is kept)
         (
@@ -1445,8 +1469,115 @@ impl Scrubber {
         }
         self.names
             .candidates(text, pattern_rank(Kind::Name, true), &mut cands);
+        extend_addresses(text, &mut cands);
         replace(text, cands)
     }
+}
+
+/// What a removed street or place can be followed by that belongs to the same address: a
+/// house number before a comma, a line end or a street word (`Verdandi Gränd 74 street`,
+/// `Loftaheden 59, EKSJÖ,  575 98`).
+static HOUSE_NUMBER: std::sync::LazyLock<Option<Regex>> = std::sync::LazyLock::new(|| {
+    Regex::new(
+        r"^[ \t]+\d{1,5}[A-Za-z]?(?:[ \t]*(?:,|\r?\n|$)|[ \t]+(?i:street|st\.?|road|rd\.?|avenue|ave\.?|lane|ln\.?)\b)",
+    )
+    .ok()
+});
+
+/// A line that is only a town, in capitals or not, with an optional region code and postal
+/// code (`LAHTI 12 1061`, `HYVINKÄÄ  2160`, `Pinedale LA 70123`, `CLEVELAND`).
+static TOWN_LINE: std::sync::LazyLock<Option<Regex>> = std::sync::LazyLock::new(|| {
+    Regex::new(
+        r"^[ \t]*(\p{Lu}[\p{L}\p{M}'’.-]+(?:[ \t]+\p{Lu}[\p{L}\p{M}'’.-]+){0,2}(?:[ \t,]+[A-Z0-9]{2,5}(?:[ -][A-Z0-9]{2,4})?){0,3})[ \t]*(?:\r?\n|$)",
+    )
+    .ok()
+});
+
+/// Extends removed names, streets and places over the rest of their address: a house
+/// number and the address's tail (town, region, postal code) after it, and a following line
+/// that is only a town. A street is often a word the name finder removes on its own
+/// (`Vambola 6`), which left the number and the town behind.
+fn extend_addresses(text: &str, cands: &mut Vec<Cand>) {
+    let (Some(house), Some(town)) = (HOUSE_NUMBER.as_ref(), TOWN_LINE.as_ref()) else {
+        return;
+    };
+    let rank = pattern_rank(Kind::Address, false);
+    let mut more = Vec::new();
+    for c in cands.iter() {
+        if !matches!(c.kind, Kind::Name | Kind::Address | Kind::Location) {
+            continue;
+        }
+        let start = house_number_before(text, c.start).unwrap_or(c.start);
+        let mut end = c.end;
+        if let Some(m) = house.find(&text[end..]) {
+            let number_end = text[end..end + m.end()]
+                .rfind(|ch: char| ch.is_ascii_alphanumeric())
+                .map_or(end + m.end(), |i| end + i + 1);
+            end = address_tail(text, number_end);
+        }
+        if c.kind == Kind::Address || end > c.end {
+            // The rest of the line is empty: a town alone on the next line belongs too.
+            let rest = &text[end..];
+            let line_end = rest.find('\n').map_or(rest.len(), |i| i + 1);
+            if rest[..line_end].trim().trim_matches(',').is_empty() && line_end < rest.len() {
+                let next = end + line_end;
+                if let Some(caps) = town.captures(&text[next..]) {
+                    // A town in capitals, or one with a code after it: not a heading
+                    // (`Hypertension`) that happens to follow an address.
+                    let townlike = caps.get(1).filter(|g| {
+                        let words: Vec<&str> = g.as_str().split([' ', '\t', ',']).collect();
+                        let capitals = words.first().is_some_and(|w| {
+                            w.chars().count() >= 3 && !w.chars().any(char::is_lowercase)
+                        });
+                        capitals || words.iter().skip(1).any(|w| !w.is_empty())
+                    });
+                    if let Some(g) = townlike {
+                        more.push(Cand {
+                            start: next + g.start(),
+                            end: next + g.end(),
+                            kind: Kind::Address,
+                            rank,
+                        });
+                    }
+                }
+            }
+        }
+        if end > c.end || start < c.start {
+            more.push(Cand {
+                start,
+                end,
+                kind: Kind::Address,
+                rank,
+            });
+        }
+    }
+    cands.extend(more);
+}
+
+/// A house number at the start of an address whose street was removed from `at` on: the
+/// number starts its line (after quoting marks) or follows a comma, `at` or `to`, with at
+/// most three words between (`226 Avenue des <street>`, `at 9 <street>`).
+fn house_number_before(text: &str, at: usize) -> Option<usize> {
+    static BEFORE: std::sync::LazyLock<Option<Regex>> = std::sync::LazyLock::new(|| {
+        Regex::new(
+            r"(?:^|\n|[>,:][ \t]*|\b(?i:at|to)[ \t]+)[ \t>]*(\d{1,5}[A-Za-z]?[ \t]+(?:[\p{L}'.-]+[ \t]+){0,3})$",
+        )
+        .ok()
+    });
+    let line_start = text[..at].rfind('\n').map_or(0, |i| i + 1);
+    let caps = BEFORE.as_ref()?.captures(&text[line_start..at])?;
+    let g = caps.get(1)?;
+    // Not a quantity or a time before a name (`3 days Smith`, `at 10 Dr Smith`).
+    let words = &text[line_start + g.start()..at];
+    let unit = words.split_whitespace().nth(1).is_some_and(|w| {
+        is_unit(
+            w,
+            &[
+                "days", "weeks", "months", "years", "am", "pm", "dr", "dr.", "mr", "mrs", "ms",
+            ],
+        )
+    });
+    (!unit).then_some(line_start + g.start())
 }
 
 fn rule_candidates(rule: &Rule, text: &str, out: &mut Vec<Cand>) {
@@ -1757,6 +1888,30 @@ mod tests {
             "Illoqarfiup Qeppa 24, Paamiut, SM 3940, Greenland; Evertsmaad 72, Oosterwolde, FR 8431 TC",
             "[ADDRESS], Greenland; [ADDRESS]",
             &[("ADDRESS", 2)],
+        ),
+        // Postal codes after a country or a label; the country stays.
+        (
+            "Denmark 1319 CK, Hungary 382 03, Canada 6139. ZIP: 4563, my zip code is 1703 AL",
+            "Denmark [ADDRESS], Hungary [ADDRESS], Canada [ADDRESS]. ZIP: [ADDRESS], my zip code is [ADDRESS]",
+            &[("ADDRESS", 5)],
+        ),
+        // A street the name finder removed takes its house number, town and postal code
+        // with it, and a town alone on the next line.
+        (
+            "Please send it to Loftaheden 59, EKSJÖ,  575 98. Thanks",
+            "Please send it to [ADDRESS]. Thanks",
+            &[("ADDRESS", 1)],
+        ),
+        (
+            "Mr. Smith\n56 Quigley Road\nLAHTI 12 1061\nSeen today",
+            "Mr. [NAME]\n[ADDRESS]\n[ADDRESS]\nSeen today",
+            &[("NAME", 1), ("ADDRESS", 2)],
+        ),
+        // A heading after an address is not a town; numbers that are quantities stay.
+        (
+            "Address: 12 Main Street\nHypertension\nDr. Smith 3 days ago, Dr. Jones 5 mg",
+            "Address: [ADDRESS]\nHypertension\nDr. [NAME] 3 days ago, Dr. [NAME] 5 mg",
+            &[("ADDRESS", 1), ("NAME", 2)],
         ),
         // Prose and titles after the same verbs are kept.
         (
