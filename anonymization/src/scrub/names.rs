@@ -153,6 +153,74 @@ const EPONYM_NOUNS: &[&str] = &[
 ];
 
 /// Verbs that, right after a listed name, make it a person (`Frank reports ...`).
+/// Lower-case particles inside surnames.
+const SURNAME_PARTICLES: &[&str] = &[
+    "van", "von", "de", "den", "der", "ten", "ter", "da", "di", "del", "della", "du", "dos", "das",
+    "le", "la", "bin", "ibn", "al", "el",
+];
+
+/// Capitalised words that come before names inside sentences without being first names:
+/// days, months, places of care, roles and salutations.
+const NOT_FIRST_NAMES: &[&str] = &[
+    "monday",
+    "tuesday",
+    "wednesday",
+    "thursday",
+    "friday",
+    "saturday",
+    "sunday",
+    "january",
+    "february",
+    "march",
+    "april",
+    "may",
+    "june",
+    "july",
+    "august",
+    "september",
+    "october",
+    "november",
+    "december",
+    "patient",
+    "pt",
+    "nurse",
+    "doctor",
+    "professor",
+    "dear",
+    "hi",
+    "hello",
+    "dr",
+    "mr",
+    "mrs",
+    "ms",
+    "st",
+    "saint",
+    "mount",
+    "lake",
+    "fort",
+    "port",
+    "new",
+    "north",
+    "south",
+    "east",
+    "west",
+    "upper",
+    "lower",
+    "the",
+    "and",
+    "or",
+    "of",
+    "for",
+    "with",
+    "from",
+    "to",
+    "at",
+    "by",
+    "in",
+    "on",
+    "an",
+];
+
 const REPORTING_VERBS: &[&str] = &[
     "reports",
     "reported",
@@ -652,16 +720,65 @@ impl NameFinder {
         // no part of `Anastasie M. Cressac` is left when one part was found.
         let namelike = |k: &Tok<'_>| {
             !k.title()
+                && !NOT_FIRST_NAMES.contains(&k.lower)
                 && (k.initial()
                     || (k.capitalised()
                         && (self.is_first(k) || self.is_last(k) || !self.is_word(k.lower))))
         };
+        // Surname particles: `Frits van den Heuvel`, `Cinthia van Lint`.
+        let particle = |k: &Tok<'_>| SURNAME_PARTICLES.contains(&k.text);
+        // A capitalised word inside a sentence, right before a name, is its first name even
+        // when it is also an English word (`add Liam Avery`, `with Aster Bodelier`); at the
+        // start of a sentence it may be any word, so it is left.
+        let mid_sentence = |j: usize| {
+            j > 0
+                && !text[..toks[j].start]
+                    .trim_end_matches([' ', '\t'])
+                    .ends_with(['.', '!', '?', '\n', ':', '"', '“', '(', '>', '/'])
+        };
+        let first_before = |k: &Tok<'_>| {
+            k.titlecase()
+                && !k.title()
+                && k.text.chars().count() >= 2
+                && !EPONYM_NOUNS.contains(&k.lower)
+                && !NOT_FIRST_NAMES.contains(&k.lower)
+        };
         for (mut s, mut e) in found {
-            while s > 0
-                && namelike(&toks[s - 1])
-                && (gap(s - 1, s) == " " || (gap(s - 1, s) == ". " && toks[s - 1].initial()))
+            loop {
+                if s > 0
+                    && namelike(&toks[s - 1])
+                    && (gap(s - 1, s) == " " || (gap(s - 1, s) == ". " && toks[s - 1].initial()))
+                {
+                    s -= 1;
+                    continue;
+                }
+                // Particles, then the word before them.
+                let mut p = s;
+                while p > 0 && particle(&toks[p - 1]) && gap(p - 1, p) == " " {
+                    p -= 1;
+                }
+                if p > 0
+                    && gap(p - 1, p) == " "
+                    && first_before(&toks[p - 1])
+                    && mid_sentence(p - 1)
+                {
+                    s = p - 1;
+                    continue;
+                }
+                break;
+            }
+            // Particles and the surname after them: `<first name> van Lint`.
+            let mut p = e;
+            while p + 1 < toks.len() && particle(&toks[p + 1]) && gap(p, p + 1) == " " {
+                p += 1;
+            }
+            if p > e
+                && p + 1 < toks.len()
+                && gap(p, p + 1) == " "
+                && toks[p + 1].titlecase()
+                && !EPONYM_NOUNS.contains(&toks[p + 1].lower)
             {
-                s -= 1;
+                e = p + 1;
             }
             while e + 1 < toks.len()
                 && namelike(&toks[e + 1])
@@ -728,6 +845,24 @@ mod tests {
         assert!(found("Workstation 4. Patients were seen.").is_empty());
         assert!(found("Started Lasix and Coumadin.").is_empty());
         assert!(found("Patient Education given; MRNs reviewed").is_empty());
+    }
+
+    #[test]
+    fn first_names_that_are_words_and_particles_join_a_found_name_inside_a_sentence() {
+        assert_eq!(
+            found("I want to add Liam Bodelier as a beneficiary"),
+            ["Liam Bodelier"]
+        );
+        assert_eq!(
+            found("Follow up with Frits van den Okafor, and ask Cinthia van Sturkenboom."),
+            ["Frits van den Okafor", "Cinthia van Sturkenboom"]
+        );
+        // At a sentence's start, and after days and roles, the word before is kept.
+        assert_eq!(found("Liam Bodelier called."), ["Bodelier"]);
+        assert_eq!(
+            found("seen on Monday Okafor and Patient Okafor"),
+            ["Okafor", "Okafor"]
+        );
     }
 
     #[test]
