@@ -680,6 +680,14 @@ fn span_place_named(caps: &Captures<'_>, _text: &str) -> Option<(usize, usize)> 
     (!title && !value.is_empty()).then_some((m.start(), m.start() + value.len()))
 }
 
+/// A phone number as digit groups: six to fifteen digits in all, so that a blood pressure
+/// before `home` (`120-80 home readings`) is not one.
+fn span_phone_groups(caps: &Captures<'_>, _text: &str) -> Option<(usize, usize)> {
+    let m = caps.iter().skip(1).flatten().next()?;
+    let digits = m.as_str().chars().filter(char::is_ascii_digit).count();
+    (6..=15).contains(&digits).then_some((m.start(), m.end()))
+}
+
 /// The first capture group that matched.
 fn span_any_group(caps: &Captures<'_>, _text: &str) -> Option<(usize, usize)> {
     let m = caps.iter().skip(1).flatten().next()?;
@@ -1032,6 +1040,14 @@ fn specs() -> Vec<Spec> {
             false,
             r"(?i)\b(?:ext|extension)\.?\s*\d{2,5}\b".into(),
             span_whole,
+        ),
+        // Digit groups after a phone label or before the kind of line they are (`Phone: 34
+        // 46 44`, `0348 2102744 mobile`, `61 51 81-Fax`).
+        (
+            Kind::Phone,
+            false,
+            r"(?i)\b(?:tel(?:ephone)?|phone|fax|cell|mobile|desk|call)\.?[ \t]*:?[ \t]*(\d{2,5}(?:[ .-]\d{2,8}){1,4})\b|\b(\d{2,5}(?:[ .-]\d{2,8}){1,4})(?:[ \t]+|-)(?i:office|mobile|fax|cell|home|work|tel|phone)\b".into(),
+            span_phone_groups,
         ),
         // --- addresses and places
         (
@@ -1726,7 +1742,7 @@ mod tests {
             &[("ID", 1)],
         ),
         ("call (03) 5308 0831 now", "call [ID] now", &[("ID", 1)]),
-        ("fax 02.08.70.26.99 today", "fax [ID] today", &[("ID", 1)]),
+        ("fax 02.08.70.26.99 today", "fax [PHONE] today", &[("PHONE", 1)]),
         ("licence S9131000 seen", "licence [ID] seen", &[("ID", 1)]),
         // ... but not measurements, decimals, years, or codes of a code system.
         (
@@ -1906,6 +1922,11 @@ mod tests {
             "Mr. Smith\n56 Quigley Road\nLAHTI 12 1061\nSeen today",
             "Mr. [NAME]\n[ADDRESS]\n[ADDRESS]\nSeen today",
             &[("NAME", 1), ("ADDRESS", 2)],
+        ),
+        (
+            "Phone: 34 46 44 / 0348 2102744 mobile / 61 51 81-Fax / call 0312 0828589. BP 120-80 home",
+            "Phone: [PHONE] / [PHONE] mobile / [PHONE]-Fax / call [PHONE]. BP 120-80 home",
+            &[("PHONE", 4)],
         ),
         // A heading after an address is not a town; numbers that are quantities stay.
         (
