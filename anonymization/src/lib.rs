@@ -528,6 +528,20 @@ mod tests {
         );
     }
 
+    /// The key and the `RecordAnonymized` of a record's outcome.
+    fn anonymized(o: Outcome) -> (String, RecordAnonymized) {
+        match o {
+            Outcome::Emit(mut outs) if !outs.is_empty() => {
+                let out = outs.remove(0);
+                match out.event.payload {
+                    Payload::RecordAnonymized(r) => (out.key, r),
+                    other => panic!("{other:?}"),
+                }
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
     #[test]
     fn shared_resources_need_no_patient_and_are_keyed_by_their_own_pseudonym() {
         let mut a = stage(0.5);
@@ -545,20 +559,15 @@ mod tests {
                 "address": [{"line": ["12 Elm St"], "city": "Springfield", "state": "MA", "postalCode": "01101"}]
             }
         });
-        let Outcome::Emit(outs) = run(
+        let (key, r) = anonymized(run(
             &mut a,
             &sealed(1, None, "fhir-bundle", "Practitioner", practitioner),
-        ) else {
-            panic!()
-        };
-        let Payload::RecordAnonymized(r) = &outs[0].event.payload else {
-            panic!()
-        };
+        ));
         assert_eq!(
             r.patient_pseudonym, "",
             "a practitioner is nobody's patient"
         );
-        assert_eq!(outs[0].key, a.engine().pseudonym("pr-1"));
+        assert_eq!(key, a.engine().pseudonym("pr-1"));
         let content: Value = serde_json::from_str(&r.content_json).expect("json");
         let resource = &content["resource"];
         assert_eq!(resource["id"], a.engine().pseudonym("pr-1"));
@@ -588,15 +597,10 @@ mod tests {
             "request": {"method": "POST", "url": "Practitioner", "ifNoneExist": "identifier=http://hl7.org/fhir/sid/us-npi|9999912345"},
             "resource": {"resourceType": "Practitioner", "id": "pr-3"}
         });
-        let Outcome::Emit(outs) = run(
+        let (_, r) = anonymized(run(
             &mut a,
             &sealed(4, None, "fhir-bundle", "Practitioner", created),
-        ) else {
-            panic!()
-        };
-        let Payload::RecordAnonymized(r) = &outs[0].event.payload else {
-            panic!()
-        };
+        ));
         let content: Value = serde_json::from_str(&r.content_json).expect("json");
         assert_eq!(content["request"]["ifNoneExist"], a.engine().pseudonym(npi));
         let encounter = json!({"resource": {
@@ -604,15 +608,10 @@ mod tests {
             "participant": [{"individual": {"reference": npi, "display": "Dr. Zelda Quigley"}}],
             "serviceProvider": {"reference": "Organization?identifier=https://github.com/synthetichealth/synthea|org-9"},
         }});
-        let Outcome::Emit(outs) = run(
+        let (_, r) = anonymized(run(
             &mut a,
             &sealed(5, Some("p-1"), "fhir-bundle", "Encounter", encounter),
-        ) else {
-            panic!()
-        };
-        let Payload::RecordAnonymized(r) = &outs[0].event.payload else {
-            panic!()
-        };
+        ));
         let content: Value = serde_json::from_str(&r.content_json).expect("json");
         assert_eq!(
             content["resource"]["participant"][0]["individual"],

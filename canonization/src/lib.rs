@@ -623,12 +623,23 @@ mod tests {
         let content = serde_json::json!({
             "resourceType": "Patient", "id": pseudonym, "gender": "female", "birthDate": "1980"
         });
+        anonymized(position, "fhir-ndjson", "Patient", &pseudonym, content)
+    }
+
+    /// A `RecordAnonymized` of batch `b1`.
+    fn anonymized(
+        position: i64,
+        source_format: &str,
+        record_type: &str,
+        pseudonym: &str,
+        content: serde_json::Value,
+    ) -> Event {
         event(Payload::RecordAnonymized(RecordAnonymized {
             batch_id: "b1".into(),
             position,
-            source_format: "fhir-ndjson".into(),
-            record_type: "Patient".into(),
-            patient_pseudonym: pseudonym,
+            source_format: source_format.into(),
+            record_type: record_type.into(),
+            patient_pseudonym: pseudonym.into(),
             policy_version: "p1".into(),
             key_id: "k1".into(),
             content_json: content.to_string(),
@@ -674,23 +685,13 @@ mod tests {
             .collect()
     }
 
-    fn anonymized(position: i64, pseudonym: &str, content: serde_json::Value) -> Event {
-        event(Payload::RecordAnonymized(RecordAnonymized {
-            batch_id: "b1".into(),
-            position,
-            source_format: "fhir-bundle".into(),
-            record_type: content["resource"]["resourceType"]
-                .as_str()
-                .unwrap_or_default()
-                .into(),
-            patient_pseudonym: pseudonym.into(),
-            policy_version: "p1".into(),
-            key_id: "k1".into(),
-            content_json: content.to_string(),
-            fields_redacted: 0,
-            policy_hash: None,
-            report_json: None,
-        }))
+    /// A Bundle entry's `RecordAnonymized`, its record type read from the resource.
+    fn bundle_entry(position: i64, pseudonym: &str, content: serde_json::Value) -> Event {
+        let record_type = content["resource"]["resourceType"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        anonymized(position, "fhir-bundle", &record_type, pseudonym, content)
     }
 
     #[test]
@@ -705,7 +706,7 @@ mod tests {
             topic: "t",
             partition: 0,
             offset: 1,
-            event: &anonymized(1, "", practitioner),
+            event: &bundle_entry(1, "", practitioner),
         }) {
             Outcome::Emit(outs) => outs,
             other => panic!("{other:?}"),
@@ -739,7 +740,7 @@ mod tests {
                     "serviceProvider": {"reference": "urn:uuid:org1"},
                 }
             });
-            let payloads = run(&mut c, &anonymized(position, &pseudonym, encounter));
+            let payloads = run(&mut c, &bundle_entry(position, &pseudonym, encounter));
             let Some(Payload::CanonicalEncounter(e)) = payloads.first() else {
                 panic!("{payloads:?}")
             };

@@ -594,6 +594,15 @@ pub fn contains_word(hay: &[u8], id: &str) -> bool {
     })
 }
 
+/// Where each of `leaked` appears in clear, one line per hit: a failing test's message.
+pub fn leak_report(records: &[Record], leaked: &[&str]) -> String {
+    leaked
+        .iter()
+        .flat_map(|id| where_in_clear(records, id))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
 /// Where `id` appears in clear: the topic and the bytes around each hit, for a failing
 /// test's message (test data are synthetic, so printing them is safe).
 pub fn where_in_clear(records: &[Record], id: &str) -> Vec<String> {

@@ -192,13 +192,10 @@ fn a_bundle_and_an_oru_become_valid_canonical_records_read_by_the_python_client(
     .map(String::from)
     .to_vec();
     let leaked = tests::in_clear(&downstream, &provider_phi);
-    let places: Vec<String> = leaked
-        .iter()
-        .flat_map(|id| tests::where_in_clear(&downstream, id))
-        .collect();
     assert!(
         leaked.is_empty(),
-        "in clear downstream: {leaked:?} at {places:#?}"
+        "in clear downstream: {leaked:?}\n{}",
+        tests::leak_report(&downstream, &leaked)
     );
 
     // Every reference of the Bundles' records resolves to a record on a canonical topic:

@@ -360,15 +360,11 @@ fn free_text_notes_reach_no_downstream_topic_with_their_phi() {
         .count();
     assert_eq!(scrubbed, notes.len(), "canonical notes with [NAME] in them");
     let leaked = tests::in_clear_as_words(&records, &phi);
-    let places: Vec<String> = leaked
-        .iter()
-        .flat_map(|id| tests::where_in_clear(&records, id))
-        .collect();
     assert!(
         leaked.is_empty(),
         "{} PHI strings in clear on a topic: {leaked:?}\n{}",
         leaked.len(),
-        places.join("\n")
+        tests::leak_report(&records, &leaked)
     );
     for s in ["ingestion", "anonymization", "canonization"] {
         let log = p.log(s);
