@@ -1501,10 +1501,11 @@ static HOUSE_NUMBER: std::sync::LazyLock<Option<Regex>> = std::sync::LazyLock::n
 });
 
 /// A line that is only a town, in capitals or not, with an optional region code and postal
-/// code (`LAHTI 12 1061`, `HYVINKÄÄ  2160`, `Pinedale LA 70123`, `CLEVELAND`).
+/// code (`LAHTI 12 1061`, `HYVINKÄÄ  2160`, `Pinedale LA 70123`, `CLEVELAND`, `KRISTIANSAND
+/// S`), or only a region or postal code (`SM`, `85-241`), after any bullet or quote mark.
 static TOWN_LINE: std::sync::LazyLock<Option<Regex>> = std::sync::LazyLock::new(|| {
     Regex::new(
-        r"^[ \t]*(\p{Lu}[\p{L}\p{M}'’.-]+(?:[ \t]+\p{Lu}[\p{L}\p{M}'’.-]+){0,2}(?:[ \t,]+[A-Z0-9]{2,5}(?:[ -][A-Z0-9]{2,4})?){0,3})[ \t]*(?:\r?\n|$)",
+        r"^[^\p{L}\p{N}\n]*?(\p{Lu}[\p{L}\p{M}'’.-]+(?:[ \t]+\p{Lu}[\p{L}\p{M}'’.-]*){0,2}(?:[ \t,]+[A-Z0-9]{2,5}(?:[ -][A-Z0-9]{2,4})?){0,3}|[A-Z0-9]{2,5}(?:[ -][A-Z0-9]{2,4})?)[ \t.]*(?:\r?\n|$)",
     )
     .ok()
 });
@@ -1531,32 +1532,25 @@ fn extend_addresses(text: &str, cands: &mut Vec<Cand>) {
                 .map_or(end + m.end(), |i| end + i + 1);
             end = address_tail(text, number_end);
         }
+        let state_next = US_STATE_NEXT
+            .as_ref()
+            .is_none_or(|r| r.is_match(&text[end..]));
+        if c.kind == Kind::Address && end == c.end && !state_next {
+            // The town, region and postal code after a street: `<street>, Paamiut, SM 3940`
+            // (a US state stays, with its ZIP code found on its own: `Boston, MA [ZIP]`).
+            end = address_tail(text, end);
+        }
         if c.kind == Kind::Address || end > c.end {
-            // The rest of the line is empty: a town alone on the next line belongs too.
-            let rest = &text[end..];
-            let line_end = rest.find('\n').map_or(rest.len(), |i| i + 1);
-            if rest[..line_end].trim().trim_matches(',').is_empty() && line_end < rest.len() {
-                let next = end + line_end;
-                if let Some(caps) = town.captures(&text[next..]) {
-                    // A town in capitals, or one with a code after it: not a heading
-                    // (`Hypertension`) that happens to follow an address.
-                    let townlike = caps.get(1).filter(|g| {
-                        let words: Vec<&str> = g.as_str().split([' ', '\t', ',']).collect();
-                        let capitals = words.first().is_some_and(|w| {
-                            w.chars().count() >= 3 && !w.chars().any(char::is_lowercase)
-                        });
-                        capitals || words.iter().skip(1).any(|w| !w.is_empty())
-                    });
-                    if let Some(g) = townlike {
-                        more.push(Cand {
-                            start: next + g.start(),
-                            end: next + g.end(),
-                            kind: Kind::Address,
-                            rank,
-                        });
-                    }
-                }
-            }
+            more.extend(
+                town_lines(text, end, town)
+                    .into_iter()
+                    .map(|(start, end)| Cand {
+                        start,
+                        end,
+                        kind: Kind::Address,
+                        rank,
+                    }),
+            );
         }
         if end > c.end || start < c.start {
             more.push(Cand {
@@ -1568,6 +1562,48 @@ fn extend_addresses(text: &str, cands: &mut Vec<Cand>) {
         }
     }
     cands.extend(more);
+}
+
+/// `, <US state>` next.
+static US_STATE_NEXT: std::sync::LazyLock<Option<Regex>> =
+    std::sync::LazyLock::new(|| Regex::new(&format!(r"^,[ \t]*(?:{US_STATES})\b")).ok());
+
+/// The towns, regions and postal codes alone on the (up to three) lines after an address
+/// that ends its line at `end`, up to a line that is not one or is a country.
+fn town_lines(text: &str, mut end: usize, town: &Regex) -> Vec<(usize, usize)> {
+    static COUNTRY_LINE: std::sync::LazyLock<Option<Regex>> = std::sync::LazyLock::new(|| {
+        Regex::new(&format!(r"^[^\p{{L}}\p{{N}}\n]*(?:{COUNTRIES})\b")).ok()
+    });
+    let mut out = Vec::new();
+    for _ in 0..3 {
+        let rest = &text[end..];
+        let line_end = rest.find('\n').map_or(rest.len(), |i| i + 1);
+        if !rest[..line_end].trim().trim_matches(',').is_empty() || line_end >= rest.len() {
+            break;
+        }
+        let next = end + line_end;
+        if COUNTRY_LINE
+            .as_ref()
+            .is_some_and(|c| c.is_match(&text[next..]))
+        {
+            break;
+        }
+        let Some(g) = town.captures(&text[next..]).and_then(|caps| caps.get(1)) else {
+            break;
+        };
+        // A town in capitals, a code, or a town with a code after it: not a heading
+        // (`Hypertension`) that happens to follow an address.
+        let words: Vec<&str> = g.as_str().split([' ', '\t', ',']).collect();
+        let capitals = words
+            .first()
+            .is_some_and(|w| w.chars().count() >= 2 && !w.chars().any(char::is_lowercase));
+        if !(capitals || words.iter().skip(1).any(|w| !w.is_empty())) {
+            break;
+        }
+        out.push((next + g.start(), next + g.end()));
+        end = next + g.end();
+    }
+    out
 }
 
 /// A house number at the start of an address whose street was removed from `at` on: the
@@ -1922,6 +1958,13 @@ mod tests {
             "Mr. Smith\n56 Quigley Road\nLAHTI 12 1061\nSeen today",
             "Mr. [NAME]\n[ADDRESS]\n[ADDRESS]\nSeen today",
             &[("NAME", 1), ("ADDRESS", 2)],
+        ),
+        // An address block: the town, region and postal code lines after the street, with
+        // bullets; the country line stays.
+        (
+            "> 56 Quigley Road\n> HIGH BROOMS\n> SM\n> 85-241\n> Portugal\nSeen at Example Street 4, Paamiut, SM 3940",
+            "> [ADDRESS]\n> [ADDRESS]\n> [ADDRESS]\n> [ADDRESS]\n> Portugal\nSeen at [ADDRESS]",
+            &[("ADDRESS", 5)],
         ),
         (
             "Phone: 34 46 44 / 0348 2102744 mobile / 61 51 81-Fax / call 0312 0828589. BP 120-80 home",
