@@ -1140,7 +1140,7 @@ fn specs() -> Vec<Spec> {
         (
             Kind::Address,
             false,
-            r"\b(?i:zip|postal|post)(?i:[ \t]*code)?(?:[ \t]+(?i:is))?[ \t]*:?[ \t]*(\d{3,6}(?:[ -]\d{2,4}|[ \t][A-Z]{2})?)\b".into(),
+            r"\b(?i:zip|postal|post)(?i:[ \t]*code)?(?:[ \t]+(?i:is))?[ \t]*:?[ \t]*(\d{3,6}(?:[ -]\d{2,4}|[ \t][A-Z]{2})?|\d{2}-\d{3})\b".into(),
             span_any_group,
         ),
         // A postal code after a country name (`Denmark 1319 CK`, `Hungary 382 03`, `Canada
@@ -1148,7 +1148,7 @@ fn specs() -> Vec<Spec> {
         (
             Kind::Address,
             false,
-            format!(r"\b(?:{COUNTRIES})[ \t]+(\d{{3,6}}(?:[ -]\d{{2,3}}|[ \t][A-Z]{{2}})?)\b"),
+            format!(r"\b(?:{COUNTRIES})[ \t]+(\d{{3,6}}(?:[ -]\d{{2,3}}|[ \t][A-Z]{{2}})?|\d{{2}}-\d{{3}})\b"),
             span_any_group,
         ),
         // --- titled names (small heuristic; the title itself is kept)
@@ -1943,8 +1943,8 @@ mod tests {
         ),
         // Postal codes after a country or a label; the country stays.
         (
-            "Denmark 1319 CK, Hungary 382 03, Canada 6139. ZIP: 4563, my zip code is 1703 AL",
-            "Denmark [ADDRESS], Hungary [ADDRESS], Canada [ADDRESS]. ZIP: [ADDRESS], my zip code is [ADDRESS]",
+            "Denmark 1319 CK, Hungary 382 03, Poland 00-441. ZIP: 88-100, my zip code is 1703 AL",
+            "Denmark [ADDRESS], Hungary [ADDRESS], Poland [ADDRESS]. ZIP: [ADDRESS], my zip code is [ADDRESS]",
             &[("ADDRESS", 5)],
         ),
         // A street the name finder removed takes its house number, town and postal code
