@@ -37,8 +37,12 @@ fn policy(version: &str, hash: Option<&String>) -> Option<String> {
 /// here until its facts (and what of it to seal) are decided.
 pub fn facts(p: &Payload) -> Facts {
     let mut f = Facts::default();
-    if let Some((pseudonym, _, provenance)) = p.canonical() {
-        f.subject = Some(pseudonym.to_string());
+    if let Some((key, _, provenance)) = p.canonical() {
+        // A shared resource's key is its own id, not a patient.
+        let shared = p
+            .resource_type()
+            .is_some_and(pipeline::ResourceType::is_shared);
+        f.subject = (!shared).then(|| key.to_string());
         f.policy = Some(provenance.policy_version.clone());
         f.record_position = Some(provenance.source_position);
         return f;
@@ -92,7 +96,8 @@ pub fn facts(p: &Payload) -> Facts {
             f.key_ids = vec![a.key_id.clone()];
         }
         Control::RecordAnonymized(r) => {
-            f.subject = Some(r.patient_pseudonym.clone());
+            // A shared resource (a practitioner, a medication) has no patient.
+            f.subject = (!r.patient_pseudonym.is_empty()).then(|| r.patient_pseudonym.clone());
             f.policy = policy(&r.policy_version, r.policy_hash.as_ref());
             f.key_ids = vec![r.key_id.clone()];
             f.record_position = Some(r.position);
@@ -294,6 +299,27 @@ mod tests {
         );
         let e = entry_for(&msg(b"x", None), Some(&ev), &key()).expect("entry");
         assert_eq!(e.records_expected, Some(7));
+    }
+
+    #[test]
+    fn a_shared_resource_has_no_subject_and_a_patient_record_its_pseudonym() {
+        let anonymized = |pseudonym: &str| {
+            Payload::RecordAnonymized(pipeline::events::RecordAnonymized {
+                batch_id: "b".into(),
+                position: 1,
+                source_format: "fhir-bundle".into(),
+                record_type: "Practitioner".into(),
+                patient_pseudonym: pseudonym.into(),
+                policy_version: "p".into(),
+                key_id: "k".into(),
+                content_json: "{}".into(),
+                fields_redacted: 0,
+                policy_hash: None,
+                report_json: None,
+            })
+        };
+        assert_eq!(facts(&anonymized("")).subject, None);
+        assert_eq!(facts(&anonymized("abc")).subject.as_deref(), Some("abc"));
     }
 
     #[test]
