@@ -5,17 +5,20 @@
 pub mod engine;
 pub mod eval;
 pub mod gold;
+pub mod identity;
 pub mod memory;
 pub mod policy;
 pub mod scrub;
 
-pub use engine::{Anonymized, Context, Engine, EngineError, Keys, Report, Subject};
+pub use engine::{
+    Anonymized, Context, Engine, EngineError, Identified, Keys, Merge, Report, Subject,
+};
 pub use policy::{Policy, PolicyError};
 
 use pipeline::crypto::{open_record, KeyRef};
 use pipeline::events::{
-    AnonymizationFailed, AnonymizationFinished, AnonymizationStarted, Payload, RecordAnonymized,
-    SourceRecordBody, SourceRecordIngested,
+    AnonymizationFailed, AnonymizationFinished, AnonymizationStarted, PatientMerged, Payload,
+    RecordAnonymized, SourceRecordBody, SourceRecordIngested,
 };
 use pipeline::runner::Owns;
 use pipeline::state::PendingClose;
@@ -72,6 +75,8 @@ pub struct Anonymizer {
     /// record by pseudonym, sealed, so that a later note about the patient is scrubbed of
     /// them too, also after a restart (`memory`).
     state: memory::StageState,
+    /// Merges found while resolving the current record's patient, published after it.
+    pending_merges: Vec<PatientMerged>,
 }
 
 impl Anonymizer {
@@ -83,6 +88,7 @@ impl Anonymizer {
     ) -> Self {
         Anonymizer {
             state: memory::StageState::new(master.clone()),
+            pending_merges: Vec::new(),
             master,
             engine,
             max_failure_ratio,
@@ -99,17 +105,17 @@ impl Anonymizer {
     fn anonymize(
         &mut self,
         rec: &SourceRecordIngested,
-    ) -> Result<(RecordAnonymized, String), AnonymizeError> {
+    ) -> Result<(RecordAnonymized, String, Vec<PatientMerged>), AnonymizeError> {
+        self.pending_merges.clear();
         let aad = SourceRecordIngested::aad(&rec.batch_id, rec.position);
         let plain = open_record(&self.master, &rec.sealed, &aad)
             .map_err(|e| AnonymizeError::Decrypt(e.to_string()))?;
         let body: SourceRecordBody =
             serde_json::from_slice(&plain).map_err(|e| AnonymizeError::Body(e.to_string()))?;
-        let patient = body
-            .patient_link
-            .as_deref()
-            .map(|l| self.engine.pseudonym(l))
-            .unwrap_or_default();
+        let who = self
+            .engine
+            .identify(&rec.source_format, &rec.record_type, &body)?;
+        let patient = self.patient_of(&who, rec);
         if rec.record_type == "Patient" || rec.record_type.starts_with("ADT") {
             let known = self.engine.known_identifiers(
                 &rec.source_format,
@@ -131,10 +137,27 @@ impl Anonymizer {
                 None
             }
         };
-        let extra = remembered.unwrap_or(&empty);
-        let out = self
-            .engine
-            .anonymize(&rec.source_format, &rec.record_type, &body, extra)?;
+        let extra = remembered.unwrap_or(&empty).clone();
+        let state = &self.state;
+        let engine = &self.engine;
+        // Another Patient named by its source id: its trusted identity if one was seen, and
+        // the survivor if it was merged.
+        let resolve = |id: &str| {
+            let source = engine.pseudonym(id);
+            let known = state.alias(&source).unwrap_or(&source);
+            let now = state.survivor(known);
+            (now != source).then(|| now.to_owned())
+        };
+        let out = self.engine.anonymize_as(
+            &rec.source_format,
+            &rec.record_type,
+            &body,
+            &who,
+            &patient,
+            &resolve,
+            &extra,
+        )?;
+        let merges = self.merges(&who, &patient, rec);
         let policy = self.engine.policy();
         // Fields removed: by the allow-list default, by `redact` rules, and values a
         // method could not handle (which are removed instead of passed on).
@@ -169,7 +192,112 @@ impl Anonymizer {
             policy_hash: Some(policy.hash.clone()),
             report_json: serde_json::to_string(&out.report).ok(),
         };
-        Ok((record, out.patient_pseudonym))
+        Ok((record, out.patient_pseudonym, merges))
+    }
+
+    /// The pseudonym a record is published under: its trusted identity's, else the one an
+    /// earlier record's trusted identity gave its source id, else its source id's; then the
+    /// survivor of any merge. Remembers the alias a trusted identity gives, and publishes a
+    /// merge when records already went out under the source id alone.
+    fn patient_of(&mut self, who: &Identified, rec: &SourceRecordIngested) -> String {
+        if who.subject == Subject::Shared {
+            return who.source_pseudonym.clone();
+        }
+        let source = &who.source_pseudonym;
+        let base = match &who.identity_pseudonym {
+            Some(identity) => {
+                if self.state.set_alias(source, identity) {
+                    self.pending_merges.push(self.merge_event(
+                        rec,
+                        identity,
+                        source,
+                        "identity-resolved",
+                        false,
+                    ));
+                }
+                identity.clone()
+            }
+            None => match self.state.alias(source) {
+                Some(alias) => alias.to_owned(),
+                None => {
+                    if !self.engine.policy().identity.is_empty() {
+                        self.state.mark_provisional(source);
+                    }
+                    source.clone()
+                }
+            },
+        };
+        self.state.survivor(&base).to_owned()
+    }
+
+    /// The merges a record announces that are new, as events; remembered so that later
+    /// records of the merged patient go to the survivor.
+    fn merges(
+        &mut self,
+        who: &Identified,
+        patient: &str,
+        rec: &SourceRecordIngested,
+    ) -> Vec<PatientMerged> {
+        let mut out = std::mem::take(&mut self.pending_merges);
+        for merge in &who.merges {
+            let other_now = |state: &memory::StageState, other: &str, source: bool| {
+                let other = if source {
+                    state.alias(other).unwrap_or(other)
+                } else {
+                    other
+                };
+                state.survivor(other).to_owned()
+            };
+            let (survivor, merged, trigger, has_link) = match merge {
+                Merge::Absorbed {
+                    other,
+                    other_is_source_id,
+                    trigger,
+                } => {
+                    let other = if *other_is_source_id {
+                        self.state.alias(other).unwrap_or(other).to_owned()
+                    } else {
+                        other.clone()
+                    };
+                    (patient.to_owned(), other, *trigger, false)
+                }
+                Merge::ReplacedBy {
+                    other,
+                    other_is_source_id,
+                } => (
+                    other_now(&self.state, other, *other_is_source_id),
+                    patient.to_owned(),
+                    "fhir-patient-link-replaced-by",
+                    true,
+                ),
+            };
+            if self.state.set_merged(&merged, &survivor) {
+                out.push(self.merge_event(rec, &survivor, &merged, trigger, has_link));
+            }
+        }
+        out
+    }
+
+    fn merge_event(
+        &self,
+        rec: &SourceRecordIngested,
+        survivor: &str,
+        merged: &str,
+        trigger: &str,
+        merged_record_has_link: bool,
+    ) -> PatientMerged {
+        PatientMerged {
+            batch_id: rec.batch_id.clone(),
+            position: rec.position,
+            source_format: rec.source_format.clone(),
+            record_type: rec.record_type.clone(),
+            surviving_pseudonym: survivor.to_owned(),
+            merged_pseudonym: merged.to_owned(),
+            trigger: trigger.to_owned(),
+            merged_record_has_link,
+            policy_version: self.engine.policy().version.clone(),
+            key_id: self.engine.key_id().to_string(),
+        }
     }
 
     fn counts(&self, batch: &str) -> BatchCounts {
@@ -302,11 +430,17 @@ impl Stage for Anonymizer {
                 let closed = self.try_close(&rec.batch_id, None);
                 match result {
                     Ok(out) => {
-                        let (out, key) = out;
+                        let (out, key, merges) = out;
                         let mut outputs = vec![Output {
                             key,
                             event: Event::caused_by(ev, SERVICE, Payload::RecordAnonymized(out)),
                         }];
+                        // Keyed by the merged patient, so a merge follows that patient's
+                        // records on the topic.
+                        outputs.extend(merges.into_iter().map(|m| Output {
+                            key: m.merged_pseudonym.clone(),
+                            event: Event::caused_by(ev, SERVICE, Payload::PatientMerged(m)),
+                        }));
                         outputs.extend(closed);
                         Outcome::Emit(outputs)
                     }
@@ -314,13 +448,23 @@ impl Stage for Anonymizer {
                         let error_type = e.error_type();
                         let reason =
                             format!("batch {} position {}: {e}", rec.batch_id, rec.position);
-                        match closed {
-                            None => Outcome::DeadLetter { error_type, reason },
-                            Some(close) => Outcome::DeadLetterAndEmit {
+                        // A merge found before the record failed is a fact all the same.
+                        let mut outputs: Vec<Output> = std::mem::take(&mut self.pending_merges)
+                            .into_iter()
+                            .map(|m| Output {
+                                key: m.merged_pseudonym.clone(),
+                                event: Event::caused_by(ev, SERVICE, Payload::PatientMerged(m)),
+                            })
+                            .collect();
+                        outputs.extend(closed);
+                        if outputs.is_empty() {
+                            Outcome::DeadLetter { error_type, reason }
+                        } else {
+                            Outcome::DeadLetterAndEmit {
                                 error_type,
                                 reason,
-                                outputs: vec![close],
-                            },
+                                outputs,
+                            }
                         }
                     }
                 }
@@ -380,6 +524,7 @@ mod tests {
     use super::*;
     use pipeline::crypto::DataKey;
     use pipeline::events::{DataIngestionFinished, DataIngestionStarted};
+    use pipeline::state::DurableState;
     use serde_json::{json, Value};
 
     fn master() -> KeyRef {
@@ -821,5 +966,264 @@ mod tests {
             !scrubbed.contains("bishop") && scrubbed.contains("[NAME]"),
             "{scrubbed}"
         );
+    }
+
+    /// What one record's processing published: (key, record pseudonym) per anonymized
+    /// record and (merged, survivor, trigger) per merge.
+    #[allow(clippy::type_complexity)]
+    fn published(o: Outcome) -> (Vec<(String, String)>, Vec<(String, String, String)>) {
+        let Outcome::Emit(outs) = o else {
+            panic!("{o:?}")
+        };
+        let mut records = Vec::new();
+        let mut merges = Vec::new();
+        for out in outs {
+            match out.event.payload {
+                Payload::RecordAnonymized(r) => records.push((out.key, r.patient_pseudonym)),
+                Payload::PatientMerged(m) => {
+                    assert_eq!(out.key, m.merged_pseudonym);
+                    merges.push((m.merged_pseudonym, m.surviving_pseudonym, m.trigger))
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        (records, merges)
+    }
+
+    const MRN_SYSTEM: &str = "urn:oid:2.16.840.1.113883.19.5.99.1";
+
+    fn fhir_patient(position: i64, id: &str, mrn: Option<&str>, link: Value) -> Event {
+        let mut identifier = vec![json!({"system": "urn:other", "value": format!("X-{id}")})];
+        if let Some(mrn) = mrn {
+            identifier.push(json!({"system": MRN_SYSTEM, "value": mrn}));
+        }
+        let resource = json!({"resourceType": "Patient", "id": id, "identifier": identifier,
+                              "name": [{"family": "Okafor"}], "link": link});
+        sealed(position, Some(id), "fhir-ndjson", "Patient", resource)
+    }
+
+    fn fhir_observation(position: i64, patient_id: &str) -> Event {
+        let resource = json!({"resourceType": "Observation", "id": format!("o{position}"),
+            "status": "final", "subject": {"reference": format!("Patient/{patient_id}")}});
+        sealed(
+            position,
+            Some(patient_id),
+            "fhir-ndjson",
+            "Observation",
+            resource,
+        )
+    }
+
+    fn hl7(position: i64, event: &str, segments: &[&str]) -> Event {
+        let mut lines = vec![format!(
+            "MSH|^~\\&|A|SYNTH_HOSP|B|SYNTH_HOSP|20240101||ADT^{event}|C{position}|P|2.5.1"
+        )];
+        lines.extend(segments.iter().map(|s| s.to_string()));
+        let segments: Vec<Value> = lines
+            .iter()
+            .map(|line| {
+                let mut parts = line.split('|');
+                let id = parts.next().unwrap_or_default().to_string();
+                let mut fields: Vec<Value> = parts
+                    .map(|f| {
+                        let reps: Vec<Value> = f
+                            .split('~')
+                            .filter(|r| !r.is_empty())
+                            .map(|r| {
+                                json!(r
+                                    .split('^')
+                                    .map(|c| json!(c.split('&').collect::<Vec<_>>()))
+                                    .collect::<Vec<_>>())
+                            })
+                            .collect();
+                        json!(reps)
+                    })
+                    .collect();
+                if id == "MSH" {
+                    fields.insert(0, json!([[["|"]]]));
+                }
+                pipeline::hl7::segment(&id, fields)
+            })
+            .collect();
+        let content = pipeline::hl7::message(segments);
+        let link = pipeline::hl7::get(&content, "PID-3");
+        sealed(
+            position,
+            link.as_deref(),
+            "hl7v2",
+            &format!("ADT^{event}"),
+            content,
+        )
+    }
+
+    #[test]
+    fn one_human_gets_one_pseudonym_across_formats_by_the_trusted_mrn() {
+        let mut a = stage(0.5);
+        run(&mut a, &lifecycle(false));
+        let identity = a.engine.identity_pseudonym(&identity::TrustedId {
+            system: "synth-hosp-mrn".into(),
+            value: "MRN-4242".into(),
+        });
+        // FHIR: the Patient carries the MRN; its Observation names it by the source id.
+        let (p, merges) = published(run(
+            &mut a,
+            &fhir_patient(1, "fhir-7", Some("MRN-4242"), json!([])),
+        ));
+        assert_eq!(p, vec![(identity.clone(), identity.clone())]);
+        assert!(merges.is_empty());
+        let (o, _) = published(run(&mut a, &fhir_observation(2, "fhir-7")));
+        assert_eq!(o, vec![(identity.clone(), identity.clone())]);
+        // HL7: PID-3 repetitions; the MRN of SYNTH_HOSP is the second.
+        let (h, _) = published(run(
+            &mut a,
+            &hl7(
+                3,
+                "A01",
+                &["PID|1||V-1^^^OTHER^PI~MRN-4242^^^SYNTH_HOSP^MR||Okafor^Ann"],
+            ),
+        ));
+        assert_eq!(h, vec![(identity.clone(), identity.clone())]);
+        // CSV: a row with the MRN column.
+        let row = json!({"Id": "csv-9", "MRN": "MRN-4242", "FIRST": "Ann", "GENDER": "F"});
+        let (c, _) = published(run(
+            &mut a,
+            &sealed(4, Some("csv-9"), "csv", "Patient", row),
+        ));
+        assert_eq!(c, vec![(identity.clone(), identity.clone())]);
+        // Another human, no trusted identifier: keyed by the source id, as before.
+        let (x, _) = published(run(&mut a, &fhir_observation(5, "fhir-8")));
+        assert_eq!(x[0].1, a.engine.pseudonym("fhir-8"));
+        // The reference in the Observation's content is the patient's pseudonym too.
+        let Outcome::Emit(outs) = run(&mut a, &fhir_observation(6, "fhir-7")) else {
+            panic!()
+        };
+        let Payload::RecordAnonymized(r) = &outs[0].event.payload else {
+            panic!()
+        };
+        assert!(
+            r.content_json.contains(&format!("Patient/{identity}")),
+            "{}",
+            r.content_json
+        );
+    }
+
+    #[test]
+    fn records_before_their_patient_are_linked_by_a_merge_once_the_mrn_is_known() {
+        let mut a = stage(0.5);
+        run(&mut a, &lifecycle(false));
+        let source = a.engine.pseudonym("fhir-7");
+        let (o, _) = published(run(&mut a, &fhir_observation(1, "fhir-7")));
+        assert_eq!(o[0].1, source);
+        let (p, merges) = published(run(
+            &mut a,
+            &fhir_patient(2, "fhir-7", Some("MRN-1"), json!([])),
+        ));
+        let identity = p[0].1.clone();
+        assert_ne!(identity, source);
+        assert_eq!(
+            merges,
+            vec![(source.clone(), identity.clone(), "identity-resolved".into())]
+        );
+        // Once: the same Patient again merges nothing new.
+        let (_, again) = published(run(
+            &mut a,
+            &fhir_patient(3, "fhir-7", Some("MRN-1"), json!([])),
+        ));
+        assert!(again.is_empty());
+        let (later, _) = published(run(&mut a, &fhir_observation(4, "fhir-7")));
+        assert_eq!(later[0].1, identity);
+    }
+
+    #[test]
+    fn an_hl7_merge_is_announced_once_and_later_records_of_the_merged_patient_go_to_the_survivor() {
+        let mut a = stage(0.5);
+        run(&mut a, &lifecycle(false));
+        let (old, _) = published(run(
+            &mut a,
+            &hl7(1, "A01", &["PID|1||MRN-OLD^^^SYNTH_HOSP^MR"]),
+        ));
+        let (new, _) = published(run(
+            &mut a,
+            &hl7(2, "A01", &["PID|1||MRN-NEW^^^SYNTH_HOSP^MR"]),
+        ));
+        let (old, new) = (old[0].1.clone(), new[0].1.clone());
+        assert_ne!(old, new);
+        let a40 = hl7(
+            3,
+            "A40",
+            &[
+                "PID|1||MRN-NEW^^^SYNTH_HOSP^MR",
+                "MRG|MRN-OLD^^^SYNTH_HOSP^MR",
+            ],
+        );
+        let (r, merges) = published(run(&mut a, &a40));
+        assert_eq!(r[0].1, new);
+        assert_eq!(merges, vec![(old.clone(), new.clone(), "hl7-merge".into())]);
+        // A redelivered merge announces nothing new.
+        let (_, again) = published(run(&mut a, &a40));
+        assert!(again.is_empty());
+        // A later message under the old MRN belongs to the survivor.
+        let (late, _) = published(run(
+            &mut a,
+            &hl7(4, "A08", &["PID|1||MRN-OLD^^^SYNTH_HOSP^MR"]),
+        ));
+        assert_eq!(late[0].1, new);
+
+        // The merge survives a restart (the runner reloads the committed state).
+        let entries = a.state.changes().expect("changes");
+        let mut b = stage(0.5);
+        b.state.restore(entries).expect("restore");
+        let (late, _) = published(run(
+            &mut b,
+            &hl7(5, "A08", &["PID|1||MRN-OLD^^^SYNTH_HOSP^MR"]),
+        ));
+        assert_eq!(late[0].1, new);
+        // A reverse merge would close a loop: refused, nothing announced.
+        let back = hl7(
+            6,
+            "A40",
+            &[
+                "PID|1||MRN-OLD^^^SYNTH_HOSP^MR",
+                "MRG|MRN-NEW^^^SYNTH_HOSP^MR",
+            ],
+        );
+        let (_, none) = published(run(&mut b, &back));
+        assert!(none.is_empty());
+    }
+
+    #[test]
+    fn a_fhir_patient_replaced_by_another_stays_under_its_own_pseudonym_and_links_to_it() {
+        let mut a = stage(0.5);
+        run(&mut a, &lifecycle(false));
+        let (survivor, _) = published(run(
+            &mut a,
+            &fhir_patient(1, "new", Some("MRN-2"), json!([])),
+        ));
+        let survivor = survivor[0].1.clone();
+        let link = json!([{"other": {"reference": "Patient/new"}, "type": "replaced-by"}]);
+        let Outcome::Emit(outs) = run(&mut a, &fhir_patient(2, "old", None, link)) else {
+            panic!()
+        };
+        let Payload::RecordAnonymized(r) = &outs[0].event.payload else {
+            panic!()
+        };
+        let old = a.engine.pseudonym("old");
+        assert_eq!(r.patient_pseudonym, old);
+        let content: Value = serde_json::from_str(&r.content_json).expect("json");
+        assert_eq!(
+            content["link"],
+            json!([{"other": {"reference": format!("Patient/{survivor}")}, "type": "replaced-by"}])
+        );
+        let Payload::PatientMerged(m) = &outs[1].event.payload else {
+            panic!("{outs:?}")
+        };
+        assert_eq!(
+            (m.merged_pseudonym.as_str(), m.surviving_pseudonym.as_str()),
+            (old.as_str(), survivor.as_str())
+        );
+        assert!(m.merged_record_has_link);
+        // The old patient's later records go to the survivor.
+        let (later, _) = published(run(&mut a, &fhir_observation(3, "old")));
+        assert_eq!(later[0].1, survivor);
     }
 }

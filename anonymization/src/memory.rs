@@ -26,6 +26,16 @@ pub const KNOWN_PATIENTS: usize = 100_000;
 
 /// State-topic keys of known identifiers start with this; batch ids (UUIDs) never do.
 const KNOWN_PREFIX: &str = "known/";
+/// Source pseudonym -> the pseudonym of the patient's trusted identifier (see `identity`).
+const ALIAS_PREFIX: &str = "alias/";
+/// Merged patient pseudonym -> the surviving patient's pseudonym.
+const MERGED_PREFIX: &str = "merged/";
+/// Source pseudonyms that records were published under before any trusted identifier was
+/// known for them; when one becomes known, the two are linked by a merge.
+const PROVISIONAL_PREFIX: &str = "provisional/";
+
+/// How many merges are followed from a pseudonym before giving up (a loop guard).
+const MAX_MERGE_HOPS: usize = 16;
 
 /// One patient's known identifiers, sealed, with the order in which they were stored.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -45,6 +55,9 @@ pub struct StageState {
     master: KeyRef,
     pub batches: KeyedState<BatchCounts>,
     known: KeyedState<SealedKnown>,
+    aliases: KeyedState<String>,
+    merged: KeyedState<String>,
+    provisional: KeyedState<bool>,
     /// Opened known identifiers, by pseudonym: a cache of `known`.
     opened: HashMap<String, Known>,
     /// Pseudonyms by `seq`, oldest first, for the bound.
@@ -58,6 +71,9 @@ impl StageState {
             master,
             batches: KeyedState::default(),
             known: KeyedState::default(),
+            aliases: KeyedState::default(),
+            merged: KeyedState::default(),
+            provisional: KeyedState::default(),
             opened: HashMap::new(),
             order: BTreeMap::new(),
             next_seq: 0,
@@ -140,6 +156,57 @@ impl StageState {
         self.next_seq = self.order.keys().next_back().map_or(0, |s| s + 1);
     }
 
+    /// The pseudonym a source pseudonym stands for, if a trusted identifier was seen for it.
+    pub fn alias(&self, source: &str) -> Option<&str> {
+        self.aliases.get(source).map(String::as_str)
+    }
+
+    /// Records that `source` stands for `identity`. Returns whether records were already
+    /// published under `source` alone (provisionally), which the caller links by a merge.
+    pub fn set_alias(&mut self, source: &str, identity: &str) -> bool {
+        if source == identity || self.alias(source) == Some(identity) {
+            return false;
+        }
+        self.aliases.put(source, identity.to_owned());
+        let provisional = self.provisional.get(source).is_some();
+        if provisional {
+            self.provisional.delete(source);
+        }
+        provisional
+    }
+
+    /// Notes that a record was published under `source` with no trusted identifier known.
+    pub fn mark_provisional(&mut self, source: &str) {
+        if self.provisional.get(source).is_none() {
+            self.provisional.put(source, true);
+        }
+    }
+
+    /// Follows merges from `patient` to the surviving pseudonym.
+    pub fn survivor<'a>(&'a self, patient: &'a str) -> &'a str {
+        let mut at = patient;
+        for _ in 0..MAX_MERGE_HOPS {
+            match self.merged.get(at) {
+                Some(next) if next != patient => at = next,
+                _ => break,
+            }
+        }
+        at
+    }
+
+    /// Records that `merged` was merged into `survivor`; false when that is already known or
+    /// would close a loop (the survivor was itself merged into `merged`).
+    pub fn set_merged(&mut self, merged: &str, survivor: &str) -> bool {
+        if merged == survivor
+            || self.merged.get(merged).map(String::as_str) == Some(survivor)
+            || self.survivor(survivor) == merged
+        {
+            return false;
+        }
+        self.merged.put(merged, survivor.to_owned());
+        true
+    }
+
     /// How many patients are remembered (committed).
     pub fn known_len(&self) -> usize {
         self.known.len()
@@ -149,39 +216,64 @@ impl StageState {
 impl DurableState for StageState {
     fn changes(&self) -> Result<Vec<StateEntry>, PipelineError> {
         let mut out = self.batches.changes()?;
-        out.extend(
-            self.known
-                .changes()?
+        let prefixed = |prefix: &str, changes: Vec<StateEntry>| {
+            changes
                 .into_iter()
-                .map(|(k, v)| (format!("{KNOWN_PREFIX}{k}"), v)),
-        );
+                .map(move |(k, v)| (format!("{prefix}{k}"), v))
+                .collect::<Vec<_>>()
+        };
+        out.extend(prefixed(KNOWN_PREFIX, self.known.changes()?));
+        out.extend(prefixed(ALIAS_PREFIX, self.aliases.changes()?));
+        out.extend(prefixed(MERGED_PREFIX, self.merged.changes()?));
+        out.extend(prefixed(PROVISIONAL_PREFIX, self.provisional.changes()?));
         Ok(out)
     }
 
     fn commit(&mut self) {
         self.batches.commit();
         self.known.commit();
+        self.aliases.commit();
+        self.merged.commit();
+        self.provisional.commit();
     }
 
     fn rollback(&mut self) {
         let changed = self.known.has_changes();
         self.batches.rollback();
         self.known.rollback();
+        self.aliases.rollback();
+        self.merged.rollback();
+        self.provisional.rollback();
         if changed {
             self.reindex();
         }
     }
 
     fn restore(&mut self, entries: Vec<StateEntry>) -> Result<(), PipelineError> {
-        let (known, batches): (Vec<StateEntry>, Vec<StateEntry>) = entries
-            .into_iter()
-            .partition(|(k, _)| k.starts_with(KNOWN_PREFIX));
+        let mut known = Vec::new();
+        let mut aliases = Vec::new();
+        let mut merged = Vec::new();
+        let mut provisional = Vec::new();
+        let mut batches = Vec::new();
+        for (k, v) in entries {
+            let strip = |p: &str| k.strip_prefix(p).map(str::to_string);
+            if let Some(k) = strip(KNOWN_PREFIX) {
+                known.push((k, v));
+            } else if let Some(k) = strip(ALIAS_PREFIX) {
+                aliases.push((k, v));
+            } else if let Some(k) = strip(MERGED_PREFIX) {
+                merged.push((k, v));
+            } else if let Some(k) = strip(PROVISIONAL_PREFIX) {
+                provisional.push((k, v));
+            } else {
+                batches.push((k, v));
+            }
+        }
         self.batches.restore(batches)?;
-        self.known.restore(
-            known
-                .into_iter()
-                .map(|(k, v)| (k[KNOWN_PREFIX.len()..].to_string(), v)),
-        )?;
+        self.known.restore(known)?;
+        self.aliases.restore(aliases)?;
+        self.merged.restore(merged)?;
+        self.provisional.restore(provisional)?;
         self.reindex();
         Ok(())
     }

@@ -49,6 +49,8 @@ pub struct Policy {
     pub hash: String,
     pub settings: Settings,
     pub rules: Vec<Rule>,
+    /// Trusted identity systems, highest priority first (`[[identity]]`, see `identity`).
+    pub identity: Vec<crate::identity::IdentitySystem>,
 }
 
 /// What the `date`, `age` and `generalize-zip` methods do.
@@ -227,6 +229,8 @@ struct RawPolicy {
     settings: RawSettings,
     #[serde(default, rename = "rule")]
     rules: Vec<RawRule>,
+    #[serde(default)]
+    identity: Vec<crate::identity::IdentitySystem>,
 }
 
 #[derive(Deserialize)]
@@ -277,6 +281,7 @@ impl Policy {
                 restricted_zip3: BTreeSet::new(),
             },
             rules: Vec::new(),
+            identity: Vec::new(),
         })
     }
 
@@ -329,12 +334,23 @@ fn validate(raw: RawPolicy, hash: String) -> Result<Policy, PolicyError> {
             ));
         }
     }
+    let mut names = BTreeSet::new();
+    for system in &raw.identity {
+        let field = format!("identity.{}", system.name);
+        system
+            .check()
+            .map_err(|reason| field_error(&field, reason))?;
+        if !names.insert(system.name.clone()) {
+            return Err(field_error(&field, "duplicate identity system name"));
+        }
+    }
     Ok(Policy {
         name: raw.name,
         version: raw.version,
         hash,
         settings,
         rules,
+        identity: raw.identity,
     })
 }
 

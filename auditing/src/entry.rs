@@ -47,6 +47,10 @@ pub struct AuditEntry {
     /// The patient pseudonym a record event is about (keyed, never an identifier).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub subject: Option<String>,
+    /// A second patient pseudonym the event is about: the merged patient of a
+    /// `PatientMerged` (whose `subject` is the survivor). Indexed like `subject`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub related_subject: Option<String>,
     /// The de-identification policy version (and hash) the event was produced under.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub policy: Option<String>,

@@ -15,6 +15,7 @@ use crate::entry::{AuditEntry, Sealed};
 #[derive(Debug, Default, PartialEq)]
 pub struct Facts {
     pub subject: Option<String>,
+    pub related_subject: Option<String>,
     pub policy: Option<String>,
     pub key_ids: Vec<String>,
     pub record_position: Option<i64>,
@@ -102,6 +103,13 @@ pub fn facts(p: &Payload) -> Facts {
             f.key_ids = vec![r.key_id.clone()];
             f.record_position = Some(r.position);
         }
+        Control::PatientMerged(m) => {
+            f.subject = Some(m.surviving_pseudonym.clone());
+            f.related_subject = Some(m.merged_pseudonym.clone());
+            f.policy = Some(m.policy_version.clone());
+            f.key_ids = vec![m.key_id.clone()];
+            f.record_position = Some(m.position);
+        }
         Control::AnonymizationFinished(a) => {
             f.policy = policy(&a.policy_version, a.policy_hash.as_ref());
             f.records_expected = a.records_anonymized;
@@ -161,6 +169,7 @@ pub fn entry_for(
             e.source_service = Some(h.source_service.clone());
             e.occurred_at = Some(h.occurred_at);
             e.subject = f.subject;
+            e.related_subject = f.related_subject;
             e.policy = f.policy;
             e.key_ids = f.key_ids;
             e.record_position = f.record_position;
@@ -320,6 +329,26 @@ mod tests {
         };
         assert_eq!(facts(&anonymized("")).subject, None);
         assert_eq!(facts(&anonymized("abc")).subject.as_deref(), Some("abc"));
+    }
+
+    #[test]
+    fn a_merge_names_the_survivor_as_subject_and_the_merged_patient_as_related() {
+        let f = facts(&Payload::PatientMerged(pipeline::events::PatientMerged {
+            batch_id: "b".into(),
+            position: 4,
+            source_format: "hl7v2".into(),
+            record_type: "ADT^A40".into(),
+            surviving_pseudonym: "survivor".into(),
+            merged_pseudonym: "merged".into(),
+            trigger: "hl7-merge".into(),
+            merged_record_has_link: false,
+            policy_version: "p".into(),
+            key_id: "k".into(),
+        }));
+        assert_eq!(f.subject.as_deref(), Some("survivor"));
+        assert_eq!(f.related_subject.as_deref(), Some("merged"));
+        assert_eq!(f.record_position, Some(4));
+        assert!(f.sensitive.is_empty());
     }
 
     #[test]

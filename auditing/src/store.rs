@@ -82,6 +82,12 @@ impl Key {
         }
     }
 
+    /// Whether the entry has `value` for this key: a merge is found under either patient.
+    pub fn matches(self, e: &AuditEntry, value: &str) -> bool {
+        self.of(e) == Some(value)
+            || (self == Key::Subject && e.related_subject.as_deref() == Some(value))
+    }
+
     /// The entry's value for this key.
     pub fn of(self, e: &AuditEntry) -> Option<&str> {
         match self {
@@ -112,6 +118,10 @@ fn index_records(e: &AuditEntry, byte_offset: u64, out: &mut Vec<u8>) {
             out.extend_from_slice(&key_hash(k, v).to_le_bytes());
             out.extend_from_slice(&byte_offset.to_le_bytes());
         }
+    }
+    if let Some(v) = e.related_subject.as_deref() {
+        out.extend_from_slice(&key_hash(Key::Subject, v).to_le_bytes());
+        out.extend_from_slice(&byte_offset.to_le_bytes());
     }
 }
 
@@ -766,7 +776,7 @@ pub fn lookup(dir: &Path, key: Key, value: &str) -> Result<Vec<AuditEntry>, Stor
                 byte_offset: off,
             };
             let e = parse_line(&loc, line.strip_suffix('\n').unwrap_or(&line))?;
-            if key.of(&e) == Some(value) {
+            if key.matches(&e, value) {
                 out.push(e);
             }
         }
@@ -1061,6 +1071,34 @@ pub(crate) mod tests {
         assert!(lookup(dir.path(), Key::Subject, "nobody")
             .expect("lookup")
             .is_empty());
+    }
+
+    #[test]
+    fn a_merge_is_found_under_either_patient() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut s = Store::open(dir.path(), 10, &key().verifying_key(), |_| {}).expect("open");
+        let merge = AuditEntry {
+            event_type: "PatientMerged".into(),
+            subject: Some("survivor".into()),
+            related_subject: Some("merged".into()),
+            ..entry(0)
+        };
+        let other = AuditEntry {
+            subject: Some("merged".into()),
+            ..entry(1)
+        };
+        s.append(vec![merge, other], 42).expect("append");
+        drop(s);
+        let seqs = |who: &str| -> Vec<u64> {
+            lookup(dir.path(), Key::Subject, who)
+                .expect("lookup")
+                .iter()
+                .map(|e| e.seq)
+                .collect()
+        };
+        assert_eq!(seqs("survivor"), vec![0]);
+        assert_eq!(seqs("merged"), vec![0, 1]);
+        assert!(verify_dir(dir.path()).is_ok());
     }
 
     #[test]

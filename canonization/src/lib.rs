@@ -17,8 +17,8 @@ use pipeline::events::{
     AllergyIntoleranceDetails, CanonicalPatient, CanonicalRecord, CanonicalSharedRecord,
     CanonizationFailed, ConditionDetails, DiagnosticReportDetails, EncounterDetails,
     EventDataCanonizationCompleted, EventDataCanonizationCreated, EventDataCanonizationStarted,
-    ImmunizationDetails, MedicationRequestDetails, ObservationDetails, Payload, ProcedureDetails,
-    Provenance, RecordAnonymized,
+    ImmunizationDetails, MedicationRequestDetails, ObservationDetails, PatientMerged, Payload,
+    ProcedureDetails, Provenance, RecordAnonymized,
 };
 use pipeline::runner::Owns;
 use pipeline::state::{KeyedState, PendingClose};
@@ -375,6 +375,73 @@ impl Canonizer {
     }
 }
 
+impl Canonizer {
+    /// A merge: the merged patient's canonical Patient becomes inactive and links to the
+    /// survivor (`replaced-by`), as a new version under the same id and key; earlier
+    /// versions and the merged patient's other records stay as they were. Not counted in
+    /// the batch (a merge is not a record of it). A merged patient whose own record carries
+    /// the link already has it and gets nothing more.
+    fn merged(&self, ev: &Event, m: &PatientMerged) -> Outcome {
+        if m.merged_record_has_link {
+            return Outcome::Emit(vec![]);
+        }
+        // Built as the de-identified FHIR Patient it stands for, so it goes through the
+        // same mapping, normalisation and validation as any other.
+        let content = serde_json::json!({
+            "resourceType": "Patient",
+            "id": m.merged_pseudonym,
+            "active": false,
+            "link": [{
+                "other": {"reference": format!("Patient/{}", m.surviving_pseudonym)},
+                "type": "replaced-by"
+            }]
+        });
+        let rec = RecordAnonymized {
+            batch_id: m.batch_id.clone(),
+            position: m.position,
+            source_format: "fhir-ndjson".into(),
+            record_type: "Patient".into(),
+            patient_pseudonym: m.merged_pseudonym.clone(),
+            policy_version: m.policy_version.clone(),
+            key_id: m.key_id.clone(),
+            content_json: content.to_string(),
+            fields_redacted: 0,
+            policy_hash: None,
+            report_json: None,
+        };
+        match self.canonize(&rec) {
+            Ok(records) => Outcome::Emit(
+                records
+                    .into_iter()
+                    .map(|(mut payload, _)| {
+                        if let Payload::CanonicalPatient(p) = &mut payload {
+                            p.provenance.source_format = m.source_format.clone();
+                        }
+                        Output {
+                            key: m.merged_pseudonym.clone(),
+                            event: Event::caused_by(ev, SERVICE, payload),
+                        }
+                    })
+                    .collect(),
+            ),
+            Err(Refused::Dead { error_type, reason }) => Outcome::DeadLetter {
+                error_type,
+                reason: format!(
+                    "batch {} position {}: the merged Patient: {reason}",
+                    m.batch_id, m.position
+                ),
+            },
+            Err(Refused::Unsupported) => Outcome::DeadLetter {
+                error_type: "mapping",
+                reason: format!(
+                    "batch {} position {}: the merged Patient could not be mapped",
+                    m.batch_id, m.position
+                ),
+            },
+        }
+    }
+}
+
 fn lifecycle(cause: &Event, batch: &str, payload: Payload) -> Output {
     Output {
         key: batch.to_string(),
@@ -520,6 +587,7 @@ impl Stage for Canonizer {
                 Outcome::Emit(self.open(&a.batch_id, &a.policy_version, ev))
             }
             Payload::RecordAnonymized(rec) => self.record(ev, rec),
+            Payload::PatientMerged(m) => self.merged(ev, m),
             Payload::AnonymizationFinished(f) => {
                 let batch = f.batch_id.as_str();
                 let mut outputs = self.open(batch, &f.policy_version, ev);
@@ -811,5 +879,46 @@ mod tests {
             panic!("{out:?}")
         };
         assert_eq!(f.error_kind, "counts_mismatch");
+    }
+
+    #[test]
+    fn a_merge_publishes_the_merged_patient_inactive_and_linked_to_the_survivor() {
+        let mut c = stage();
+        let (merged, survivor) = ("a".repeat(64), "b".repeat(64));
+        let merge = |has_link: bool| {
+            event(Payload::PatientMerged(PatientMerged {
+                batch_id: "b1".into(),
+                position: 3,
+                source_format: "hl7v2".into(),
+                record_type: "ADT^A40".into(),
+                surviving_pseudonym: survivor.clone(),
+                merged_pseudonym: merged.clone(),
+                trigger: "hl7-merge".into(),
+                merged_record_has_link: has_link,
+                policy_version: "p1".into(),
+                key_id: "k1".into(),
+            }))
+        };
+        let out = run(&mut c, &merge(false));
+        let [Payload::CanonicalPatient(p)] = &out[..] else {
+            panic!("{out:?}")
+        };
+        assert_eq!(p.resource_id, mapping::patient_id(&merged));
+        assert_eq!(p.patient_pseudonym, merged);
+        assert_eq!(p.provenance.source_format, "hl7v2");
+        assert_eq!(p.provenance.source_position, 3);
+        let fhir: Value = serde_json::from_str(&p.fhir_json).expect("json");
+        assert_eq!(fhir["active"], false);
+        assert_eq!(
+            fhir["link"],
+            serde_json::json!([{
+                "other": {"reference": format!("Patient/{}", mapping::patient_id(&survivor))},
+                "type": "replaced-by"
+            }])
+        );
+        // Not a record of the batch: nothing opened, nothing counted.
+        assert!(c.batches.get("b1").is_none());
+        // The merged patient's own Patient already carries the link.
+        assert!(run(&mut c, &merge(true)).is_empty());
     }
 }

@@ -363,6 +363,7 @@ catalogue! {
     CanonicalLocation { ns: "medpipe.canonical", resource: Location, version: 1, file: "canonical/CanonicalLocation.avsc" }
     CanonicalMedication { ns: "medpipe.canonical", resource: Medication, version: 1, file: "canonical/CanonicalMedication.avsc" }
     CanonicalDevice { ns: "medpipe.canonical", resource: Device, version: 1, file: "canonical/CanonicalDevice.avsc" }
+    PatientMerged { ns: "medpipe.anonymization", topic: Anonymization, version: 1, file: "anonymization/PatientMerged.avsc" }
 }
 
 /// Asks ingestion to claim and ingest one file. Sent by data engineers' tooling.
@@ -498,6 +499,21 @@ pub struct AnonymizationFinished {
     pub records_dead_lettered: Option<i64>,
     #[serde(default)]
     pub policy_hash: Option<String>,
+}
+
+/// Two patient records are one person (see the schema's doc).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PatientMerged {
+    pub batch_id: String,
+    pub position: i64,
+    pub source_format: String,
+    pub record_type: String,
+    pub surviving_pseudonym: String,
+    pub merged_pseudonym: String,
+    pub trigger: String,
+    pub merged_record_has_link: bool,
+    pub policy_version: String,
+    pub key_id: String,
 }
 
 /// The compensation trigger of anonymization (see the schema's doc).

@@ -75,7 +75,7 @@ impl<'e> Run<'e> {
             match (key.as_str(), value) {
                 ("resource", _) => {}
                 ("fullUrl", Value::String(url)) => {
-                    let p = self.engine.pseudonymize_value(self.format, url);
+                    let p = self.pseudonymize(url);
                     if let Some(v) = self.engine_leaf("entry.fullUrl", p) {
                         out.insert(key.clone(), v);
                     }
@@ -132,7 +132,7 @@ impl<'e> Run<'e> {
         if is_resource_type(base) {
             base.to_owned()
         } else {
-            self.engine.pseudonymize_value(self.format, base)
+            self.pseudonymize(base)
         }
     }
 

@@ -40,6 +40,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use sha2::Sha256;
 
+use crate::identity::{self, MergeClaim, OtherPatient, TrustedId};
 use crate::policy::{DateMode, Family, Method, Policy, Rule};
 use crate::scrub::{self, Known};
 
@@ -54,6 +55,9 @@ pub const BUNDLE_ENTRY_RULE: &str = "engine:bundle-entry";
 /// Domain separation: a pseudonym can never equal a date-shift MAC or a future derived value.
 const PSEUDONYM_DOMAIN: &[u8] = b"medpipe/anonymization/pseudonym/v1\0";
 const DATE_SHIFT_DOMAIN: &[u8] = b"medpipe/anonymization/date-shift/v1\0";
+/// A patient keyed by a trusted identifier (see `identity`) never collides with one keyed
+/// by a source id that happens to read the same.
+const IDENTITY_DOMAIN: &[u8] = b"medpipe/anonymization/identity/v1\0";
 
 /// Shortest name passed to the scrubber; one character would match everywhere.
 const MIN_KNOWN_NAME_CHARS: usize = 2;
@@ -144,6 +148,38 @@ pub struct Anonymized {
 pub enum Subject {
     Patient,
     Shared,
+}
+
+/// Who a record is about, as far as the record itself says (see `identity`); the stage
+/// adds what earlier records said (aliases and merges) before it picks the pseudonym.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Identified {
+    pub subject: Subject,
+    /// The source link: the patient's id in the source, or a shared resource's own id.
+    pub link: String,
+    /// `pseudonym(link)`: the patient's pseudonym when nothing better is known.
+    pub source_pseudonym: String,
+    /// The pseudonym of the patient's highest-priority trusted identifier in the record.
+    pub identity_pseudonym: Option<String>,
+    /// Merges the record announces, with the other patient's pseudonym as far as the record
+    /// says (its trusted identifier's, else its source id's).
+    pub merges: Vec<Merge>,
+}
+
+/// A merge a record announces (see [`crate::identity::MergeClaim`]), pseudonymized.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Merge {
+    /// The other patient was merged into this record's patient.
+    Absorbed {
+        other: String,
+        other_is_source_id: bool,
+        trigger: &'static str,
+    },
+    /// This record's patient was replaced by the other.
+    ReplacedBy {
+        other: String,
+        other_is_source_id: bool,
+    },
 }
 
 /// What was done to one record: counts only, keyed by rule id and by path without array
@@ -257,6 +293,69 @@ impl Engine {
         hex::encode(self.derive(PSEUDONYM_DOMAIN, bare_id))
     }
 
+    /// Pseudonym of a trusted identifier: the system's name and the value, in their own
+    /// domain.
+    pub fn identity_pseudonym(&self, id: &TrustedId) -> String {
+        let data = format!("{}:{}{}", id.system.len(), id.system, id.value);
+        hex::encode(self.derive(IDENTITY_DOMAIN, &data))
+    }
+
+    /// The pseudonym of another patient a record names, and whether it is only the source
+    /// id's (which an alias may resolve further).
+    fn other_pseudonym(&self, other: &OtherPatient) -> (String, bool) {
+        match other {
+            OtherPatient::Trusted(id) => (self.identity_pseudonym(id), false),
+            OtherPatient::SourceId(id) => (self.pseudonym(id), true),
+        }
+    }
+
+    /// Who the record is about, as far as the record itself says.
+    pub fn identify(
+        &self,
+        source_format: &str,
+        record_type: &str,
+        body: &SourceRecordBody,
+    ) -> Result<Identified, EngineError> {
+        let (format, link, subject) = format_and_link(source_format, record_type, body)?;
+        let systems = &self.policy.identity;
+        let (identity_pseudonym, merges) = match subject {
+            Subject::Shared => (None, Vec::new()),
+            Subject::Patient => {
+                let identity =
+                    identity::patient_identity(systems, format, record_type, &body.content)
+                        .map(|id| self.identity_pseudonym(&id));
+                let merges = identity::merge_claims(systems, format, record_type, &body.content)
+                    .into_iter()
+                    .map(|claim| match claim {
+                        MergeClaim::Absorbed { other, trigger } => {
+                            let (other, other_is_source_id) = self.other_pseudonym(&other);
+                            Merge::Absorbed {
+                                other,
+                                other_is_source_id,
+                                trigger,
+                            }
+                        }
+                        MergeClaim::ReplacedBy { other } => {
+                            let (other, other_is_source_id) = self.other_pseudonym(&other);
+                            Merge::ReplacedBy {
+                                other,
+                                other_is_source_id,
+                            }
+                        }
+                    })
+                    .collect();
+                (identity, merges)
+            }
+        };
+        Ok(Identified {
+            subject,
+            source_pseudonym: self.pseudonym(&link),
+            link: link.into_owned(),
+            identity_pseudonym,
+            merges,
+        })
+    }
+
     /// Per-patient date shift in days, in `[-max, -1] ∪ [1, max]`: never 0, so a shifted
     /// date never equals the original, and the same for every record of the patient, so
     /// intervals survive.
@@ -285,15 +384,48 @@ impl Engine {
         body: &SourceRecordBody,
         extra_known: &Known,
     ) -> Result<Anonymized, EngineError> {
-        let (format, link, subject) = format_and_link(source_format, record_type, body)?;
-        let patient = self.pseudonym(&link);
-        let mut run = self.run(format, record_type, &patient);
+        let who = self.identify(source_format, record_type, body)?;
+        let patient = who
+            .identity_pseudonym
+            .clone()
+            .unwrap_or_else(|| who.source_pseudonym.clone());
+        self.anonymize_as(
+            source_format,
+            record_type,
+            body,
+            &who,
+            &patient,
+            &|_| None,
+            extra_known,
+        )
+    }
+
+    /// De-identifies one record as the record of `patient` (what [`Engine::identify`] and
+    /// the stage's aliases and merges resolved). Every reference to the record's own link
+    /// becomes `patient`; a reference to another Patient becomes what `resolve` says for
+    /// its source id, else that id's pseudonym.
+    #[allow(clippy::too_many_arguments)]
+    pub fn anonymize_as(
+        &self,
+        source_format: &str,
+        record_type: &str,
+        body: &SourceRecordBody,
+        who: &Identified,
+        patient: &str,
+        resolve: &dyn Fn(&str) -> Option<String>,
+        extra_known: &Known,
+    ) -> Result<Anonymized, EngineError> {
+        let format = SourceFormat::parse(source_format)
+            .ok_or_else(|| EngineError::UnsupportedFormat(source_format.to_owned()))?;
+        let mut run = self.run(format, record_type, patient);
+        run.link = Some(&who.link);
+        run.resolve = Some(resolve);
         if run
             .candidates
             .iter()
             .any(|c| c.rule.method == Method::Scrub)
         {
-            run.known = self.collect(&mut run, &link, &body.content, extra_known)?;
+            run.known = self.collect(&mut run, &who.link, &body.content, extra_known)?;
         }
         run.mode = Mode::Apply;
         let content = run
@@ -301,8 +433,8 @@ impl Engine {
             .unwrap_or_else(|| empty_like(format));
         let report = run.report;
         Ok(Anonymized {
-            patient_pseudonym: patient,
-            subject,
+            patient_pseudonym: patient.to_owned(),
+            subject: who.subject,
             content,
             report,
         })
@@ -355,6 +487,8 @@ impl Engine {
             candidates,
             index,
             patient,
+            link: None,
+            resolve: None,
             shift: None,
             mode: Mode::Collect,
             known: Known::default(),
@@ -394,10 +528,35 @@ impl Engine {
     /// its base (a server address) and becomes relative; a conditional `Type?query` becomes
     /// `Type/<pseudonym of the whole text>`. CSV and HL7 values are opaque.
     fn pseudonymize_value(&self, format: SourceFormat, text: &str) -> String {
+        self.pseudonymize_as(format, text, None)
+    }
+
+    /// [`Engine::pseudonymize_value`], where `own` says which pseudonym a Patient's source
+    /// id stands for (the record's own link, an alias): applied to `Patient/<id>` and
+    /// `urn:uuid:<id>` references and to a bare value that is the link (`own_bare`).
+    fn pseudonymize_as(&self, format: SourceFormat, text: &str, own: Option<&Own<'_>>) -> String {
+        let resolved = |id: &str, bare: bool| {
+            own.and_then(|o| {
+                if id == o.link && (bare || o.link_is_reference) {
+                    Some(o.patient.to_owned())
+                } else if bare {
+                    None
+                } else {
+                    (o.resolve)(id)
+                }
+            })
+            .unwrap_or_else(|| self.pseudonym(id))
+        };
         if format.family() != Family::Fhir {
-            return self.pseudonym(text);
+            return match own {
+                Some(o) if text == o.link => o.patient.to_owned(),
+                _ => self.pseudonym(text),
+            };
         }
-        for prefix in ["urn:uuid:", "urn:oid:", "#"] {
+        if let Some(id) = text.strip_prefix("urn:uuid:") {
+            return format!("urn:uuid:{}", resolved(id, false));
+        }
+        for prefix in ["urn:oid:", "#"] {
             if let Some(id) = text.strip_prefix(prefix) {
                 return format!("{prefix}{}", self.pseudonym(id));
             }
@@ -407,13 +566,20 @@ impl Engine {
         }
         match split_reference(text) {
             Some((kind, id, version)) => {
-                let p = self.pseudonym(id);
+                let p = if kind == "Patient" {
+                    resolved(id, false)
+                } else {
+                    self.pseudonym(id)
+                };
                 match version {
                     Some(v) => format!("{kind}/{p}/_history/{v}"),
                     None => format!("{kind}/{p}"),
                 }
             }
-            None => self.pseudonym(text),
+            None => match own {
+                Some(o) if o.bare_is_link && text == o.link => o.patient.to_owned(),
+                _ => self.pseudonym(text),
+            },
         }
     }
 
@@ -523,6 +689,21 @@ fn generalize_zip(text: &str, restricted: &std::collections::BTreeSet<String>) -
     })
 }
 
+/// What the stage knows of another Patient's source id: the pseudonym it stands for.
+pub type Resolve<'a> = dyn Fn(&str) -> Option<String> + 'a;
+
+/// Which pseudonym a Patient's source id stands for in one record.
+struct Own<'a> {
+    link: &'a str,
+    patient: &'a str,
+    /// A reference to the link names this record's patient (false for a shared resource,
+    /// whose link is its own id).
+    link_is_reference: bool,
+    /// A bare value equal to the link is the record's own id (a Patient's `id`).
+    bare_is_link: bool,
+    resolve: &'a dyn Fn(&str) -> Option<String>,
+}
+
 /// One record being de-identified.
 struct Run<'e> {
     engine: &'e Engine,
@@ -531,6 +712,9 @@ struct Run<'e> {
     candidates: Vec<Candidate<'e>>,
     index: PatternIndex<'e>,
     patient: &'e str,
+    /// The record's source link, set by [`Engine::anonymize_as`].
+    link: Option<&'e str>,
+    resolve: Option<&'e Resolve<'e>>,
     shift: Option<i64>,
     mode: Mode,
     known: Known,
@@ -623,7 +807,7 @@ impl<'e> Run<'e> {
             Method::Keep => return Ok(Some(value.clone())),
             Method::Redact => None,
             Method::Substitute(v) => Some(v.clone()),
-            Method::Pseudonymize => Some(self.engine.pseudonymize_value(self.format, &text)),
+            Method::Pseudonymize => Some(self.pseudonymize(&text)),
             Method::Date => {
                 let shift = self.dates_shift();
                 let out = dates::deidentify(&text, settings.dates, shift);
@@ -670,6 +854,22 @@ impl<'e> Run<'e> {
             }
         };
         Ok(out.map(Value::String))
+    }
+
+    /// `pseudonymize`, with the record's own link and the stage's aliases applied.
+    fn pseudonymize(&self, text: &str) -> String {
+        let (Some(link), Some(resolve)) = (self.link, self.resolve) else {
+            return self.engine.pseudonymize_value(self.format, text);
+        };
+        let own = Own {
+            link,
+            patient: self.patient,
+            link_is_reference: !pipeline::ResourceType::parse(self.record_type)
+                .is_some_and(|t| t.is_shared()),
+            bare_is_link: self.record_type == "Patient",
+            resolve,
+        };
+        self.engine.pseudonymize_as(self.format, text, Some(&own))
     }
 
     /// The shift for this record's patient, or 0 when dates are not shifted.
