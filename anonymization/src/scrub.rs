@@ -581,6 +581,62 @@ fn span_long_number(caps: &Captures<'_>, text: &str) -> Option<(usize, usize)> {
     (!decimal && !loinc && !unit && !coded).then_some((s, e))
 }
 
+/// A code of letters and digits (`8XYZ432`, `SN-CG5-881207X`, `CRIMSON-0447`,
+/// `1HGCM82633A004352`, `chartMRN04857211`): plates, VINs, serials, study and member codes.
+/// Four digits or more and a letter, six characters or more, so clinical codes of fewer
+/// digits stay (`CYP2D6`, `COVID-19`, `CA-125`, `HbA1c`, `V600E`); a number with its unit
+/// glued on (`1000mg`, `0930hrs`) is not a code.
+fn span_alnum_code(caps: &Captures<'_>, text: &str) -> Option<(usize, usize)> {
+    let (s, e) = whole(caps)?;
+    let m = &text[s..e];
+    let letters = m.chars().filter(char::is_ascii_alphabetic).count();
+    // Digits of the longest part between dashes: a gene and its variant (`JAK2-V617F`,
+    // `IDH1-R132H`) have few in each part, a serial (`SN-CG5-881207X`) has a run.
+    let digits = m
+        .split(['-', '_'])
+        .map(|part| part.chars().filter(char::is_ascii_digit).count())
+        .max()
+        .unwrap_or(0);
+    let glued = prev_char(text, s)
+        .is_some_and(|c| c.is_alphanumeric() || matches!(c, '.' | '/' | '-' | '_'))
+        || next_char(text, e).is_some_and(|c| c.is_alphanumeric() || c == '/');
+    // Three digits are enough right after a word that says it is a code.
+    let labelled = text[..s]
+        .trim_end_matches([' ', ':', '#'])
+        .rsplit(|c: char| !c.is_alphanumeric())
+        .next()
+        .is_some_and(|w| ID_WORDS.iter().any(|i| w.eq_ignore_ascii_case(i)));
+    let enough = digits >= 4 || (digits == 3 && labelled);
+    (enough && letters >= 1 && m.len() >= 6 && !glued && !clinical_alnum(m)).then_some((s, e))
+}
+
+/// Letters and digits that are measurements, not codes: a number with its unit glued on
+/// (`1000mg`, `1500kcal`, `0930hrs`), a size (`10x10cm`), an obstetric history (`G3P2012`).
+fn clinical_alnum(m: &str) -> bool {
+    let lower = m.to_ascii_lowercase();
+    let rest = lower.trim_start_matches(|c: char| c.is_ascii_digit() || c == '.');
+    let unit = rest.len() < lower.len()
+        && rest.chars().all(|c| c.is_ascii_alphabetic())
+        && is_unit(rest, GLUED_UNITS);
+    let size = rest
+        .strip_prefix(['x', '×'])
+        .is_some_and(|r| r.starts_with(|c: char| c.is_ascii_digit()));
+    let obstetric = lower.strip_prefix('g').is_some_and(|r| {
+        let r = r.trim_start_matches(|c: char| c.is_ascii_digit());
+        r.len() < lower.len() - 1
+            && r.strip_prefix('p')
+                .is_some_and(|d| !d.is_empty() && d.chars().all(|c| c.is_ascii_digit()))
+    });
+    unit || size || obstetric
+}
+
+/// Units written glued to their number, beyond [`UNITS`].
+const GLUED_UNITS: &[&str] = &[
+    "hrs", "hr", "h", "hours", "min", "mins", "sec", "s", "mmhg", "bpm", "am", "pm", "x", "cc",
+    "kcal", "cal", "kj", "mosm", "mcl", "ul", "nmol", "pmol", "ng", "pg", "mgdl", "wk", "wks",
+    "mo", "yr", "yrs", "d", "days", "f", "c",
+];
+
 /// Digit groups joined by spaces, dots or dashes, seven digits or more in all, maybe with
 /// a country code or an area code in brackets (`1500 0806 3608 3778`, `(03) 5308 0831`,
 /// `02.08.70.26.99`, `0156-9660288`), or with an IBAN's country and check digits before
@@ -1025,6 +1081,19 @@ fn specs() -> Vec<Spec> {
         (Kind::Id, true, r"\b[A-Z]{1,2}\d{6,20}\b".into(), span_whole),
         (
             Kind::Id,
+            true,
+            r"\b(?:[A-Za-z0-9]+[-_])*(?:[A-Za-z0-9]*(?:[A-Za-z]\d|\d[A-Za-z])|[A-Za-z]+[-_]\d)[A-Za-z0-9]*(?:[-_][A-Za-z0-9]+)*\b".into(),
+            span_alnum_code,
+        ),
+        // Photographs and recordings by file name (`jane_frontal_2024.jpg`): category (Q).
+        (
+            Kind::Id,
+            false,
+            r"(?i)\b[\w.-]+\.(?:jpe?g|png|gif|bmp|tiff?|heic|webp|dcm|wav|mp3|m4a|mp4|mov|avi)\b".into(),
+            span_whole,
+        ),
+        (
+            Kind::Id,
             false,
             r"(?i)\b(?:entered|verified|collected|reviewed|recorded)\s+by\s+([A-Z]{1,3}\d{1,4})\b|\b(?:initials|operator|tech(?:nician)?)\s*:?\s*([A-Z]{1,3}\d{0,4})\b|\buser(?:name|\s*id)?\s*:?\s+([A-Za-z][A-Za-z0-9._'-]{2,})".into(),
             span_any_group,
@@ -1151,6 +1220,22 @@ fn specs() -> Vec<Spec> {
             format!(r"\b(?:{COUNTRIES})[ \t]+(\d{{3,6}}(?:[ -]\d{{2,3}}|[ \t][A-Z]{{2}})?|\d{{2}}-\d{{3}})\b"),
             span_any_group,
         ),
+        // Dates with the day in words (`the third of July`, `July the twenty-first`).
+        (
+            Kind::Date,
+            false,
+            format!(
+                r"\b(?i:the\s+)?(?i:{ORDINAL_DAYS})\s+(?i:of)\s+{month}|{month}\s+(?i:the\s+)?(?i:{ORDINAL_DAYS})\b"
+            ),
+            span_whole,
+        ),
+        // A name someone goes by (`prefers to be called 'Sunny'`, `goes by Bud`).
+        (
+            Kind::Name,
+            false,
+            r#"(?i:prefers?\s+to\s+be\s+called|likes\s+to\s+be\s+called|goes\s+by|also\s+known\s+as|a\.k\.a\.?|aka|nicknamed?)[ \t]+['"\x{2018}\x{201C}]?(\p{Lu}[\p{L}'\x{2019}-]*\p{L})"#.into(),
+            span_any_group,
+        ),
         // --- titled names (small heuristic; the title itself is kept)
         (
             Kind::Name,
@@ -1164,6 +1249,15 @@ fn specs() -> Vec<Spec> {
 
 // ---------------------------------------------------------------------------
 // Known names / identifiers.
+
+/// Words after which a code of letters and three digits is taken for an identifier.
+const ID_WORDS: &[&str] = &[
+    "id", "code", "serial", "template", "plate", "vin", "member", "device", "badge", "token",
+    "number", "no", "tag", "barcode", "study",
+];
+
+/// Days of the month in words, first to thirty-first (a regex alternation).
+const ORDINAL_DAYS: &str = "(?:thirty[- ]first|twenty[- ](?:first|second|third|fourth|fifth|sixth|seventh|eighth|ninth)|first|second|third|fourth|fifth|sixth|seventh|eighth|ninth|tenth|eleventh|twelfth|thirteenth|fourteenth|fifteenth|sixteenth|seventeenth|eighteenth|nineteenth|twentieth|thirtieth)";
 
 /// Name words that are never matched on their own when splitting a multi-word name.
 const NAME_PARTICLES: &[&str] = &[
@@ -2026,6 +2120,32 @@ mod tests {
         (
             "Na 140, K 4.1, Cr 1.02, INR 1.1, HR 60-100, pH 7.35, take 3/4 tab, 12:30:45",
             "Na 140, K 4.1, Cr 1.02, INR 1.1, HR 60-100, pH 7.35, take 3/4 tab, 12:30:45",
+            &[],
+        ),
+        // codes of letters and digits, file names of photographs, nicknames, days in words
+        (
+            "plate 8XYZ432, VIN 1HGCM82633A004352, serial SN-CG5-881207X, study CRIMSON-0447",
+            "plate [ID], VIN [ID], serial [ID], study [ID]",
+            &[("ID", 4)],
+        ),
+        (
+            "template VP-559A; photo on file as jane_frontal_2024.JPG",
+            "template [ID]; photo on file as [ID]",
+            &[("ID", 2)],
+        ),
+        (
+            "She prefers to be called 'Sunny' and goes by Bud at home.",
+            "She prefers to be called '[NAME]' and goes by [NAME] at home.",
+            &[("NAME", 2)],
+        ),
+        (
+            "admitted on the third of July, seen again on March the twenty-first",
+            "admitted on [DATE], seen again on [DATE]",
+            &[("DATE", 2)],
+        ),
+        (
+            "JAK2-V617F, IDH1-R132H, CA-125, CYP2D6, G3P2012, 1000mg, 1500kcal, 0930hrs, 10x10cm, the first of the month",
+            "JAK2-V617F, IDH1-R132H, CA-125, CYP2D6, G3P2012, 1000mg, 1500kcal, 0930hrs, 10x10cm, the first of the month",
             &[],
         ),
         ("", "", &[]),
