@@ -1,10 +1,11 @@
 //! medpipe: the operator CLI. Creates topics and registers schemas, sends intake
-//! commands, opens archives, summarises what the pipeline holds, verifies and queries
-//! the audit trail, and runs benchmarks.
+//! commands, opens archives, summarises what the pipeline holds, lists dead letters,
+//! verifies and queries the audit trail, and runs benchmarks.
 
 mod audit;
 mod bench;
 mod bench_audit;
+mod dlq;
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -77,6 +78,11 @@ enum Command {
     Audit {
         #[command(subcommand)]
         command: audit::AuditCommand,
+    },
+    /// What each stage dead-lettered, and why (never the payload in clear).
+    Dlq {
+        #[command(subcommand)]
+        command: dlq::DlqCommand,
     },
     /// Measure de-identification against gold annotations.
     Eval {
@@ -321,6 +327,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Command::Audit { command } => audit::run(command, &mut out).await?,
+        Command::Dlq { command } => dlq::run(command, &mut out).await?,
     }
     Ok(())
 }

@@ -269,6 +269,43 @@ fn a_poison_message_goes_to_the_dlq_with_context_and_later_records_flow() {
         started, 1,
         "the record after the poison was processed exactly once"
     );
+
+    // The operator sees it with `medpipe dlq`: the error and the source, never the payload.
+    let stdout = |o: &std::process::Output| {
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        String::from_utf8(o.stdout.clone()).expect("utf-8")
+    };
+    let listed = stdout(&p.medpipe(&["dlq", "list", "anonymization", "--json"]));
+    assert!(!listed.contains("not avro"), "{listed}");
+    let listed: serde_json::Value = serde_json::from_str(&listed).expect("json");
+    let letters = listed["dead_letters"].as_array().expect("list");
+    assert_eq!(letters.len(), 1, "{listed}");
+    let d = &letters[0];
+    assert_eq!(d["error_type"], "decode");
+    assert_eq!(d["source_topic"], ingestion.as_str());
+    assert_eq!(d["offset"], m.offset());
+    assert_eq!(d["payload_bytes"], 20);
+    assert_eq!(listed["by_error_type"]["decode"], 1);
+    let none = stdout(&p.medpipe(&[
+        "dlq",
+        "list",
+        "anonymization",
+        "--json",
+        "--error-type",
+        "no_patient_link",
+    ]));
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&none).expect("json")["dead_letters"],
+        serde_json::json!([])
+    );
+    let position = d["position"].as_str().expect("position");
+    let shown = stdout(&p.medpipe(&["dlq", "show", "anonymization", position]));
+    assert!(shown.contains("medpipe.dlq.error_type: decode"), "{shown}");
+    assert!(shown.contains("payload: 20 bytes"), "{shown}");
+    assert!(!shown.contains("not avro"), "{shown}");
+    let missing = p.medpipe(&["dlq", "show", "anonymization", "0:999999"]);
+    assert!(!missing.status.success());
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("no dead letter at 0:999999"));
 }
 
 /// Clinical notes with names, dates, identifiers, phones, addresses and ages in many
