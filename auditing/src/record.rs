@@ -130,6 +130,7 @@ pub fn facts(p: &Payload) -> Facts {
             f.records_in = Some(c.records_in);
         }
         Control::CanonizationFailed(c) => f.sensitive = vec![("reason", c.reason.clone())],
+        Control::CanonicalBatchWithdrawn(c) => f.sensitive = vec![("reason", c.reason.clone())],
         Control::AuditEntryRecorded(_) | Control::AuditCheckpoint(_) => {}
         Control::ComplianceAlert(_) => {}
     }

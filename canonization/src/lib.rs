@@ -4,6 +4,7 @@
 //! topic, keyed by patient pseudonym. It keeps per-batch counts as durable stage state and
 //! closes each batch with `EventDataCanonizationCompleted` or `CanonizationFailed`.
 
+pub mod compensation;
 pub mod concept_map;
 pub mod mapping;
 pub mod normalize;
@@ -14,11 +15,11 @@ pub mod validate;
 use std::collections::BTreeMap;
 
 use pipeline::events::{
-    AllergyIntoleranceDetails, CanonicalPatient, CanonicalRecord, CanonicalSharedRecord,
-    CanonizationFailed, ConditionDetails, DiagnosticReportDetails, EncounterDetails,
-    EventDataCanonizationCompleted, EventDataCanonizationCreated, EventDataCanonizationStarted,
-    ImmunizationDetails, MedicationRequestDetails, ObservationDetails, PatientMerged, Payload,
-    ProcedureDetails, Provenance, RecordAnonymized,
+    AllergyIntoleranceDetails, CanonicalBatchWithdrawn, CanonicalPatient, CanonicalRecord,
+    CanonicalSharedRecord, CanonizationFailed, ConditionDetails, DiagnosticReportDetails,
+    EncounterDetails, EventDataCanonizationCompleted, EventDataCanonizationCreated,
+    EventDataCanonizationStarted, ImmunizationDetails, MedicationRequestDetails,
+    ObservationDetails, PatientMerged, Payload, ProcedureDetails, Provenance, RecordAnonymized,
 };
 use pipeline::runner::Owns;
 use pipeline::state::{KeyedState, PendingClose};
@@ -51,6 +52,36 @@ pub struct BatchState {
     pub codes_unmapped: i64,
 }
 
+/// The stage's durable state: batch counts by batch id, and the compensation ledger.
+#[derive(Default)]
+pub struct StageState {
+    pub batches: KeyedState<BatchState>,
+    pub ledger: compensation::Ledger,
+}
+
+impl pipeline::state::DurableState for StageState {
+    fn changes(&self) -> Result<Vec<pipeline::state::StateEntry>, PipelineError> {
+        let mut out = self.batches.changes()?;
+        out.extend(self.ledger.changes()?);
+        Ok(out)
+    }
+
+    fn commit(&mut self) {
+        self.batches.commit();
+        self.ledger.commit();
+    }
+
+    fn rollback(&mut self) {
+        self.batches.rollback();
+        self.ledger.rollback();
+    }
+
+    fn restore(&mut self, entries: Vec<pipeline::state::StateEntry>) -> Result<(), PipelineError> {
+        let rest = self.ledger.restore(entries)?;
+        self.batches.restore(rest)
+    }
+}
+
 /// Why a record did not become canonical records.
 enum Refused {
     /// A record type outside the canonical model: consumed and counted.
@@ -71,7 +102,8 @@ pub struct Canonizer {
     max_failure_ratio: f64,
     /// How long a batch whose counts do not add up waits for its missing records.
     close_timeout_micros: i64,
-    batches: KeyedState<BatchState>,
+    /// Batch counts, and what each open batch published (for its withdrawal).
+    state: StageState,
     /// Codes no concept map covered. A metric, so a redone batch may count twice; the
     /// exact count per batch is in `EventDataCanonizationCompleted.codes_unmapped`.
     unmapped: prometheus::IntCounter,
@@ -108,7 +140,7 @@ impl Canonizer {
             maps_version,
             max_failure_ratio,
             close_timeout_micros: i64::try_from(close_timeout.as_micros()).unwrap_or(i64::MAX),
-            batches: KeyedState::default(),
+            state: StageState::default(),
             unmapped: prometheus::IntCounter::new(
                 "medpipe_canonization_codes_unmapped_total",
                 "Codes kept as the source gave them because no concept map covered them.",
@@ -213,15 +245,15 @@ impl Canonizer {
     }
 
     fn batch(&self, batch: &str) -> BatchState {
-        self.batches.get(batch).cloned().unwrap_or_default()
+        self.state.batches.get(batch).cloned().unwrap_or_default()
     }
 
     /// Created and Started, the first time a batch is seen (by its start or a record).
     fn open(&mut self, batch: &str, policy_version: &str, cause: &Event) -> Vec<Output> {
-        if self.batches.get(batch).is_some() {
+        if self.state.batches.get(batch).is_some() {
             return vec![];
         }
-        self.batches.put(
+        self.state.batches.put(
             batch,
             BatchState {
                 policy_version: policy_version.to_string(),
@@ -276,7 +308,7 @@ impl Canonizer {
             }
             std::cmp::Ordering::Less => return vec![],
         };
-        self.batches.delete(batch);
+        self.state.batches.delete(batch);
         let ratio = if s.records_in == 0 {
             0.0
         } else {
@@ -307,21 +339,155 @@ impl Canonizer {
             Payload::EventDataCanonizationCompleted(EventDataCanonizationCompleted {
                 batch_id: batch.to_string(),
                 records_in: s.records_in,
-                resources_by_type: s.by_type,
+                resources_by_type: s.by_type.clone(),
                 records_dead_lettered: s.dead_lettered,
                 records_unsupported: s.unsupported,
                 codes_unmapped: s.codes_unmapped,
                 concept_map_version: self.maps_version.clone(),
             })
         };
-        vec![Output {
-            key: batch.to_string(),
-            event: Event::new(SERVICE, batch, Some(&closing.cause_event_id), payload),
-        }]
+        let failed = matches!(payload, Payload::CanonizationFailed(_));
+        let reason = match &payload {
+            Payload::CanonizationFailed(f) => {
+                format!("canonization failed the batch ({})", f.error_kind)
+            }
+            _ => String::new(),
+        };
+        let event = Event::new(SERVICE, batch, Some(&closing.cause_event_id), payload);
+        let mut out = Vec::new();
+        if failed {
+            out.extend(self.withdraw(batch, &reason, &s.policy_version, &event, kept(&s.by_type)));
+        } else {
+            self.state.ledger.forget(batch);
+        }
+        out.insert(
+            0,
+            Output {
+                key: batch.to_string(),
+                event,
+            },
+        );
+        out
+    }
+
+    /// Withdraws every record the batch published (see `compensation`), as effects of
+    /// `cause`, and marks the batch withdrawn so that later records of it are held.
+    fn withdraw(
+        &mut self,
+        batch: &str,
+        reason: &str,
+        policy_version: &str,
+        cause: &Event,
+        kept: i64,
+    ) -> Vec<Output> {
+        let published = self.state.ledger.published(batch);
+        let mut by_type: BTreeMap<String, i64> = BTreeMap::new();
+        let mut out = Vec::with_capacity(published.len() + 1);
+        for p in &published {
+            match self.withdrawal(batch, p, reason, policy_version) {
+                Some(payload) => {
+                    *by_type.entry(p.resource_type.clone()).or_default() += 1;
+                    out.push(Output {
+                        key: p.key.clone(),
+                        event: Event::caused_by(cause, SERVICE, payload),
+                    });
+                }
+                None => tracing::error!(
+                    correlation_id = batch,
+                    position = p.position,
+                    resource_type = %p.resource_type,
+                    "Cannot build the withdrawal of a published record; it stays published."
+                ),
+            }
+        }
+        self.state.ledger.forget(batch);
+        self.state.ledger.withdrawn.put(
+            batch,
+            compensation::Withdrawn {
+                reason: reason.to_string(),
+                held: 0,
+            },
+        );
+        let trigger = cause.event_type().to_string();
+        out.push(lifecycle(
+            cause,
+            batch,
+            Payload::CanonicalBatchWithdrawn(CanonicalBatchWithdrawn {
+                batch_id: batch.to_string(),
+                trigger,
+                reason: reason.to_string(),
+                records_withdrawn: by_type.values().sum(),
+                withdrawn_by_type: by_type,
+                records_kept: kept,
+            }),
+        ));
+        out
+    }
+
+    /// The withdrawal of one published record: its canonical record with the withdrawn
+    /// resource, validated like any other.
+    fn withdrawal(
+        &self,
+        batch: &str,
+        p: &compensation::Published,
+        reason: &str,
+        policy_version: &str,
+    ) -> Option<Payload> {
+        let t = ResourceType::parse(&p.resource_type)?;
+        let resource = compensation::withdrawal_resource(p, &mapping::patient_id(&p.key), reason)?;
+        self.validator.validate(&resource).ok()?;
+        let typed = typed::typed(t, self.tables.code_element(t), &resource);
+        let rec = RecordAnonymized {
+            batch_id: batch.to_string(),
+            position: p.position,
+            source_format: p.source_format.clone(),
+            record_type: p.resource_type.clone(),
+            patient_pseudonym: p.key.clone(),
+            policy_version: String::new(),
+            key_id: String::new(),
+            content_json: String::new(),
+            fields_redacted: 0,
+            policy_hash: None,
+            report_json: None,
+        };
+        let report = Report {
+            code_status: "none",
+            original_code: None,
+            map_version: None,
+            original_value: None,
+            unit_status: None,
+        };
+        let provenance = Provenance {
+            source_format: p.source_format.clone(),
+            batch_id: batch.to_string(),
+            source_position: p.position,
+            policy_version: policy_version.to_string(),
+            concept_map_version: "none".into(),
+        };
+        Some(build(
+            t,
+            p.resource_id.clone(),
+            &rec,
+            typed,
+            report,
+            resource.to_string(),
+            provenance,
+        ))
     }
 
     fn record(&mut self, ev: &Event, rec: &RecordAnonymized) -> Outcome {
         let batch = rec.batch_id.as_str();
+        // A record of a withdrawn batch that arrived after the withdrawal: held.
+        if let Some(mut w) = self.state.ledger.withdrawn.get(batch).cloned() {
+            w.held += 1;
+            self.state.ledger.withdrawn.put(batch, w);
+            tracing::info!(
+                correlation_id = batch,
+                position = rec.position,
+                "Held a record of a withdrawn batch: not published."
+            );
+            return Outcome::Emit(vec![]);
+        }
         let mut outputs = self.open(batch, &rec.policy_version, ev);
         let result = self.canonize(rec);
         let mut s = self.batch(batch);
@@ -347,6 +513,9 @@ impl Canonizer {
                             .map_or_else(String::new, |(key, _, _)| key.to_string()),
                         _ => rec.patient_pseudonym.clone(),
                     };
+                    if let Some(p) = published(&payload, &key) {
+                        self.state.ledger.publish(batch, p);
+                    }
                     outputs.push(Output {
                         key,
                         event: Event::caused_by(ev, SERVICE, payload),
@@ -362,7 +531,7 @@ impl Canonizer {
                 ));
             }
         }
-        self.batches.put(batch, s);
+        self.state.batches.put(batch, s);
         outputs.extend(self.maybe_close(batch, None));
         match dead {
             None => Outcome::Emit(outputs),
@@ -440,6 +609,53 @@ impl Canonizer {
             },
         }
     }
+}
+
+/// What a canonical record's withdrawal needs, for a record its batch alone owns.
+fn published(payload: &Payload, key: &str) -> Option<compensation::Published> {
+    let t = payload.resource_type()?;
+    if !compensation::withdrawable(t) {
+        return None;
+    }
+    let (_, fhir, provenance) = payload.canonical()?;
+    let resource_id = match payload {
+        Payload::CanonicalEncounter(c) => c.resource_id.clone(),
+        Payload::CanonicalObservation(c) => c.resource_id.clone(),
+        Payload::CanonicalCondition(c) => c.resource_id.clone(),
+        Payload::CanonicalMedicationRequest(c) => c.resource_id.clone(),
+        Payload::CanonicalProcedure(c) => c.resource_id.clone(),
+        Payload::CanonicalDiagnosticReport(c) => c.resource_id.clone(),
+        Payload::CanonicalAllergyIntolerance(c) => c.resource_id.clone(),
+        Payload::CanonicalImmunization(c) => c.resource_id.clone(),
+        _ => return None,
+    };
+    let intent = (t == ResourceType::MedicationRequest)
+        .then(|| {
+            serde_json::from_str::<Value>(fhir)
+                .ok()?
+                .get("intent")?
+                .as_str()
+                .map(str::to_owned)
+        })
+        .flatten();
+    Some(compensation::Published {
+        resource_type: t.fhir_name().to_string(),
+        resource_id,
+        key: key.to_string(),
+        position: provenance.source_position,
+        source_format: provenance.source_format.clone(),
+        intent,
+    })
+}
+
+/// How many of a batch's canonical records are Patients or shared resources, which a
+/// withdrawal keeps.
+fn kept(by_type: &BTreeMap<String, i64>) -> i64 {
+    by_type
+        .iter()
+        .filter(|(t, _)| ResourceType::parse(t).is_some_and(|t| !compensation::withdrawable(t)))
+        .map(|(_, n)| *n)
+        .sum()
 }
 
 fn lifecycle(cause: &Event, batch: &str, payload: Payload) -> Output {
@@ -602,14 +818,17 @@ impl Stage for Canonizer {
                     topic: input.topic.to_string(),
                     partition: input.partition,
                 });
-                self.batches.put(batch, s);
+                self.state.batches.put(batch, s);
                 outputs.extend(self.maybe_close(batch, None));
                 Outcome::Emit(outputs)
             }
             Payload::AnonymizationFailed(f) => {
+                if self.state.ledger.withdrawn.get(&f.batch_id).is_some() {
+                    return Outcome::Emit(vec![]);
+                }
                 let s = self.batch(&f.batch_id);
-                self.batches.delete(&f.batch_id);
-                Outcome::Emit(vec![lifecycle(
+                self.state.batches.delete(&f.batch_id);
+                let mut outputs = vec![lifecycle(
                     ev,
                     &f.batch_id,
                     Payload::CanonizationFailed(CanonizationFailed {
@@ -622,7 +841,16 @@ impl Stage for Canonizer {
                         records_in: s.records_in,
                         records_dead_lettered: s.dead_lettered,
                     }),
-                )])
+                )];
+                let reason = format!("anonymization failed the batch ({})", f.error_kind);
+                outputs.extend(self.withdraw(
+                    &f.batch_id,
+                    &reason,
+                    &f.policy_version,
+                    ev,
+                    kept(&s.by_type),
+                ));
+                Outcome::Emit(outputs)
             }
             _ => Outcome::Emit(vec![]),
         }
@@ -631,11 +859,13 @@ impl Stage for Canonizer {
     /// Fails the batches whose missing records did not arrive before their deadline.
     fn tick(&mut self, now_micros: i64, owns: Owns<'_>) -> Vec<Output> {
         let due: Vec<String> = self
+            .state
             .batches
             .keys()
             .into_iter()
             .filter(|b| {
-                self.batches
+                self.state
+                    .batches
                     .get(b)
                     .and_then(|s| s.closing.as_ref())
                     .is_some_and(|c| c.due(now_micros, owns))
@@ -653,7 +883,7 @@ impl Stage for Canonizer {
     }
 
     fn state(&mut self) -> Option<&mut dyn pipeline::state::DurableState> {
-        Some(&mut self.batches)
+        Some(&mut self.state)
     }
 }
 
@@ -861,10 +1091,19 @@ mod tests {
                     ..
                 },
             ..
+        }, Output {
+            event:
+                Event {
+                    payload: Payload::CanonicalBatchWithdrawn(w),
+                    ..
+                },
+            ..
         }] = &outs[..]
         else {
             panic!("{outs:?}")
         };
+        // Only a Patient was published, which a withdrawal keeps.
+        assert_eq!((w.records_withdrawn, w.records_kept), (0, 1));
         assert_eq!(f.error_kind, "counts_mismatch");
         assert_eq!(
             f.reason,
@@ -917,8 +1156,161 @@ mod tests {
             }])
         );
         // Not a record of the batch: nothing opened, nothing counted.
-        assert!(c.batches.get("b1").is_none());
+        assert!(c.state.batches.get("b1").is_none());
         // The merged patient's own Patient already carries the link.
         assert!(run(&mut c, &merge(true)).is_empty());
+    }
+
+    fn observation(position: i64, pseudonym: &str) -> Event {
+        let content = serde_json::json!({
+            "resourceType": "Observation", "id": format!("o{position}"), "status": "final",
+            "code": {"coding": [{"system": "http://loinc.org", "code": "8867-4"}]},
+            "subject": {"reference": format!("Patient/{pseudonym}")},
+            "valueQuantity": {"value": 72, "unit": "/min", "system": "http://unitsofmeasure.org", "code": "/min"}
+        });
+        anonymized(position, "fhir-ndjson", "Observation", pseudonym, content)
+    }
+
+    fn anonymization_failed() -> Event {
+        event(Payload::AnonymizationFailed(
+            pipeline::events::AnonymizationFailed {
+                batch_id: "b1".into(),
+                error_kind: "failure_threshold".into(),
+                reason: "r".into(),
+                policy_version: "p1".into(),
+                records_anonymized: 3,
+                records_dead_lettered: 5,
+                policy_hash: None,
+            },
+        ))
+    }
+
+    /// Every output of processing `ev`, with its key.
+    fn outputs(c: &mut Canonizer, ev: &Event) -> Vec<Output> {
+        let input = Input {
+            topic: "t",
+            partition: 0,
+            offset: 0,
+            event: ev,
+        };
+        match c.process(&input) {
+            Outcome::Emit(outs) => outs,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_failed_batch_withdraws_what_it_published_once_and_holds_what_comes_later() {
+        use pipeline::state::DurableState;
+        let mut c = stage();
+        let p = format!("{:064x}", 1);
+        run(&mut c, &started());
+        run(&mut c, &patient(1));
+        let published: Vec<(String, String)> = [observation(2, &p), observation(3, &p)]
+            .iter()
+            .flat_map(|ev| outputs(&mut c, ev))
+            .filter_map(|o| match &o.event.payload {
+                Payload::CanonicalObservation(r) => Some((o.key.clone(), r.resource_id.clone())),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(published.len(), 2);
+        // The runner commits; a restart reloads the committed state.
+        let committed = c.state.changes().unwrap();
+        c.state.commit();
+        let mut c = stage();
+        c.state.restore(committed).unwrap();
+
+        let outs = outputs(&mut c, &anonymization_failed());
+        let withdrawn: Vec<(String, String)> = outs
+            .iter()
+            .filter_map(|o| match &o.event.payload {
+                Payload::CanonicalObservation(r) => {
+                    let fhir: Value = serde_json::from_str(&r.fhir_json).unwrap();
+                    assert_eq!(fhir["status"], "entered-in-error");
+                    assert_eq!(
+                        fhir["meta"]["tag"][0]["system"],
+                        compensation::WITHDRAWAL_TAG_SYSTEM
+                    );
+                    assert_eq!(r.status.as_deref(), Some("entered-in-error"));
+                    assert_eq!(r.provenance.batch_id, "b1");
+                    Some((o.key.clone(), r.resource_id.clone()))
+                }
+                _ => None,
+            })
+            .collect();
+        assert_eq!(withdrawn, published, "same keys and ids, in order");
+        let batch: Vec<&Payload> = outs
+            .iter()
+            .map(|o| &o.event.payload)
+            .filter(|p| {
+                matches!(
+                    p,
+                    Payload::CanonicalBatchWithdrawn(_) | Payload::CanonizationFailed(_)
+                )
+            })
+            .collect();
+        let [Payload::CanonizationFailed(_), Payload::CanonicalBatchWithdrawn(w)] = &batch[..]
+        else {
+            panic!("{batch:?}")
+        };
+        assert_eq!((w.records_withdrawn, w.records_kept), (2, 1));
+        assert_eq!(w.withdrawn_by_type.get("Observation"), Some(&2));
+        assert_eq!(w.trigger, "AnonymizationFailed");
+        c.state.commit();
+
+        // A late record of the batch is held; a redelivered failure withdraws nothing twice.
+        assert!(outputs(&mut c, &observation(4, &p)).is_empty());
+        assert!(outputs(&mut c, &anonymization_failed()).is_empty());
+        // The batch's published records are forgotten on the state topic.
+        let changes = c.state.changes().unwrap();
+        assert!(
+            changes.iter().all(|(k, _)| !k.starts_with("published/")),
+            "{changes:?}"
+        );
+    }
+
+    #[test]
+    fn a_completed_batch_forgets_what_it_published() {
+        use pipeline::state::DurableState;
+        let mut c = stage();
+        let p = format!("{:064x}", 1);
+        run(&mut c, &started());
+        run(&mut c, &observation(1, &p));
+        c.state.commit();
+        let out = run(&mut c, &finished(1));
+        assert!(matches!(
+            closings(&out)[..],
+            [Payload::EventDataCanonizationCompleted(_)]
+        ));
+        let changes = c.state.changes().unwrap();
+        assert!(
+            changes
+                .iter()
+                .any(|(k, v)| k == "published/b1/00000000" && v.is_none()),
+            "{changes:?}"
+        );
+    }
+
+    #[test]
+    fn every_withdrawal_is_valid_fhir() {
+        let c = stage();
+        for t in ResourceType::ALL
+            .iter()
+            .filter(|t| compensation::withdrawable(**t))
+        {
+            let p = compensation::Published {
+                resource_type: t.fhir_name().into(),
+                resource_id: "00000000-0000-5000-8000-000000000000".into(),
+                key: "a".repeat(64),
+                position: 1,
+                source_format: "fhir-ndjson".into(),
+                intent: Some("order".into()),
+            };
+            assert!(
+                c.withdrawal("b1", &p, "why", "p1").is_some(),
+                "{t:?} has no valid withdrawal"
+            );
+        }
     }
 }

@@ -364,6 +364,7 @@ catalogue! {
     CanonicalMedication { ns: "medpipe.canonical", resource: Medication, version: 1, file: "canonical/CanonicalMedication.avsc" }
     CanonicalDevice { ns: "medpipe.canonical", resource: Device, version: 1, file: "canonical/CanonicalDevice.avsc" }
     PatientMerged { ns: "medpipe.anonymization", topic: Anonymization, version: 1, file: "anonymization/PatientMerged.avsc" }
+    CanonicalBatchWithdrawn { ns: "medpipe.canonization", topic: Canonization, version: 1, file: "canonization/CanonicalBatchWithdrawn.avsc" }
 }
 
 /// Asks ingestion to claim and ingest one file. Sent by data engineers' tooling.
@@ -617,6 +618,17 @@ pub struct CanonizationFailed {
     pub reason: String,
     pub records_in: i64,
     pub records_dead_lettered: i64,
+}
+
+/// A failed batch's canonical records were withdrawn (see the schema's doc).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CanonicalBatchWithdrawn {
+    pub batch_id: String,
+    pub trigger: String,
+    pub reason: String,
+    pub records_withdrawn: i64,
+    pub withdrawn_by_type: std::collections::BTreeMap<String, i64>,
+    pub records_kept: i64,
 }
 
 /// A code in some system: `{system, code, display}`.

@@ -1,0 +1,172 @@
+//! End-to-end test of compensation on the real broker and registry: a batch that
+//! canonization fails at its close (too many records it cannot map) after it published
+//! the batch's good records. Canonization, SIGKILLed while it works through the batch and
+//! restarted, withdraws every record it published exactly once: a new version under the
+//! same key and id with status `entered-in-error` and a tag, so the latest version of each
+//! is withdrawn; nothing is deleted; the batch gets one `CanonicalBatchWithdrawn` whose
+//! counts match what was published; and the audit trace of the batch lists the chain in
+//! causal order.
+
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
+
+use pipeline::events::Payload;
+use pipeline::topics::TopicKind;
+use pipeline::ResourceType;
+use rdkafka::message::Message;
+use serde_json::{json, Value};
+use tests::Pipeline;
+
+/// One Patient, `good` Observations of it and `bad` MedicationRequests whose `intent` is
+/// not an R4 code, which canonization dead-letters, failing the batch over its threshold.
+fn ndjson(good: usize, bad: usize, tag: &str) -> Vec<u8> {
+    let subject = json!({"reference": format!("Patient/p-{tag}")});
+    let mut lines = vec![json!({"resourceType": "Patient", "id": format!("p-{tag}"),
+        "gender": "female", "birthDate": "1970-01-01"})];
+    for i in 0..good {
+        lines.push(
+            json!({"resourceType": "Observation", "id": format!("o-{tag}-{i}"),
+            "status": "final", "subject": subject,
+            "code": {"coding": [{"system": "http://loinc.org", "code": "8867-4"}]},
+            "valueQuantity": {"value": 60 + (i % 40), "unit": "/min",
+                              "system": "http://unitsofmeasure.org", "code": "/min"}}),
+        );
+    }
+    for i in 0..bad {
+        lines.push(
+            json!({"resourceType": "MedicationRequest", "id": format!("m-{tag}-{i}"),
+            "status": "active", "intent": "whenever", "subject": subject,
+            "medicationCodeableConcept": {"coding": [{
+                "system": "http://www.nlm.nih.gov/research/umls/rxnorm", "code": "197361"}]}}),
+        );
+    }
+    let text: Vec<String> = lines.iter().map(Value::to_string).collect();
+    (text.join("\n") + "\n").into_bytes()
+}
+
+#[test]
+fn a_failed_batch_is_withdrawn_exactly_once_across_a_sigkill_of_canonization() {
+    let mut p = Pipeline::new();
+    for s in ["auditing", "ingestion", "anonymization", "canonization"] {
+        p.start(s, &[]);
+    }
+    let file = ndjson(400, 40, &tests::fresh_tag());
+    let batch = tests::batch_of(&file);
+    let tail = p.tail();
+    let lifecycle = p.topics.name(TopicKind::Canonization);
+    let observations = p
+        .topics
+        .name(TopicKind::Canonical(ResourceType::Observation));
+    p.drop_file("observations.ndjson", &file);
+    // SIGKILL canonization in the middle of the batch; its restart redoes what was not
+    // committed, fails the batch at its close and withdraws what it published.
+    p.wait_for(&tail, "canonical records", Duration::from_secs(180), |t| {
+        t.count(&observations, "CanonicalObservation") >= 100
+    });
+    p.kill("canonization");
+    p.start("canonization", &[]);
+    p.wait_for(
+        &tail,
+        "CanonicalBatchWithdrawn",
+        Duration::from_secs(180),
+        |t| t.count(&lifecycle, "CanonicalBatchWithdrawn") >= 1,
+    );
+    // Let anything late arrive (it must not).
+    std::thread::sleep(Duration::from_secs(3));
+    p.wait_for_audit_catch_up(Duration::from_secs(120));
+    let records = p.read_all();
+
+    let closing: Vec<&Payload> = records
+        .iter()
+        .filter_map(|r| r.event.as_ref())
+        .filter(|e| e.header.correlation_id == batch)
+        .map(|e| &e.payload)
+        .filter(|p| {
+            matches!(
+                p,
+                Payload::CanonicalBatchWithdrawn(_)
+                    | Payload::CanonizationFailed(_)
+                    | Payload::EventDataCanonizationCompleted(_)
+            )
+        })
+        .collect();
+    let [Payload::CanonizationFailed(failed), Payload::CanonicalBatchWithdrawn(w)] = &closing[..]
+    else {
+        panic!("expected one CanonizationFailed and one CanonicalBatchWithdrawn: {closing:?}")
+    };
+    assert_eq!(failed.error_kind, "failure_threshold");
+    assert_eq!(w.trigger, "CanonizationFailed");
+
+    // Every version of every canonical Observation of the batch, in topic order per
+    // partition: (key, id) -> [withdrawn?, ...].
+    let validator = canonization::validate::FhirValidator::new().unwrap();
+    let mut versions: HashMap<(String, String), Vec<bool>> = HashMap::new();
+    let mut by_partition: BTreeMap<(i32, i64), (String, String, bool)> = BTreeMap::new();
+    for r in records.iter().filter(|r| r.message.topic() == observations) {
+        let Some(Payload::CanonicalObservation(o)) = r.event.as_ref().map(|e| &e.payload) else {
+            continue;
+        };
+        if o.provenance.batch_id != batch {
+            continue;
+        }
+        let fhir: Value = serde_json::from_str(&o.fhir_json).unwrap();
+        let withdrawn = fhir["status"] == "entered-in-error";
+        if withdrawn {
+            assert_eq!(fhir["meta"]["tag"][0]["code"], "withdrawn", "{fhir}");
+            validator
+                .validate(&fhir)
+                .expect("a withdrawal is valid FHIR R4");
+        }
+        let key = String::from_utf8(r.message.key().unwrap().to_vec()).unwrap();
+        by_partition.insert(
+            (r.message.partition(), r.message.offset()),
+            (key, o.resource_id.clone(), withdrawn),
+        );
+    }
+    for (_, (key, id, withdrawn)) in by_partition {
+        versions.entry((key, id)).or_default().push(withdrawn);
+    }
+    let published = versions.len();
+    // The batch closes only once all its records are in: every good one was published.
+    assert_eq!(published, 400);
+    for ((key, id), v) in &versions {
+        // Published once, withdrawn once, and the withdrawal is the latest version.
+        assert_eq!(v, &vec![false, true], "versions of {id} under {key}: {v:?}");
+    }
+    assert_eq!(w.records_withdrawn, published as i64);
+    assert_eq!(
+        w.withdrawn_by_type.get("Observation").copied(),
+        Some(published as i64)
+    );
+    // The batch's Patient is kept: other batches' records may reference it.
+    let patients = records
+        .iter()
+        .filter(|r| {
+            matches!(r.event.as_ref().map(|e| &e.payload),
+                Some(Payload::CanonicalPatient(c)) if c.provenance.batch_id == batch)
+        })
+        .count();
+    assert_eq!(w.records_kept, patients as i64);
+
+    // The audit trail holds the chain in causal order.
+    let trail = auditing::query::trace(&p.audit_dir(), &batch).unwrap();
+    let at = |t: &str| {
+        trail
+            .iter()
+            .position(|e| e.event_type == t)
+            .unwrap_or_else(|| panic!("{t} not in the trace of the batch"))
+    };
+    assert!(at("AnonymizationFinished") < at("CanonizationFailed"));
+    assert!(at("CanonizationFailed") < at("CanonicalBatchWithdrawn"));
+    let withdrawals_audited = trail
+        .iter()
+        .filter(|e| e.event_type == "CanonicalObservation")
+        .count();
+    assert_eq!(
+        withdrawals_audited,
+        2 * published,
+        "originals and withdrawals"
+    );
+}
