@@ -3,6 +3,7 @@
 //! verifies and queries the audit trail, and runs benchmarks.
 
 mod audit;
+mod batch;
 mod bench;
 mod bench_audit;
 mod dlq;
@@ -78,6 +79,11 @@ enum Command {
     Audit {
         #[command(subcommand)]
         command: audit::AuditCommand,
+    },
+    /// Where each batch stands, per stage, from the audit trail.
+    Batch {
+        #[command(subcommand)]
+        command: batch::BatchCommand,
     },
     /// What each stage dead-lettered, and why (never the payload in clear).
     Dlq {
@@ -328,6 +334,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Audit { command } => audit::run(command, &mut out).await?,
         Command::Dlq { command } => dlq::run(command, &mut out).await?,
+        Command::Batch { command } => batch::run(command, &mut out)?,
     }
     Ok(())
 }

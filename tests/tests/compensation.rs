@@ -169,4 +169,30 @@ fn a_failed_batch_is_withdrawn_exactly_once_across_a_sigkill_of_canonization() {
         2 * published,
         "originals and withdrawals"
     );
+
+    // The operator sees the batch withdrawn, the step that failed it and why.
+    let run = |args: &[&str]| {
+        let o = p.medpipe(args);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        serde_json::from_slice::<Value>(&o.stdout).expect("json")
+    };
+    let status = run(&["batch", "status", &batch, "--json", "--unseal"]);
+    assert_eq!(status["state"], "withdrawn", "{status}");
+    assert_eq!(status["failed_step"], "canonization");
+    assert_eq!(status["ingestion"]["state"], "finished");
+    assert_eq!(status["anonymization"]["state"], "finished");
+    assert_eq!(status["canonization"]["state"], "failed");
+    assert_eq!(status["ingestion"]["records"], 441);
+    let reason = status["canonization"]["reason"].as_str().expect("reason");
+    assert!(reason.contains("40 of 441"), "{reason}");
+    let held = run(&["batch", "list", "--state", "withdrawn", "--json"]);
+    let ids: Vec<&str> = held
+        .as_array()
+        .expect("list")
+        .iter()
+        .filter_map(|b| b["batch"].as_str())
+        .collect();
+    assert_eq!(ids, vec![batch.as_str()]);
+    let unknown = p.medpipe(&["batch", "status", "no-such-batch"]);
+    assert!(!unknown.status.success());
 }
