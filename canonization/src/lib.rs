@@ -958,18 +958,12 @@ mod tests {
         }))
     }
 
-    /// Processes an event and returns the types of what it emitted.
+    /// Processes an event and returns the payloads it emitted.
     fn run(c: &mut Canonizer, ev: &Event) -> Vec<Payload> {
-        let input = Input {
-            topic: "t",
-            partition: 0,
-            offset: 0,
-            event: ev,
-        };
-        match c.process(&input) {
-            Outcome::Emit(outs) => outs.into_iter().map(|o| o.event.payload).collect(),
-            other => panic!("{other:?}"),
-        }
+        outputs(c, ev)
+            .into_iter()
+            .map(|o| o.event.payload)
+            .collect()
     }
 
     fn closings(out: &[Payload]) -> Vec<&Payload> {
