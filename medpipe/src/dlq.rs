@@ -107,7 +107,7 @@ impl DeadLetter {
         self.header(dlq_headers::ERROR_TYPE)
     }
 
-    /// The batch: the decoded event's, else the one the error message names.
+    /// The batch, when the payload decodes as an event.
     fn batch(&self) -> Option<&str> {
         self.batch.as_deref()
     }
