@@ -23,6 +23,27 @@ pub struct DirArg {
     pub dir: PathBuf,
 }
 
+/// `--unseal` and the audit key that opens sealed details (file names, reasons).
+#[derive(clap::Args, Debug, Clone)]
+pub struct UnsealArgs {
+    /// Open sealed details (file names, reasons) with the audit key.
+    #[arg(long)]
+    pub unseal: bool,
+    #[command(flatten)]
+    pub audit_key: AuditKeyArgs,
+}
+
+impl UnsealArgs {
+    /// The audit key when `--unseal` was given.
+    pub fn key(&self) -> anyhow::Result<Option<pipeline::crypto::KeyRef>> {
+        Ok(if self.unseal {
+            Some(self.audit_key.load()?)
+        } else {
+            None
+        })
+    }
+}
+
 #[derive(clap::Args, Debug, Clone)]
 pub struct PublicKeyArg {
     /// The checkpoint signing public key, 64 hex characters. Default: the key file in
@@ -86,11 +107,8 @@ pub enum AuditCommand {
         dir: DirArg,
         #[arg(long)]
         json: bool,
-        /// Open sealed details (file names, reasons) with the audit key.
-        #[arg(long)]
-        unseal: bool,
         #[command(flatten)]
-        audit_key: AuditKeyArgs,
+        unseal: UnsealArgs,
     },
     /// HIPAA activity report: which service processed which batches when, under which
     /// policy and key versions.
@@ -227,13 +245,8 @@ pub async fn run(command: AuditCommand, out: &mut impl Write) -> anyhow::Result<
             dir,
             json,
             unseal,
-            audit_key,
         } => {
-            let key = if unseal {
-                Some(audit_key.load()?)
-            } else {
-                None
-            };
+            let key = unseal.key()?;
             let entries = query::trace(&dir.dir, &id)?;
             if entries.is_empty() {
                 bail!("no audit entries for {id}");

@@ -11,11 +11,10 @@ use anyhow::bail;
 use auditing::entry::AuditEntry;
 use auditing::store;
 use clap::Subcommand;
-use pipeline::config::AuditKeyArgs;
 use pipeline::crypto::KeyRef;
 use serde::Serialize;
 
-use crate::audit::DirArg;
+use crate::audit::{DirArg, UnsealArgs};
 
 #[derive(Subcommand, Debug)]
 pub enum BatchCommand {
@@ -37,10 +36,8 @@ pub enum BatchCommand {
         dir: DirArg,
         #[arg(long)]
         json: bool,
-        #[arg(long)]
-        unseal: bool,
         #[command(flatten)]
-        audit_key: AuditKeyArgs,
+        unseal: UnsealArgs,
     },
 }
 
@@ -314,14 +311,13 @@ pub fn run(command: BatchCommand, out: &mut impl Write) -> anyhow::Result<()> {
             dir,
             json,
             unseal,
-            audit_key,
         } => {
             let entries = store::lookup(&dir.dir, store::Key::Correlation, &batch)?;
             let Some(mut b) = batches(&entries).into_iter().next() else {
                 bail!("no audit entries for batch {batch}");
             };
-            if unseal {
-                unseal_reasons(&mut b, &entries, &audit_key.load()?)?;
+            if let Some(key) = unseal.key()? {
+                unseal_reasons(&mut b, &entries, &key)?;
             }
             if json {
                 writeln!(out, "{}", serde_json::to_string(&b)?)?;
