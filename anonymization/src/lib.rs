@@ -128,24 +128,19 @@ impl Anonymizer {
                 .map_err(|e| AnonymizeError::Memory(e.to_string()))?;
         }
         let empty = scrub::Known::default();
-        let remembered = match self.state.known(&patient) {
-            Ok(known) => known,
-            Err(e) => {
-                // Sealed under a master key this process does not hold (rotated) or
-                // damaged: the note is scrubbed by its own record and the rules only.
-                tracing::warn!(error = %e, "Cannot open a patient's remembered identifiers.");
-                None
-            }
-        };
-        let extra = remembered.unwrap_or(&empty).clone();
+        if let Err(e) = self.state.known(&patient) {
+            // Sealed under a master key this process does not hold (rotated) or damaged:
+            // the note is scrubbed by its own record and the rules only.
+            tracing::warn!(error = %e, "Cannot open a patient's remembered identifiers.");
+        }
         let state = &self.state;
+        let extra = state.opened(&patient).unwrap_or(&empty);
         let engine = &self.engine;
         // Another Patient named by its source id: its trusted identity if one was seen, and
         // the survivor if it was merged.
         let resolve = |id: &str| {
             let source = engine.pseudonym(id);
-            let known = state.alias(&source).unwrap_or(&source);
-            let now = state.survivor(known);
+            let now = state.current(&source, true);
             (now != source).then(|| now.to_owned())
         };
         let out = self.engine.anonymize_as(
@@ -155,7 +150,7 @@ impl Anonymizer {
             &who,
             &patient,
             &resolve,
-            &extra,
+            extra,
         )?;
         let merges = self.merges(&who, &patient, rec);
         let policy = self.engine.policy();
@@ -240,32 +235,23 @@ impl Anonymizer {
     ) -> Vec<PatientMerged> {
         let mut out = std::mem::take(&mut self.pending_merges);
         for merge in &who.merges {
-            let other_now = |state: &memory::StageState, other: &str, source: bool| {
-                let other = if source {
-                    state.alias(other).unwrap_or(other)
-                } else {
-                    other
-                };
-                state.survivor(other).to_owned()
-            };
             let (survivor, merged, trigger, has_link) = match merge {
                 Merge::Absorbed {
                     other,
                     other_is_source_id,
                     trigger,
                 } => {
-                    let other = if *other_is_source_id {
-                        self.state.alias(other).unwrap_or(other).to_owned()
-                    } else {
-                        other.clone()
+                    let other = match other_is_source_id {
+                        true => self.state.alias(other).unwrap_or(other),
+                        false => other,
                     };
-                    (patient.to_owned(), other, *trigger, false)
+                    (patient.to_owned(), other.to_owned(), *trigger, false)
                 }
                 Merge::ReplacedBy {
                     other,
                     other_is_source_id,
                 } => (
-                    other_now(&self.state, other, *other_is_source_id),
+                    self.state.current(other, *other_is_source_id).to_owned(),
                     patient.to_owned(),
                     "fhir-patient-link-replaced-by",
                     true,

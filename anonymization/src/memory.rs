@@ -130,6 +130,11 @@ impl StageState {
         Ok(self.opened.get(patient))
     }
 
+    /// The known identifiers of `patient` if [`StageState::known`] opened them already.
+    pub fn opened(&self, patient: &str) -> Option<&Known> {
+        self.opened.get(patient)
+    }
+
     fn open(&self, patient: &str, s: &SealedKnown) -> Result<Known, PipelineError> {
         let bytes =
             |h: &str| hex::decode(h).map_err(|e| PipelineError::storage("a sealed known entry", e));
@@ -159,6 +164,17 @@ impl StageState {
     /// The pseudonym a source pseudonym stands for, if a trusted identifier was seen for it.
     pub fn alias(&self, source: &str) -> Option<&str> {
         self.aliases.get(source).map(String::as_str)
+    }
+
+    /// Where a patient named by `pseudonym` stands now: through its alias when it is a
+    /// source pseudonym (`is_source`), then through any merge to the survivor.
+    pub fn current<'a>(&'a self, pseudonym: &'a str, is_source: bool) -> &'a str {
+        let known = if is_source {
+            self.alias(pseudonym).unwrap_or(pseudonym)
+        } else {
+            pseudonym
+        };
+        self.survivor(known)
     }
 
     /// Records that `source` stands for `identity`. Returns whether records were already

@@ -96,10 +96,7 @@ pub fn withdrawal_resource(p: &Published, patient_id: &str, reason: &str) -> Opt
         ResourceType::Condition => vec![
             (
                 "verificationStatus",
-                json!({"coding": [{
-                    "system": "http://terminology.hl7.org/CodeSystem/condition-ver-status",
-                    "code": "entered-in-error"
-                }]}),
+                entered_in_error("condition-ver-status"),
             ),
             ("subject", subject),
         ],
@@ -115,10 +112,7 @@ pub fn withdrawal_resource(p: &Published, patient_id: &str, reason: &str) -> Opt
         ResourceType::AllergyIntolerance => vec![
             (
                 "verificationStatus",
-                json!({"coding": [{
-                    "system": "http://terminology.hl7.org/CodeSystem/allergyintolerance-verification",
-                    "code": "entered-in-error"
-                }]}),
+                entered_in_error("allergyintolerance-verification"),
             ),
             ("patient", subject),
         ],
@@ -142,6 +136,14 @@ pub fn withdrawal_resource(p: &Published, patient_id: &str, reason: &str) -> Opt
         }
     }
     Some(r)
+}
+
+/// A verification status of `entered-in-error` in a terminology.hl7.org code system.
+fn entered_in_error(code_system: &str) -> Value {
+    json!({"coding": [{
+        "system": format!("http://terminology.hl7.org/CodeSystem/{code_system}"),
+        "code": "entered-in-error"
+    }]})
 }
 
 /// The published records of open batches, and the withdrawn batches.

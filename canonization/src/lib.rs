@@ -309,6 +309,7 @@ impl Canonizer {
             std::cmp::Ordering::Less => return vec![],
         };
         self.state.batches.delete(batch);
+        let kept = kept(&s.by_type);
         let ratio = if s.records_in == 0 {
             0.0
         } else {
@@ -339,34 +340,33 @@ impl Canonizer {
             Payload::EventDataCanonizationCompleted(EventDataCanonizationCompleted {
                 batch_id: batch.to_string(),
                 records_in: s.records_in,
-                resources_by_type: s.by_type.clone(),
+                resources_by_type: s.by_type,
                 records_dead_lettered: s.dead_lettered,
                 records_unsupported: s.unsupported,
                 codes_unmapped: s.codes_unmapped,
                 concept_map_version: self.maps_version.clone(),
             })
         };
-        let failed = matches!(payload, Payload::CanonizationFailed(_));
-        let reason = match &payload {
+        let withdrawal_reason = match &payload {
             Payload::CanonizationFailed(f) => {
-                format!("canonization failed the batch ({})", f.error_kind)
+                Some(format!("canonization failed the batch ({})", f.error_kind))
             }
-            _ => String::new(),
+            _ => None,
         };
         let event = Event::new(SERVICE, batch, Some(&closing.cause_event_id), payload);
-        let mut out = Vec::new();
-        if failed {
-            out.extend(self.withdraw(batch, &reason, &s.policy_version, &event, kept(&s.by_type)));
-        } else {
-            self.state.ledger.forget(batch);
-        }
-        out.insert(
-            0,
-            Output {
-                key: batch.to_string(),
-                event,
-            },
-        );
+        let withdrawals = match withdrawal_reason {
+            Some(reason) => self.withdraw(batch, &reason, &s.policy_version, &event, kept),
+            None => {
+                self.state.ledger.forget(batch);
+                Vec::new()
+            }
+        };
+        let mut out = Vec::with_capacity(1 + withdrawals.len());
+        out.push(Output {
+            key: batch.to_string(),
+            event,
+        });
+        out.extend(withdrawals);
         out
     }
 
@@ -617,30 +617,21 @@ fn published(payload: &Payload, key: &str) -> Option<compensation::Published> {
     if !compensation::withdrawable(t) {
         return None;
     }
-    let (_, fhir, provenance) = payload.canonical()?;
-    let resource_id = match payload {
-        Payload::CanonicalEncounter(c) => c.resource_id.clone(),
-        Payload::CanonicalObservation(c) => c.resource_id.clone(),
-        Payload::CanonicalCondition(c) => c.resource_id.clone(),
-        Payload::CanonicalMedicationRequest(c) => c.resource_id.clone(),
-        Payload::CanonicalProcedure(c) => c.resource_id.clone(),
-        Payload::CanonicalDiagnosticReport(c) => c.resource_id.clone(),
-        Payload::CanonicalAllergyIntolerance(c) => c.resource_id.clone(),
-        Payload::CanonicalImmunization(c) => c.resource_id.clone(),
+    let (_, _, provenance) = payload.canonical()?;
+    let (resource_id, intent) = match payload {
+        Payload::CanonicalEncounter(c) => (&c.resource_id, None),
+        Payload::CanonicalObservation(c) => (&c.resource_id, None),
+        Payload::CanonicalCondition(c) => (&c.resource_id, None),
+        Payload::CanonicalMedicationRequest(c) => (&c.resource_id, c.details.intent.clone()),
+        Payload::CanonicalProcedure(c) => (&c.resource_id, None),
+        Payload::CanonicalDiagnosticReport(c) => (&c.resource_id, None),
+        Payload::CanonicalAllergyIntolerance(c) => (&c.resource_id, None),
+        Payload::CanonicalImmunization(c) => (&c.resource_id, None),
         _ => return None,
     };
-    let intent = (t == ResourceType::MedicationRequest)
-        .then(|| {
-            serde_json::from_str::<Value>(fhir)
-                .ok()?
-                .get("intent")?
-                .as_str()
-                .map(str::to_owned)
-        })
-        .flatten();
     Some(compensation::Published {
         resource_type: t.fhir_name().to_string(),
-        resource_id,
+        resource_id: resource_id.clone(),
         key: key.to_string(),
         position: provenance.source_position,
         source_format: provenance.source_format.clone(),
