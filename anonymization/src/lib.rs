@@ -17,8 +17,8 @@ pub use policy::{Policy, PolicyError};
 
 use pipeline::crypto::{open_record, KeyRef};
 use pipeline::events::{
-    AnonymizationFailed, AnonymizationFinished, AnonymizationStarted, PatientMerged, Payload,
-    RecordAnonymized, SourceRecordBody, SourceRecordIngested,
+    AnonymizationFailed, AnonymizationFinished, AnonymizationStarted, BatchHeld, PatientMerged,
+    Payload, RecordAnonymized, SourceRecordBody, SourceRecordIngested,
 };
 use pipeline::runner::Owns;
 use pipeline::state::PendingClose;
@@ -62,6 +62,10 @@ pub struct BatchCounts {
     /// Ingestion's closing event, held while the counts do not add up yet.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub closing: Option<PendingClose>,
+    /// Set once the batch failed (here or upstream): the batch is held, and this counts
+    /// its records that arrived after and were not forwarded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub held: Option<u64>,
 }
 
 pub struct Anonymizer {
@@ -294,9 +298,11 @@ impl Anonymizer {
     /// finished (or failed over the threshold) when every emitted record is accounted
     /// for, as failed when there are more than were emitted (duplicates), or when `now`
     /// is past the deadline and some are still missing. Otherwise it keeps waiting.
-    fn try_close(&mut self, batch: &str, now: Option<i64>) -> Option<Output> {
+    fn try_close(&mut self, batch: &str, now: Option<i64>) -> Vec<Output> {
         let c = self.counts(batch);
-        let closing = c.closing.clone()?;
+        let Some(closing) = c.closing.clone() else {
+            return Vec::new();
+        };
         let done = c.anonymized + c.dead_lettered;
         let emitted = u64::try_from(closing.upstream).unwrap_or(0);
         let verdict = match done.cmp(&emitted) {
@@ -320,13 +326,17 @@ impl Anonymizer {
                     self.close_timeout_micros / 1_000_000
                 ),
             )),
-            std::cmp::Ordering::Less => return None,
+            std::cmp::Ordering::Less => return Vec::new(),
         };
         let payload = self.close(batch, verdict);
-        Some(Output {
+        let event = Event::new(SERVICE, batch, Some(&closing.cause_event_id), payload);
+        let held = held(&event, "anonymization");
+        let mut out = vec![Output {
             key: batch.to_string(),
-            event: Event::new(SERVICE, batch, Some(&closing.cause_event_id), payload),
-        })
+            event,
+        }];
+        out.extend(held);
+        out
     }
 
     /// Ends a batch and forgets its counts: `Ok` holds ingestion's emitted count and
@@ -335,6 +345,15 @@ impl Anonymizer {
     fn close(&mut self, batch: &str, verdict: Result<i64, (&str, String)>) -> Payload {
         let c = self.counts(batch);
         self.state.batches.delete(batch);
+        let hold = |state: &mut memory::StageState| {
+            state.batches.put(
+                batch,
+                BatchCounts {
+                    held: Some(0),
+                    ..BatchCounts::default()
+                },
+            )
+        };
         let policy = self.engine.policy();
         let total = c.anonymized + c.dead_lettered;
         let upstream = verdict.as_ref().map_or(0, |n| *n);
@@ -354,6 +373,7 @@ impl Anonymizer {
             Ok(_) => None,
         };
         if let Some((error_kind, reason)) = failure {
+            hold(&mut self.state);
             return Payload::AnonymizationFailed(AnonymizationFailed {
                 batch_id: batch.into(),
                 error_kind,
@@ -373,6 +393,29 @@ impl Anonymizer {
             policy_hash: Some(policy.hash.clone()),
         })
     }
+}
+
+/// The `BatchHeld` that goes with an `AnonymizationFailed` (caused by it), if `failed` is
+/// one: `failed_step` is the stage whose step failed the batch.
+fn held(failed: &Event, failed_step: &str) -> Option<Output> {
+    let Payload::AnonymizationFailed(f) = &failed.payload else {
+        return None;
+    };
+    Some(Output {
+        key: f.batch_id.clone(),
+        event: Event::caused_by(
+            failed,
+            SERVICE,
+            Payload::BatchHeld(BatchHeld {
+                batch_id: f.batch_id.clone(),
+                stage: "anonymization".into(),
+                failed_step: failed_step.into(),
+                reason_kind: f.error_kind.clone(),
+                reason: f.reason.clone(),
+                records_forwarded: f.records_anonymized,
+            }),
+        ),
+    })
 }
 
 impl Stage for Anonymizer {
@@ -406,6 +449,17 @@ impl Stage for Anonymizer {
             }
             Payload::SourceRecordIngested(rec) => {
                 let mut c = self.counts(&rec.batch_id);
+                if let Some(n) = c.held {
+                    // The batch failed: its records stay upstream, counted, not forwarded.
+                    c.held = Some(n + 1);
+                    self.state.batches.put(&rec.batch_id, c);
+                    tracing::info!(
+                        correlation_id = %rec.batch_id,
+                        position = rec.position,
+                        "Held a record of a held batch: not forwarded."
+                    );
+                    return Outcome::Emit(vec![]);
+                }
                 let result = self.anonymize(rec);
                 match &result {
                     Ok(_) => c.anonymized += 1,
@@ -457,6 +511,9 @@ impl Stage for Anonymizer {
             }
             Payload::DataIngestionFinished(f) => {
                 let mut c = self.counts(&f.batch_id);
+                if c.held.is_some() {
+                    return Outcome::Emit(vec![]);
+                }
                 c.closing = Some(PendingClose {
                     upstream: f.records_emitted,
                     cause_event_id: ev.header.event_id.clone(),
@@ -468,13 +525,23 @@ impl Stage for Anonymizer {
                     partition: input.partition,
                 });
                 self.state.batches.put(&f.batch_id, c);
-                Outcome::Emit(self.try_close(&f.batch_id, None).into_iter().collect())
+                Outcome::Emit(self.try_close(&f.batch_id, None))
             }
             // Ingestion gave up on the batch: pass the compensation trigger downstream.
             Payload::DataIngestionFailed(f) => {
+                if self.counts(&f.batch_id).held.is_some() {
+                    return Outcome::Emit(vec![]);
+                }
                 let reason = format!("ingestion failed the batch ({})", f.error_kind);
                 let payload = self.close(&f.batch_id, Err(("upstream_failed", reason)));
-                emit(&f.batch_id, payload)
+                let event = Event::caused_by(ev, SERVICE, payload);
+                let held = held(&event, "ingestion");
+                let mut out = vec![Output {
+                    key: f.batch_id.clone(),
+                    event,
+                }];
+                out.extend(held);
+                Outcome::Emit(out)
             }
             _ => Outcome::Emit(vec![]),
         }
@@ -496,7 +563,7 @@ impl Stage for Anonymizer {
             })
             .collect();
         due.iter()
-            .filter_map(|b| self.try_close(b, Some(now_micros)))
+            .flat_map(|b| self.try_close(b, Some(now_micros)))
             .collect()
     }
 
@@ -612,9 +679,26 @@ mod tests {
         })
     }
 
+    /// A batch's closing event; a failure comes with the `BatchHeld` it causes.
     fn closing(o: Outcome) -> Payload {
         match o {
             Outcome::Emit(mut outs) if outs.len() == 1 => outs.remove(0).event.payload,
+            Outcome::Emit(outs) if outs.len() == 2 => {
+                let (first, second) = (&outs[0].event, &outs[1].event);
+                let (Payload::AnonymizationFailed(f), Payload::BatchHeld(h)) =
+                    (&first.payload, &second.payload)
+                else {
+                    panic!("{outs:?}")
+                };
+                assert_eq!(h.batch_id, f.batch_id);
+                assert_eq!(h.reason_kind, f.error_kind);
+                assert_eq!(h.records_forwarded, f.records_anonymized);
+                assert_eq!(
+                    second.header.causation_id.as_deref(),
+                    Some(first.header.event_id.as_str())
+                );
+                first.payload.clone()
+            }
             other => panic!("{other:?}"),
         }
     }
@@ -793,11 +877,16 @@ mod tests {
             f.reason,
             "1 of 3 records could not be de-identified (33.3%), above the 20.0% threshold"
         );
-        // Closing the batch deletes its state.
-        assert_eq!(
-            a.state.batches.changes().expect("changes"),
-            vec![("b1".to_string(), None)]
-        );
+        // The failed batch is held: its counts go, a hold stays.
+        let held = BatchCounts {
+            held: Some(0),
+            ..BatchCounts::default()
+        };
+        assert_eq!(a.state.batches.get("b1"), Some(&held));
+        // A record that comes after is held, not forwarded; a later failure adds nothing.
+        assert_eq!(run(&mut a, &record(4, Some("p-4"))), Outcome::Emit(vec![]));
+        assert_eq!(a.state.batches.get("b1").and_then(|c| c.held), Some(1));
+        assert_eq!(run(&mut a, &lifecycle(true)), Outcome::Emit(vec![]));
     }
 
     #[test]
@@ -807,6 +896,7 @@ mod tests {
             anonymized: 7,
             dead_lettered: 0,
             closing: None,
+            held: None,
         })
         .expect("json");
         a.state
@@ -870,10 +960,9 @@ mod tests {
             a.tick(deadline, &owns_none).is_empty(),
             "not this instance's"
         );
-        let outs = a.tick(deadline, &owns_all);
-        assert_eq!(outs.len(), 1);
-        let Payload::AnonymizationFailed(f) = &outs[0].event.payload else {
-            panic!("{outs:?}")
+        let Payload::AnonymizationFailed(f) = closing(Outcome::Emit(a.tick(deadline, &owns_all)))
+        else {
+            panic!()
         };
         assert_eq!(f.error_kind, "counts_mismatch");
         assert_eq!(

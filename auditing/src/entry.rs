@@ -51,6 +51,9 @@ pub struct AuditEntry {
     /// `PatientMerged` (whose `subject` is the survivor). Indexed like `subject`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub related_subject: Option<String>,
+    /// Another batch the event links its batch to: a `BatchRetried`'s new attempt.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub related_batch: Option<String>,
     /// The de-identification policy version (and hash) the event was produced under.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub policy: Option<String>,

@@ -22,6 +22,10 @@ pub struct Facts {
     pub records_expected: Option<i64>,
     pub records_in: Option<i64>,
     pub records_upstream: Option<i64>,
+    /// Another batch the event links this one to: the new attempt of a `BatchRetried`.
+    pub related_batch: Option<String>,
+    /// What a saga transition says in the clear: kinds, stages and counts, never values.
+    pub detail: Option<String>,
     /// (name, value) pairs to seal: they may name people (file names) or places.
     pub sensitive: Vec<(&'static str, String)>,
 }
@@ -131,6 +135,26 @@ pub fn facts(p: &Payload) -> Facts {
         }
         Control::CanonizationFailed(c) => f.sensitive = vec![("reason", c.reason.clone())],
         Control::CanonicalBatchWithdrawn(c) => f.sensitive = vec![("reason", c.reason.clone())],
+        Control::BatchRetryRequested(r) => {
+            f.sensitive = vec![
+                ("requested_by", r.requested_by.clone()),
+                ("reason", r.reason.clone()),
+            ];
+        }
+        Control::BatchWithdrawalRequested(r) => {
+            f.sensitive = vec![
+                ("requested_by", r.requested_by.clone()),
+                ("reason", r.reason.clone()),
+            ];
+        }
+        Control::BatchRetried(r) => f.related_batch = Some(r.new_batch_id.clone()),
+        Control::BatchHeld(h) => {
+            f.detail = Some(format!(
+                "{} holds the batch: {} failed it ({}); {} records forwarded before",
+                h.stage, h.failed_step, h.reason_kind, h.records_forwarded
+            ));
+            f.sensitive = vec![("reason", h.reason.clone())];
+        }
         Control::AuditEntryRecorded(_) | Control::AuditCheckpoint(_) => {}
         Control::ComplianceAlert(_) => {}
     }
@@ -177,6 +201,10 @@ pub fn entry_for(
             e.records_expected = f.records_expected;
             e.records_in = f.records_in;
             e.records_upstream = f.records_upstream;
+            e.related_batch = f.related_batch;
+            if f.detail.is_some() {
+                e.detail = f.detail;
+            }
             f.sensitive
         }
         None => {

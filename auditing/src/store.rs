@@ -82,10 +82,12 @@ impl Key {
         }
     }
 
-    /// Whether the entry has `value` for this key: a merge is found under either patient.
+    /// Whether the entry has `value` for this key: a merge is found under either patient,
+    /// and a retry under both batches.
     pub fn matches(self, e: &AuditEntry, value: &str) -> bool {
         self.of(e) == Some(value)
             || (self == Key::Subject && e.related_subject.as_deref() == Some(value))
+            || (self == Key::Correlation && e.related_batch.as_deref() == Some(value))
     }
 
     /// The entry's value for this key.
@@ -119,9 +121,15 @@ fn index_records(e: &AuditEntry, byte_offset: u64, out: &mut Vec<u8>) {
             out.extend_from_slice(&byte_offset.to_le_bytes());
         }
     }
-    if let Some(v) = e.related_subject.as_deref() {
-        out.extend_from_slice(&key_hash(Key::Subject, v).to_le_bytes());
-        out.extend_from_slice(&byte_offset.to_le_bytes());
+    let related = [
+        (Key::Subject, e.related_subject.as_deref()),
+        (Key::Correlation, e.related_batch.as_deref()),
+    ];
+    for (k, v) in related {
+        if let Some(v) = v {
+            out.extend_from_slice(&key_hash(k, v).to_le_bytes());
+            out.extend_from_slice(&byte_offset.to_le_bytes());
+        }
     }
 }
 

@@ -16,9 +16,14 @@
 //! records reference them; withdrawing them would withdraw those too. The batch event
 //! counts them as kept.
 //!
+//! An operator can also withdraw a batch that completed (`BatchWithdrawalRequested`, for
+//! example a file sent to the wrong tenant): a completed batch's records are remembered
+//! for a retention period (`closed/<batch>` says when it closed), after which a
+//! withdrawal finds nothing left to withdraw and says so.
+//!
 //! The remembered records are durable stage state, committed with the outputs that
 //! published them: appended in one chunk per transaction (`published/<batch>/<n>`), and
-//! tombstoned when the batch closes, so the state holds open batches only.
+//! tombstoned when the batch is withdrawn or its retention after closing ends.
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -32,6 +37,7 @@ pub const WITHDRAWAL_TAG_SYSTEM: &str = "urn:medpipe:compensation";
 
 const PUBLISHED_PREFIX: &str = "published/";
 const WITHDRAWN_PREFIX: &str = "withdrawn/";
+const CLOSED_PREFIX: &str = "closed/";
 
 /// One canonical record a batch published, as much as its withdrawal needs.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -52,6 +58,16 @@ pub struct Published {
 pub struct Withdrawn {
     pub reason: String,
     pub held: i64,
+}
+
+/// A batch that completed, whose records are remembered until its retention ends.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Closed {
+    /// When it completed, microseconds since the epoch.
+    pub at: i64,
+    pub policy_version: String,
+    /// Patients and shared resources it published, which a withdrawal keeps.
+    pub kept: i64,
 }
 
 /// Which types are withdrawn with their batch.
@@ -158,6 +174,7 @@ pub struct Ledger {
     /// Batches whose chunks go in the open transaction.
     forgetting: BTreeMap<String, u32>,
     pub withdrawn: KeyedState<Withdrawn>,
+    pub closed: KeyedState<Closed>,
 }
 
 impl Ledger {
@@ -175,8 +192,24 @@ impl Ledger {
         out
     }
 
+    /// The completed batches whose retention ended before `now`.
+    pub fn expired(&self, now: i64, retention_micros: i64) -> Vec<String> {
+        self.closed
+            .keys()
+            .into_iter()
+            .filter(|b| {
+                self.closed
+                    .get(b)
+                    .is_some_and(|c| c.at.saturating_add(retention_micros) <= now)
+            })
+            .collect()
+    }
+
     /// Drops the batch's records, on the state topic too (with the open transaction).
     pub fn forget(&mut self, batch: &str) {
+        if self.closed.get(batch).is_some() {
+            self.closed.delete(batch);
+        }
         self.pending.remove(batch);
         let n = self.chunks.get(batch).copied().unwrap_or(0);
         self.forgetting.insert(batch.to_string(), n);
@@ -206,6 +239,12 @@ impl Ledger {
                 .into_iter()
                 .map(|(k, v)| (format!("{WITHDRAWN_PREFIX}{k}"), v)),
         );
+        out.extend(
+            self.closed
+                .changes()?
+                .into_iter()
+                .map(|(k, v)| (format!("{CLOSED_PREFIX}{k}"), v)),
+        );
         Ok(out)
     }
 
@@ -222,12 +261,14 @@ impl Ledger {
             self.committed.entry(batch).or_default().extend(list);
         }
         self.withdrawn.commit();
+        self.closed.commit();
     }
 
     pub fn rollback(&mut self) {
         self.pending.clear();
         self.forgetting.clear();
         self.withdrawn.rollback();
+        self.closed.rollback();
     }
 
     /// Takes this ledger's entries out of a restored state; returns the others.
@@ -238,6 +279,7 @@ impl Ledger {
         self.forgetting.clear();
         let mut chunks: BTreeMap<(String, u32), Vec<Published>> = BTreeMap::new();
         let mut withdrawn = Vec::new();
+        let mut closed = Vec::new();
         let mut rest = Vec::new();
         for (k, v) in entries {
             if let Some(tail) = k.strip_prefix(PUBLISHED_PREFIX) {
@@ -252,6 +294,8 @@ impl Ledger {
                 chunks.insert((batch.to_string(), n), list);
             } else if let Some(batch) = k.strip_prefix(WITHDRAWN_PREFIX) {
                 withdrawn.push((batch.to_string(), v));
+            } else if let Some(batch) = k.strip_prefix(CLOSED_PREFIX) {
+                closed.push((batch.to_string(), v));
             } else {
                 rest.push((k, v));
             }
@@ -262,6 +306,7 @@ impl Ledger {
             self.committed.entry(batch).or_default().extend(list);
         }
         self.withdrawn.restore(withdrawn)?;
+        self.closed.restore(closed)?;
         Ok(rest)
     }
 }

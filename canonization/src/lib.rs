@@ -15,11 +15,12 @@ pub mod validate;
 use std::collections::BTreeMap;
 
 use pipeline::events::{
-    AllergyIntoleranceDetails, CanonicalBatchWithdrawn, CanonicalPatient, CanonicalRecord,
-    CanonicalSharedRecord, CanonizationFailed, ConditionDetails, DiagnosticReportDetails,
-    EncounterDetails, EventDataCanonizationCompleted, EventDataCanonizationCreated,
-    EventDataCanonizationStarted, ImmunizationDetails, MedicationRequestDetails,
-    ObservationDetails, PatientMerged, Payload, ProcedureDetails, Provenance, RecordAnonymized,
+    AllergyIntoleranceDetails, BatchWithdrawalRequested, CanonicalBatchWithdrawn, CanonicalPatient,
+    CanonicalRecord, CanonicalSharedRecord, CanonizationFailed, ConditionDetails,
+    DiagnosticReportDetails, EncounterDetails, EventDataCanonizationCompleted,
+    EventDataCanonizationCreated, EventDataCanonizationStarted, ImmunizationDetails,
+    MedicationRequestDetails, ObservationDetails, PatientMerged, Payload, ProcedureDetails,
+    Provenance, RecordAnonymized,
 };
 use pipeline::runner::Owns;
 use pipeline::state::{KeyedState, PendingClose};
@@ -34,6 +35,8 @@ use crate::typed::Typed;
 use crate::validate::FhirValidator;
 
 pub const SERVICE: &str = "medpipe-canonization";
+
+const DEFAULT_WITHDRAW_RETENTION_MICROS: i64 = 7 * 24 * 3600 * 1_000_000;
 
 pub use crate::mapping::resource_id;
 
@@ -102,6 +105,8 @@ pub struct Canonizer {
     max_failure_ratio: f64,
     /// How long a batch whose counts do not add up waits for its missing records.
     close_timeout_micros: i64,
+    /// How long a completed batch's records are remembered, so an operator can withdraw it.
+    withdraw_retention_micros: i64,
     /// Batch counts, and what each open batch published (for its withdrawal).
     state: StageState,
     /// Codes no concept map covered. A metric, so a redone batch may count twice; the
@@ -140,6 +145,7 @@ impl Canonizer {
             maps_version,
             max_failure_ratio,
             close_timeout_micros: i64::try_from(close_timeout.as_micros()).unwrap_or(i64::MAX),
+            withdraw_retention_micros: DEFAULT_WITHDRAW_RETENTION_MICROS,
             state: StageState::default(),
             unmapped: prometheus::IntCounter::new(
                 "medpipe_canonization_codes_unmapped_total",
@@ -147,6 +153,12 @@ impl Canonizer {
             )
             .map_err(PipelineError::Metrics)?,
         })
+    }
+
+    /// How long a completed batch stays withdrawable by an operator (default 7 days).
+    pub fn with_withdraw_retention(mut self, retention: std::time::Duration) -> Self {
+        self.withdraw_retention_micros = i64::try_from(retention.as_micros()).unwrap_or(i64::MAX);
+        self
     }
 
     /// The loaded concept maps, as `id@version` list.
@@ -250,7 +262,9 @@ impl Canonizer {
 
     /// Created and Started, the first time a batch is seen (by its start or a record).
     fn open(&mut self, batch: &str, policy_version: &str, cause: &Event) -> Vec<Output> {
-        if self.state.batches.get(batch).is_some() {
+        if self.state.batches.get(batch).is_some()
+            || self.state.ledger.withdrawn.get(batch).is_some()
+        {
             return vec![];
         }
         self.state.batches.put(
@@ -357,7 +371,15 @@ impl Canonizer {
         let withdrawals = match withdrawal_reason {
             Some(reason) => self.withdraw(batch, &reason, &s.policy_version, &event, kept),
             None => {
-                self.state.ledger.forget(batch);
+                // Remembered for its retention, so that an operator can still withdraw it.
+                self.state.ledger.closed.put(
+                    batch,
+                    compensation::Closed {
+                        at: now.unwrap_or_else(|| chrono::Utc::now().timestamp_micros()),
+                        policy_version: s.policy_version.clone(),
+                        kept,
+                    },
+                );
                 Vec::new()
             }
         };
@@ -545,6 +567,55 @@ impl Canonizer {
 }
 
 impl Canonizer {
+    /// An operator withdraws a batch: whatever canonization published for it, open or
+    /// completed within its retention, is withdrawn like a failed batch's; an open batch
+    /// is also closed as failed (`withdrawn`). Once per batch: a second request, or a
+    /// redelivered one, finds the batch withdrawn and does nothing. The operator's reason
+    /// stays in the audit trail (sealed); the records' tag names the request only.
+    fn operator_withdrawal(&mut self, ev: &Event, r: &BatchWithdrawalRequested) -> Vec<Output> {
+        let batch = r.batch_id.as_str();
+        if self.state.ledger.withdrawn.get(batch).is_some() {
+            tracing::info!(
+                correlation_id = batch,
+                "Withdrawal requested for a batch already withdrawn; nothing to do."
+            );
+            return vec![];
+        }
+        let reason = match uuid::Uuid::parse_str(&r.request_id) {
+            Ok(id) => format!("withdrawn by an operator (request {id})"),
+            Err(_) => "withdrawn by an operator".to_string(),
+        };
+        let mut out = Vec::new();
+        let (policy_version, kept_count) = if let Some(s) = self.state.batches.get(batch).cloned() {
+            self.state.batches.delete(batch);
+            out.push(lifecycle(
+                ev,
+                batch,
+                Payload::CanonizationFailed(CanonizationFailed {
+                    batch_id: batch.to_string(),
+                    error_kind: "withdrawn".into(),
+                    reason: format!(
+                        "an operator withdrew the batch while open; {} records were mapped before",
+                        s.records_in
+                    ),
+                    records_in: s.records_in,
+                    records_dead_lettered: s.dead_lettered,
+                }),
+            ));
+            (s.policy_version.clone(), kept(&s.by_type))
+        } else if let Some(c) = self.state.ledger.closed.get(batch).cloned() {
+            (c.policy_version, c.kept)
+        } else {
+            tracing::warn!(
+                correlation_id = batch,
+                "Withdrawal requested for a batch canonization does not remember (unknown, or past its retention); its later records will be held."
+            );
+            (String::new(), 0)
+        };
+        out.extend(self.withdraw(batch, &reason, &policy_version, ev, kept_count));
+        out
+    }
+
     /// A merge: the merged patient's canonical Patient becomes inactive and links to the
     /// survivor (`replaced-by`), as a new version under the same id and key; earlier
     /// versions and the merged patient's other records stay as they were. Not counted in
@@ -797,6 +868,9 @@ impl Stage for Canonizer {
             Payload::PatientMerged(m) => self.merged(ev, m),
             Payload::AnonymizationFinished(f) => {
                 let batch = f.batch_id.as_str();
+                if self.state.ledger.withdrawn.get(batch).is_some() {
+                    return Outcome::Emit(vec![]);
+                }
                 let mut outputs = self.open(batch, &f.policy_version, ev);
                 let mut s = self.batch(batch);
                 s.closing = Some(PendingClose {
@@ -843,12 +917,21 @@ impl Stage for Canonizer {
                 ));
                 Outcome::Emit(outputs)
             }
+            Payload::BatchWithdrawalRequested(r) => Outcome::Emit(self.operator_withdrawal(ev, r)),
             _ => Outcome::Emit(vec![]),
         }
     }
 
-    /// Fails the batches whose missing records did not arrive before their deadline.
+    /// Fails the batches whose missing records did not arrive before their deadline, and
+    /// forgets the records of completed batches whose withdrawal retention ended.
     fn tick(&mut self, now_micros: i64, owns: Owns<'_>) -> Vec<Output> {
+        for batch in self
+            .state
+            .ledger
+            .expired(now_micros, self.withdraw_retention_micros)
+        {
+            self.state.ledger.forget(&batch);
+        }
         let due: Vec<String> = self
             .state
             .batches
@@ -1255,26 +1338,83 @@ mod tests {
         );
     }
 
+    fn withdrawal_requested(request_id: &str) -> Event {
+        event(Payload::BatchWithdrawalRequested(
+            pipeline::events::BatchWithdrawalRequested {
+                batch_id: "b1".into(),
+                request_id: request_id.into(),
+                requested_by: "ops".into(),
+                reason: "sent to the wrong tenant".into(),
+            },
+        ))
+    }
+
     #[test]
-    fn a_completed_batch_forgets_what_it_published() {
+    fn an_operator_withdraws_a_completed_batch_once_within_its_retention() {
         use pipeline::state::DurableState;
-        let mut c = stage();
+        let mut c = stage().with_withdraw_retention(std::time::Duration::from_secs(3600));
         let p = format!("{:064x}", 1);
         run(&mut c, &started());
         run(&mut c, &observation(1, &p));
-        c.state.commit();
         let out = run(&mut c, &finished(1));
         assert!(matches!(
             closings(&out)[..],
             [Payload::EventDataCanonizationCompleted(_)]
         ));
-        let changes = c.state.changes().unwrap();
+        // Completed: its records stay remembered (nothing tombstoned), with when it closed.
+        let committed = c.state.changes().unwrap();
         assert!(
-            changes
+            committed
                 .iter()
-                .any(|(k, v)| k == "published/b1/00000000" && v.is_none()),
-            "{changes:?}"
+                .all(|(k, v)| v.is_some() || !k.starts_with("published/")),
+            "{committed:?}"
         );
+        assert!(committed.iter().any(|(k, _)| k == "closed/b1"));
+        c.state.commit();
+        let mut c = stage().with_withdraw_retention(std::time::Duration::from_secs(3600));
+        c.state.restore(committed.clone()).unwrap();
+
+        let request = "3f1c0a56-8a3e-4c55-9d7e-0a1b2c3d4e5f";
+        let outs = outputs(&mut c, &withdrawal_requested(request));
+        let [first, second] = &outs[..] else {
+            panic!("{outs:?}")
+        };
+        let Payload::CanonicalObservation(r) = &first.event.payload else {
+            panic!("{first:?}")
+        };
+        assert_eq!(first.key, p);
+        assert_eq!(r.status.as_deref(), Some("entered-in-error"));
+        // The tag names the request, never the operator's words.
+        assert!(r.fhir_json.contains(request), "{}", r.fhir_json);
+        assert!(!r.fhir_json.contains("tenant"));
+        let Payload::CanonicalBatchWithdrawn(w) = &second.event.payload else {
+            panic!("{second:?}")
+        };
+        assert_eq!(
+            (w.records_withdrawn, w.trigger.as_str()),
+            (1, "BatchWithdrawalRequested")
+        );
+        assert!(c
+            .state
+            .changes()
+            .unwrap()
+            .iter()
+            .any(|(k, v)| k == "published/b1/00000000" && v.is_none()));
+        c.state.commit();
+        // Once per batch.
+        assert!(outputs(&mut c, &withdrawal_requested(request)).is_empty());
+
+        // Past its retention a completed batch's records are forgotten by the tick.
+        let mut c = stage().with_withdraw_retention(std::time::Duration::from_secs(3600));
+        c.state.restore(committed).unwrap();
+        let closed_at = c.state.ledger.closed.get("b1").unwrap().at;
+        let owns = |_: &str, _: i32| true;
+        assert!(c.tick(closed_at + 3_599_000_000, &owns).is_empty());
+        assert!(c.state.changes().unwrap().is_empty(), "not yet");
+        c.tick(closed_at + 3_600_000_000, &owns);
+        let changes = c.state.changes().unwrap();
+        assert!(changes.contains(&("published/b1/00000000".to_string(), None)));
+        assert!(changes.contains(&("closed/b1".to_string(), None)));
     }
 
     #[test]

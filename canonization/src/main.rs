@@ -27,6 +27,10 @@ struct Args {
     /// Past this share of dead-lettered records, a batch ends in CanonizationFailed.
     #[arg(long, env = "MEDPIPE_MAX_FAILURE_RATIO", default_value_t = 0.05)]
     max_failure_ratio: f64,
+    /// How long a completed batch's canonical records are remembered so that an operator
+    /// can withdraw the batch (`medpipe batch withdraw`).
+    #[arg(long, env = "MEDPIPE_WITHDRAW_RETENTION", default_value = "7d", value_parser = humantime::parse_duration)]
+    withdraw_retention: std::time::Duration,
 }
 
 #[tokio::main]
@@ -44,9 +48,15 @@ async fn main() -> anyhow::Result<()> {
         tables,
         args.max_failure_ratio,
         args.common.runner.batch_close_timeout,
-    )?;
+    )?
+    .with_withdraw_retention(args.withdraw_retention);
     tracing::info!(concept_maps = stage.maps_version(), "Concept maps loaded.");
-    let input = vec![args.common.kafka.topics().name(TopicKind::Anonymization)];
+    // Operators' withdrawal requests come on the saga topic.
+    let topics = args.common.kafka.topics();
+    let input = vec![
+        topics.name(TopicKind::Anonymization),
+        topics.name(TopicKind::Saga),
+    ];
     run_stage(stage, input, &args.common, 9103)
         .await
         .context("canonization stage failed")

@@ -365,6 +365,10 @@ catalogue! {
     CanonicalDevice { ns: "medpipe.canonical", resource: Device, version: 1, file: "canonical/CanonicalDevice.avsc" }
     PatientMerged { ns: "medpipe.anonymization", topic: Anonymization, version: 1, file: "anonymization/PatientMerged.avsc" }
     CanonicalBatchWithdrawn { ns: "medpipe.canonization", topic: Canonization, version: 1, file: "canonization/CanonicalBatchWithdrawn.avsc" }
+    BatchRetryRequested { ns: "medpipe.saga", topic: Saga, version: 1, file: "saga/BatchRetryRequested.avsc" }
+    BatchWithdrawalRequested { ns: "medpipe.saga", topic: Saga, version: 1, file: "saga/BatchWithdrawalRequested.avsc" }
+    BatchRetried { ns: "medpipe.saga", topic: Saga, version: 1, file: "saga/BatchRetried.avsc" }
+    BatchHeld { ns: "medpipe.saga", topic: Saga, version: 1, file: "saga/BatchHeld.avsc" }
 }
 
 /// Asks ingestion to claim and ingest one file. Sent by data engineers' tooling.
@@ -629,6 +633,44 @@ pub struct CanonicalBatchWithdrawn {
     pub records_withdrawn: i64,
     pub withdrawn_by_type: std::collections::BTreeMap<String, i64>,
     pub records_kept: i64,
+}
+
+/// An operator asks for a new attempt of a batch (see the schema's doc).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BatchRetryRequested {
+    pub batch_id: String,
+    pub request_id: String,
+    pub requested_by: String,
+    pub reason: String,
+}
+
+/// An operator withdraws a batch (see the schema's doc).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BatchWithdrawalRequested {
+    pub batch_id: String,
+    pub request_id: String,
+    pub requested_by: String,
+    pub reason: String,
+}
+
+/// Ingestion started a new attempt of a batch from its archive (see the schema's doc).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BatchRetried {
+    pub batch_id: String,
+    pub new_batch_id: String,
+    pub request_id: String,
+    pub file_sha256: String,
+}
+
+/// A stage holds a batch that a step failed or that stalled (see the schema's doc).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BatchHeld {
+    pub batch_id: String,
+    pub stage: String,
+    pub failed_step: String,
+    pub reason_kind: String,
+    pub reason: String,
+    pub records_forwarded: i64,
 }
 
 /// A code in some system: `{system, code, display}`.

@@ -20,6 +20,9 @@ pub enum TopicKind {
     Audit,
     /// Canonization's batch lifecycle (created, started, completed, failed).
     Canonization,
+    /// The batch saga: operators' requests (retry, withdraw) and the stages' transitions
+    /// of a batch between states (held, retried), keyed by batch.
+    Saga,
     /// One canonical resource type's records, which analytics teams read.
     Canonical(ResourceType),
 }
@@ -57,6 +60,7 @@ impl Topics {
             TopicKind::Anonymization => "anonymization.v1",
             TopicKind::Audit => "audit.v1",
             TopicKind::Canonization => "canonization.v1",
+            TopicKind::Saga => "saga.v1",
             TopicKind::Canonical(t) => {
                 return format!("{}.canonical.{}.v1", self.prefix, t.topic_suffix())
             }
@@ -100,6 +104,7 @@ impl Topics {
             TopicKind::Ingestion,
             TopicKind::Anonymization,
             TopicKind::Canonization,
+            TopicKind::Saga,
         ]
         .into_iter()
         .chain(TopicKind::canonical())
@@ -190,12 +195,14 @@ mod tests {
             t.name(TopicKind::Canonical(ResourceType::Practitioner)),
             "medpipe.canonical.practitioner.v1"
         );
-        // 4 stage topics, 15 canonical topics, the audit topic and 4 DLQs; all distinct.
+        // 4 stage topics, the saga, 15 canonical topics, the audit topic and 4 DLQs; all
+        // distinct.
         let mut all = t.all();
-        assert_eq!(all.len(), 24);
+        assert_eq!(all.len(), 25);
         all.sort();
         all.dedup();
-        assert_eq!(all.len(), 24);
+        assert_eq!(all.len(), 25);
+        assert_eq!(t.name(TopicKind::Saga), "medpipe.saga.v1");
         assert_eq!(t.ingestion_ledger(), "medpipe-internal.ingestion-ledger.v1");
         assert!(!t.ingestion_ledger().starts_with("medpipe."));
         assert!(t.is_dlq("medpipe.dlq.canonization.v1"));
