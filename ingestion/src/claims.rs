@@ -49,6 +49,7 @@ impl Folders {
             &self.quarantine,
             &self.claims,
             &self.claims.join("commands"),
+            &self.claims.join("retries"),
         ] {
             std::fs::create_dir_all(d).map_err(|e| io(d, e))?;
         }
@@ -68,6 +69,12 @@ const COMMAND_SIDECAR: &str = ".command.json";
 /// The name a file gets when claimed: unique, so equal names never overwrite.
 pub fn claimed_name(original: &str) -> String {
     format!("{}{SEP}{original}", Uuid::new_v4().simple())
+}
+
+/// The name a retry's clear copy gets in `processing/`: fixed by the request, so a
+/// redelivered request finds the copy it already made.
+pub fn retry_claimed_name(request: &str, original: &str) -> String {
+    format!("retry-{request}{SEP}{original}")
 }
 
 /// The original name of a claimed file.
@@ -160,6 +167,10 @@ pub struct CommandSidecar {
     pub command_id: String,
     pub command_event_id: String,
     pub format: Option<String>,
+    /// For a retry (`BatchRetryRequested`, whose request id is `command_id`): the batch
+    /// this file is a new attempt of.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_of: Option<String>,
 }
 
 pub fn sidecar_path(claimed: &Path) -> PathBuf {

@@ -23,7 +23,10 @@ use std::time::{Duration, Instant};
 use pipeline::archive::ArchiveWriter;
 use pipeline::crypto::{DataKey, KeyRef};
 use pipeline::error::{kafka_err, ErrorClass};
-use pipeline::events::{DataIngestionRejected, Payload, StartDataIntakeCommand};
+use pipeline::events::{
+    BatchRetried, BatchRetryRequested, DataIngestionRejected, Header as EventHeader, Payload,
+    StartDataIntakeCommand,
+};
 use pipeline::kafka::{watched_consumer, ConsumerRole, WatchedConsumer, STUCK_AFTER};
 use pipeline::runner::dead_letter;
 use pipeline::telemetry::StageMetrics;
@@ -242,7 +245,14 @@ impl Ingestor {
             return self.move_to_quarantine(path).map(drop);
         }
         let (sha, size) = hash_file(path)?;
-        let batch_id = batch_id_for(&sha);
+        // A retry is a new batch of the same content: its own content claim, ledger key
+        // and batch id, all derived from the request.
+        let retry_of = sidecar.as_ref().and_then(|s| s.retry_of.clone());
+        let key = match (&retry_of, &sidecar) {
+            (Some(_), Some(s)) => retry_key(&sha, &s.command_id),
+            _ => sha.clone(),
+        };
+        let batch_id = batch_id_for(&key);
         let span = info_span!("batch", correlation_id = %batch_id);
         let _enter = span.enter();
         let mine = ContentClaim {
@@ -250,14 +260,14 @@ impl Ingestor {
             instance_id: self.config.instance_id.clone(),
             claimed_as: claimed.clone(),
         };
-        let resumed = match claims::claim_content(&self.config.folders.claims, &sha, &mine)? {
+        let resumed = match claims::claim_content(&self.config.folders.claims, &key, &mine)? {
             ContentClaimed::New => false,
             ContentClaimed::Existing(c) if c == mine => true,
             ContentClaimed::Existing(first) => {
                 return self.reject_duplicate(path, &name, &sha, &first, sidecar.as_ref())
             }
         };
-        match self.ledger.get(&sha).map(|e| e.status) {
+        match self.ledger.get(&key).map(|e| e.status) {
             Some(ledger::Status::Finished) if resumed => {
                 info!("Batch had committed before a restart; removing the clear copy.");
                 return remove(path);
@@ -288,7 +298,7 @@ impl Ingestor {
             Err(e) => {
                 let entry = ledger::Entry::new(&batch_id, &name, &self.config.instance_id);
                 let cause = command_event.as_deref();
-                return self.fail_file(path, &sha, entry, cause, &BatchFailure::file(&e, None));
+                return self.fail_file(path, &key, entry, cause, &BatchFailure::file(&e, None));
             }
         };
         let facts = FileFacts {
@@ -299,7 +309,7 @@ impl Ingestor {
             format,
         };
         let archive_location = archive.display().to_string();
-        let work = match self.ledger.get(&sha) {
+        let work = match self.ledger.get(&key) {
             Some(e) if e.status == ledger::Status::InProgress => {
                 info!(
                     position = e.committed_position,
@@ -316,12 +326,27 @@ impl Ingestor {
                 };
                 self.send_event(&created)?;
                 self.send_event(&started)?;
-                self.checkpoint(&sha, &entry)?;
+                if let (Some(old), Some(s)) = (&retry_of, &sidecar) {
+                    // The link between the attempts, in the same transaction.
+                    self.send_event(&Event::new(
+                        SERVICE,
+                        old,
+                        Some(&s.command_event_id),
+                        Payload::BatchRetried(BatchRetried {
+                            batch_id: old.clone(),
+                            new_batch_id: batch_id.clone(),
+                            request_id: s.command_id.clone(),
+                            file_sha256: sha.clone(),
+                        }),
+                    ))?;
+                    info!(retry_of = %old, "Retrying a batch from its archive.");
+                }
+                self.checkpoint(&key, &entry)?;
                 info!(format = %format, "Batch started.");
                 entry
             }
         };
-        match self.stream_records(path, &facts, work, &archive_location)? {
+        match self.stream_records(path, &facts, &key, work, &archive_location)? {
             BatchEnd::Finished => remove(path),
             BatchEnd::Failed | BatchEnd::Stopped => Ok(()),
         }
@@ -333,6 +358,7 @@ impl Ingestor {
         &mut self,
         path: &Path,
         facts: &FileFacts,
+        key: &str,
         mut work: ledger::Entry,
         archive_location: &str,
     ) -> Result<BatchEnd, PipelineError> {
@@ -361,7 +387,7 @@ impl Ingestor {
                         work.rejected += 1;
                     }
                     if self.chunk_due() {
-                        self.checkpoint(&facts.sha256, &work)
+                        self.checkpoint(key, &work)
                     } else {
                         Ok(())
                     }
@@ -385,7 +411,7 @@ impl Ingestor {
                     return Err(e);
                 }
                 debug_assert!(stopped);
-                self.checkpoint(&facts.sha256, &work)?;
+                self.checkpoint(key, &work)?;
                 info!(
                     position = work.committed_position,
                     "Stopping mid-batch; progress committed."
@@ -404,7 +430,7 @@ impl Ingestor {
                 );
                 work.status = ledger::Status::Finished;
                 self.send_event(&finished)?;
-                self.checkpoint(&facts.sha256, &work)?;
+                self.checkpoint(key, &work)?;
                 info!(
                     emitted = work.emitted,
                     rejected = work.rejected,
@@ -413,7 +439,7 @@ impl Ingestor {
                 Ok(BatchEnd::Finished)
             }
             Some(f) => {
-                self.fail_file(path, &facts.sha256, work, Some(&started_id), &f)?;
+                self.fail_file(path, key, work, Some(&started_id), &f)?;
                 Ok(BatchEnd::Failed)
             }
         }
@@ -528,11 +554,18 @@ impl Ingestor {
             Some(b) => self.rt.block_on(self.codec.decode(b)),
             None => Err(PipelineError::Decode("command message has no value".into())),
         };
+        let saga = msg.topic() == self.config.topics.name(TopicKind::Saga);
         let (event, cmd) = match decoded {
             Ok(Event {
                 header,
                 payload: Payload::StartDataIntakeCommand(c),
-            }) => (header, c),
+            }) if !saga => (header, c),
+            Ok(Event {
+                header,
+                payload: Payload::BatchRetryRequested(r),
+            }) if saga => return self.handle_retry(msg, &header, &r),
+            // Another stage's business on the saga topic.
+            Ok(_) if saga => return self.commit_command_offset(msg),
             Ok(other) => {
                 let reason = format!(
                     "expected StartDataIntakeCommand, got {}",
@@ -564,6 +597,107 @@ impl Ingestor {
             self.send_event(e)?;
         }
         self.commit_command_offset(msg)
+    }
+
+    /// A retry request: the old batch's file comes back from its encrypted archive into
+    /// `processing/` as a new claimed file, under a name fixed by the request, and is
+    /// ingested from there as a new batch (see `ingest_claimed`). At most once per request:
+    /// a marker per request is written first, and a redelivered request whose copy or new
+    /// batch exists does nothing more. A request that cannot be carried out is refused
+    /// with `DataIngestionRejected` (correlated by the request id), never dropped.
+    fn handle_retry(
+        &mut self,
+        msg: &OwnedMessage,
+        header: &EventHeader,
+        r: &BatchRetryRequested,
+    ) -> Result<(), PipelineError> {
+        let span = info_span!("retry", correlation_id = %r.batch_id);
+        let _enter = span.enter();
+        if let Err((reason, detail)) = self.prepare_retry(&header.event_id, r)? {
+            warn!(reason, "Retry request refused.");
+            let refusal = Event::new(
+                SERVICE,
+                &r.request_id,
+                Some(&header.event_id),
+                Payload::DataIngestionRejected(DataIngestionRejected {
+                    batch_id: r.request_id.clone(),
+                    file_name: String::new(),
+                    file_sha256: None,
+                    reason: reason.into(),
+                    detail,
+                    quarantine_location: None,
+                    command_id: Some(r.request_id.clone()),
+                }),
+            );
+            self.send_event(&refusal)?;
+        }
+        self.commit_command_offset(msg)
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn prepare_retry(
+        &mut self,
+        request_event_id: &str,
+        r: &BatchRetryRequested,
+    ) -> Result<Result<(), (&'static str, String)>, PipelineError> {
+        let request = sanitize(&r.request_id);
+        if request.is_empty() {
+            return Ok(Err(("retry_invalid", "the request has no id".into())));
+        }
+        let found = self
+            .ledger
+            .iter()
+            .find(|(k, e)| e.batch_id == r.batch_id && !k.starts_with("rejected:"));
+        let Some((old_key, old)) = found else {
+            return Ok(Err((
+                "retry_unknown_batch",
+                format!("ingestion has no batch {}", r.batch_id),
+            )));
+        };
+        if old.status == ledger::Status::InProgress {
+            return Ok(Err((
+                "retry_in_progress",
+                format!("batch {} is still being ingested", r.batch_id),
+            )));
+        }
+        let sha = content_sha(old_key).to_string();
+        let (name, format) = (old.file_name.clone(), old.format.clone());
+        let key = retry_key(&sha, &r.request_id);
+        let folders = &self.config.folders;
+        let dest = folders
+            .processing
+            .join(claims::retry_claimed_name(&request, &name));
+        let marker = folders.claims.join("retries").join(&request);
+        if marker.exists() && (dest.exists() || self.ledger.contains_key(&key)) {
+            info!("Retry request already carried out.");
+            return Ok(Ok(()));
+        }
+        let archive = folders.archive.join(format!("{}.enc", r.batch_id));
+        if !archive.exists() {
+            return Ok(Err((
+                "retry_no_archive",
+                format!("the archive of batch {} is missing", r.batch_id),
+            )));
+        }
+        claims::write_atomic(&marker, request_event_id.as_bytes())?;
+        let sidecar = claims::CommandSidecar {
+            command_id: r.request_id.clone(),
+            command_event_id: request_event_id.into(),
+            format: (!format.is_empty()).then_some(format),
+            retry_of: Some(r.batch_id.clone()),
+        };
+        let body = serde_json::to_vec(&sidecar).map_err(PipelineError::serialize("a sidecar"))?;
+        claims::write_atomic(&claims::sidecar_path(&dest), &body)?;
+        // Decrypted beside its destination (a temporary name is never claimed), then
+        // renamed into place.
+        let tmp = folders.processing.join(format!(".retry-{request}.tmp"));
+        {
+            let mut out = std::fs::File::create(&tmp).map_err(|e| io(&tmp, e))?;
+            pipeline::archive::open_archive(&archive, &self.master, &mut out)?;
+            out.sync_all().map_err(|e| io(&tmp, e))?;
+        }
+        std::fs::rename(&tmp, &dest).map_err(|e| io(&dest, e))?;
+        Ok(Ok(()))
     }
 
     /// `Ok(Err((reason, detail)))` is a refusal to report, not a failure of ingestion.
@@ -606,6 +740,7 @@ impl Ingestor {
             command_id: cmd.command_id.clone(),
             command_event_id: command_event_id.into(),
             format: cmd.format.clone(),
+            retry_of: None,
         };
         let body = serde_json::to_vec(&sidecar).map_err(|e| PipelineError::Serialize {
             what: "a command sidecar",
@@ -731,14 +866,28 @@ fn read_ledger(
     })
 }
 
-/// The command consumer: a whole file is ingested between two polls.
+/// The command consumer, of intake commands and the saga topic (retry requests): a
+/// whole file is ingested between two polls.
 fn command_consumer(config: &IngestConfig) -> Result<WatchedConsumer, PipelineError> {
     watched_consumer(
         &config.bootstrap_servers,
         &config.group_id,
         ConsumerRole::Commands,
-        &[&config.topics.name(TopicKind::IngestionCommands)],
+        &[
+            &config.topics.name(TopicKind::IngestionCommands),
+            &config.topics.name(TopicKind::Saga),
+        ],
     )
+}
+
+/// The ledger and content-claim key of a retry: the content's hash and the request.
+fn retry_key(sha256: &str, request_id: &str) -> String {
+    format!("{sha256}.retry.{}", sanitize(request_id))
+}
+
+/// The content hash a ledger key names (a retry's key starts with it).
+fn content_sha(key: &str) -> &str {
+    key.split_once(".retry.").map_or(key, |(sha, _)| sha)
 }
 
 /// Keeps a command id usable as a file name.

@@ -39,6 +39,13 @@ pub enum BatchCommand {
         #[command(flatten)]
         unseal: UnsealArgs,
     },
+    /// Ask ingestion for a new attempt of a batch from its encrypted archive, after you
+    /// fixed what failed it (a layout, a threshold, a policy): a new batch, linked to the
+    /// old one. Carried out once per request.
+    Retry(crate::saga::RequestArgs),
+    /// Ask canonization to withdraw a batch, finished or not: every canonical record of it
+    /// gets a new version marked entered-in-error. Nothing is deleted.
+    Withdraw(crate::saga::RequestArgs),
 }
 
 #[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -271,8 +278,14 @@ fn state_name(s: State) -> &'static str {
     }
 }
 
-pub fn run(command: BatchCommand, out: &mut impl Write) -> anyhow::Result<()> {
+pub async fn run(command: BatchCommand, out: &mut impl Write) -> anyhow::Result<()> {
     match command {
+        BatchCommand::Retry(args) => {
+            crate::saga::run(crate::saga::Request::Retry, args, out).await?
+        }
+        BatchCommand::Withdraw(args) => {
+            crate::saga::run(crate::saga::Request::Withdraw, args, out).await?
+        }
         BatchCommand::List { state, dir, json } => {
             let mut entries = Vec::new();
             store::scan(&dir.dir, |_, _, e| {
@@ -313,7 +326,8 @@ pub fn run(command: BatchCommand, out: &mut impl Write) -> anyhow::Result<()> {
             unseal,
         } => {
             let entries = store::lookup(&dir.dir, store::Key::Correlation, &batch)?;
-            let Some(mut b) = batches(&entries).into_iter().next() else {
+            // The lookup also finds the link of a retry, which belongs to the other batch.
+            let Some(mut b) = batches(&entries).into_iter().find(|b| b.batch == batch) else {
                 bail!("no audit entries for batch {batch}");
             };
             if let Some(key) = unseal.key()? {

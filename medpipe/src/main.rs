@@ -7,6 +7,7 @@ mod batch;
 mod bench;
 mod bench_audit;
 mod dlq;
+mod saga;
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -334,7 +335,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Audit { command } => audit::run(command, &mut out).await?,
         Command::Dlq { command } => dlq::run(command, &mut out).await?,
-        Command::Batch { command } => batch::run(command, &mut out)?,
+        Command::Batch { command } => batch::run(command, &mut out).await?,
     }
     Ok(())
 }

@@ -1,0 +1,402 @@
+//! End-to-end tests of the batch saga's operator transitions on the real broker and
+//! registry: a batch that ingestion fails mid-way (too many bad lines) is held and
+//! withdrawn downstream, then retried from its encrypted archive after the operator
+//! raised the threshold, once per request; and an operator withdraws a batch that
+//! completed. Each checks what was published against what was withdrawn, that nothing
+//! was deleted, and the compensation chain in the audit trail, in causal order.
+
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
+
+use pipeline::events::Payload;
+use pipeline::readback::Record;
+use pipeline::topics::TopicKind;
+use pipeline::ResourceType;
+use rdkafka::message::Message;
+use serde_json::{json, Value};
+use tests::Pipeline;
+
+/// One Patient, `good` Observations of it, and `bad` lines that are not JSON, which
+/// ingestion rejects (one after every tenth Observation, so the file breaks mid-way).
+fn ndjson(good: usize, bad: usize, tag: &str) -> Vec<u8> {
+    let subject = json!({"reference": format!("Patient/p-{tag}")});
+    let mut lines = vec![json!({"resourceType": "Patient", "id": format!("p-{tag}"),
+        "gender": "male", "birthDate": "1960-05-05"})
+    .to_string()];
+    let mut bad_left = bad;
+    for i in 0..good {
+        lines.push(
+            json!({"resourceType": "Observation", "id": format!("o-{tag}-{i}"),
+            "status": "final", "subject": subject,
+            "code": {"coding": [{"system": "http://loinc.org", "code": "8867-4"}]},
+            "valueQuantity": {"value": 60 + (i % 40), "unit": "/min",
+                              "system": "http://unitsofmeasure.org", "code": "/min"}})
+            .to_string(),
+        );
+        if i % 10 == 9 && bad_left > 0 {
+            lines.push(format!(
+                "{{\"resourceType\": \"Observation\", \"id\": \"bad-{i}\""
+            ));
+            bad_left -= 1;
+        }
+    }
+    (lines.join("\n") + "\n").into_bytes()
+}
+
+/// Versions of each canonical Observation of `batches`, in topic order per partition:
+/// (key, id) -> [(batch, withdrawn?), ...].
+fn versions(
+    records: &[Record],
+    topic: &str,
+    batches: &[&str],
+) -> HashMap<(String, String), Vec<(String, bool)>> {
+    let mut ordered: BTreeMap<(i32, i64), (String, String, String, bool)> = BTreeMap::new();
+    for r in records.iter().filter(|r| r.message.topic() == topic) {
+        let Some(Payload::CanonicalObservation(o)) = r.event.as_ref().map(|e| &e.payload) else {
+            continue;
+        };
+        if !batches.contains(&o.provenance.batch_id.as_str()) {
+            continue;
+        }
+        let fhir: Value = serde_json::from_str(&o.fhir_json).unwrap();
+        let withdrawn = fhir["status"] == "entered-in-error";
+        if withdrawn {
+            assert_eq!(fhir["meta"]["tag"][0]["code"], "withdrawn", "{fhir}");
+        }
+        let key = String::from_utf8(r.message.key().unwrap().to_vec()).unwrap();
+        ordered.insert(
+            (r.message.partition(), r.message.offset()),
+            (
+                key,
+                o.resource_id.clone(),
+                o.provenance.batch_id.clone(),
+                withdrawn,
+            ),
+        );
+    }
+    let mut out: HashMap<(String, String), Vec<(String, bool)>> = HashMap::new();
+    for (_, (key, id, batch, withdrawn)) in ordered {
+        out.entry((key, id)).or_default().push((batch, withdrawn));
+    }
+    out
+}
+
+fn events<'a>(
+    records: &'a [Record],
+    pred: impl Fn(&Payload) -> bool + 'a,
+) -> Vec<&'a pipeline::Event> {
+    records
+        .iter()
+        .filter_map(|r| r.event.as_ref())
+        .filter(|e| pred(&e.payload))
+        .collect()
+}
+
+/// Positions of event types in the audit trace of a batch; panics on a missing one.
+fn trace_order(p: &Pipeline, batch: &str, types: &[&str]) -> Vec<usize> {
+    let trail = auditing::query::trace(&p.audit_dir(), batch).unwrap();
+    types
+        .iter()
+        .map(|t| {
+            trail
+                .iter()
+                .position(|e| e.event_type == *t)
+                .unwrap_or_else(|| panic!("{t} not in the trace of {batch}"))
+        })
+        .collect()
+}
+
+fn cli_json(p: &Pipeline, args: &[&str]) -> Value {
+    let o = p.medpipe(args);
+    assert!(
+        o.status.success(),
+        "medpipe {args:?}: {}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    serde_json::from_slice(&o.stdout).expect("json")
+}
+
+#[test]
+fn a_batch_ingestion_fails_mid_way_is_held_withdrawn_and_retried_once_after_the_fix() {
+    let mut p = Pipeline::new();
+    for s in ["auditing", "ingestion", "anonymization", "canonization"] {
+        p.start(s, &[]);
+    }
+    // 20 bad lines in 221: 9%, over ingestion's default 5%.
+    let file = ndjson(200, 20, &tests::fresh_tag());
+    let batch = tests::batch_of(&file);
+    let tail = p.tail();
+    let lifecycle = p.topics.name(TopicKind::Canonization);
+    let saga = p.topics.name(TopicKind::Saga);
+    let observations = p
+        .topics
+        .name(TopicKind::Canonical(ResourceType::Observation));
+    p.drop_file("vitals.ndjson", &file);
+    p.wait_for(&tail, "the withdrawal", Duration::from_secs(180), |t| {
+        t.count(&lifecycle, "CanonicalBatchWithdrawn") >= 1 && t.count(&saga, "BatchHeld") >= 1
+    });
+
+    // The operator fixes the cause (a higher threshold) and asks for a retry.
+    p.stop("ingestion");
+    p.start("ingestion", &[("MEDPIPE_MAX_REJECT_RATIO", "0.2")]);
+    let request = uuid::Uuid::new_v4().to_string();
+    let answer = cli_json(
+        &p,
+        &[
+            "batch",
+            "retry",
+            &batch,
+            "--reason",
+            "raised the reject threshold to 20%",
+            "--request-id",
+            &request,
+            "--json",
+        ],
+    );
+    assert_eq!(answer["outcome"], "retried", "{answer}");
+    let retry = answer["new_batch"].as_str().expect("new batch").to_string();
+    assert_ne!(retry, batch);
+    p.wait_for(&tail, "the retried batch", Duration::from_secs(180), |t| {
+        t.count(&lifecycle, "EventDataCanonizationCompleted") >= 1
+    });
+    // The same request again is carried out once: no second attempt.
+    let again = cli_json(
+        &p,
+        &[
+            "batch",
+            "retry",
+            &batch,
+            "--reason",
+            "again",
+            "--request-id",
+            &request,
+            "--json",
+        ],
+    );
+    assert_eq!(again["new_batch"].as_str(), Some(retry.as_str()));
+    p.wait_for(
+        &tail,
+        "the repeated request",
+        Duration::from_secs(60),
+        |t| t.count(&saga, "BatchRetryRequested") >= 2,
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !p
+        .log("ingestion")
+        .contains("Retry request already carried out.")
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the repeated request was not handled"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    std::thread::sleep(Duration::from_secs(3));
+    p.wait_for_audit_catch_up(Duration::from_secs(120));
+    let records = p.read_all();
+
+    // The first attempt: failed by ingestion, held by anonymization, withdrawn downstream.
+    let of = |b: &str, t: &str| {
+        records
+            .iter()
+            .filter_map(|r| r.event.as_ref())
+            .filter(|e| e.header.correlation_id == b && e.event_type() == t)
+            .count()
+    };
+    assert_eq!(of(&batch, "DataIngestionFailed"), 1);
+    let held = events(
+        &records,
+        |p| matches!(p, Payload::BatchHeld(h) if h.batch_id == batch),
+    );
+    let [held] = &held[..] else {
+        panic!("{held:?}")
+    };
+    let Payload::BatchHeld(h) = &held.payload else {
+        unreachable!()
+    };
+    assert_eq!(
+        (h.stage.as_str(), h.failed_step.as_str()),
+        ("anonymization", "ingestion")
+    );
+    assert_eq!(h.reason_kind, "upstream_failed");
+    // Ingestion emitted every good record before it saw the threshold crossed.
+    assert_eq!(h.records_forwarded, 201);
+    let withdrawn = events(
+        &records,
+        |p| matches!(p, Payload::CanonicalBatchWithdrawn(w) if w.batch_id == batch),
+    );
+    let [withdrawn] = &withdrawn[..] else {
+        panic!("{withdrawn:?}")
+    };
+    let Payload::CanonicalBatchWithdrawn(w) = &withdrawn.payload else {
+        unreachable!()
+    };
+    assert_eq!(w.trigger, "AnonymizationFailed");
+    assert_eq!((w.records_withdrawn, w.records_kept), (200, 1));
+
+    // The retry: one new attempt, linked to the old batch and caused by the request.
+    let retried = events(&records, |p| matches!(p, Payload::BatchRetried(_)));
+    let [retried] = &retried[..] else {
+        panic!("{retried:?}")
+    };
+    let Payload::BatchRetried(r) = &retried.payload else {
+        unreachable!()
+    };
+    assert_eq!(
+        (r.batch_id.as_str(), r.new_batch_id.as_str()),
+        (batch.as_str(), retry.as_str())
+    );
+    let requests = events(&records, |p| matches!(p, Payload::BatchRetryRequested(_)));
+    assert_eq!(requests.len(), 2, "sent twice");
+    assert_eq!(
+        retried.header.causation_id.as_deref(),
+        Some(requests[0].header.event_id.as_str())
+    );
+    assert_eq!(of(&retry, "DataIngestionStarted"), 1);
+    assert_eq!(of(&retry, "DataIngestionFinished"), 1);
+    assert_eq!(of(&retry, "EventDataCanonizationCompleted"), 1);
+    assert_eq!(of(&retry, "SourceRecordIngested"), 201);
+
+    // Every Observation: published by the first attempt, withdrawn, published again by
+    // the retry. Nothing deleted; the latest version of each is live.
+    let v = versions(&records, &observations, &[&batch, &retry]);
+    assert_eq!(v.len(), 200);
+    for ((key, id), list) in &v {
+        let expected = vec![
+            (batch.clone(), false),
+            (batch.clone(), true),
+            (retry.clone(), false),
+        ];
+        assert_eq!(list, &expected, "versions of {id} under {key}");
+    }
+
+    // The trail tells the story of each attempt in causal order.
+    let old = trace_order(
+        &p,
+        &batch,
+        &[
+            "DataIngestionFailed",
+            "AnonymizationFailed",
+            "BatchHeld",
+            "CanonizationFailed",
+            "CanonicalBatchWithdrawn",
+            "BatchRetryRequested",
+            "BatchRetried",
+        ],
+    );
+    // Held and the canonization failure both follow the anonymization failure, in either
+    // order; the rest is a chain.
+    assert!(old[0] < old[1] && old[1] < old[2], "{old:?}");
+    assert!(
+        old[1] < old[3] && old[3] < old[4] && old[4] < old[5] && old[5] < old[6],
+        "{old:?}"
+    );
+    // The new attempt's trace starts with the link (same transaction as its opening).
+    let new = trace_order(
+        &p,
+        &retry,
+        &[
+            "BatchRetried",
+            "DataIngestionCreated",
+            "EventDataCanonizationCompleted",
+        ],
+    );
+    assert!(new[0] < new[2] && new[1] < new[2], "{new:?}");
+
+    // The operator sees both attempts.
+    let status = cli_json(&p, &["batch", "status", &retry, "--json"]);
+    assert_eq!(status["state"], "published", "{status}");
+    let status = cli_json(&p, &["batch", "status", &batch, "--json"]);
+    assert_eq!(status["state"], "withdrawn", "{status}");
+    assert_eq!(status["failed_step"], "ingestion", "{status}");
+}
+
+#[test]
+fn an_operator_withdraws_a_completed_batch_once() {
+    let mut p = Pipeline::new();
+    for s in ["auditing", "ingestion", "anonymization", "canonization"] {
+        p.start(s, &[]);
+    }
+    let file = ndjson(60, 0, &tests::fresh_tag());
+    let batch = tests::batch_of(&file);
+    let tail = p.tail();
+    let lifecycle = p.topics.name(TopicKind::Canonization);
+    let observations = p
+        .topics
+        .name(TopicKind::Canonical(ResourceType::Observation));
+    p.drop_file("vitals.ndjson", &file);
+    p.wait_for(&tail, "the batch", Duration::from_secs(180), |t| {
+        t.count(&lifecycle, "EventDataCanonizationCompleted") >= 1
+    });
+    let answer = cli_json(
+        &p,
+        &[
+            "batch",
+            "withdraw",
+            &batch,
+            "--reason",
+            "sent to the wrong tenant",
+            "--json",
+        ],
+    );
+    assert_eq!(answer["outcome"], "withdrawn", "{answer}");
+    assert_eq!(answer["records_withdrawn"], 60, "{answer}");
+    assert_eq!(answer["records_kept"], 1, "{answer}");
+    assert!(answer.get("note").is_none(), "{answer}");
+    // A second request finds it withdrawn: nothing more is published.
+    let again = cli_json(
+        &p,
+        &["batch", "withdraw", &batch, "--reason", "again", "--json"],
+    );
+    assert_eq!(again["note"], "withdrawn before this request", "{again}");
+    let saga = p.topics.name(TopicKind::Saga);
+    p.wait_for(&tail, "the second request", Duration::from_secs(60), |t| {
+        t.count(&saga, "BatchWithdrawalRequested") >= 2
+    });
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !p.log("canonization").contains("already withdrawn") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the second request was not handled"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    p.wait_for_audit_catch_up(Duration::from_secs(120));
+    let records = p.read_all();
+
+    let v = versions(&records, &observations, &[&batch]);
+    assert_eq!(v.len(), 60);
+    for ((key, id), list) in &v {
+        assert_eq!(
+            list,
+            &vec![(batch.clone(), false), (batch.clone(), true)],
+            "{id} under {key}"
+        );
+    }
+    let withdrawn = events(&records, |p| {
+        matches!(p, Payload::CanonicalBatchWithdrawn(_))
+    });
+    assert_eq!(withdrawn.len(), 1);
+    // No operator words on a data topic.
+    let canonical: Vec<String> = TopicKind::canonical().map(|k| p.topics.name(k)).collect();
+    assert!(records
+        .iter()
+        .filter(|r| canonical.contains(&r.message.topic().to_string()))
+        .all(|r| !tests::contains_word(r.message.payload().unwrap_or_default(), "tenant")));
+
+    let order = trace_order(
+        &p,
+        &batch,
+        &[
+            "EventDataCanonizationCompleted",
+            "BatchWithdrawalRequested",
+            "CanonicalBatchWithdrawn",
+        ],
+    );
+    assert!(order[0] < order[1] && order[1] < order[2], "{order:?}");
+    let status = cli_json(&p, &["batch", "status", &batch, "--json"]);
+    assert_eq!(status["state"], "withdrawn", "{status}");
+}
