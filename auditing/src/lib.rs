@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 use ed25519_dalek::SigningKey;
 use pipeline::crypto::{sha256_hex, KeyRef};
 use pipeline::error::kafka_err;
-use pipeline::events::{AuditCheckpoint, AuditEntryRecorded, ComplianceAlert, Payload};
+use pipeline::events::{AuditCheckpoint, AuditEntryRecorded, BatchHeld, ComplianceAlert, Payload};
 use pipeline::kafka::{retry_until, watched_consumer, ConsumerRole, WatchedConsumer, STUCK_AFTER};
 use pipeline::telemetry::StageMetrics;
 use pipeline::topics::TopicKind;
@@ -44,7 +44,7 @@ use tracing::{info, warn};
 
 use crate::entry::AuditEntry;
 use crate::merkle::TreeHead;
-use crate::monitors::{Alert, CauseLookup, MonitorConfig, Monitors, Observation};
+use crate::monitors::{Alert, AlertKind, CauseLookup, MonitorConfig, Monitors, Observation};
 use crate::sentinel::Sentinel;
 use crate::store::{Key, Store, StoreError};
 
@@ -528,7 +528,16 @@ impl Auditor {
             )?;
             if e.is_own() {
                 if let Some(alert) = self.alert_event(e)? {
+                    // A stalled batch becomes held, so the operator can act on it (retry
+                    // or withdraw), in the transaction that publishes the alert.
+                    let held = stalled_hold(&alert);
                     self.send(alert, batch)?;
+                    if let Some(held) = held {
+                        let saga = self.config.topics.name(TopicKind::Saga);
+                        let bytes = self.rt.block_on(self.codec.encode(&held))?;
+                        self.txn
+                            .send(BaseRecord::to(&saga).key(batch).payload(&bytes))?;
+                    }
                 }
             }
         }
@@ -579,6 +588,35 @@ impl Auditor {
         self.txn
             .send(BaseRecord::to(&topic).key(key).payload(&bytes))
     }
+}
+
+/// The `BatchHeld` a stalled-batch alert puts its batch in, caused by the alert (its id is
+/// the alert's audit entry's event id).
+fn stalled_hold(alert: &Event) -> Option<Event> {
+    let Payload::ComplianceAlert(a) = &alert.payload else {
+        return None;
+    };
+    if a.kind != AlertKind::StalledBatch.as_str() {
+        return None;
+    }
+    let batch = a.batch_id.as_deref()?;
+    // The monitor's detail names the stage first ("<stage> stage open for ...").
+    let stage = ["ingestion", "anonymization", "canonization"]
+        .into_iter()
+        .find(|s| a.detail.starts_with(&format!("{s} stage")))?;
+    Some(Event::new(
+        SERVICE,
+        batch,
+        Some(&a.alert_id),
+        Payload::BatchHeld(BatchHeld {
+            batch_id: batch.to_string(),
+            stage: "auditing".into(),
+            failed_step: stage.into(),
+            reason_kind: "stalled".into(),
+            reason: a.detail.clone(),
+            records_forwarded: 0,
+        }),
+    ))
 }
 
 /// The audit consumer, subscribed to every pipeline topic: at least once into the store,

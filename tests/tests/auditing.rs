@@ -467,6 +467,31 @@ fn the_phi_sentinel_and_the_stall_monitor_alert_without_values() {
         .filter(|r| matches!(r.event.as_ref().map(|e| &e.payload), Some(Payload::ComplianceAlert(a)) if a.kind == "stalled_batch"))
         .count();
     assert_eq!(stall_alerts, 1);
+    // The stalled batch is held, once, caused by the alert, so an operator can act on it.
+    let saga = p.read(&[p.topics.name(TopicKind::Saga)]);
+    let held: Vec<&pipeline::Event> = saga
+        .iter()
+        .filter_map(|r| r.event.as_ref())
+        .filter(|e| matches!(&e.payload, Payload::BatchHeld(h) if h.batch_id == stalled))
+        .collect();
+    let [held] = &held[..] else {
+        panic!("{held:?}")
+    };
+    let Payload::BatchHeld(h) = &held.payload else {
+        unreachable!()
+    };
+    assert_eq!(
+        (
+            h.stage.as_str(),
+            h.failed_step.as_str(),
+            h.reason_kind.as_str()
+        ),
+        ("auditing", "ingestion", "stalled")
+    );
+    assert_eq!(
+        held.header.causation_id.as_deref(),
+        Some(stall.alert_id.as_str())
+    );
     // The SSN is nowhere in the alerts, the audit topic or the store.
     for r in &audit_records {
         let bytes = r.message.payload().unwrap_or_default();
