@@ -66,6 +66,9 @@ pub struct BatchCounts {
     /// its records that arrived after and were not forwarded.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub held: Option<u64>,
+    /// The held batch this batch releases as partial: no failure threshold fails it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub release_of: Option<String>,
 }
 
 pub struct Anonymizer {
@@ -190,6 +193,11 @@ impl Anonymizer {
             fields_redacted: redacted as i64,
             policy_hash: Some(policy.hash.clone()),
             report_json: serde_json::to_string(&out.report).ok(),
+            release_of: self
+                .state
+                .batches
+                .get(&rec.batch_id)
+                .and_then(|c| c.release_of.clone()),
         };
         Ok((record, out.patient_pseudonym, merges))
     }
@@ -359,7 +367,11 @@ impl Anonymizer {
         let upstream = verdict.as_ref().map_or(0, |n| *n);
         let failure = match verdict {
             Err((kind, reason)) => Some((kind.to_string(), reason)),
-            Ok(_) if total > 0 && c.dead_lettered as f64 > self.max_failure_ratio * total as f64 => {
+            Ok(_)
+                if c.release_of.is_none()
+                    && total > 0
+                    && c.dead_lettered as f64 > self.max_failure_ratio * total as f64 =>
+            {
                 Some((
                     "failure_threshold".to_string(),
                     format!(
@@ -391,6 +403,7 @@ impl Anonymizer {
             records_anonymized: Some(c.anonymized as i64),
             records_dead_lettered: Some(c.dead_lettered as i64),
             policy_hash: Some(policy.hash.clone()),
+            release_of: c.release_of,
         })
     }
 }
@@ -433,9 +446,9 @@ impl Stage for Anonymizer {
         };
         match &ev.payload {
             Payload::DataIngestionStarted(s) => {
-                self.state
-                    .batches
-                    .put(&s.batch_id, self.counts(&s.batch_id));
+                let mut c = self.counts(&s.batch_id);
+                c.release_of.clone_from(&s.release_of);
+                self.state.batches.put(&s.batch_id, c);
                 let policy = self.engine.policy();
                 emit(
                     &s.batch_id,
@@ -665,6 +678,7 @@ mod tests {
                 batch_id: "b1".into(),
                 format: "csv".into(),
                 file_sha256: "x".into(),
+                release_of: None,
             })
         };
         Event::new("medpipe-ingestion", "b1", None, payload)
@@ -897,6 +911,7 @@ mod tests {
             dead_lettered: 0,
             closing: None,
             held: None,
+            release_of: None,
         })
         .expect("json");
         a.state

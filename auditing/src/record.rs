@@ -148,6 +148,16 @@ pub fn facts(p: &Payload) -> Facts {
             ];
         }
         Control::BatchRetried(r) => f.related_batch = Some(r.new_batch_id.clone()),
+        Control::BatchReleaseRequested(r) => {
+            f.sensitive = vec![
+                ("requested_by", r.requested_by.clone()),
+                ("reason", r.reason.clone()),
+            ];
+        }
+        Control::BatchReleased(r) => {
+            f.related_batch = Some(r.new_batch_id.clone());
+            f.records_expected = Some(r.records_published);
+        }
         Control::BatchHeld(h) => {
             f.detail = Some(format!(
                 "{} holds the batch: {} failed it ({}); {} records forwarded before",
@@ -354,6 +364,7 @@ mod tests {
                 fields_redacted: 0,
                 policy_hash: None,
                 report_json: None,
+                release_of: None,
             })
         };
         assert_eq!(facts(&anonymized("")).subject, None);

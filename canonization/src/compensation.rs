@@ -32,7 +32,8 @@ use pipeline::{PipelineError, ResourceType};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-/// `meta.tag` system of a withdrawn canonical record; its code is `withdrawn`.
+/// `meta.tag` system of the saga's tags: `withdrawn` on a withdrawn canonical record,
+/// `partial` on a record of a released partial batch.
 pub const WITHDRAWAL_TAG_SYSTEM: &str = "urn:medpipe:compensation";
 
 const PUBLISHED_PREFIX: &str = "published/";
@@ -152,6 +153,26 @@ pub fn withdrawal_resource(p: &Published, patient_id: &str, reason: &str) -> Opt
         }
     }
     Some(r)
+}
+
+/// Tags a canonical resource of an operator's release as partial: its batch was accepted
+/// without the records that failed (`meta.tag` code `partial`, naming the held batch).
+pub fn tag_partial(resource: &mut Value, held_batch: &str) {
+    let tag = json!({
+        "system": WITHDRAWAL_TAG_SYSTEM,
+        "code": "partial",
+        "display": format!("Released partial: batch {held_batch} accepted without its failed records")
+    });
+    let Value::Object(r) = resource else {
+        return;
+    };
+    let meta = r.entry("meta").or_insert_with(|| json!({}));
+    if let Value::Object(m) = meta {
+        match m.entry("tag").or_insert_with(|| json!([])) {
+            Value::Array(tags) => tags.push(tag),
+            other => *other = json!([tag]),
+        }
+    }
 }
 
 /// A verification status of `entered-in-error` in a terminology.hl7.org code system.
@@ -369,6 +390,22 @@ mod tests {
         );
         restored.commit();
         assert!(restored.published("b").is_empty());
+    }
+
+    #[test]
+    fn a_partial_tag_joins_the_tags_a_resource_has() {
+        let mut bare = json!({"resourceType": "Observation"});
+        tag_partial(&mut bare, "b0");
+        assert_eq!(bare["meta"]["tag"][0]["code"], "partial");
+        let mut tagged = json!({"meta": {"tag": [{"code": "x"}], "source": "s"}});
+        tag_partial(&mut tagged, "b0");
+        assert_eq!(tagged["meta"]["tag"][0]["code"], "x");
+        assert_eq!(tagged["meta"]["tag"][1]["code"], "partial");
+        assert_eq!(tagged["meta"]["source"], "s");
+        assert!(tagged["meta"]["tag"][1]["display"]
+            .as_str()
+            .unwrap()
+            .contains("b0"));
     }
 
     #[test]

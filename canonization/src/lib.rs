@@ -15,8 +15,8 @@ pub mod validate;
 use std::collections::BTreeMap;
 
 use pipeline::events::{
-    AllergyIntoleranceDetails, BatchWithdrawalRequested, CanonicalBatchWithdrawn, CanonicalPatient,
-    CanonicalRecord, CanonicalSharedRecord, CanonizationFailed, ConditionDetails,
+    AllergyIntoleranceDetails, BatchReleased, BatchWithdrawalRequested, CanonicalBatchWithdrawn,
+    CanonicalPatient, CanonicalRecord, CanonicalSharedRecord, CanonizationFailed, ConditionDetails,
     DiagnosticReportDetails, EncounterDetails, EventDataCanonizationCompleted,
     EventDataCanonizationCreated, EventDataCanonizationStarted, ImmunizationDetails,
     MedicationRequestDetails, ObservationDetails, PatientMerged, Payload, ProcedureDetails,
@@ -53,6 +53,10 @@ pub struct BatchState {
     pub dead_lettered: i64,
     pub unsupported: i64,
     pub codes_unmapped: i64,
+    /// The held batch this batch releases as partial: its records are tagged partial,
+    /// no failure threshold fails it, and its completion comes with `BatchReleased`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub release_of: Option<String>,
 }
 
 /// The stage's durable state: batch counts by batch id, and the compensation ledger.
@@ -210,6 +214,9 @@ impl Canonizer {
             resource_id,
             mut resource,
         } = m;
+        if let Some(held) = &rec.release_of {
+            compensation::tag_partial(&mut resource, held);
+        }
         let date = typed::effective(&resource).unwrap_or_default();
         let report = normalize::normalize(
             resource_type,
@@ -337,7 +344,7 @@ impl Canonizer {
                 records_in: s.records_in,
                 records_dead_lettered: s.dead_lettered,
             })
-        } else if ratio > self.max_failure_ratio {
+        } else if ratio > self.max_failure_ratio && s.release_of.is_none() {
             Payload::CanonizationFailed(CanonizationFailed {
                 batch_id: batch.to_string(),
                 error_kind: "failure_threshold".into(),
@@ -383,11 +390,30 @@ impl Canonizer {
                 Vec::new()
             }
         };
-        let mut out = Vec::with_capacity(1 + withdrawals.len());
+        let released = match (&event.payload, &s.release_of) {
+            (Payload::EventDataCanonizationCompleted(c), Some(held)) => Some(Output {
+                key: held.clone(),
+                // Correlated by the held batch, like the BatchRetried that began it.
+                event: Event::new(
+                    SERVICE,
+                    held,
+                    Some(&event.header.event_id),
+                    Payload::BatchReleased(BatchReleased {
+                        batch_id: held.clone(),
+                        new_batch_id: batch.to_string(),
+                        records_published: c.resources_by_type.values().sum(),
+                        records_left_out: c.records_dead_lettered,
+                    }),
+                ),
+            }),
+            _ => None,
+        };
+        let mut out = Vec::with_capacity(2 + withdrawals.len());
         out.push(Output {
             key: batch.to_string(),
             event,
         });
+        out.extend(released);
         out.extend(withdrawals);
         out
     }
@@ -471,6 +497,7 @@ impl Canonizer {
             fields_redacted: 0,
             policy_hash: None,
             report_json: None,
+            release_of: None,
         };
         let report = Report {
             code_status: "none",
@@ -514,6 +541,9 @@ impl Canonizer {
         let result = self.canonize(rec);
         let mut s = self.batch(batch);
         s.records_in += 1;
+        if s.release_of.is_none() {
+            s.release_of.clone_from(&rec.release_of);
+        }
         let mut dead = None;
         match result {
             Ok(records) => {
@@ -648,6 +678,7 @@ impl Canonizer {
             fields_redacted: 0,
             policy_hash: None,
             report_json: None,
+            release_of: None,
         };
         match self.canonize(&rec) {
             Ok(records) => Outcome::Emit(
@@ -873,6 +904,9 @@ impl Stage for Canonizer {
                 }
                 let mut outputs = self.open(batch, &f.policy_version, ev);
                 let mut s = self.batch(batch);
+                if s.release_of.is_none() {
+                    s.release_of.clone_from(&f.release_of);
+                }
                 s.closing = Some(PendingClose {
                     upstream: f.records_anonymized.unwrap_or(f.upstream_records_emitted),
                     cause_event_id: ev.header.event_id.clone(),
@@ -1018,6 +1052,7 @@ mod tests {
             fields_redacted: 0,
             policy_hash: None,
             report_json: None,
+            release_of: None,
         }))
     }
 
@@ -1029,6 +1064,7 @@ mod tests {
             records_anonymized: Some(anonymized),
             records_dead_lettered: Some(0),
             policy_hash: None,
+            release_of: None,
         }))
     }
 

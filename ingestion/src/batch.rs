@@ -28,6 +28,9 @@ pub struct FileFacts {
     pub sha256: String,
     pub size_bytes: u64,
     pub format: SourceFormat,
+    /// For an operator's release: the held batch this one releases as partial. No
+    /// threshold fails a release.
+    pub release_of: Option<String>,
 }
 
 /// `DataIngestionCreated` then `DataIngestionStarted`, caused by a command if any.
@@ -51,6 +54,7 @@ pub fn opening_events(facts: &FileFacts, command_event_id: Option<&str>) -> (Eve
             batch_id: facts.batch_id.clone(),
             format: facts.format.as_str().into(),
             file_sha256: facts.sha256.clone(),
+            release_of: facts.release_of.clone(),
         }),
     );
     (created, started)
@@ -203,6 +207,7 @@ mod tests {
             sha256: "abc".into(),
             size_bytes: 10,
             format: SourceFormat::Csv,
+            release_of: None,
         }
     }
 

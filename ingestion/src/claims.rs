@@ -171,6 +171,10 @@ pub struct CommandSidecar {
     /// this file is a new attempt of.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retry_of: Option<String>,
+    /// A release (`BatchReleaseRequested`) rather than a retry: the new batch is
+    /// published as partial.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub release: bool,
 }
 
 pub fn sidecar_path(claimed: &Path) -> PathBuf {

@@ -301,12 +301,14 @@ impl Ingestor {
                 return self.fail_file(path, &key, entry, cause, &BatchFailure::file(&e, None));
             }
         };
+        let release = sidecar.as_ref().is_some_and(|s| s.release);
         let facts = FileFacts {
             batch_id: batch_id.clone(),
             file_name: name.clone(),
             sha256: sha.clone(),
             size_bytes: size,
             format,
+            release_of: retry_of.clone().filter(|_| release),
         };
         let archive_location = archive.display().to_string();
         let work = match self.ledger.get(&key) {
@@ -337,9 +339,10 @@ impl Ingestor {
                             new_batch_id: batch_id.clone(),
                             request_id: s.command_id.clone(),
                             file_sha256: sha.clone(),
+                            mode: if release { "release" } else { "retry" }.into(),
                         }),
                     ))?;
-                    info!(retry_of = %old, "Retrying a batch from its archive.");
+                    info!(retry_of = %old, release, "Retrying a batch from its archive.");
                 }
                 self.checkpoint(&key, &entry)?;
                 info!(format = %format, "Batch started.");
@@ -400,6 +403,8 @@ impl Ingestor {
             parse_file(facts.format, path, &facts.file_name, &csv, &mut sink)
         };
         let ending = match parsed {
+            // A release is accepted partial: its rejected records are rejected, no more.
+            Ok(()) if facts.release_of.is_some() => None,
             Ok(()) => {
                 batch::over_threshold(work.emitted, work.rejected, self.config.max_reject_ratio)
             }
@@ -563,7 +568,19 @@ impl Ingestor {
             Ok(Event {
                 header,
                 payload: Payload::BatchRetryRequested(r),
-            }) if saga => return self.handle_retry(msg, &header, &r),
+            }) if saga => return self.handle_retry(msg, &header, &r, false),
+            Ok(Event {
+                header,
+                payload: Payload::BatchReleaseRequested(r),
+            }) if saga => {
+                let r = BatchRetryRequested {
+                    batch_id: r.batch_id,
+                    request_id: r.request_id,
+                    requested_by: r.requested_by,
+                    reason: r.reason,
+                };
+                return self.handle_retry(msg, &header, &r, true);
+            }
             // Another stage's business on the saga topic.
             Ok(_) if saga => return self.commit_command_offset(msg),
             Ok(other) => {
@@ -599,7 +616,7 @@ impl Ingestor {
         self.commit_command_offset(msg)
     }
 
-    /// A retry request: the old batch's file comes back from its encrypted archive into
+    /// A retry (or release) request: the old batch's file comes back from its encrypted archive into
     /// `processing/` as a new claimed file, under a name fixed by the request, and is
     /// ingested from there as a new batch (see `ingest_claimed`). At most once per request:
     /// a marker per request is written first, and a redelivered request whose copy or new
@@ -610,10 +627,11 @@ impl Ingestor {
         msg: &OwnedMessage,
         header: &EventHeader,
         r: &BatchRetryRequested,
+        release: bool,
     ) -> Result<(), PipelineError> {
-        let span = info_span!("retry", correlation_id = %r.batch_id);
+        let span = info_span!("retry", correlation_id = %r.batch_id, release);
         let _enter = span.enter();
-        if let Err((reason, detail)) = self.prepare_retry(&header.event_id, r)? {
+        if let Err((reason, detail)) = self.prepare_retry(&header.event_id, r, release)? {
             warn!(reason, "Retry request refused.");
             let refusal = Event::new(
                 SERVICE,
@@ -639,6 +657,7 @@ impl Ingestor {
         &mut self,
         request_event_id: &str,
         r: &BatchRetryRequested,
+        release: bool,
     ) -> Result<Result<(), (&'static str, String)>, PipelineError> {
         let request = sanitize(&r.request_id);
         if request.is_empty() {
@@ -685,6 +704,7 @@ impl Ingestor {
             command_event_id: request_event_id.into(),
             format: (!format.is_empty()).then_some(format),
             retry_of: Some(r.batch_id.clone()),
+            release,
         };
         let body = serde_json::to_vec(&sidecar).map_err(PipelineError::serialize("a sidecar"))?;
         claims::write_atomic(&claims::sidecar_path(&dest), &body)?;
@@ -741,6 +761,7 @@ impl Ingestor {
             command_event_id: command_event_id.into(),
             format: cmd.format.clone(),
             retry_of: None,
+            release: false,
         };
         let body = serde_json::to_vec(&sidecar).map_err(|e| PipelineError::Serialize {
             what: "a command sidecar",

@@ -43,6 +43,10 @@ pub enum BatchCommand {
     /// fixed what failed it (a layout, a threshold, a policy): a new batch, linked to the
     /// old one. Carried out once per request.
     Retry(crate::saga::RequestArgs),
+    /// Accept a held batch as partial: ingestion re-reads it from its archive as a new
+    /// batch that no failure threshold fails; its good records are published tagged
+    /// `partial`, its bad ones stay rejected or dead-lettered. Once per request.
+    Release(crate::saga::RequestArgs),
     /// Ask canonization to withdraw a batch, finished or not: every canonical record of it
     /// gets a new version marked entered-in-error. Nothing is deleted.
     Withdraw(crate::saga::RequestArgs),
@@ -282,6 +286,9 @@ pub async fn run(command: BatchCommand, out: &mut impl Write) -> anyhow::Result<
     match command {
         BatchCommand::Retry(args) => {
             crate::saga::run(crate::saga::Request::Retry, args, out).await?
+        }
+        BatchCommand::Release(args) => {
+            crate::saga::run(crate::saga::Request::Release, args, out).await?
         }
         BatchCommand::Withdraw(args) => {
             crate::saga::run(crate::saga::Request::Withdraw, args, out).await?

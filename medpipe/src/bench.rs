@@ -364,6 +364,7 @@ pub fn canonize(n: usize, rounds: usize) -> anyhow::Result<Vec<(String, f64, f64
                         fields_redacted: 0,
                         policy_hash: None,
                         report_json: None,
+                        release_of: None,
                     }),
                 )
             })

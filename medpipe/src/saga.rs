@@ -1,12 +1,15 @@
-//! `medpipe batch retry` and `medpipe batch withdraw`: an operator's request is an event
-//! on the saga topic (`BatchRetryRequested`, `BatchWithdrawalRequested`), which the stage
-//! that owns the step carries out, once per request, and answers with an event of its
-//! own. There is no orchestrator: the CLI only asks, then (with `--wait`) reads the answer
-//! back from the topics.
+//! `medpipe batch retry`, `release` and `withdraw`: an operator's request is an event on
+//! the saga topic (`BatchRetryRequested`, `BatchReleaseRequested`,
+//! `BatchWithdrawalRequested`), which the stage that owns the step carries out, once per
+//! request, and answers with an event of its own. There is no orchestrator: the CLI only
+//! asks, then (with `--wait`) reads the answer back from the topics.
 //!
 //! - A retry: ingestion re-reads the batch's file from its encrypted archive as a new
 //!   batch and answers `BatchRetried` (old and new batch ids), or refuses with
 //!   `DataIngestionRejected` whose `command_id` is the request id.
+//! - A release: the same, but the new batch is accepted partial (no failure threshold
+//!   fails it, its canonical records are tagged `partial`), and canonization answers
+//!   `BatchReleased` when it completes.
 //! - A withdrawal: canonization withdraws every canonical record of the batch it
 //!   published and answers `CanonicalBatchWithdrawn`, caused by the request.
 
@@ -16,7 +19,9 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use indicatif::{ProgressBar, ProgressStyle};
 use pipeline::config::KafkaArgs;
-use pipeline::events::{BatchRetryRequested, BatchWithdrawalRequested, Payload};
+use pipeline::events::{
+    BatchReleaseRequested, BatchRetryRequested, BatchWithdrawalRequested, Payload,
+};
 use pipeline::topics::TopicKind;
 use pipeline::Event;
 use serde::Serialize;
@@ -49,6 +54,7 @@ pub struct RequestArgs {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Request {
     Retry,
+    Release,
     Withdraw,
 }
 
@@ -89,6 +95,12 @@ pub async fn run(kind: Request, args: RequestArgs, out: &mut impl Write) -> anyh
             requested_by: args.requested_by.clone(),
             reason: args.reason.clone(),
         }),
+        Request::Release => Payload::BatchReleaseRequested(BatchReleaseRequested {
+            batch_id: batch.clone(),
+            request_id: request_id.clone(),
+            requested_by: args.requested_by.clone(),
+            reason: args.reason.clone(),
+        }),
         Request::Withdraw => Payload::BatchWithdrawalRequested(BatchWithdrawalRequested {
             batch_id: batch.clone(),
             request_id: request_id.clone(),
@@ -119,6 +131,11 @@ pub async fn run(kind: Request, args: RequestArgs, out: &mut impl Write) -> anyh
             "retried" => writeln!(
                 out,
                 "Batch {batch} is being retried as batch {} (request {request_id}).",
+                answer.new_batch.as_deref().unwrap_or("?")
+            )?,
+            "releasing" => writeln!(
+                out,
+                "Batch {batch} is being released as partial batch {} (request {request_id}); `medpipe batch status` follows it.",
                 answer.new_batch.as_deref().unwrap_or("?")
             )?,
             "withdrawn" => writeln!(
@@ -183,7 +200,7 @@ async fn wait_for_answer(
             .unwrap_or_else(|_| ProgressStyle::default_spinner()),
     );
     spinner.set_message(match kind {
-        Request::Retry => "waiting for ingestion to start the new attempt",
+        Request::Retry | Request::Release => "waiting for ingestion to start the new attempt",
         Request::Withdraw => "waiting for canonization to withdraw the batch",
     });
     spinner.enable_steady_tick(Duration::from_millis(200));
@@ -201,11 +218,17 @@ async fn wait_for_answer(
         })?;
         for ev in records.iter().filter_map(|r| r.event.as_ref()) {
             match (&ev.payload, kind) {
-                (Payload::BatchRetried(r), Request::Retry) if r.request_id == answer.request_id => {
-                    answer.outcome = "retried";
+                (Payload::BatchRetried(r), Request::Retry | Request::Release)
+                    if r.request_id == answer.request_id =>
+                {
+                    answer.outcome = if r.mode == "release" {
+                        "releasing"
+                    } else {
+                        "retried"
+                    };
                     answer.new_batch = Some(r.new_batch_id.clone());
                 }
-                (Payload::DataIngestionRejected(r), Request::Retry)
+                (Payload::DataIngestionRejected(r), Request::Retry | Request::Release)
                     if r.command_id.as_deref() == Some(answer.request_id.as_str()) =>
                 {
                     answer.outcome = "refused";

@@ -330,14 +330,14 @@ crate::resources::resource_types! {
 
 catalogue! {
     DataIngestionCreated { ns: "medpipe.ingestion", topic: Ingestion, version: 1, file: "ingestion/DataIngestionCreated.avsc" }
-    DataIngestionStarted { ns: "medpipe.ingestion", topic: Ingestion, version: 1, file: "ingestion/DataIngestionStarted.avsc" }
+    DataIngestionStarted { ns: "medpipe.ingestion", topic: Ingestion, version: 2, file: "ingestion/DataIngestionStarted.avsc" }
     SourceRecordIngested { ns: "medpipe.ingestion", topic: Ingestion, version: 1, file: "ingestion/SourceRecordIngested.avsc" }
     RecordRejected { ns: "medpipe.ingestion", topic: Ingestion, version: 1, file: "ingestion/RecordRejected.avsc" }
     DataIngestionFinished { ns: "medpipe.ingestion", topic: Ingestion, version: 1, file: "ingestion/DataIngestionFinished.avsc" }
     DataIngestionFailed { ns: "medpipe.ingestion", topic: Ingestion, version: 2, file: "ingestion/DataIngestionFailed.avsc" }
     AnonymizationStarted { ns: "medpipe.anonymization", topic: Anonymization, version: 2, file: "anonymization/AnonymizationStarted.avsc" }
-    RecordAnonymized { ns: "medpipe.anonymization", topic: Anonymization, version: 2, file: "anonymization/RecordAnonymized.avsc" }
-    AnonymizationFinished { ns: "medpipe.anonymization", topic: Anonymization, version: 2, file: "anonymization/AnonymizationFinished.avsc" }
+    RecordAnonymized { ns: "medpipe.anonymization", topic: Anonymization, version: 3, file: "anonymization/RecordAnonymized.avsc" }
+    AnonymizationFinished { ns: "medpipe.anonymization", topic: Anonymization, version: 3, file: "anonymization/AnonymizationFinished.avsc" }
     CanonicalPatient { ns: "medpipe.canonical", resource: Patient, version: 1, file: "canonical/CanonicalPatient.avsc" }
     StartDataIntakeCommand { ns: "medpipe.ingestion", topic: IngestionCommands, version: 1, file: "ingestion/StartDataIntakeCommand.avsc" }
     DataIngestionRejected { ns: "medpipe.ingestion", topic: Ingestion, version: 1, file: "ingestion/DataIngestionRejected.avsc" }
@@ -369,6 +369,8 @@ catalogue! {
     BatchWithdrawalRequested { ns: "medpipe.saga", topic: Saga, version: 1, file: "saga/BatchWithdrawalRequested.avsc" }
     BatchRetried { ns: "medpipe.saga", topic: Saga, version: 1, file: "saga/BatchRetried.avsc" }
     BatchHeld { ns: "medpipe.saga", topic: Saga, version: 1, file: "saga/BatchHeld.avsc" }
+    BatchReleaseRequested { ns: "medpipe.saga", topic: Saga, version: 1, file: "saga/BatchReleaseRequested.avsc" }
+    BatchReleased { ns: "medpipe.saga", topic: Saga, version: 1, file: "saga/BatchReleased.avsc" }
 }
 
 /// Asks ingestion to claim and ingest one file. Sent by data engineers' tooling.
@@ -396,6 +398,9 @@ pub struct DataIngestionStarted {
     pub batch_id: String,
     pub format: String,
     pub file_sha256: String,
+    /// The held batch this one releases as partial, for an operator's release.
+    #[serde(default)]
+    pub release_of: Option<String>,
 }
 
 /// An AES-256-GCM sealed blob with its wrapped data key (see `crypto`).
@@ -491,6 +496,9 @@ pub struct RecordAnonymized {
     pub policy_hash: Option<String>,
     #[serde(default)]
     pub report_json: Option<String>,
+    /// The held batch this record's batch releases as partial.
+    #[serde(default)]
+    pub release_of: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -504,6 +512,9 @@ pub struct AnonymizationFinished {
     pub records_dead_lettered: Option<i64>,
     #[serde(default)]
     pub policy_hash: Option<String>,
+    /// The held batch this batch releases as partial.
+    #[serde(default)]
+    pub release_of: Option<String>,
 }
 
 /// Two patient records are one person (see the schema's doc).
@@ -660,6 +671,26 @@ pub struct BatchRetried {
     pub new_batch_id: String,
     pub request_id: String,
     pub file_sha256: String,
+    /// `retry` or `release`.
+    pub mode: String,
+}
+
+/// An operator accepts a held batch as partial (see the schema's doc).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BatchReleaseRequested {
+    pub batch_id: String,
+    pub request_id: String,
+    pub requested_by: String,
+    pub reason: String,
+}
+
+/// Canonization published the release of a held batch (see the schema's doc).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BatchReleased {
+    pub batch_id: String,
+    pub new_batch_id: String,
+    pub records_published: i64,
+    pub records_left_out: i64,
 }
 
 /// A stage holds a batch that a step failed or that stalled (see the schema's doc).

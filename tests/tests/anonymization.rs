@@ -96,6 +96,7 @@ fn a_batch_whose_records_never_all_arrive_fails_at_its_deadline_instead_of_finis
             batch_id: batch.clone(),
             format: "csv".into(),
             file_sha256: "00".into(),
+            release_of: None,
         }),
     );
     let finished = pipeline::Event::caused_by(

@@ -426,6 +426,7 @@ fn the_phi_sentinel_and_the_stall_monitor_alert_without_values() {
             batch_id: stalled.clone(),
             format: "csv".into(),
             file_sha256: "00".into(),
+            release_of: None,
         }),
     ));
     let audit = p.topics.name(TopicKind::Audit);
@@ -523,6 +524,7 @@ fn closing_counts_that_do_not_add_up_raise_a_gap_alert() {
             batch_id: batch.clone(),
             format: "csv".into(),
             file_sha256: "00".into(),
+            release_of: None,
         }),
     );
     let finished = Event::caused_by(
@@ -557,6 +559,7 @@ fn closing_counts_that_do_not_add_up_raise_a_gap_alert() {
             records_anonymized: Some(2),
             records_dead_lettered: Some(0),
             policy_hash: None,
+            release_of: None,
         }),
     );
     for e in [&started, &finished, &anon_started, &anon_finished] {

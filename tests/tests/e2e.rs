@@ -190,6 +190,7 @@ fn a_poison_message_goes_to_the_dlq_with_context_and_later_records_flow() {
             batch_id: "b-poison".into(),
             format: "csv".into(),
             file_sha256: "00".into(),
+            release_of: None,
         }),
     );
     let bytes = p.rt.block_on(p.codec.encode(&good)).expect("encode");

@@ -400,3 +400,179 @@ fn an_operator_withdraws_a_completed_batch_once() {
     let status = cli_json(&p, &["batch", "status", &batch, "--json"]);
     assert_eq!(status["state"], "withdrawn", "{status}");
 }
+
+/// One Patient, `good` Observations of it and `orphans` Observations that name no patient,
+/// which anonymization dead-letters (it cannot key them), failing the batch over its
+/// threshold.
+fn with_orphans(good: usize, orphans: usize, tag: &str) -> Vec<u8> {
+    let mut text = String::from_utf8(ndjson(good, 0, tag)).unwrap();
+    for i in 0..orphans {
+        text.push_str(
+            &json!({"resourceType": "Observation", "id": format!("orphan-{tag}-{i}"),
+            "status": "final",
+            "code": {"coding": [{"system": "http://loinc.org", "code": "8867-4"}]},
+            "valueQuantity": {"value": 70, "unit": "/min",
+                              "system": "http://unitsofmeasure.org", "code": "/min"}})
+            .to_string(),
+        );
+        text.push('\n');
+    }
+    text.into_bytes()
+}
+
+#[test]
+fn a_batch_anonymization_fails_is_held_withdrawn_and_released_partial() {
+    let mut p = Pipeline::new();
+    for s in ["auditing", "ingestion", "anonymization", "canonization"] {
+        p.start(s, &[]);
+    }
+    // 10 of 111 records cannot be keyed: 9%, over anonymization's default 5%.
+    let file = with_orphans(100, 10, &tests::fresh_tag());
+    let batch = tests::batch_of(&file);
+    let tail = p.tail();
+    let lifecycle = p.topics.name(TopicKind::Canonization);
+    let saga = p.topics.name(TopicKind::Saga);
+    let observations = p
+        .topics
+        .name(TopicKind::Canonical(ResourceType::Observation));
+    p.drop_file("orphans.ndjson", &file);
+    p.wait_for(&tail, "the withdrawal", Duration::from_secs(180), |t| {
+        t.count(&lifecycle, "CanonicalBatchWithdrawn") >= 1 && t.count(&saga, "BatchHeld") >= 1
+    });
+    let answer = cli_json(
+        &p,
+        &[
+            "batch",
+            "release",
+            &batch,
+            "--reason",
+            "the 10 unkeyed vitals are not needed",
+            "--json",
+        ],
+    );
+    assert_eq!(answer["outcome"], "releasing", "{answer}");
+    let release = answer["new_batch"].as_str().expect("new batch").to_string();
+    p.wait_for(&tail, "the release", Duration::from_secs(180), |t| {
+        t.count(&saga, "BatchReleased") >= 1
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    p.wait_for_audit_catch_up(Duration::from_secs(120));
+    let records = p.read_all();
+
+    // Held by anonymization, its own step having failed it.
+    let held = events(
+        &records,
+        |p| matches!(p, Payload::BatchHeld(h) if h.batch_id == batch),
+    );
+    let [held] = &held[..] else {
+        panic!("{held:?}")
+    };
+    let Payload::BatchHeld(h) = &held.payload else {
+        unreachable!()
+    };
+    assert_eq!(
+        (h.failed_step.as_str(), h.reason_kind.as_str()),
+        ("anonymization", "failure_threshold")
+    );
+    let withdrawn = events(
+        &records,
+        |p| matches!(p, Payload::CanonicalBatchWithdrawn(w) if w.batch_id == batch),
+    );
+    let [withdrawn] = &withdrawn[..] else {
+        panic!("{withdrawn:?}")
+    };
+    let Payload::CanonicalBatchWithdrawn(w) = &withdrawn.payload else {
+        unreachable!()
+    };
+    assert_eq!(w.trigger, "AnonymizationFailed");
+
+    let v = versions(&records, &observations, &[&batch, &release]);
+    assert_eq!(
+        v.len(),
+        100,
+        "every good Observation is published by the release"
+    );
+    // What the first attempt published before the failure reached canonization was
+    // withdrawn, each once; what came after was held (never published). Then the
+    // release published every one, tagged partial: the latest version of each is live.
+    let mut first_published = 0;
+    for ((key, id), list) in &v {
+        let (last, earlier) = list.split_last().unwrap();
+        assert_eq!(
+            last,
+            &(release.clone(), false),
+            "{id} under {key}: {list:?}"
+        );
+        match earlier {
+            [] => {}
+            [a, b] => {
+                assert_eq!(
+                    (a, b),
+                    (&(batch.clone(), false), &(batch.clone(), true)),
+                    "{id}: {list:?}"
+                );
+                first_published += 1;
+            }
+            _ => panic!("{id} under {key}: {list:?}"),
+        }
+    }
+    assert_eq!(w.records_withdrawn, first_published);
+    for r in records.iter().filter(|r| r.message.topic() == observations) {
+        let Some(Payload::CanonicalObservation(o)) = r.event.as_ref().map(|e| &e.payload) else {
+            continue;
+        };
+        if o.provenance.batch_id == release {
+            let fhir: Value = serde_json::from_str(&o.fhir_json).unwrap();
+            let tags = fhir["meta"]["tag"].as_array().expect("tags");
+            assert!(tags.iter().any(|t| t["code"] == "partial"), "{fhir}");
+        }
+    }
+    let released = events(&records, |p| matches!(p, Payload::BatchReleased(_)));
+    let [released] = &released[..] else {
+        panic!("{released:?}")
+    };
+    let Payload::BatchReleased(r) = &released.payload else {
+        unreachable!()
+    };
+    assert_eq!(
+        (r.batch_id.as_str(), r.new_batch_id.as_str()),
+        (batch.as_str(), release.as_str())
+    );
+    assert_eq!((r.records_published, r.records_left_out), (101, 0));
+    // The release's bad records are dead-lettered again, not dropped: 10 per attempt.
+    let finished = events(
+        &records,
+        |p| matches!(p, Payload::AnonymizationFinished(f) if f.batch_id == release),
+    );
+    let [finished] = &finished[..] else {
+        panic!("{finished:?}")
+    };
+    let Payload::AnonymizationFinished(f) = &finished.payload else {
+        unreachable!()
+    };
+    assert_eq!(
+        (f.records_anonymized, f.records_dead_lettered),
+        (Some(101), Some(10))
+    );
+    assert_eq!(f.release_of.as_deref(), Some(batch.as_str()));
+    let dlq = p.read(&[p.topics.dlq("anonymization")]);
+    assert_eq!(dlq.len(), 20);
+
+    let order = trace_order(
+        &p,
+        &batch,
+        &[
+            "AnonymizationFailed",
+            "BatchHeld",
+            "CanonicalBatchWithdrawn",
+            "BatchReleaseRequested",
+            "BatchRetried",
+            "BatchReleased",
+        ],
+    );
+    assert!(order[0] < order[1] && order[0] < order[2], "{order:?}");
+    assert!(
+        order[2] < order[3] && order[3] < order[4] && order[4] < order[5],
+        "{order:?}"
+    );
+}
