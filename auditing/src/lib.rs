@@ -8,6 +8,7 @@
 //! transaction carries entries, checkpoints and alerts together with the publisher's
 //! position (a compacted state topic), so a restart resumes after the last committed one.
 
+pub mod batches;
 pub mod entry;
 pub mod keys;
 pub mod merkle;
