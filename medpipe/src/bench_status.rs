@@ -315,7 +315,7 @@ pub async fn run(b: &StatusApiBench, out: &mut impl Write) -> anyhow::Result<()>
     });
     let kinds = [Kind::Hit, Kind::Miss, Kind::Malformed, Kind::ListHeld];
     let mut times: Vec<Vec<Duration>> = vec![Vec::new(); kinds.len()];
-    let mut list_len = 0usize;
+    let (mut list_len, mut list_bytes) = (0usize, 0usize);
     let run_started = Instant::now();
     for (kind, path) in &plan {
         let t = Instant::now();
@@ -333,6 +333,7 @@ pub async fn run(b: &StatusApiBench, out: &mut impl Write) -> anyhow::Result<()>
             }
         }
         if *kind == Kind::ListHeld {
+            list_bytes = body.len();
             list_len = serde_json::from_slice::<Vec<serde_json::Value>>(&body)
                 .context("a list is a JSON array")?
                 .len();
@@ -352,7 +353,7 @@ pub async fn run(b: &StatusApiBench, out: &mut impl Write) -> anyhow::Result<()>
 
     writeln!(
         out,
-        "{} requests in {wall:.2} s from one keep-alive client ({:.0} requests/s); {appended} entries folded in meanwhile ({} per second, 500 per write lock); {held} held batches at the start, the last list returned {list_len}",
+        "{} requests in {wall:.2} s from one keep-alive client ({:.0} requests/s); {appended} entries folded in meanwhile ({} per second, 500 per write lock); {held} held batches at the start, the last list returned {list_len} ({list_bytes} bytes)",
         plan.len(),
         plan.len() as f64 / wall,
         b.append_rate
