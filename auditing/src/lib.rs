@@ -7,7 +7,12 @@
 //! offsets are only a starting hint. Publishing is exactly once on its own: each
 //! transaction carries entries, checkpoints and alerts together with the publisher's
 //! position (a compacted state topic), so a restart resumes after the last committed one.
+//!
+//! Every entry also goes into the batch index (`batches.rs`), which the stage serves as
+//! the batch status API (`api.rs`) on its telemetry address.
 
+pub mod api;
+pub mod batches;
 pub mod entry;
 pub mod keys;
 pub mod merkle;
@@ -42,6 +47,7 @@ use tokio::runtime::Handle;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use crate::batches::{BatchIndex, SharedIndex};
 use crate::entry::AuditEntry;
 use crate::merkle::TreeHead;
 use crate::monitors::{Alert, AlertKind, CauseLookup, MonitorConfig, Monitors, Observation};
@@ -161,16 +167,19 @@ struct Published {
 
 const PUBLISHED_KEY: &str = "publisher";
 
-/// Runs the audit loop on a blocking thread until shutdown.
+/// Runs the audit loop on a blocking thread until shutdown. `batches` is filled from the
+/// store as it is replayed (replacing what it held) and kept up to date with every entry
+/// appended afterwards; share it with [`api::router`] to serve it.
 pub async fn run(
     config: AuditConfig,
+    batches: SharedIndex,
     codec: Arc<Codec>,
     metrics: StageMetrics,
     shutdown: CancellationToken,
 ) -> Result<(), PipelineError> {
     let rt = Handle::current();
     tokio::task::spawn_blocking(move || {
-        Auditor::start(config, codec, metrics, rt, &shutdown)?.run(&shutdown)
+        Auditor::start(config, batches, codec, metrics, rt, &shutdown)?.run(&shutdown)
     })
     .await
     .map_err(|e| PipelineError::Thread(format!("audit thread failed: {e}")))?
@@ -186,6 +195,8 @@ struct Auditor {
     signing: SigningKey,
     key_id: String,
     monitors: Monitors,
+    /// Where each batch stands, for the status API.
+    batches: SharedIndex,
     sentinel: Sentinel,
     consumer: WatchedConsumer,
     txn: Transactions,
@@ -201,6 +212,7 @@ struct Auditor {
 impl Auditor {
     fn start(
         config: AuditConfig,
+        batches: SharedIndex,
         codec: Arc<Codec>,
         metrics: StageMetrics,
         rt: Handle,
@@ -213,6 +225,9 @@ impl Auditor {
         // Replayed entries rebuild the monitors' state; alerts that fired before a crash
         // but were never recorded come back from end_replay.
         monitors.begin_replay();
+        // The batch index is built aside and swapped in whole, so the API never answers
+        // from a half-replayed index (it says 503 until then).
+        let mut replayed = BatchIndex::default();
         let started = Instant::now();
         let store = Store::open(
             &config.audit_dir,
@@ -220,14 +235,19 @@ impl Auditor {
             &signing.verifying_key(),
             |e| {
                 monitors.observe(&observation(e));
+                replayed.observe(e);
             },
         )
         .map_err(store_err)?;
         info!(
             entries = store.len(),
+            batches = replayed.count(None),
             elapsed_ms = started.elapsed().as_millis() as u64,
             "Audit store opened and verified."
         );
+        *batches
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = replayed;
         let owed = monitors.end_replay();
         let sentinel = Sentinel::new(config.sentinel_sample_rate).map_err(PipelineError::Config)?;
         let alerts = IntCounterVec::new(
@@ -269,6 +289,7 @@ impl Auditor {
             signing,
             key_id,
             monitors,
+            batches,
             sentinel,
             consumer,
             txn,
@@ -380,6 +401,7 @@ impl Auditor {
         }
         let now = chrono::Utc::now().timestamp_micros();
         let added = self.store.append(entries, now).map_err(store_err)?;
+        self.index(&added);
         let mut alerts = Vec::new();
         for e in &added {
             alerts.extend(self.monitors.observe(&observation(e)));
@@ -416,12 +438,26 @@ impl Auditor {
             entries.push(alert_entry(a, &self.own_topic, now)?);
         }
         let added = self.store.append(entries, now).map_err(store_err)?;
+        // An alert's entry names its batch, so it moves the batch's last-seen time, as it
+        // does when the store is replayed.
+        self.index(&added);
         for e in &added {
             // Marks the alert as fired, as a replay after a restart would.
             self.monitors.observe(&observation(e));
         }
         self.unpublished.extend(added);
         Ok(())
+    }
+
+    /// Folds appended entries into the batch index, under one write lock per append.
+    fn index(&self, added: &[AuditEntry]) {
+        let mut index = self
+            .batches
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        for e in added {
+            index.observe(e);
+        }
     }
 
     fn maybe_checkpoint(&mut self, now: i64) -> Result<(), PipelineError> {

@@ -73,8 +73,17 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     pipeline::telemetry::init_tracing(args.telemetry.log_format);
     let seal_key = args.audit_key.load()?;
-    let svc =
-        pipeline::stage::start_service("auditing", &args.kafka, &args.telemetry, 9104).await?;
+    // The batch status API shares the telemetry address; it answers 503 until the store
+    // has been replayed into the index.
+    let batches = auditing::batches::BatchIndex::loading();
+    let svc = pipeline::stage::start_service_with(
+        "auditing",
+        &args.kafka,
+        &args.telemetry,
+        9104,
+        auditing::api::router(batches.clone()),
+    )
+    .await?;
     let group_id = args
         .group_id
         .unwrap_or_else(|| format!("{}-auditing", args.kafka.topic_prefix));
@@ -102,7 +111,7 @@ async fn main() -> anyhow::Result<()> {
         sentinel_sample_rate: args.sentinel_sample_rate,
         transaction_timeout: args.transaction_timeout,
     };
-    auditing::run(config, svc.codec, svc.metrics, svc.shutdown)
+    auditing::run(config, batches, svc.codec, svc.metrics, svc.shutdown)
         .await
         .context("auditing stage failed")
 }

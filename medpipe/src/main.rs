@@ -6,6 +6,7 @@ mod audit;
 mod batch;
 mod bench;
 mod bench_audit;
+mod bench_status;
 mod dlq;
 mod saga;
 
@@ -133,6 +134,22 @@ enum BenchCommand {
         /// The store is built here and removed afterwards.
         #[arg(long, default_value = "/tmp/medpipe-bench")]
         work_dir: PathBuf,
+    },
+    /// The auditing stage's batch status API (no Kafka, no store): an index of synthetic
+    /// batches served over loopback TCP; latency of lookups (known, unknown, malformed
+    /// ids) and of `?state=held` lists while a writer folds entries in.
+    StatusApi {
+        #[arg(long, default_value_t = 100_000)]
+        batches: usize,
+        /// Lookups by id; the lists come on top.
+        #[arg(long, default_value_t = 20_000)]
+        requests: usize,
+        #[arg(long, default_value_t = 50)]
+        lists: usize,
+        /// Entries per second folded into the index meanwhile, as the stage appends
+        /// them (500 per write lock); 0 for none.
+        #[arg(long, default_value_t = 2500)]
+        append_rate: u64,
     },
     /// Run the canonization stage's logic (no Kafka) on golden anonymized FHIR, CSV and
     /// HL7 records; report input records/s and canonical resources/s on one core.
@@ -289,6 +306,26 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             },
             &mut out,
         )?,
+        Command::Bench {
+            command:
+                BenchCommand::StatusApi {
+                    batches,
+                    requests,
+                    lists,
+                    append_rate,
+                },
+        } => {
+            bench_status::run(
+                &bench_status::StatusApiBench {
+                    batches,
+                    requests,
+                    lists,
+                    append_rate,
+                },
+                &mut out,
+            )
+            .await?
+        }
         Command::Bench {
             command: BenchCommand::Canonize { records, rounds },
         } => {

@@ -5,6 +5,7 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::Router;
 use tokio_util::sync::CancellationToken;
 
 use crate::codec::Codec;
@@ -61,17 +62,19 @@ pub async fn prepare(kafka: &KafkaArgs, wait: Duration) -> Result<Arc<Codec>, Pi
     Ok(Arc::new(codec))
 }
 
-/// Starts the metrics endpoint on the configured address, or on 127.0.0.1:`default_port`.
+/// Starts the metrics endpoint, with the stage's own `routes` beside it, on the
+/// configured address, or on 127.0.0.1:`default_port`.
 pub async fn serve_metrics(
     telemetry_args: &TelemetryArgs,
     default_port: u16,
     metrics: &StageMetrics,
+    routes: Router,
     shutdown: &CancellationToken,
 ) -> Result<SocketAddr, PipelineError> {
     let addr = telemetry_args
         .metrics_addr
         .unwrap_or_else(|| SocketAddr::from((Ipv4Addr::LOCALHOST, default_port)));
-    telemetry::serve(addr, metrics.clone(), shutdown.clone()).await
+    telemetry::serve_with(addr, metrics.clone(), routes, shutdown.clone()).await
 }
 
 /// What a service needs once it is connected: the codec, its metrics (already served),
@@ -89,10 +92,35 @@ pub async fn start_service(
     telemetry_args: &TelemetryArgs,
     default_metrics_port: u16,
 ) -> Result<Service, PipelineError> {
+    start_service_with(
+        name,
+        kafka,
+        telemetry_args,
+        default_metrics_port,
+        Router::new(),
+    )
+    .await
+}
+
+/// [`start_service`] for a stage that serves `routes` of its own beside /metrics.
+pub async fn start_service_with(
+    name: &str,
+    kafka: &KafkaArgs,
+    telemetry_args: &TelemetryArgs,
+    default_metrics_port: u16,
+    routes: Router,
+) -> Result<Service, PipelineError> {
     let shutdown = crate::shutdown::on_signals();
     let codec = prepare(kafka, Duration::from_secs(60)).await?;
     let metrics = StageMetrics::new(name)?;
-    serve_metrics(telemetry_args, default_metrics_port, &metrics, &shutdown).await?;
+    serve_metrics(
+        telemetry_args,
+        default_metrics_port,
+        &metrics,
+        routes,
+        &shutdown,
+    )
+    .await?;
     Ok(Service {
         codec,
         metrics,

@@ -167,11 +167,23 @@ pub async fn serve(
     metrics_state: StageMetrics,
     shutdown: CancellationToken,
 ) -> Result<SocketAddr, PipelineError> {
+    serve_with(addr, metrics_state, Router::new(), shutdown).await
+}
+
+/// [`serve`], with a stage's own routes beside the common ones on the same address (the
+/// auditing stage's batch status API), so a stage adds an endpoint without a second port.
+pub async fn serve_with(
+    addr: SocketAddr,
+    metrics_state: StageMetrics,
+    routes: Router,
+    shutdown: CancellationToken,
+) -> Result<SocketAddr, PipelineError> {
     let app = Router::new()
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
-        .with_state(metrics_state);
+        .with_state(metrics_state)
+        .merge(routes);
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .map_err(|e| PipelineError::io(format!("metrics address {addr}"), e))?;
@@ -186,6 +198,6 @@ pub async fn serve(
             tracing::error!(error = %e, "Metrics server stopped.");
         }
     });
-    tracing::info!(%bound, "Serving /metrics, /healthz and /readyz.");
+    tracing::info!(%bound, "Serving /metrics, /healthz, /readyz and the stage's routes.");
     Ok(bound)
 }
