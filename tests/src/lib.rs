@@ -411,6 +411,12 @@ impl Pipeline {
 
     /// The stage's /metrics page, from the address it logged at start-up.
     pub fn metrics(&self, stage: &str) -> String {
+        self.http_get(stage, "/metrics")
+    }
+
+    /// The raw HTTP/1.0 response (status line, headers, body) to `GET path` on a stage's
+    /// telemetry address (which auditing's batch status API shares).
+    pub fn http_get(&self, stage: &str, path: &str) -> String {
         use std::io::{Read, Write};
         let log = self.log(stage);
         let addr = log
@@ -423,10 +429,10 @@ impl Pipeline {
             })
             .unwrap_or_else(|| panic!("{stage} has not logged its metrics address"))
             .to_string();
-        let mut conn = std::net::TcpStream::connect(&addr).expect("connect to /metrics");
-        write!(conn, "GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n").expect("request");
+        let mut conn = std::net::TcpStream::connect(&addr).expect("connect to the stage");
+        write!(conn, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").expect("request");
         let mut body = String::new();
-        conn.read_to_string(&mut body).expect("read /metrics");
+        conn.read_to_string(&mut body).expect("read the response");
         body
     }
 
