@@ -460,6 +460,42 @@ impl Stage for Anonymizer {
                     }),
                 )
             }
+            Payload::SourceRecordIngested(rec)
+                if input.redriven && self.state.batches.get(&rec.batch_id).is_none() =>
+            {
+                // A redriven dead letter of a batch that closed: forwarded, not counted.
+                tracing::info!(correlation_id = %rec.batch_id, position = rec.position, "A redriven record of a closed batch: anonymized, not counted.");
+                match self.anonymize(rec) {
+                    Ok((out, key, merges)) => {
+                        let mut outputs = vec![Output {
+                            key,
+                            event: Event::caused_by(ev, SERVICE, Payload::RecordAnonymized(out)),
+                        }];
+                        outputs.extend(merges.into_iter().map(|m| Output {
+                            key: m.merged_pseudonym.clone(),
+                            event: Event::caused_by(ev, SERVICE, Payload::PatientMerged(m)),
+                        }));
+                        Outcome::Emit(outputs)
+                    }
+                    Err(e) => {
+                        let merges: Vec<Output> = std::mem::take(&mut self.pending_merges)
+                            .into_iter()
+                            .map(|m| Output {
+                                key: m.merged_pseudonym.clone(),
+                                event: Event::caused_by(ev, SERVICE, Payload::PatientMerged(m)),
+                            })
+                            .collect();
+                        Outcome::DeadLetterAndEmit {
+                            error_type: e.error_type(),
+                            reason: format!(
+                                "batch {} position {}: {e}",
+                                rec.batch_id, rec.position
+                            ),
+                            outputs: merges,
+                        }
+                    }
+                }
+            }
             Payload::SourceRecordIngested(rec) => {
                 let mut c = self.counts(&rec.batch_id);
                 if let Some(n) = c.held {
@@ -690,6 +726,7 @@ mod tests {
             partition: 0,
             offset: 0,
             event: ev,
+            redriven: false,
         })
     }
 

@@ -537,6 +537,13 @@ impl Canonizer {
             );
             return Outcome::Emit(vec![]);
         }
+        // A record of a batch that completed: a dead letter redriven after its cause was
+        // fixed. Published with the batch (a withdrawal of the batch withdraws it too),
+        // without reopening it.
+        if self.state.batches.get(batch).is_none() && self.state.ledger.closed.get(batch).is_some()
+        {
+            return self.late_record(ev, rec);
+        }
         let mut outputs = self.open(batch, &rec.policy_version, ev);
         let result = self.canonize(rec);
         let mut s = self.batch(batch);
@@ -558,13 +565,7 @@ impl Canonizer {
                         .or_default() += 1;
                     s.codes_unmapped += unmapped;
                     self.unmapped.inc_by(unmapped.unsigned_abs());
-                    // Keyed by patient; a shared resource by its own canonical id.
-                    let key = match payload.resource_type() {
-                        Some(t) if t.is_shared() => payload
-                            .canonical()
-                            .map_or_else(String::new, |(key, _, _)| key.to_string()),
-                        _ => rec.patient_pseudonym.clone(),
-                    };
+                    let key = key_of(&payload, rec);
                     if let Some(p) = published(&payload, &key) {
                         self.state.ledger.publish(batch, p);
                     }
@@ -597,6 +598,39 @@ impl Canonizer {
 }
 
 impl Canonizer {
+    /// A record of a completed batch (see `record`): mapped and published like any other,
+    /// remembered for the batch's withdrawal, not counted (the batch's counts closed).
+    fn late_record(&mut self, ev: &Event, rec: &RecordAnonymized) -> Outcome {
+        let batch = rec.batch_id.as_str();
+        tracing::info!(
+            correlation_id = batch,
+            position = rec.position,
+            "A record of a completed batch (a redriven dead letter): published with the batch."
+        );
+        match self.canonize(rec) {
+            Ok(records) => {
+                let mut outputs = Vec::with_capacity(records.len());
+                for (payload, unmapped) in records {
+                    self.unmapped.inc_by(unmapped.unsigned_abs());
+                    let key = key_of(&payload, rec);
+                    if let Some(p) = published(&payload, &key) {
+                        self.state.ledger.publish(batch, p);
+                    }
+                    outputs.push(Output {
+                        key,
+                        event: Event::caused_by(ev, SERVICE, payload),
+                    });
+                }
+                Outcome::Emit(outputs)
+            }
+            Err(Refused::Unsupported) => Outcome::Emit(vec![]),
+            Err(Refused::Dead { error_type, reason }) => Outcome::DeadLetter {
+                error_type,
+                reason: format!("batch {batch} position {}: {reason}", rec.position),
+            },
+        }
+    }
+
     /// An operator withdraws a batch: whatever canonization published for it, open or
     /// completed within its retention, is withdrawn like a failed batch's; an open batch
     /// is also closed as failed (`withdrawn`). Once per batch: a second request, or a
@@ -710,6 +744,17 @@ impl Canonizer {
                 ),
             },
         }
+    }
+}
+
+/// The Kafka key of a canonical record: the patient pseudonym; a shared resource's own
+/// canonical id.
+fn key_of(payload: &Payload, rec: &RecordAnonymized) -> String {
+    match payload.resource_type() {
+        Some(t) if t.is_shared() => payload
+            .canonical()
+            .map_or_else(String::new, |(key, _, _)| key.to_string()),
+        _ => rec.patient_pseudonym.clone(),
     }
 }
 
@@ -1109,6 +1154,7 @@ mod tests {
             partition: 0,
             offset: 1,
             event: &bundle_entry(1, "", practitioner),
+            redriven: false,
         }) {
             Outcome::Emit(outs) => outs,
             other => panic!("{other:?}"),
@@ -1296,6 +1342,7 @@ mod tests {
             partition: 0,
             offset: 0,
             event: ev,
+            redriven: false,
         };
         match c.process(&input) {
             Outcome::Emit(outs) => outs,

@@ -379,6 +379,7 @@ pub fn canonize(n: usize, rounds: usize) -> anyhow::Result<Vec<(String, f64, f64
                     partition: 0,
                     offset: 0,
                     event: ev,
+                    redriven: false,
                 });
                 match out {
                     Outcome::Emit(o) => {

@@ -52,6 +52,9 @@ pub enum DlqCommand {
         #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
         timeout: Duration,
     },
+    /// Put dead letters back on the topic they came from (after fixing what made the
+    /// stage refuse them), each at most once, in transactions; the dead letters stay.
+    Redrive(crate::redrive::RedriveArgs),
 }
 
 /// What a dead letter says about itself, without its payload.
@@ -155,6 +158,7 @@ async fn read(
 
 pub async fn run(command: DlqCommand, out: &mut impl Write) -> anyhow::Result<()> {
     match command {
+        DlqCommand::Redrive(args) => crate::redrive::run(args, out).await?,
         DlqCommand::List {
             kafka,
             stage,

@@ -8,6 +8,7 @@ mod bench;
 mod bench_audit;
 mod bench_status;
 mod dlq;
+mod redrive;
 mod saga;
 
 use std::collections::BTreeMap;

@@ -51,6 +51,9 @@ pub struct Input<'a> {
     pub partition: i32,
     pub offset: i64,
     pub event: &'a Event,
+    /// The message was a dead letter that `medpipe dlq redrive` put back: it may belong
+    /// to a batch the stage already closed.
+    pub redriven: bool,
 }
 
 /// One event to produce. Its topic follows from the event type.
@@ -139,6 +142,23 @@ pub mod dlq_headers {
     pub const SOURCE_TOPIC: &str = "medpipe.dlq.source_topic";
     pub const SOURCE_PARTITION: &str = "medpipe.dlq.source_partition";
     pub const SOURCE_OFFSET: &str = "medpipe.dlq.source_offset";
+    /// On a message `medpipe dlq redrive` put back on its source topic: how many times it
+    /// was redriven. Kept on a dead letter of a redriven message.
+    pub const REDRIVE_COUNT: &str = "medpipe.redrive.count";
+    /// On a redriven message: the dead letter it came from, `<topic>/<partition>/<offset>`.
+    pub const REDRIVE_FROM: &str = "medpipe.redrive.from";
+
+    /// How many times a message was redriven (0 for one that never was).
+    pub fn redrive_count(msg: &impl rdkafka::message::Message) -> u32 {
+        use rdkafka::message::Headers;
+        msg.headers()
+            .and_then(|hs| {
+                hs.iter()
+                    .find(|h| h.key == REDRIVE_COUNT)
+                    .and_then(|h| std::str::from_utf8(h.value?).ok()?.parse().ok())
+            })
+            .unwrap_or(0)
+    }
 }
 
 /// Consumer context: notes rebalances for the loop, exports lag from statistics, and
@@ -563,6 +583,7 @@ impl<S: Stage> Runner<S> {
             partition: msg.partition(),
             offset: msg.offset(),
             event: &event,
+            redriven: dlq_headers::redrive_count(msg) > 0,
         };
         let (dead_letter, outputs) = match self.stage.process(&input) {
             Outcome::Emit(outputs) => (None, outputs),
@@ -673,6 +694,17 @@ pub fn dead_letter(
             key: dlq_headers::SOURCE_OFFSET,
             value: Some(&offset),
         });
+    // A redriven message that fails again says so on its new dead letter.
+    let redriven = dlq_headers::redrive_count(msg);
+    let count = redriven.to_string();
+    let headers = if redriven > 0 {
+        headers.insert(KHeader {
+            key: dlq_headers::REDRIVE_COUNT,
+            value: Some(&count),
+        })
+    } else {
+        headers
+    };
     let mut record: BaseRecord<'_, [u8], [u8]> = BaseRecord::to(dlq_topic).headers(headers);
     if let Some(k) = msg.key() {
         record = record.key(k);

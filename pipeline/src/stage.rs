@@ -56,7 +56,7 @@ pub async fn prepare(kafka: &KafkaArgs, wait: Duration) -> Result<Arc<Codec>, Pi
     compact
         .configs
         .push(("cleanup.policy".into(), "compact".into()));
-    let mut internal = vec![topics.ingestion_ledger()];
+    let mut internal = vec![topics.ingestion_ledger(), topics.redrive_ledger()];
     internal.extend(topics::STATE_STAGES.iter().map(|s| topics.state(s)));
     topics::ensure_topics(&kafka.bootstrap_servers, &internal, &compact).await?;
     Ok(Arc::new(codec))

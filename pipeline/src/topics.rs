@@ -86,6 +86,13 @@ impl Topics {
         format!("{}-internal.ingestion-ledger.v1", self.prefix)
     }
 
+    /// The dead letters `medpipe dlq redrive` put back, compacted, keyed by
+    /// `<dlq topic>/<partition>/<offset>`: written in the transaction that redrives them,
+    /// so each is redriven at most once.
+    pub fn redrive_ledger(&self) -> String {
+        format!("{}-internal.dlq-redrive.v1", self.prefix)
+    }
+
     /// A stage's durable state (see `state.rs`): compacted, keyed by the stage's own keys,
     /// and outside the `<prefix>.` namespace like the ingestion ledger.
     pub fn state(&self, stage: &str) -> String {

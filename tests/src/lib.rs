@@ -142,16 +142,20 @@ impl Pipeline {
 
     /// Runs the operator CLI against this pipeline and its audit directory.
     pub fn medpipe(&self, args: &[&str]) -> std::process::Output {
-        Command::new(bin_dir().join("medpipe"))
-            .args(args)
+        self.medpipe_command(args).output().expect("run medpipe")
+    }
+
+    /// The operator CLI as a command, to spawn (and kill) it.
+    pub fn medpipe_command(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(bin_dir().join("medpipe"));
+        cmd.args(args)
             .env("MEDPIPE_BOOTSTRAP_SERVERS", BOOTSTRAP)
             .env("MEDPIPE_SCHEMA_REGISTRY_URL", REGISTRY)
             .env("MEDPIPE_TOPIC_PREFIX", &self.prefix)
             .env("MEDPIPE_AUDIT_DIR", self.audit_dir())
             .env("MEDPIPE_AUDIT_KEY", AUDIT_KEY)
-            .env("NO_COLOR", "1")
-            .output()
-            .expect("run medpipe")
+            .env("NO_COLOR", "1");
+        cmd
     }
 
     /// Every entry in the audit store, in chain order (without verifying it).

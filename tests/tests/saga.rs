@@ -621,3 +621,137 @@ fn a_batch_anonymization_fails_is_held_withdrawn_and_released_partial() {
     let body = api_json(&p, &format!("/batches/{release}"));
     assert_eq!(body["release_of"].as_str(), Some(batch.as_str()), "{body}");
 }
+
+/// One Patient, `observations` Observations and `orders` MedicationRequests of it.
+fn with_orders(observations: usize, orders: usize, tag: &str) -> Vec<u8> {
+    let mut text = String::from_utf8(ndjson(observations, 0, tag)).unwrap();
+    for i in 0..orders {
+        text.push_str(
+            &json!({"resourceType": "MedicationRequest", "id": format!("m-{tag}-{i}"),
+            "status": "active", "intent": "order",
+            "subject": {"reference": format!("Patient/p-{tag}")},
+            "medicationCodeableConcept": {"coding": [{
+                "system": "http://www.nlm.nih.gov/research/umls/rxnorm", "code": "197361"}]}})
+            .to_string(),
+        );
+        text.push('\n');
+    }
+    text.into_bytes()
+}
+
+#[test]
+fn dead_letters_are_redriven_once_after_the_fix_even_across_a_sigkill() {
+    use std::io::BufRead;
+    let mut p = Pipeline::new();
+    // A broken mapping table: MedicationRequest's intent codes lack "order", so
+    // canonization dead-letters every order (40 of 841, under its 5% threshold).
+    let broken = std::env::temp_dir().join(format!("medpipe-broken-maps-{}", tests::fresh_tag()));
+    std::fs::create_dir_all(&broken).unwrap();
+    let table = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../canonization/data/fhir.toml"),
+    )
+    .unwrap();
+    let good = "intent = [\"proposal\", \"plan\", \"order\", ";
+    assert!(
+        table.contains(good),
+        "the built-in table changed: update this test"
+    );
+    let bad = table.replace(good, "intent = [\"proposal\", \"plan\", ");
+    std::fs::write(broken.join("fhir.toml"), bad).unwrap();
+    let broken_dir = broken.display().to_string();
+    for s in ["auditing", "ingestion", "anonymization"] {
+        p.start(s, &[]);
+    }
+    p.start(
+        "canonization",
+        &[("MEDPIPE_MAPPING_DIR", broken_dir.as_str())],
+    );
+    let file = with_orders(800, 40, &tests::fresh_tag());
+    let batch = tests::batch_of(&file);
+    let tail = p.tail();
+    let lifecycle = p.topics.name(TopicKind::Canonization);
+    let orders = p
+        .topics
+        .name(TopicKind::Canonical(ResourceType::MedicationRequest));
+    p.drop_file("orders.ndjson", &file);
+    p.wait_for(&tail, "the batch", Duration::from_secs(240), |t| {
+        t.count(&lifecycle, "EventDataCanonizationCompleted") >= 1
+    });
+    let listed = cli_json(&p, &["dlq", "list", "canonization", "--json"]);
+    assert_eq!(
+        listed["dead_letters"].as_array().map(Vec::len),
+        Some(40),
+        "{listed}"
+    );
+
+    // The operator fixes the table (back to the built-in one) and redrives; the first
+    // run is SIGKILLed after its first transaction committed.
+    p.stop("canonization");
+    p.start("canonization", &[]);
+    let mut first = p
+        .medpipe_command(&["dlq", "redrive", "canonization", "--per-transaction", "1"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(first.stderr.take().unwrap()).lines();
+    let progress = lines
+        .find_map(|l| l.ok().filter(|l| l.starts_with("redriven ")))
+        .expect("the first run's progress");
+    first.kill().unwrap();
+    first.wait().unwrap();
+    assert!(progress.starts_with("redriven 1/40"), "{progress}");
+    let second = cli_json(&p, &["dlq", "redrive", "canonization", "--json"]);
+    let before = second["already_redriven"].as_u64().unwrap();
+    assert!((1..40).contains(&before), "killed mid-way: {second}");
+    assert_eq!(
+        second["redriven"].as_u64().unwrap() + before,
+        40,
+        "{second}"
+    );
+    p.wait_for(
+        &tail,
+        "the redriven orders",
+        Duration::from_secs(120),
+        |t| t.count(&orders, "CanonicalMedicationRequest") >= 40,
+    );
+    let third = cli_json(&p, &["dlq", "redrive", "canonization", "--json"]);
+    assert_eq!(
+        (
+            third["redriven"].as_u64(),
+            third["already_redriven"].as_u64()
+        ),
+        (Some(0), Some(40)),
+        "{third}"
+    );
+    std::thread::sleep(Duration::from_secs(3));
+
+    // Each dead letter reached the canonical topic exactly once.
+    let records = p.read_all();
+    let mut ids: HashMap<String, usize> = HashMap::new();
+    for r in records.iter().filter(|r| r.message.topic() == orders) {
+        if let Some(Payload::CanonicalMedicationRequest(m)) = r.event.as_ref().map(|e| &e.payload) {
+            assert_eq!(m.provenance.batch_id, batch);
+            *ids.entry(m.resource_id.clone()).or_default() += 1;
+        }
+    }
+    assert_eq!(ids.len(), 40);
+    assert!(ids.values().all(|n| *n == 1), "{ids:?}");
+    let anonymized = p.topics.name(TopicKind::Anonymization);
+    let copies = records
+        .iter()
+        .filter(|r| r.message.topic() == anonymized)
+        .filter(|r| pipeline::runner::dlq_headers::redrive_count(&r.message) == 1)
+        .count();
+    assert_eq!(copies, 40, "one redriven copy per dead letter");
+    // Nothing deleted, and nothing more dead-lettered.
+    assert_eq!(p.read(&[p.topics.dlq("canonization")]).len(), 40);
+    // The batch closed once; a withdrawal of it now withdraws the late records too.
+    assert_eq!(tail.count(&lifecycle, "EventDataCanonizationCompleted"), 1);
+    let answer = cli_json(
+        &p,
+        &["batch", "withdraw", &batch, "--reason", "test", "--json"],
+    );
+    assert_eq!(answer["records_withdrawn"], 840, "{answer}");
+    let _ = std::fs::remove_dir_all(&broken);
+}
