@@ -69,6 +69,12 @@ pub struct BatchCounts {
     /// The held batch this batch releases as partial: no failure threshold fails it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub release_of: Option<String>,
+    /// For a reprocessing: the batch it reprocesses and the concept maps canonization
+    /// must have (passed on with each record).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reprocess_of: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expected_concept_maps: Option<String>,
 }
 
 pub struct Anonymizer {
@@ -177,6 +183,7 @@ impl Anonymizer {
             .sum();
         let invalid: u64 = out.report.invalid.values().flat_map(|p| p.values()).sum();
         let redacted = out.report.default_redactions.values().sum::<u64>() + by_rules + invalid;
+        let batch = self.state.batches.get(&rec.batch_id);
         let record = RecordAnonymized {
             batch_id: rec.batch_id.clone(),
             position: rec.position,
@@ -193,11 +200,9 @@ impl Anonymizer {
             fields_redacted: redacted as i64,
             policy_hash: Some(policy.hash.clone()),
             report_json: serde_json::to_string(&out.report).ok(),
-            release_of: self
-                .state
-                .batches
-                .get(&rec.batch_id)
-                .and_then(|c| c.release_of.clone()),
+            release_of: batch.and_then(|c| c.release_of.clone()),
+            reprocess_of: batch.and_then(|c| c.reprocess_of.clone()),
+            expected_concept_maps: batch.and_then(|c| c.expected_concept_maps.clone()),
         };
         Ok((record, out.patient_pseudonym, merges))
     }
@@ -448,7 +453,25 @@ impl Stage for Anonymizer {
             Payload::DataIngestionStarted(s) => {
                 let mut c = self.counts(&s.batch_id);
                 c.release_of.clone_from(&s.release_of);
+                c.reprocess_of.clone_from(&s.reprocess_of);
+                c.expected_concept_maps.clone_from(&s.expected_concept_maps);
                 self.state.batches.put(&s.batch_id, c);
+                // A reprocessing under a policy this stage does not run is held at once.
+                let running = &self.engine.policy().version;
+                if let Some(expected) = s.expected_policy.as_ref().filter(|v| *v != running) {
+                    let reason = format!(
+                        "the batch must be reprocessed under policy {expected}, but this stage runs policy {running}"
+                    );
+                    let payload = self.close(&s.batch_id, Err(("policy_version_mismatch", reason)));
+                    let event = Event::caused_by(ev, SERVICE, payload);
+                    let held = held(&event, "anonymization");
+                    let mut out = vec![Output {
+                        key: s.batch_id.clone(),
+                        event,
+                    }];
+                    out.extend(held);
+                    return Outcome::Emit(out);
+                }
                 let policy = self.engine.policy();
                 emit(
                     &s.batch_id,
@@ -715,6 +738,9 @@ mod tests {
                 format: "csv".into(),
                 file_sha256: "x".into(),
                 release_of: None,
+                expected_concept_maps: None,
+                expected_policy: None,
+                reprocess_of: None,
             })
         };
         Event::new("medpipe-ingestion", "b1", None, payload)
@@ -949,6 +975,8 @@ mod tests {
             closing: None,
             held: None,
             release_of: None,
+            expected_concept_maps: None,
+            reprocess_of: None,
         })
         .expect("json");
         a.state

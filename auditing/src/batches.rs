@@ -117,6 +117,11 @@ pub struct BatchView {
     pub retry_of: Option<String>,
     /// For a published release: the held batch it released as partial.
     pub release_of: Option<String>,
+    /// Completed reprocessings of this batch under new versions, oldest first. The batch
+    /// keeps its state: its records were published; newer versions of them exist.
+    pub reprocessed_as: Vec<String>,
+    /// For a completed reprocessing: the batch it reprocessed.
+    pub reprocess_of: Option<String>,
 }
 
 /// The stages a batch goes through, in order: the first failed one is the failed step.
@@ -162,6 +167,8 @@ enum Effect {
     Retried,
     /// A release was published: the entry's related batch.
     Released,
+    /// A reprocessing completed: the entry's related batch.
+    Reprocessed,
 }
 
 /// The one table from event type to effect. A new event is an arm here; one that moves
@@ -190,9 +197,13 @@ fn effect(e: &AuditEntry) -> Option<Effect> {
         "CanonicalBatchWithdrawn" => Effect::Withdrawn,
         "BatchHeld" => Effect::Held,
         "BatchRetryRequested" | "BatchReleaseRequested" => Effect::RetryRequested,
+        // A reprocessing is a new version of a batch, not a new attempt: no state change.
+        "BatchReprocessRequested" => return None,
+        "BatchRetried" if e.detail.as_deref() == Some("reprocess") => return None,
         "BatchWithdrawalRequested" => Effect::WithdrawalRequested,
         "BatchRetried" => Effect::Retried,
         "BatchReleased" => Effect::Released,
+        "BatchReprocessed" => Effect::Reprocessed,
         _ if e.source_service.as_deref() == Some("medpipe-canonization")
             && t.starts_with("Canonical") =>
         {
@@ -226,6 +237,8 @@ impl BatchView {
             released_as: None,
             retry_of: None,
             release_of: None,
+            reprocessed_as: Vec::new(),
+            reprocess_of: None,
         }
     }
 
@@ -302,6 +315,14 @@ impl BatchView {
                 self.released_as = related;
                 return;
             }
+            Some(Effect::Reprocessed) => {
+                if let Some(new) = related {
+                    if !self.reprocessed_as.contains(&new) {
+                        self.reprocessed_as.push(new);
+                    }
+                }
+                return;
+            }
             Some(Effect::Stage(step, role)) => (step, role),
         };
         let s = self.stage_mut(step);
@@ -349,6 +370,7 @@ impl BatchView {
         match effect(e) {
             Some(Effect::Retried) => self.retry_of.clone_from(&e.correlation_id),
             Some(Effect::Released) => self.release_of.clone_from(&e.correlation_id),
+            Some(Effect::Reprocessed) => self.reprocess_of.clone_from(&e.correlation_id),
             _ => {}
         }
     }
@@ -703,7 +725,7 @@ mod tests {
         assert_eq!(State::parse("in-progress"), None);
     }
 
-    const TYPES: [(&str, &str); 23] = [
+    const TYPES: [(&str, &str); 25] = [
         ("DataIngestionCreated", ING),
         ("DataIngestionStarted", ING),
         ("SourceRecordIngested", ING),
@@ -727,6 +749,8 @@ mod tests {
         ("BatchWithdrawalRequested", "medpipe-cli"),
         ("BatchRetried", ING),
         ("BatchReleased", CAN),
+        ("BatchReprocessRequested", "medpipe-cli"),
+        ("BatchReprocessed", CAN),
     ];
 
     proptest! {

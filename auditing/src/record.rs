@@ -147,12 +147,27 @@ pub fn facts(p: &Payload) -> Facts {
                 ("reason", r.reason.clone()),
             ];
         }
-        Control::BatchRetried(r) => f.related_batch = Some(r.new_batch_id.clone()),
+        Control::BatchRetried(r) => {
+            f.related_batch = Some(r.new_batch_id.clone());
+            f.detail = Some(r.mode.clone());
+        }
         Control::BatchReleaseRequested(r) => {
             f.sensitive = vec![
                 ("requested_by", r.requested_by.clone()),
                 ("reason", r.reason.clone()),
             ];
+        }
+        Control::BatchReprocessRequested(r) => {
+            f.policy.clone_from(&r.policy_version);
+            f.sensitive = vec![
+                ("requested_by", r.requested_by.clone()),
+                ("reason", r.reason.clone()),
+            ];
+        }
+        Control::BatchReprocessed(r) => {
+            f.related_batch = Some(r.new_batch_id.clone());
+            f.policy = Some(r.policy_version.clone());
+            f.records_expected = Some(r.records_published);
         }
         Control::BatchReleased(r) => {
             f.related_batch = Some(r.new_batch_id.clone());
@@ -365,6 +380,8 @@ mod tests {
                 policy_hash: None,
                 report_json: None,
                 release_of: None,
+                expected_concept_maps: None,
+                reprocess_of: None,
             })
         };
         assert_eq!(facts(&anonymized("")).subject, None);

@@ -66,6 +66,9 @@ fn entries() -> Vec<AuditEntry> {
             format: "csv".into(),
             file_sha256: "ab".repeat(32),
             release_of: None,
+            expected_concept_maps: None,
+            expected_policy: None,
+            reprocess_of: None,
         })
     };
     let finished = |b: &str| {

@@ -158,11 +158,18 @@ pub fn withdrawal_resource(p: &Published, patient_id: &str, reason: &str) -> Opt
 /// Tags a canonical resource of an operator's release as partial: its batch was accepted
 /// without the records that failed (`meta.tag` code `partial`, naming the held batch).
 pub fn tag_partial(resource: &mut Value, held_batch: &str) {
-    let tag = json!({
-        "system": WITHDRAWAL_TAG_SYSTEM,
-        "code": "partial",
-        "display": format!("Released partial: batch {held_batch} accepted without its failed records")
-    });
+    add_tag(
+        resource,
+        json!({
+            "system": WITHDRAWAL_TAG_SYSTEM,
+            "code": "partial",
+            "display": format!("Released partial: batch {held_batch} accepted without its failed records")
+        }),
+    );
+}
+
+/// Appends `tag` to the resource's `meta.tag`, keeping what is there.
+fn add_tag(resource: &mut Value, tag: Value) {
     let Value::Object(r) = resource else {
         return;
     };
@@ -173,6 +180,19 @@ pub fn tag_partial(resource: &mut Value, held_batch: &str) {
             other => *other = json!([tag]),
         }
     }
+}
+
+/// Tags a canonical resource of an operator's reprocessing: a new version of the record
+/// `old_batch` published, made under the versions named (`meta.tag` code `reprocessed`).
+pub fn tag_reprocessed(resource: &mut Value, old_batch: &str, policy: &str, maps: &str) {
+    add_tag(
+        resource,
+        json!({
+            "system": WITHDRAWAL_TAG_SYSTEM,
+            "code": "reprocessed",
+            "display": format!("Reprocessed from batch {old_batch} under policy {policy}, concept maps {maps}")
+        }),
+    );
 }
 
 /// A verification status of `entered-in-error` in a terminology.hl7.org code system.

@@ -15,12 +15,12 @@ pub mod validate;
 use std::collections::BTreeMap;
 
 use pipeline::events::{
-    AllergyIntoleranceDetails, BatchReleased, BatchWithdrawalRequested, CanonicalBatchWithdrawn,
-    CanonicalPatient, CanonicalRecord, CanonicalSharedRecord, CanonizationFailed, ConditionDetails,
-    DiagnosticReportDetails, EncounterDetails, EventDataCanonizationCompleted,
-    EventDataCanonizationCreated, EventDataCanonizationStarted, ImmunizationDetails,
-    MedicationRequestDetails, ObservationDetails, PatientMerged, Payload, ProcedureDetails,
-    Provenance, RecordAnonymized,
+    AllergyIntoleranceDetails, BatchReleased, BatchReprocessed, BatchWithdrawalRequested,
+    CanonicalBatchWithdrawn, CanonicalPatient, CanonicalRecord, CanonicalSharedRecord,
+    CanonizationFailed, ConditionDetails, DiagnosticReportDetails, EncounterDetails,
+    EventDataCanonizationCompleted, EventDataCanonizationCreated, EventDataCanonizationStarted,
+    ImmunizationDetails, MedicationRequestDetails, ObservationDetails, PatientMerged, Payload,
+    ProcedureDetails, Provenance, RecordAnonymized,
 };
 use pipeline::runner::Owns;
 use pipeline::state::{KeyedState, PendingClose};
@@ -57,6 +57,10 @@ pub struct BatchState {
     /// no failure threshold fails it, and its completion comes with `BatchReleased`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub release_of: Option<String>,
+    /// The batch this batch reprocesses under new versions: its records are tagged
+    /// reprocessed, and its completion comes with `BatchReprocessed`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reprocess_of: Option<String>,
 }
 
 /// The stage's durable state: batch counts by batch id, and the compensation ledger.
@@ -159,6 +163,16 @@ impl Canonizer {
         })
     }
 
+    /// Whether every `id@version` of `expected` (comma-separated) is loaded.
+    fn has_maps(&self, expected: &str) -> bool {
+        let loaded: Vec<&str> = self.maps_version.split(',').collect();
+        expected
+            .split(',')
+            .map(str::trim)
+            .filter(|m| !m.is_empty())
+            .all(|m| loaded.contains(&m))
+    }
+
     /// How long a completed batch stays withdrawable by an operator (default 7 days).
     pub fn with_withdraw_retention(mut self, retention: std::time::Duration) -> Self {
         self.withdraw_retention_micros = i64::try_from(retention.as_micros()).unwrap_or(i64::MAX);
@@ -216,6 +230,14 @@ impl Canonizer {
         } = m;
         if let Some(held) = &rec.release_of {
             compensation::tag_partial(&mut resource, held);
+        }
+        if let Some(old) = &rec.reprocess_of {
+            compensation::tag_reprocessed(
+                &mut resource,
+                old,
+                &rec.policy_version,
+                &self.maps_version,
+            );
         }
         let date = typed::effective(&resource).unwrap_or_default();
         let report = normalize::normalize(
@@ -406,6 +428,23 @@ impl Canonizer {
                     }),
                 ),
             }),
+            (Payload::EventDataCanonizationCompleted(c), None) => {
+                s.reprocess_of.as_ref().map(|old| Output {
+                    key: old.clone(),
+                    event: Event::new(
+                        SERVICE,
+                        old,
+                        Some(&event.header.event_id),
+                        Payload::BatchReprocessed(BatchReprocessed {
+                            batch_id: old.clone(),
+                            new_batch_id: batch.to_string(),
+                            policy_version: s.policy_version.clone(),
+                            concept_map_version: self.maps_version.clone(),
+                            records_published: c.resources_by_type.values().sum(),
+                        }),
+                    ),
+                })
+            }
             _ => None,
         };
         let mut out = Vec::with_capacity(2 + withdrawals.len());
@@ -498,6 +537,8 @@ impl Canonizer {
             policy_hash: None,
             report_json: None,
             release_of: None,
+            expected_concept_maps: None,
+            reprocess_of: None,
         };
         let report = Report {
             code_status: "none",
@@ -544,12 +585,42 @@ impl Canonizer {
         {
             return self.late_record(ev, rec);
         }
+        // A reprocessing that needs concept maps this stage has not loaded is held.
+        if let Some(expected) = rec
+            .expected_concept_maps
+            .as_deref()
+            .filter(|e| !self.has_maps(e))
+        {
+            let s = self.batch(batch);
+            self.state.batches.delete(batch);
+            let reason = format!(
+                "the batch must be reprocessed with concept maps {expected}, but this stage has {}",
+                self.maps_version
+            );
+            let mut outputs = vec![lifecycle(
+                ev,
+                batch,
+                Payload::CanonizationFailed(CanonizationFailed {
+                    batch_id: batch.to_string(),
+                    error_kind: "concept_map_version_mismatch".into(),
+                    reason,
+                    records_in: s.records_in,
+                    records_dead_lettered: s.dead_lettered,
+                }),
+            )];
+            let why = "canonization failed the batch (concept_map_version_mismatch)";
+            outputs.extend(self.withdraw(batch, why, &rec.policy_version, ev, kept(&s.by_type)));
+            return Outcome::Emit(outputs);
+        }
         let mut outputs = self.open(batch, &rec.policy_version, ev);
         let result = self.canonize(rec);
         let mut s = self.batch(batch);
         s.records_in += 1;
         if s.release_of.is_none() {
             s.release_of.clone_from(&rec.release_of);
+        }
+        if s.reprocess_of.is_none() {
+            s.reprocess_of.clone_from(&rec.reprocess_of);
         }
         let mut dead = None;
         match result {
@@ -713,6 +784,8 @@ impl Canonizer {
             policy_hash: None,
             report_json: None,
             release_of: None,
+            expected_concept_maps: None,
+            reprocess_of: None,
         };
         match self.canonize(&rec) {
             Ok(records) => Outcome::Emit(
@@ -1098,6 +1171,8 @@ mod tests {
             policy_hash: None,
             report_json: None,
             release_of: None,
+            expected_concept_maps: None,
+            reprocess_of: None,
         }))
     }
 
@@ -1498,6 +1573,41 @@ mod tests {
         let changes = c.state.changes().unwrap();
         assert!(changes.contains(&("published/b1/00000000".to_string(), None)));
         assert!(changes.contains(&("closed/b1".to_string(), None)));
+    }
+
+    #[test]
+    fn a_reprocessing_is_tagged_and_one_needing_maps_not_loaded_is_held() {
+        let mut c = stage();
+        let p = format!("{:064x}", 1);
+        let with = |ev: Event, maps: Option<&str>| {
+            let mut ev = ev;
+            if let Payload::RecordAnonymized(r) = &mut ev.payload {
+                r.reprocess_of = Some("b0".into());
+                r.expected_concept_maps = maps.map(str::to_string);
+            }
+            ev
+        };
+        let loaded = c.maps_version().to_string();
+        let first = loaded.split(',').next().unwrap().to_string();
+        let out = run(&mut c, &with(observation(1, &p), Some(&first)));
+        let Some(Payload::CanonicalObservation(o)) = out
+            .iter()
+            .find(|p| matches!(p, Payload::CanonicalObservation(_)))
+        else {
+            panic!("{out:?}")
+        };
+        let fhir: Value = serde_json::from_str(&o.fhir_json).unwrap();
+        assert_eq!(fhir["meta"]["tag"][0]["code"], "reprocessed", "{fhir}");
+
+        let mut c = stage();
+        let out = run(&mut c, &with(observation(1, &p), Some("local-lab@99")));
+        let [Payload::CanonizationFailed(f), Payload::CanonicalBatchWithdrawn(w)] = &out[..] else {
+            panic!("{out:?}")
+        };
+        assert_eq!(f.error_kind, "concept_map_version_mismatch");
+        assert_eq!(w.records_withdrawn, 0);
+        // Its later records are held.
+        assert!(run(&mut c, &with(observation(2, &p), Some("local-lab@99"))).is_empty());
     }
 
     #[test]

@@ -31,6 +31,16 @@ pub struct FileFacts {
     /// For an operator's release: the held batch this one releases as partial. No
     /// threshold fails a release.
     pub release_of: Option<String>,
+    /// For an operator's reprocessing: the batch, and the versions it must run under.
+    pub reprocess: Option<Reprocess>,
+}
+
+/// A reprocessing: the batch it reprocesses and the versions the stages must run.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Reprocess {
+    pub of: String,
+    pub policy: Option<String>,
+    pub concept_maps: Option<String>,
 }
 
 /// `DataIngestionCreated` then `DataIngestionStarted`, caused by a command if any.
@@ -55,6 +65,12 @@ pub fn opening_events(facts: &FileFacts, command_event_id: Option<&str>) -> (Eve
             format: facts.format.as_str().into(),
             file_sha256: facts.sha256.clone(),
             release_of: facts.release_of.clone(),
+            reprocess_of: facts.reprocess.as_ref().map(|r| r.of.clone()),
+            expected_policy: facts.reprocess.as_ref().and_then(|r| r.policy.clone()),
+            expected_concept_maps: facts
+                .reprocess
+                .as_ref()
+                .and_then(|r| r.concept_maps.clone()),
         }),
     );
     (created, started)
@@ -208,6 +224,7 @@ mod tests {
             size_bytes: 10,
             format: SourceFormat::Csv,
             release_of: None,
+            reprocess: None,
         }
     }
 

@@ -175,6 +175,9 @@ pub struct CommandSidecar {
     /// published as partial.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub release: bool,
+    /// A reprocessing (`BatchReprocessRequested`): the versions it must run under.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reprocess: Option<crate::batch::Reprocess>,
 }
 
 pub fn sidecar_path(claimed: &Path) -> PathBuf {

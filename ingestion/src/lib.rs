@@ -309,6 +309,7 @@ impl Ingestor {
             size_bytes: size,
             format,
             release_of: retry_of.clone().filter(|_| release),
+            reprocess: sidecar.as_ref().and_then(|s| s.reprocess.clone()),
         };
         let archive_location = archive.display().to_string();
         let work = match self.ledger.get(&key) {
@@ -339,7 +340,14 @@ impl Ingestor {
                             new_batch_id: batch_id.clone(),
                             request_id: s.command_id.clone(),
                             file_sha256: sha.clone(),
-                            mode: if release { "release" } else { "retry" }.into(),
+                            mode: if release {
+                                "release"
+                            } else if facts.reprocess.is_some() {
+                                "reprocess"
+                            } else {
+                                "retry"
+                            }
+                            .into(),
                         }),
                     ))?;
                     info!(retry_of = %old, release, "Retrying a batch from its archive.");
@@ -568,7 +576,24 @@ impl Ingestor {
             Ok(Event {
                 header,
                 payload: Payload::BatchRetryRequested(r),
-            }) if saga => return self.handle_retry(msg, &header, &r, false),
+            }) if saga => return self.handle_retry(msg, &header, &r, Attempt::Retry),
+            Ok(Event {
+                header,
+                payload: Payload::BatchReprocessRequested(r),
+            }) if saga => {
+                let attempt = Attempt::Reprocess(batch::Reprocess {
+                    of: r.batch_id.clone(),
+                    policy: r.policy_version,
+                    concept_maps: r.concept_map_version,
+                });
+                let r = BatchRetryRequested {
+                    batch_id: r.batch_id,
+                    request_id: r.request_id,
+                    requested_by: r.requested_by,
+                    reason: r.reason,
+                };
+                return self.handle_retry(msg, &header, &r, attempt);
+            }
             Ok(Event {
                 header,
                 payload: Payload::BatchReleaseRequested(r),
@@ -579,7 +604,7 @@ impl Ingestor {
                     requested_by: r.requested_by,
                     reason: r.reason,
                 };
-                return self.handle_retry(msg, &header, &r, true);
+                return self.handle_retry(msg, &header, &r, Attempt::Release);
             }
             // Another stage's business on the saga topic.
             Ok(_) if saga => return self.commit_command_offset(msg),
@@ -627,11 +652,11 @@ impl Ingestor {
         msg: &OwnedMessage,
         header: &EventHeader,
         r: &BatchRetryRequested,
-        release: bool,
+        attempt: Attempt,
     ) -> Result<(), PipelineError> {
-        let span = info_span!("retry", correlation_id = %r.batch_id, release);
+        let span = info_span!("retry", correlation_id = %r.batch_id, attempt = attempt.name());
         let _enter = span.enter();
-        if let Err((reason, detail)) = self.prepare_retry(&header.event_id, r, release)? {
+        if let Err((reason, detail)) = self.prepare_retry(&header.event_id, r, attempt)? {
             warn!(reason, "Retry request refused.");
             let refusal = Event::new(
                 SERVICE,
@@ -657,7 +682,7 @@ impl Ingestor {
         &mut self,
         request_event_id: &str,
         r: &BatchRetryRequested,
-        release: bool,
+        attempt: Attempt,
     ) -> Result<Result<(), (&'static str, String)>, PipelineError> {
         let request = sanitize(&r.request_id);
         if request.is_empty() {
@@ -704,7 +729,11 @@ impl Ingestor {
             command_event_id: request_event_id.into(),
             format: (!format.is_empty()).then_some(format),
             retry_of: Some(r.batch_id.clone()),
-            release,
+            release: matches!(attempt, Attempt::Release),
+            reprocess: match attempt {
+                Attempt::Reprocess(v) => Some(v),
+                _ => None,
+            },
         };
         let body = serde_json::to_vec(&sidecar).map_err(PipelineError::serialize("a sidecar"))?;
         claims::write_atomic(&claims::sidecar_path(&dest), &body)?;
@@ -762,6 +791,7 @@ impl Ingestor {
             format: cmd.format.clone(),
             retry_of: None,
             release: false,
+            reprocess: None,
         };
         let body = serde_json::to_vec(&sidecar).map_err(|e| PipelineError::Serialize {
             what: "a command sidecar",
@@ -899,6 +929,26 @@ fn command_consumer(config: &IngestConfig) -> Result<WatchedConsumer, PipelineEr
             &config.topics.name(TopicKind::Saga),
         ],
     )
+}
+
+/// What kind of new attempt of a batch an operator asked for.
+#[derive(Debug, Clone)]
+enum Attempt {
+    Retry,
+    /// Accepted partial.
+    Release,
+    /// Under the given versions.
+    Reprocess(batch::Reprocess),
+}
+
+impl Attempt {
+    fn name(&self) -> &'static str {
+        match self {
+            Attempt::Retry => "retry",
+            Attempt::Release => "release",
+            Attempt::Reprocess(_) => "reprocess",
+        }
+    }
 }
 
 /// The ledger and content-claim key of a retry: the content's hash and the request.

@@ -365,6 +365,8 @@ pub fn canonize(n: usize, rounds: usize) -> anyhow::Result<Vec<(String, f64, f64
                         policy_hash: None,
                         report_json: None,
                         release_of: None,
+                        expected_concept_maps: None,
+                        reprocess_of: None,
                     }),
                 )
             })

@@ -88,6 +88,20 @@ enum Command {
         #[command(subcommand)]
         command: batch::BatchCommand,
     },
+    /// Run a batch again under a new policy or concept-map version, already deployed:
+    /// ingestion re-reads it from its archive; its canonical records get new versions
+    /// (same keys and ids) tagged reprocessed; the old ones stay in the trail. A stage that
+    /// runs another version holds the batch instead. Once per request.
+    Reprocess {
+        #[command(flatten)]
+        request: saga::RequestArgs,
+        /// The de-identification policy version anonymization must run.
+        #[arg(long)]
+        policy: Option<String>,
+        /// The concept maps canonization must have loaded (`id@version`, comma-separated).
+        #[arg(long)]
+        concept_maps: Option<String>,
+    },
     /// What each stage dead-lettered, and why (never the payload in clear).
     Dlq {
         #[command(subcommand)]
@@ -374,6 +388,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Audit { command } => audit::run(command, &mut out).await?,
         Command::Dlq { command } => dlq::run(command, &mut out).await?,
         Command::Batch { command } => batch::run(command, &mut out).await?,
+        Command::Reprocess {
+            request,
+            policy,
+            concept_maps,
+        } => {
+            let kind = saga::Request::Reprocess {
+                policy,
+                concept_maps,
+            };
+            saga::run(kind, request, &mut out).await?
+        }
     }
     Ok(())
 }

@@ -20,7 +20,8 @@ use anyhow::{bail, Context};
 use indicatif::{ProgressBar, ProgressStyle};
 use pipeline::config::KafkaArgs;
 use pipeline::events::{
-    BatchReleaseRequested, BatchRetryRequested, BatchWithdrawalRequested, Payload,
+    BatchReleaseRequested, BatchReprocessRequested, BatchRetryRequested, BatchWithdrawalRequested,
+    Payload,
 };
 use pipeline::topics::TopicKind;
 use pipeline::Event;
@@ -51,11 +52,16 @@ pub struct RequestArgs {
     pub json: bool,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Request {
     Retry,
     Release,
     Withdraw,
+    /// Under a policy version and/or concept maps (`id@version`, comma-separated).
+    Reprocess {
+        policy: Option<String>,
+        concept_maps: Option<String>,
+    },
 }
 
 /// The stage's answer, as printed.
@@ -88,7 +94,24 @@ pub async fn run(kind: Request, args: RequestArgs, out: &mut impl Write) -> anyh
         .to_string();
     let topics = args.kafka.topics();
     let codec = pipeline::Codec::new(&args.kafka.schema_registry_url, &topics)?;
-    let payload = match kind {
+    let payload = match &kind {
+        Request::Reprocess {
+            policy,
+            concept_maps,
+        } => {
+            anyhow::ensure!(
+                policy.is_some() || concept_maps.is_some(),
+                "name the policy version (--policy) or the concept maps (--concept-maps) to reprocess under"
+            );
+            Payload::BatchReprocessRequested(BatchReprocessRequested {
+                batch_id: batch.clone(),
+                request_id: request_id.clone(),
+                requested_by: args.requested_by.clone(),
+                reason: args.reason.clone(),
+                policy_version: policy.clone(),
+                concept_map_version: concept_maps.clone(),
+            })
+        }
         Request::Retry => Payload::BatchRetryRequested(BatchRetryRequested {
             batch_id: batch.clone(),
             request_id: request_id.clone(),
@@ -121,7 +144,7 @@ pub async fn run(kind: Request, args: RequestArgs, out: &mut impl Write) -> anyh
         note: None,
     };
     if !args.wait.is_zero() {
-        answer = wait_for_answer(&args.kafka, &codec, kind, &event, answer, args.wait).await?;
+        answer = wait_for_answer(&args.kafka, &codec, &kind, &event, answer, args.wait).await?;
     }
     if args.json {
         writeln!(out, "{}", serde_json::to_string_pretty(&answer)?)?;
@@ -131,6 +154,11 @@ pub async fn run(kind: Request, args: RequestArgs, out: &mut impl Write) -> anyh
             "retried" => writeln!(
                 out,
                 "Batch {batch} is being retried as batch {} (request {request_id}).",
+                answer.new_batch.as_deref().unwrap_or("?")
+            )?,
+            "reprocessing" => writeln!(
+                out,
+                "Batch {batch} is being reprocessed as batch {} (request {request_id}); its canonical records get new versions, tagged reprocessed.",
                 answer.new_batch.as_deref().unwrap_or("?")
             )?,
             "releasing" => writeln!(
@@ -181,7 +209,7 @@ async fn send(kafka: &KafkaArgs, codec: &pipeline::Codec, event: &Event) -> anyh
 async fn wait_for_answer(
     kafka: &KafkaArgs,
     codec: &pipeline::Codec,
-    kind: Request,
+    kind: &Request,
     request: &Event,
     mut answer: Answer,
     wait: Duration,
@@ -200,7 +228,9 @@ async fn wait_for_answer(
             .unwrap_or_else(|_| ProgressStyle::default_spinner()),
     );
     spinner.set_message(match kind {
-        Request::Retry | Request::Release => "waiting for ingestion to start the new attempt",
+        Request::Retry | Request::Release | Request::Reprocess { .. } => {
+            "waiting for ingestion to start the new attempt"
+        }
         Request::Withdraw => "waiting for canonization to withdraw the batch",
     });
     spinner.enable_steady_tick(Duration::from_millis(200));
@@ -218,19 +248,21 @@ async fn wait_for_answer(
         })?;
         for ev in records.iter().filter_map(|r| r.event.as_ref()) {
             match (&ev.payload, kind) {
-                (Payload::BatchRetried(r), Request::Retry | Request::Release)
-                    if r.request_id == answer.request_id =>
-                {
-                    answer.outcome = if r.mode == "release" {
-                        "releasing"
-                    } else {
-                        "retried"
+                (
+                    Payload::BatchRetried(r),
+                    Request::Retry | Request::Release | Request::Reprocess { .. },
+                ) if r.request_id == answer.request_id => {
+                    answer.outcome = match r.mode.as_str() {
+                        "release" => "releasing",
+                        "reprocess" => "reprocessing",
+                        _ => "retried",
                     };
                     answer.new_batch = Some(r.new_batch_id.clone());
                 }
-                (Payload::DataIngestionRejected(r), Request::Retry | Request::Release)
-                    if r.command_id.as_deref() == Some(answer.request_id.as_str()) =>
-                {
+                (
+                    Payload::DataIngestionRejected(r),
+                    Request::Retry | Request::Release | Request::Reprocess { .. },
+                ) if r.command_id.as_deref() == Some(answer.request_id.as_str()) => {
                     answer.outcome = "refused";
                     answer.refusal = Some(format!("{}: {}", r.reason, r.detail));
                 }

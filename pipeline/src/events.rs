@@ -371,6 +371,8 @@ catalogue! {
     BatchHeld { ns: "medpipe.saga", topic: Saga, version: 1, file: "saga/BatchHeld.avsc" }
     BatchReleaseRequested { ns: "medpipe.saga", topic: Saga, version: 1, file: "saga/BatchReleaseRequested.avsc" }
     BatchReleased { ns: "medpipe.saga", topic: Saga, version: 1, file: "saga/BatchReleased.avsc" }
+    BatchReprocessRequested { ns: "medpipe.saga", topic: Saga, version: 1, file: "saga/BatchReprocessRequested.avsc" }
+    BatchReprocessed { ns: "medpipe.saga", topic: Saga, version: 1, file: "saga/BatchReprocessed.avsc" }
 }
 
 /// Asks ingestion to claim and ingest one file. Sent by data engineers' tooling.
@@ -401,6 +403,13 @@ pub struct DataIngestionStarted {
     /// The held batch this one releases as partial, for an operator's release.
     #[serde(default)]
     pub release_of: Option<String>,
+    /// The batch this one reprocesses under new versions, for an operator's reprocessing.
+    #[serde(default)]
+    pub reprocess_of: Option<String>,
+    #[serde(default)]
+    pub expected_policy: Option<String>,
+    #[serde(default)]
+    pub expected_concept_maps: Option<String>,
 }
 
 /// An AES-256-GCM sealed blob with its wrapped data key (see `crypto`).
@@ -499,6 +508,12 @@ pub struct RecordAnonymized {
     /// The held batch this record's batch releases as partial.
     #[serde(default)]
     pub release_of: Option<String>,
+    /// The batch this record's batch reprocesses.
+    #[serde(default)]
+    pub reprocess_of: Option<String>,
+    /// The concept maps canonization must have loaded, for a reprocessing.
+    #[serde(default)]
+    pub expected_concept_maps: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -682,6 +697,29 @@ pub struct BatchReleaseRequested {
     pub request_id: String,
     pub requested_by: String,
     pub reason: String,
+}
+
+/// An operator asks for a batch to run again under new versions (see the schema's doc).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BatchReprocessRequested {
+    pub batch_id: String,
+    pub request_id: String,
+    pub requested_by: String,
+    pub reason: String,
+    #[serde(default)]
+    pub policy_version: Option<String>,
+    #[serde(default)]
+    pub concept_map_version: Option<String>,
+}
+
+/// Canonization completed a reprocessing (see the schema's doc).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BatchReprocessed {
+    pub batch_id: String,
+    pub new_batch_id: String,
+    pub policy_version: String,
+    pub concept_map_version: String,
+    pub records_published: i64,
 }
 
 /// Canonization published the release of a held batch (see the schema's doc).

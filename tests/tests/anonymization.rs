@@ -97,6 +97,9 @@ fn a_batch_whose_records_never_all_arrive_fails_at_its_deadline_instead_of_finis
             format: "csv".into(),
             file_sha256: "00".into(),
             release_of: None,
+            expected_concept_maps: None,
+            expected_policy: None,
+            reprocess_of: None,
         }),
     );
     let finished = pipeline::Event::caused_by(

@@ -427,6 +427,9 @@ fn the_phi_sentinel_and_the_stall_monitor_alert_without_values() {
             format: "csv".into(),
             file_sha256: "00".into(),
             release_of: None,
+            expected_concept_maps: None,
+            expected_policy: None,
+            reprocess_of: None,
         }),
     ));
     let audit = p.topics.name(TopicKind::Audit);
@@ -525,6 +528,9 @@ fn closing_counts_that_do_not_add_up_raise_a_gap_alert() {
             format: "csv".into(),
             file_sha256: "00".into(),
             release_of: None,
+            expected_concept_maps: None,
+            expected_policy: None,
+            reprocess_of: None,
         }),
     );
     let finished = Event::caused_by(

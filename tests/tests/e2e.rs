@@ -191,6 +191,9 @@ fn a_poison_message_goes_to_the_dlq_with_context_and_later_records_flow() {
             format: "csv".into(),
             file_sha256: "00".into(),
             release_of: None,
+            expected_concept_maps: None,
+            expected_policy: None,
+            reprocess_of: None,
         }),
     );
     let bytes = p.rt.block_on(p.codec.encode(&good)).expect("encode");

@@ -755,3 +755,167 @@ fn dead_letters_are_redriven_once_after_the_fix_even_across_a_sigkill() {
     assert_eq!(answer["records_withdrawn"], 840, "{answer}");
     let _ = std::fs::remove_dir_all(&broken);
 }
+
+#[test]
+fn a_batch_reprocessed_under_a_new_policy_gets_new_versions_linked_to_the_old() {
+    let mut p = Pipeline::new();
+    for s in ["auditing", "ingestion", "anonymization", "canonization"] {
+        p.start(s, &[]);
+    }
+    let file = ndjson(50, 0, &tests::fresh_tag());
+    let batch = tests::batch_of(&file);
+    let tail = p.tail();
+    let lifecycle = p.topics.name(TopicKind::Canonization);
+    let saga = p.topics.name(TopicKind::Saga);
+    let observations = p
+        .topics
+        .name(TopicKind::Canonical(ResourceType::Observation));
+    p.drop_file("vitals.ndjson", &file);
+    p.wait_for(&tail, "the batch", Duration::from_secs(180), |t| {
+        t.count(&lifecycle, "EventDataCanonizationCompleted") >= 1
+    });
+
+    // A new policy version is deployed, then the batch is reprocessed under it.
+    let shipped = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../anonymization/policies/safe-harbor.toml"),
+    )
+    .unwrap();
+    let old_version = "version = \"2026.12.2\"";
+    assert!(
+        shipped.contains(old_version),
+        "the shipped policy changed: update this test"
+    );
+    let policy = std::env::temp_dir().join(format!("medpipe-policy-{}.toml", tests::fresh_tag()));
+    std::fs::write(
+        &policy,
+        shipped.replace(old_version, "version = \"2026.12.2-r1\""),
+    )
+    .unwrap();
+    p.stop("anonymization");
+    let policy_path = policy.display().to_string();
+    p.start(
+        "anonymization",
+        &[("MEDPIPE_POLICY_FILE", policy_path.as_str())],
+    );
+    let answer = cli_json(
+        &p,
+        &[
+            "reprocess",
+            &batch,
+            "--policy",
+            "2026.12.2-r1",
+            "--reason",
+            "policy 2026.12.2-r1",
+            "--json",
+        ],
+    );
+    assert_eq!(answer["outcome"], "reprocessing", "{answer}");
+    let again = answer["new_batch"].as_str().expect("new batch").to_string();
+    p.wait_for(&tail, "the reprocessing", Duration::from_secs(180), |t| {
+        t.count(&saga, "BatchReprocessed") >= 1
+    });
+    // Asked for a version no stage runs: the attempt is held, nothing is published.
+    let wrong = cli_json(
+        &p,
+        &[
+            "reprocess",
+            &batch,
+            "--policy",
+            "1999.1.1",
+            "--reason",
+            "typo",
+            "--json",
+        ],
+    );
+    let wrong_batch = wrong["new_batch"].as_str().expect("new batch").to_string();
+    p.wait_for(&tail, "the hold", Duration::from_secs(120), |t| {
+        t.count(&saga, "BatchHeld") >= 1
+    });
+    std::thread::sleep(Duration::from_secs(3));
+    p.wait_for_audit_catch_up(Duration::from_secs(120));
+    let records = p.read_all();
+
+    let mut by_id: HashMap<String, Vec<(String, String, bool)>> = HashMap::new();
+    for r in records.iter().filter(|r| r.message.topic() == observations) {
+        let Some(Payload::CanonicalObservation(o)) = r.event.as_ref().map(|e| &e.payload) else {
+            continue;
+        };
+        let fhir: Value = serde_json::from_str(&o.fhir_json).unwrap();
+        let tagged = fhir["meta"]["tag"].as_array().is_some_and(|t| {
+            t.iter().any(|t| {
+                t["code"] == "reprocessed"
+                    && t["display"].as_str().is_some_and(|d| d.contains(&batch))
+            })
+        });
+        by_id.entry(o.resource_id.clone()).or_default().push((
+            o.provenance.batch_id.clone(),
+            o.provenance.policy_version.clone(),
+            tagged,
+        ));
+    }
+    assert_eq!(by_id.len(), 50);
+    for (id, v) in &by_id {
+        assert_eq!(
+            v,
+            &vec![
+                (batch.clone(), "2026.12.2".to_string(), false),
+                (again.clone(), "2026.12.2-r1".to_string(), true),
+            ],
+            "versions of {id}"
+        );
+    }
+    let done = events(&records, |p| matches!(p, Payload::BatchReprocessed(_)));
+    let [done] = &done[..] else {
+        panic!("{done:?}")
+    };
+    let Payload::BatchReprocessed(r) = &done.payload else {
+        unreachable!()
+    };
+    assert_eq!(
+        (r.batch_id.as_str(), r.new_batch_id.as_str()),
+        (batch.as_str(), again.as_str())
+    );
+    assert_eq!(
+        (r.policy_version.as_str(), r.records_published),
+        ("2026.12.2-r1", 51)
+    );
+    let held = events(
+        &records,
+        |p| matches!(p, Payload::BatchHeld(h) if h.batch_id == wrong_batch),
+    );
+    let [held] = &held[..] else {
+        panic!("{held:?}")
+    };
+    let Payload::BatchHeld(h) = &held.payload else {
+        unreachable!()
+    };
+    assert_eq!(h.reason_kind, "policy_version_mismatch");
+    assert!(records.iter().filter_map(|r| r.event.as_ref()).all(|e| {
+        e.payload
+            .canonical()
+            .is_none_or(|(_, _, prov)| prov.batch_id != wrong_batch)
+    }));
+
+    // The old versions stay in the trail; the batch stays published, with its newer version.
+    let trail = auditing::query::trace(&p.audit_dir(), &batch).unwrap();
+    let old_versions = trail
+        .iter()
+        .filter(|e| e.event_type == "CanonicalObservation")
+        .count();
+    assert_eq!(old_versions, 50);
+    let order = trace_order(
+        &p,
+        &batch,
+        &[
+            "EventDataCanonizationCompleted",
+            "BatchReprocessRequested",
+            "BatchReprocessed",
+        ],
+    );
+    assert!(order[0] < order[1] && order[1] < order[2], "{order:?}");
+    let status = cli_json(&p, &["batch", "status", &batch, "--json"]);
+    assert_eq!(status["state"], "published", "{status}");
+    assert_eq!(status["reprocessed_as"], json!([again]), "{status}");
+    let _ = std::fs::remove_file(&policy);
+}
