@@ -413,6 +413,55 @@ impl Anonymizer {
     }
 }
 
+impl Anonymizer {
+    /// Fails the batch at once, caused by `cause`: `AnonymizationFailed` and the
+    /// `BatchHeld` naming `failed_step`; its later records are held.
+    fn fail_and_hold(
+        &mut self,
+        cause: &Event,
+        batch: &str,
+        failure: (&str, String),
+        failed_step: &str,
+    ) -> Vec<Output> {
+        let payload = self.close(batch, Err(failure));
+        let event = Event::caused_by(cause, SERVICE, payload);
+        let held = held(&event, failed_step);
+        let mut out = vec![Output {
+            key: batch.to_string(),
+            event,
+        }];
+        out.extend(held);
+        out
+    }
+}
+
+/// A de-identified record's outputs: the record, then the merges it announced.
+fn anonymized(
+    cause: &Event,
+    record: RecordAnonymized,
+    key: String,
+    merges: Vec<PatientMerged>,
+) -> Vec<Output> {
+    let mut outputs = vec![Output {
+        key,
+        event: Event::caused_by(cause, SERVICE, Payload::RecordAnonymized(record)),
+    }];
+    outputs.extend(merged(cause, merges));
+    outputs
+}
+
+/// Merges as outputs, keyed by the merged patient, so a merge follows that patient's
+/// records on the topic.
+fn merged(cause: &Event, merges: Vec<PatientMerged>) -> Vec<Output> {
+    merges
+        .into_iter()
+        .map(|m| Output {
+            key: m.merged_pseudonym.clone(),
+            event: Event::caused_by(cause, SERVICE, Payload::PatientMerged(m)),
+        })
+        .collect()
+}
+
 /// The `BatchHeld` that goes with an `AnonymizationFailed` (caused by it), if `failed` is
 /// one: `failed_step` is the stage whose step failed the batch.
 fn held(failed: &Event, failed_step: &str) -> Option<Output> {
@@ -462,15 +511,12 @@ impl Stage for Anonymizer {
                     let reason = format!(
                         "the batch must be reprocessed under policy {expected}, but this stage runs policy {running}"
                     );
-                    let payload = self.close(&s.batch_id, Err(("policy_version_mismatch", reason)));
-                    let event = Event::caused_by(ev, SERVICE, payload);
-                    let held = held(&event, "anonymization");
-                    let mut out = vec![Output {
-                        key: s.batch_id.clone(),
-                        event,
-                    }];
-                    out.extend(held);
-                    return Outcome::Emit(out);
+                    return Outcome::Emit(self.fail_and_hold(
+                        ev,
+                        &s.batch_id,
+                        ("policy_version_mismatch", reason),
+                        "anonymization",
+                    ));
                 }
                 let policy = self.engine.policy();
                 emit(
@@ -489,25 +535,9 @@ impl Stage for Anonymizer {
                 // A redriven dead letter of a batch that closed: forwarded, not counted.
                 tracing::info!(correlation_id = %rec.batch_id, position = rec.position, "A redriven record of a closed batch: anonymized, not counted.");
                 match self.anonymize(rec) {
-                    Ok((out, key, merges)) => {
-                        let mut outputs = vec![Output {
-                            key,
-                            event: Event::caused_by(ev, SERVICE, Payload::RecordAnonymized(out)),
-                        }];
-                        outputs.extend(merges.into_iter().map(|m| Output {
-                            key: m.merged_pseudonym.clone(),
-                            event: Event::caused_by(ev, SERVICE, Payload::PatientMerged(m)),
-                        }));
-                        Outcome::Emit(outputs)
-                    }
+                    Ok((out, key, merges)) => Outcome::Emit(anonymized(ev, out, key, merges)),
                     Err(e) => {
-                        let merges: Vec<Output> = std::mem::take(&mut self.pending_merges)
-                            .into_iter()
-                            .map(|m| Output {
-                                key: m.merged_pseudonym.clone(),
-                                event: Event::caused_by(ev, SERVICE, Payload::PatientMerged(m)),
-                            })
-                            .collect();
+                        let merges = merged(ev, std::mem::take(&mut self.pending_merges));
                         Outcome::DeadLetterAndEmit {
                             error_type: e.error_type(),
                             reason: format!(
@@ -541,18 +571,8 @@ impl Stage for Anonymizer {
                 // A record that was missing when ingestion's closing event came.
                 let closed = self.try_close(&rec.batch_id, None);
                 match result {
-                    Ok(out) => {
-                        let (out, key, merges) = out;
-                        let mut outputs = vec![Output {
-                            key,
-                            event: Event::caused_by(ev, SERVICE, Payload::RecordAnonymized(out)),
-                        }];
-                        // Keyed by the merged patient, so a merge follows that patient's
-                        // records on the topic.
-                        outputs.extend(merges.into_iter().map(|m| Output {
-                            key: m.merged_pseudonym.clone(),
-                            event: Event::caused_by(ev, SERVICE, Payload::PatientMerged(m)),
-                        }));
+                    Ok((out, key, merges)) => {
+                        let mut outputs = anonymized(ev, out, key, merges);
                         outputs.extend(closed);
                         Outcome::Emit(outputs)
                     }
@@ -561,13 +581,7 @@ impl Stage for Anonymizer {
                         let reason =
                             format!("batch {} position {}: {e}", rec.batch_id, rec.position);
                         // A merge found before the record failed is a fact all the same.
-                        let mut outputs: Vec<Output> = std::mem::take(&mut self.pending_merges)
-                            .into_iter()
-                            .map(|m| Output {
-                                key: m.merged_pseudonym.clone(),
-                                event: Event::caused_by(ev, SERVICE, Payload::PatientMerged(m)),
-                            })
-                            .collect();
+                        let mut outputs = merged(ev, std::mem::take(&mut self.pending_merges));
                         outputs.extend(closed);
                         if outputs.is_empty() {
                             Outcome::DeadLetter { error_type, reason }
@@ -605,15 +619,12 @@ impl Stage for Anonymizer {
                     return Outcome::Emit(vec![]);
                 }
                 let reason = format!("ingestion failed the batch ({})", f.error_kind);
-                let payload = self.close(&f.batch_id, Err(("upstream_failed", reason)));
-                let event = Event::caused_by(ev, SERVICE, payload);
-                let held = held(&event, "ingestion");
-                let mut out = vec![Output {
-                    key: f.batch_id.clone(),
-                    event,
-                }];
-                out.extend(held);
-                Outcome::Emit(out)
+                Outcome::Emit(self.fail_and_hold(
+                    ev,
+                    &f.batch_id,
+                    ("upstream_failed", reason),
+                    "ingestion",
+                ))
             }
             _ => Outcome::Emit(vec![]),
         }

@@ -467,7 +467,10 @@ impl Canonizer {
         cause: &Event,
         kept: i64,
     ) -> Vec<Output> {
-        let published = self.state.ledger.published(batch);
+        let mut published = self.state.ledger.published(batch);
+        // A batch replayed after it completed published its ids again: one withdrawal each.
+        let mut seen = std::collections::HashSet::new();
+        published.retain(|p| seen.insert((p.resource_type.clone(), p.resource_id.clone())));
         let mut by_type: BTreeMap<String, i64> = BTreeMap::new();
         let mut out = Vec::with_capacity(published.len() + 1);
         for p in &published {
@@ -565,7 +568,7 @@ impl Canonizer {
         ))
     }
 
-    fn record(&mut self, ev: &Event, rec: &RecordAnonymized) -> Outcome {
+    fn record(&mut self, ev: &Event, rec: &RecordAnonymized, redriven: bool) -> Outcome {
         let batch = rec.batch_id.as_str();
         // A record of a withdrawn batch that arrived after the withdrawal: held.
         if let Some(mut w) = self.state.ledger.withdrawn.get(batch).cloned() {
@@ -578,10 +581,12 @@ impl Canonizer {
             );
             return Outcome::Emit(vec![]);
         }
-        // A record of a batch that completed: a dead letter redriven after its cause was
-        // fixed. Published with the batch (a withdrawal of the batch withdraws it too),
-        // without reopening it.
-        if self.state.batches.get(batch).is_none() && self.state.ledger.closed.get(batch).is_some()
+        // A redriven dead letter of a batch that completed: published with the batch (a
+        // withdrawal of the batch withdraws it too), without reopening it. (Anything else
+        // of a completed batch is a replay, which reopens and closes it again.)
+        if redriven
+            && self.state.batches.get(batch).is_none()
+            && self.state.ledger.closed.get(batch).is_some()
         {
             return self.late_record(ev, rec);
         }
@@ -635,15 +640,7 @@ impl Canonizer {
                         )
                         .or_default() += 1;
                     s.codes_unmapped += unmapped;
-                    self.unmapped.inc_by(unmapped.unsigned_abs());
-                    let key = key_of(&payload, rec);
-                    if let Some(p) = published(&payload, &key) {
-                        self.state.ledger.publish(batch, p);
-                    }
-                    outputs.push(Output {
-                        key,
-                        event: Event::caused_by(ev, SERVICE, payload),
-                    });
+                    outputs.push(self.publish(ev, rec, payload, unmapped));
                 }
             }
             Err(Refused::Unsupported) => s.unsupported += 1,
@@ -669,6 +666,26 @@ impl Canonizer {
 }
 
 impl Canonizer {
+    /// One canonical record of `rec` to publish: keyed, remembered for its batch's
+    /// withdrawal, its unmapped codes counted.
+    fn publish(
+        &mut self,
+        ev: &Event,
+        rec: &RecordAnonymized,
+        payload: Payload,
+        unmapped: i64,
+    ) -> Output {
+        self.unmapped.inc_by(unmapped.unsigned_abs());
+        let key = key_of(&payload, rec);
+        if let Some(p) = published(&payload, &key) {
+            self.state.ledger.publish(&rec.batch_id, p);
+        }
+        Output {
+            key,
+            event: Event::caused_by(ev, SERVICE, payload),
+        }
+    }
+
     /// A record of a completed batch (see `record`): mapped and published like any other,
     /// remembered for the batch's withdrawal, not counted (the batch's counts closed).
     fn late_record(&mut self, ev: &Event, rec: &RecordAnonymized) -> Outcome {
@@ -680,18 +697,10 @@ impl Canonizer {
         );
         match self.canonize(rec) {
             Ok(records) => {
-                let mut outputs = Vec::with_capacity(records.len());
-                for (payload, unmapped) in records {
-                    self.unmapped.inc_by(unmapped.unsigned_abs());
-                    let key = key_of(&payload, rec);
-                    if let Some(p) = published(&payload, &key) {
-                        self.state.ledger.publish(batch, p);
-                    }
-                    outputs.push(Output {
-                        key,
-                        event: Event::caused_by(ev, SERVICE, payload),
-                    });
-                }
+                let outputs = records
+                    .into_iter()
+                    .map(|(payload, unmapped)| self.publish(ev, rec, payload, unmapped))
+                    .collect();
                 Outcome::Emit(outputs)
             }
             Err(Refused::Unsupported) => Outcome::Emit(vec![]),
@@ -1013,7 +1022,7 @@ impl Stage for Canonizer {
             Payload::AnonymizationStarted(a) => {
                 Outcome::Emit(self.open(&a.batch_id, &a.policy_version, ev))
             }
-            Payload::RecordAnonymized(rec) => self.record(ev, rec),
+            Payload::RecordAnonymized(rec) => self.record(ev, rec, input.redriven),
             Payload::PatientMerged(m) => self.merged(ev, m),
             Payload::AnonymizationFinished(f) => {
                 let batch = f.batch_id.as_str();
@@ -1412,12 +1421,17 @@ mod tests {
 
     /// Every output of processing `ev`, with its key.
     fn outputs(c: &mut Canonizer, ev: &Event) -> Vec<Output> {
+        outputs_of(c, ev, false)
+    }
+
+    /// Every output of processing `ev`, redriven from a dead letter or not.
+    fn outputs_of(c: &mut Canonizer, ev: &Event, redriven: bool) -> Vec<Output> {
         let input = Input {
             topic: "t",
             partition: 0,
             offset: 0,
             event: ev,
-            redriven: false,
+            redriven,
         };
         match c.process(&input) {
             Outcome::Emit(outs) => outs,
@@ -1608,6 +1622,38 @@ mod tests {
         assert_eq!(w.records_withdrawn, 0);
         // Its later records are held.
         assert!(run(&mut c, &with(observation(2, &p), Some("local-lab@99"))).is_empty());
+    }
+
+    #[test]
+    fn a_redriven_record_of_a_completed_batch_joins_it_and_a_replay_reopens_it() {
+        let mut c = stage();
+        let p = format!("{:064x}", 1);
+        run(&mut c, &started());
+        run(&mut c, &observation(1, &p));
+        run(&mut c, &finished(1));
+        // Redriven: published, remembered for the batch's withdrawal, no lifecycle.
+        let late = outputs_of(&mut c, &observation(2, &p), true);
+        let kinds: Vec<&str> = late.iter().map(|o| o.event.event_type()).collect();
+        assert_eq!(kinds, vec!["CanonicalObservation"]);
+        assert_eq!(c.state.ledger.published("b1").len(), 2);
+        // Read again by a fresh consumer (a replay): the batch opens and closes again,
+        // and a withdrawal still withdraws each id once.
+        let again = run(&mut c, &observation(1, &p));
+        assert!(
+            matches!(again[0], Payload::EventDataCanonizationCreated(_)),
+            "{again:?}"
+        );
+        let out = run(&mut c, &finished(1));
+        assert!(matches!(
+            closings(&out)[..],
+            [Payload::EventDataCanonizationCompleted(_)]
+        ));
+        let request = withdrawal_requested("3f1c0a56-8a3e-4c55-9d7e-0a1b2c3d4e5f");
+        let withdrawn = run(&mut c, &request);
+        let Some(Payload::CanonicalBatchWithdrawn(w)) = withdrawn.last() else {
+            panic!("{withdrawn:?}")
+        };
+        assert_eq!(w.records_withdrawn, 2, "o1 once, o2 once");
     }
 
     #[test]

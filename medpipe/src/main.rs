@@ -9,6 +9,7 @@ mod bench_audit;
 mod bench_status;
 mod dlq;
 mod redrive;
+mod replay;
 mod saga;
 
 use std::collections::BTreeMap;
@@ -102,6 +103,9 @@ enum Command {
         #[arg(long)]
         concept_maps: Option<String>,
     },
+    /// Reprocess a time window of a stage's input in isolation: the batches that started
+    /// in it are copied whole to a fresh topic prefix, for the stage to run on there.
+    Replay(replay::ReplayArgs),
     /// What each stage dead-lettered, and why (never the payload in clear).
     Dlq {
         #[command(subcommand)]
@@ -388,6 +392,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Audit { command } => audit::run(command, &mut out).await?,
         Command::Dlq { command } => dlq::run(command, &mut out).await?,
         Command::Batch { command } => batch::run(command, &mut out).await?,
+        Command::Replay(args) => replay::run(args, &mut out).await?,
         Command::Reprocess {
             request,
             policy,

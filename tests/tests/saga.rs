@@ -83,6 +83,39 @@ fn versions(
     out
 }
 
+/// Checks the versions of every record of a failed batch that a new attempt published
+/// again: published and withdrawn by the failed batch (when it published it before the
+/// failure reached canonization; otherwise held, never published), then published by the
+/// new attempt, last. Returns how many the failed batch published.
+fn withdrawn_then_republished(
+    v: &HashMap<(String, String), Vec<(String, bool)>>,
+    failed: &str,
+    again: &str,
+) -> i64 {
+    let mut first_published = 0;
+    for ((key, id), list) in v {
+        let (last, earlier) = list.split_last().unwrap();
+        assert_eq!(
+            last,
+            &(again.to_string(), false),
+            "{id} under {key}: {list:?}"
+        );
+        match earlier {
+            [] => {}
+            [a, b] => {
+                assert_eq!(
+                    (a, b),
+                    (&(failed.to_string(), false), &(failed.to_string(), true)),
+                    "{id}: {list:?}"
+                );
+                first_published += 1;
+            }
+            _ => panic!("{id} under {key}: {list:?}"),
+        }
+    }
+    first_published
+}
+
 fn events<'a>(
     records: &'a [Record],
     pred: impl Fn(&Payload) -> bool + 'a,
@@ -108,6 +141,38 @@ fn trace_order(p: &Pipeline, batch: &str, types: &[&str]) -> Vec<usize> {
         .collect()
 }
 
+/// The four stages running one dropped file, and the topics the tests watch.
+struct Run {
+    p: Pipeline,
+    tail: tests::Tail,
+    batch: String,
+    lifecycle: String,
+    saga: String,
+    observations: String,
+}
+
+/// Starts the stages (canonization with `canonization_env`) and drops `file` as `name`.
+fn run_file(name: &str, file: &[u8], canonization_env: &[(&str, &str)]) -> Run {
+    let mut p = Pipeline::new();
+    for s in ["auditing", "ingestion", "anonymization"] {
+        p.start(s, &[]);
+    }
+    p.start("canonization", canonization_env);
+    let tail = p.tail();
+    let run = Run {
+        batch: tests::batch_of(file),
+        lifecycle: p.topics.name(TopicKind::Canonization),
+        saga: p.topics.name(TopicKind::Saga),
+        observations: p
+            .topics
+            .name(TopicKind::Canonical(ResourceType::Observation)),
+        tail,
+        p,
+    };
+    run.p.drop_file(name, file);
+    run
+}
+
 fn cli_json(p: &Pipeline, args: &[&str]) -> Value {
     let o = p.medpipe(args);
     assert!(
@@ -121,20 +186,15 @@ fn cli_json(p: &Pipeline, args: &[&str]) -> Value {
 
 #[test]
 fn a_batch_ingestion_fails_mid_way_is_held_withdrawn_and_retried_once_after_the_fix() {
-    let mut p = Pipeline::new();
-    for s in ["auditing", "ingestion", "anonymization", "canonization"] {
-        p.start(s, &[]);
-    }
     // 20 bad lines in 221: 9%, over ingestion's default 5%.
-    let file = ndjson(200, 20, &tests::fresh_tag());
-    let batch = tests::batch_of(&file);
-    let tail = p.tail();
-    let lifecycle = p.topics.name(TopicKind::Canonization);
-    let saga = p.topics.name(TopicKind::Saga);
-    let observations = p
-        .topics
-        .name(TopicKind::Canonical(ResourceType::Observation));
-    p.drop_file("vitals.ndjson", &file);
+    let Run {
+        mut p,
+        tail,
+        batch,
+        lifecycle,
+        saga,
+        observations,
+    } = run_file("vitals.ndjson", &ndjson(200, 20, &tests::fresh_tag()), &[]);
     p.wait_for(&tail, "the withdrawal", Duration::from_secs(180), |t| {
         t.count(&lifecycle, "CanonicalBatchWithdrawn") >= 1 && t.count(&saga, "BatchHeld") >= 1
     });
@@ -268,24 +328,10 @@ fn a_batch_ingestion_fails_mid_way_is_held_withdrawn_and_retried_once_after_the_
     // live.
     let v = versions(&records, &observations, &[&batch, &retry]);
     assert_eq!(v.len(), 200);
-    let mut first_published = 0;
-    for ((key, id), list) in &v {
-        let (last, earlier) = list.split_last().unwrap();
-        assert_eq!(last, &(retry.clone(), false), "{id} under {key}: {list:?}");
-        match earlier {
-            [] => {}
-            [a, b] => {
-                assert_eq!(
-                    (a, b),
-                    (&(batch.clone(), false), &(batch.clone(), true)),
-                    "{id}: {list:?}"
-                );
-                first_published += 1;
-            }
-            _ => panic!("{id} under {key}: {list:?}"),
-        }
-    }
-    assert_eq!(w.records_withdrawn, first_published);
+    assert_eq!(
+        w.records_withdrawn,
+        withdrawn_then_republished(&v, &batch, &retry)
+    );
 
     // The trail tells the story of each attempt in causal order.
     let old = trace_order(
@@ -353,18 +399,14 @@ fn api_json(p: &Pipeline, path: &str) -> Value {
 
 #[test]
 fn an_operator_withdraws_a_completed_batch_once() {
-    let mut p = Pipeline::new();
-    for s in ["auditing", "ingestion", "anonymization", "canonization"] {
-        p.start(s, &[]);
-    }
-    let file = ndjson(60, 0, &tests::fresh_tag());
-    let batch = tests::batch_of(&file);
-    let tail = p.tail();
-    let lifecycle = p.topics.name(TopicKind::Canonization);
-    let observations = p
-        .topics
-        .name(TopicKind::Canonical(ResourceType::Observation));
-    p.drop_file("vitals.ndjson", &file);
+    let Run {
+        mut p,
+        tail,
+        batch,
+        lifecycle,
+        saga,
+        observations,
+    } = run_file("vitals.ndjson", &ndjson(60, 0, &tests::fresh_tag()), &[]);
     p.wait_for(&tail, "the batch", Duration::from_secs(180), |t| {
         t.count(&lifecycle, "EventDataCanonizationCompleted") >= 1
     });
@@ -389,7 +431,6 @@ fn an_operator_withdraws_a_completed_batch_once() {
         &["batch", "withdraw", &batch, "--reason", "again", "--json"],
     );
     assert_eq!(again["note"], "withdrawn before this request", "{again}");
-    let saga = p.topics.name(TopicKind::Saga);
     p.wait_for(&tail, "the second request", Duration::from_secs(60), |t| {
         t.count(&saga, "BatchWithdrawalRequested") >= 2
     });
@@ -459,20 +500,19 @@ fn with_orphans(good: usize, orphans: usize, tag: &str) -> Vec<u8> {
 
 #[test]
 fn a_batch_anonymization_fails_is_held_withdrawn_and_released_partial() {
-    let mut p = Pipeline::new();
-    for s in ["auditing", "ingestion", "anonymization", "canonization"] {
-        p.start(s, &[]);
-    }
     // 10 of 111 records cannot be keyed: 9%, over anonymization's default 5%.
-    let file = with_orphans(100, 10, &tests::fresh_tag());
-    let batch = tests::batch_of(&file);
-    let tail = p.tail();
-    let lifecycle = p.topics.name(TopicKind::Canonization);
-    let saga = p.topics.name(TopicKind::Saga);
-    let observations = p
-        .topics
-        .name(TopicKind::Canonical(ResourceType::Observation));
-    p.drop_file("orphans.ndjson", &file);
+    let Run {
+        mut p,
+        tail,
+        batch,
+        lifecycle,
+        saga,
+        observations,
+    } = run_file(
+        "orphans.ndjson",
+        &with_orphans(100, 10, &tests::fresh_tag()),
+        &[],
+    );
     p.wait_for(&tail, "the withdrawal", Duration::from_secs(180), |t| {
         t.count(&lifecycle, "CanonicalBatchWithdrawn") >= 1 && t.count(&saga, "BatchHeld") >= 1
     });
@@ -532,28 +572,10 @@ fn a_batch_anonymization_fails_is_held_withdrawn_and_released_partial() {
     // What the first attempt published before the failure reached canonization was
     // withdrawn, each once; what came after was held (never published). Then the
     // release published every one, tagged partial: the latest version of each is live.
-    let mut first_published = 0;
-    for ((key, id), list) in &v {
-        let (last, earlier) = list.split_last().unwrap();
-        assert_eq!(
-            last,
-            &(release.clone(), false),
-            "{id} under {key}: {list:?}"
-        );
-        match earlier {
-            [] => {}
-            [a, b] => {
-                assert_eq!(
-                    (a, b),
-                    (&(batch.clone(), false), &(batch.clone(), true)),
-                    "{id}: {list:?}"
-                );
-                first_published += 1;
-            }
-            _ => panic!("{id} under {key}: {list:?}"),
-        }
-    }
-    assert_eq!(w.records_withdrawn, first_published);
+    assert_eq!(
+        w.records_withdrawn,
+        withdrawn_then_republished(&v, &batch, &release)
+    );
     for r in records.iter().filter(|r| r.message.topic() == observations) {
         let Some(Payload::CanonicalObservation(o)) = r.event.as_ref().map(|e| &e.payload) else {
             continue;
@@ -642,7 +664,6 @@ fn with_orders(observations: usize, orders: usize, tag: &str) -> Vec<u8> {
 #[test]
 fn dead_letters_are_redriven_once_after_the_fix_even_across_a_sigkill() {
     use std::io::BufRead;
-    let mut p = Pipeline::new();
     // A broken mapping table: MedicationRequest's intent codes lack "order", so
     // canonization dead-letters every order (40 of 841, under its 5% threshold).
     let broken = std::env::temp_dir().join(format!("medpipe-broken-maps-{}", tests::fresh_tag()));
@@ -659,21 +680,20 @@ fn dead_letters_are_redriven_once_after_the_fix_even_across_a_sigkill() {
     let bad = table.replace(good, "intent = [\"proposal\", \"plan\", ");
     std::fs::write(broken.join("fhir.toml"), bad).unwrap();
     let broken_dir = broken.display().to_string();
-    for s in ["auditing", "ingestion", "anonymization"] {
-        p.start(s, &[]);
-    }
-    p.start(
-        "canonization",
+    let Run {
+        mut p,
+        tail,
+        batch,
+        lifecycle,
+        ..
+    } = run_file(
+        "orders.ndjson",
+        &with_orders(800, 40, &tests::fresh_tag()),
         &[("MEDPIPE_MAPPING_DIR", broken_dir.as_str())],
     );
-    let file = with_orders(800, 40, &tests::fresh_tag());
-    let batch = tests::batch_of(&file);
-    let tail = p.tail();
-    let lifecycle = p.topics.name(TopicKind::Canonization);
     let orders = p
         .topics
         .name(TopicKind::Canonical(ResourceType::MedicationRequest));
-    p.drop_file("orders.ndjson", &file);
     p.wait_for(&tail, "the batch", Duration::from_secs(240), |t| {
         t.count(&lifecycle, "EventDataCanonizationCompleted") >= 1
     });
@@ -758,19 +778,14 @@ fn dead_letters_are_redriven_once_after_the_fix_even_across_a_sigkill() {
 
 #[test]
 fn a_batch_reprocessed_under_a_new_policy_gets_new_versions_linked_to_the_old() {
-    let mut p = Pipeline::new();
-    for s in ["auditing", "ingestion", "anonymization", "canonization"] {
-        p.start(s, &[]);
-    }
-    let file = ndjson(50, 0, &tests::fresh_tag());
-    let batch = tests::batch_of(&file);
-    let tail = p.tail();
-    let lifecycle = p.topics.name(TopicKind::Canonization);
-    let saga = p.topics.name(TopicKind::Saga);
-    let observations = p
-        .topics
-        .name(TopicKind::Canonical(ResourceType::Observation));
-    p.drop_file("vitals.ndjson", &file);
+    let Run {
+        mut p,
+        tail,
+        batch,
+        lifecycle,
+        saga,
+        observations,
+    } = run_file("vitals.ndjson", &ndjson(50, 0, &tests::fresh_tag()), &[]);
     p.wait_for(&tail, "the batch", Duration::from_secs(180), |t| {
         t.count(&lifecycle, "EventDataCanonizationCompleted") >= 1
     });
@@ -918,4 +933,107 @@ fn a_batch_reprocessed_under_a_new_policy_gets_new_versions_linked_to_the_old() 
     assert_eq!(status["state"], "published", "{status}");
     assert_eq!(status["reprocessed_as"], json!([again]), "{status}");
     let _ = std::fs::remove_file(&policy);
+}
+
+#[test]
+fn a_time_window_is_replayed_whole_batches_into_a_fresh_prefix() {
+    let before = chrono::Utc::now();
+    let Run {
+        mut p,
+        tail,
+        batch,
+        lifecycle,
+        ..
+    } = run_file("vitals.ndjson", &ndjson(30, 0, &tests::fresh_tag()), &[]);
+    p.wait_for(&tail, "the batch", Duration::from_secs(180), |t| {
+        t.count(&lifecycle, "EventDataCanonizationCompleted") >= 1
+    });
+    let live_before = p.read_all().len();
+
+    let replay = format!("{}-r1", p.topics.prefix);
+    let from = before.to_rfc3339();
+    let to = chrono::Utc::now().to_rfc3339();
+    let out = cli_json(
+        &p,
+        &[
+            "replay",
+            "--stage",
+            "anonymization",
+            "--from",
+            &from,
+            "--to",
+            &to,
+            "--prefix",
+            &replay,
+            "--json",
+        ],
+    );
+    assert_eq!(out["batches"], json!([batch]), "{out}");
+    // Created, Started, 31 records, Finished.
+    assert_eq!(out["messages"], 34, "{out}");
+    // The same stage, on the replay prefix, with its own group and state.
+    let group = out["group"].as_str().unwrap().to_string();
+    p.start_named(
+        "anonymization-replay",
+        "anonymization",
+        &[
+            ("MEDPIPE_TOPIC_PREFIX", replay.as_str()),
+            ("MEDPIPE_GROUP_ID", group.as_str()),
+        ],
+    );
+    let replayed = pipeline::Topics::new(replay.clone());
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    let outputs = loop {
+        let outputs = p.read(&[replayed.name(TopicKind::Anonymization)]);
+        let done = outputs.iter().any(|r| {
+            matches!(
+                r.event.as_ref().map(|e| &e.payload),
+                Some(Payload::AnonymizationFinished(_))
+            )
+        });
+        if done {
+            break outputs;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the replay did not finish"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    let pseudonyms = |records: &[Record]| -> Vec<(i64, String)> {
+        let mut v: Vec<(i64, String)> = records
+            .iter()
+            .filter_map(|r| match r.event.as_ref().map(|e| &e.payload) {
+                Some(Payload::RecordAnonymized(a)) if a.batch_id == batch => {
+                    Some((a.position, a.patient_pseudonym.clone()))
+                }
+                _ => None,
+            })
+            .collect();
+        v.sort();
+        v
+    };
+    let live = p.read(&[p.topics.name(TopicKind::Anonymization)]);
+    assert_eq!(pseudonyms(&outputs).len(), 31);
+    assert_eq!(
+        pseudonyms(&outputs),
+        pseudonyms(&live),
+        "the replay gives what the live run gave"
+    );
+    // The live topics got nothing from the replay.
+    assert_eq!(p.read_all().len(), live_before);
+    // A prefix already used is refused.
+    let again = p.medpipe(&[
+        "replay",
+        "--stage",
+        "anonymization",
+        "--from",
+        &from,
+        "--to",
+        &to,
+        "--prefix",
+        &replay,
+    ]);
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("fresh prefix"));
 }
