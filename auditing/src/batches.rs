@@ -78,6 +78,9 @@ pub struct StageView {
     pub records: u64,
     /// Records rejected (ingestion) as the trail shows them.
     pub rejected: u64,
+    /// Later files with the same content, refused as duplicates of this batch (ingestion).
+    #[serde(skip_serializing_if = "is_zero")]
+    pub rejected_duplicates: u64,
     /// What the stage's closing event says it produced.
     pub expected: Option<i64>,
     /// Audit sequence number of the failing event, whose sealed reason `--unseal` opens.
@@ -85,6 +88,10 @@ pub struct StageView {
     /// The opened reason; only `medpipe batch status --unseal` fills it, never the index.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// A batch as the trail shows it.
@@ -352,6 +359,9 @@ impl BatchView {
                 s.state = "failed";
                 s.failed_entry = Some(e.seq);
             }
+            // A later file with the same content, refused under this batch's id: the
+            // batch itself stands as it was.
+            Role::Refused if s.started_at.is_some() => s.rejected_duplicates += 1,
             Role::Refused => {
                 s.ended_at = Some(at);
                 s.state = "failed";
@@ -455,6 +465,11 @@ impl BatchIndex {
     /// Folds one entry in: a hash lookup, the fold, and when the batch's state or first
     /// time changed, a move between the ordered sets. Entries without a batch are ignored.
     pub fn observe(&mut self, e: &AuditEntry) {
+        // An intake command is correlated by its command id, not a batch: the batch it
+        // starts names it as its cause.
+        if e.event_type == "StartDataIntakeCommand" {
+            return;
+        }
         if let Some(id) = e.correlation_id.as_deref() {
             self.fold(id, e, BatchView::add);
         }
@@ -707,6 +722,25 @@ mod tests {
         );
         index.observe(&e(13, "c", "EventDataCanonizationCompleted", CAN));
         assert_eq!(state(&index, "c"), Some(State::Published));
+    }
+
+    #[test]
+    fn a_duplicate_refused_under_a_published_batch_leaves_it_published_and_commands_are_not_batches(
+    ) {
+        let mut index = BatchIndex::default();
+        index.observe(&e(1, "a", "DataIngestionStarted", ING));
+        index.observe(&e(2, "a", "EventDataCanonizationCompleted", CAN));
+        index.observe(&e(3, "a", "DataIngestionRejected", ING));
+        let a = index.get("a").unwrap();
+        assert_eq!(
+            (a.state, a.ingestion.rejected_duplicates),
+            (State::Published, 1)
+        );
+        // Refused before anything started: the file itself was refused.
+        index.observe(&e(4, "r", "DataIngestionRejected", ING));
+        assert_eq!(index.get("r").map(|b| b.state), Some(State::Rejected));
+        index.observe(&e(5, "cmd-1", "StartDataIntakeCommand", "medpipe-cli"));
+        assert!(index.get("cmd-1").is_none());
     }
 
     #[test]
