@@ -152,7 +152,6 @@ fn rss_kib() -> u64 {
         .unwrap_or(0)
 }
 
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Kind {
     Hit,
