@@ -80,12 +80,46 @@ fn assert_mid_stream(tail: &Tail, p: &Pipeline, batches: &BTreeMap<String, usize
 /// Waits for every batch to close downstream, stops the stages, and checks every record.
 fn settle_and_check(p: &mut Pipeline, tail: Tail, batches: &BTreeMap<String, usize>) {
     let topics = p.topics.clone();
-    p.wait_for(
-        &tail,
-        "every batch closed by canonization",
-        Duration::from_secs(600),
-        |t| closed_count(t, &topics) >= batches.len(),
-    );
+    let lifecycle = topics.name(TopicKind::Canonization);
+    // The tail's own consumer can stall after a broker fault (it has no stage's stuck-fetch
+    // watch), so every 15 s the closings are also counted from a fresh read.
+    let deadline = Instant::now() + Duration::from_secs(600);
+    loop {
+        // Returns within 15 s (a round), or as soon as the tail has seen every closing;
+        // it still fails at once if a stage exits.
+        let round = Instant::now();
+        p.wait_for(
+            &tail,
+            "every batch closed by canonization",
+            Duration::from_secs(660),
+            |t| {
+                closed_count(t, &topics) >= batches.len()
+                    || round.elapsed() >= Duration::from_secs(15)
+            },
+        );
+        if closed_count(&tail, &topics) >= batches.len() {
+            break;
+        }
+        let read = p.read(std::slice::from_ref(&lifecycle));
+        let closed = read
+            .iter()
+            .filter_map(|r| r.event.as_ref())
+            .filter(|e| {
+                matches!(
+                    e.event_type(),
+                    "EventDataCanonizationCompleted" | "CanonizationFailed"
+                )
+            })
+            .count();
+        if closed >= batches.len() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for every batch closed by canonization ({closed} of {})",
+            batches.len()
+        );
+    }
     p.stop_all();
     drop(tail);
     Flow::of(&p.read_all()).assert_exactly_once(batches);
