@@ -4,7 +4,9 @@
 
 use base64::Engine;
 use pipeline::crypto::{seal, sha256_hex, KeyRef};
-use pipeline::events::{Control, Payload};
+use pipeline::events::{
+    BatchReleaseRequested, BatchRetryRequested, BatchWithdrawalRequested, Control, Payload,
+};
 use pipeline::runner::dlq_headers;
 use pipeline::{Event, PipelineError};
 use rdkafka::message::{Headers, Message, OwnedMessage};
@@ -135,34 +137,29 @@ pub fn facts(p: &Payload) -> Facts {
         }
         Control::CanonizationFailed(c) => f.sensitive = vec![("reason", c.reason.clone())],
         Control::CanonicalBatchWithdrawn(c) => f.sensitive = vec![("reason", c.reason.clone())],
-        Control::BatchRetryRequested(r) => {
-            f.sensitive = vec![
-                ("requested_by", r.requested_by.clone()),
-                ("reason", r.reason.clone()),
-            ];
-        }
-        Control::BatchWithdrawalRequested(r) => {
-            f.sensitive = vec![
-                ("requested_by", r.requested_by.clone()),
-                ("reason", r.reason.clone()),
-            ];
-        }
         Control::BatchRetried(r) => {
             f.related_batch = Some(r.new_batch_id.clone());
             f.detail = Some(r.mode.clone());
         }
-        Control::BatchReleaseRequested(r) => {
-            f.sensitive = vec![
-                ("requested_by", r.requested_by.clone()),
-                ("reason", r.reason.clone()),
-            ];
-        }
+        // An operator's request: who asked and why are sealed.
+        Control::BatchRetryRequested(BatchRetryRequested {
+            requested_by,
+            reason,
+            ..
+        })
+        | Control::BatchReleaseRequested(BatchReleaseRequested {
+            requested_by,
+            reason,
+            ..
+        })
+        | Control::BatchWithdrawalRequested(BatchWithdrawalRequested {
+            requested_by,
+            reason,
+            ..
+        }) => f.sensitive = operator(requested_by, reason),
         Control::BatchReprocessRequested(r) => {
             f.policy.clone_from(&r.policy_version);
-            f.sensitive = vec![
-                ("requested_by", r.requested_by.clone()),
-                ("reason", r.reason.clone()),
-            ];
+            f.sensitive = operator(&r.requested_by, &r.reason);
         }
         Control::BatchReprocessed(r) => {
             f.related_batch = Some(r.new_batch_id.clone());
@@ -184,6 +181,14 @@ pub fn facts(p: &Payload) -> Facts {
         Control::ComplianceAlert(_) => {}
     }
     f
+}
+
+/// The sealed part of an operator's request.
+fn operator(requested_by: &str, reason: &str) -> Vec<(&'static str, String)> {
+    vec![
+        ("requested_by", requested_by.to_string()),
+        ("reason", reason.to_string()),
+    ]
 }
 
 fn header(msg: &OwnedMessage, name: &str) -> Option<String> {

@@ -180,6 +180,19 @@ pub struct CommandSidecar {
     pub reprocess: Option<crate::batch::Reprocess>,
 }
 
+impl CommandSidecar {
+    /// For a new attempt of a batch: `retry`, `release` or `reprocess`.
+    pub fn attempt(&self) -> &'static str {
+        if self.release {
+            "release"
+        } else if self.reprocess.is_some() {
+            "reprocess"
+        } else {
+            "retry"
+        }
+    }
+}
+
 pub fn sidecar_path(claimed: &Path) -> PathBuf {
     let mut name = claimed.as_os_str().to_os_string();
     name.push(COMMAND_SIDECAR);

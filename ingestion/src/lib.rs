@@ -340,14 +340,7 @@ impl Ingestor {
                             new_batch_id: batch_id.clone(),
                             request_id: s.command_id.clone(),
                             file_sha256: sha.clone(),
-                            mode: if release {
-                                "release"
-                            } else if facts.reprocess.is_some() {
-                                "reprocess"
-                            } else {
-                                "retry"
-                            }
-                            .into(),
+                            mode: s.attempt().into(),
                         }),
                     ))?;
                     info!(retry_of = %old, release, "Retrying a batch from its archive.");
