@@ -1095,7 +1095,7 @@ fn specs() -> Vec<Spec> {
         (
             Kind::Id,
             false,
-            r"(?i)\b(?:entered|verified|collected|reviewed|recorded)\s+by\s+([A-Z]{1,3}\d{1,4})\b|\b(?:initials|operator|tech(?:nician)?)\s*:?\s*([A-Z]{1,3}\d{0,4})\b|\buser(?:name|\s*id)?\s*:?\s+([A-Za-z][A-Za-z0-9._'-]{2,})".into(),
+            r"(?i)\b(?:entered|verified|collected|reviewed|recorded)\s+by\s+([A-Z]{1,3}\d{1,4})\b|\b(?:initials|operator|tech(?:nician)?)(?:\s*:\s*([A-Z]{1,3}\d{0,4})|\s+((?-i:[A-Z]{1,3})\d{0,4}|[A-Z]{1,3}\d{1,4}))\b|\buser(?:name|\s*id)?\s*:?\s+([A-Za-z][A-Za-z0-9._'-]{2,})".into(),
             span_any_group,
         ),
         (
@@ -2147,6 +2147,12 @@ mod tests {
             "JAK2-V617F, IDH1-R132H, CA-125, CYP2D6, G3P2012, 1000mg, 1500kcal, 0930hrs, 10x10cm, the first of the month",
             "JAK2-V617F, IDH1-R132H, CA-125, CYP2D6, G3P2012, 1000mg, 1500kcal, 0930hrs, 10x10cm, the first of the month",
             &[],
+        ),
+        // Staff initials after a label; the label's letters run on in plain words.
+        (
+            "tech JD, operator: mk2, technician AB12, verified by RN7; techa said the tech a day ago",
+            "tech [ID], operator: [ID], technician [ID], verified by [ID]; techa said the tech a day ago",
+            &[("ID", 4)],
         ),
         ("", "", &[]),
     ];
