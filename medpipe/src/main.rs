@@ -6,6 +6,7 @@ mod audit;
 mod batch;
 mod bench;
 mod bench_audit;
+mod bench_passthrough;
 mod bench_status;
 mod dlq;
 mod redrive;
@@ -153,6 +154,40 @@ enum BenchCommand {
         /// The store is built here and removed afterwards.
         #[arg(long, default_value = "/tmp/medpipe-bench")]
         work_dir: PathBuf,
+    },
+    /// The yardstick: a plain rdkafka exactly-once copy (consume `read_committed`,
+    /// produce, send offsets, commit) of generated messages between two fresh topics,
+    /// with medpipe's client settings and no work per message; per-phase times.
+    Passthrough {
+        #[arg(
+            long,
+            env = "MEDPIPE_BOOTSTRAP_SERVERS",
+            default_value = "127.0.0.1:9092"
+        )]
+        bootstrap_servers: String,
+        #[arg(long, default_value_t = 100_000)]
+        messages: usize,
+        /// Bytes per message.
+        #[arg(long, default_value_t = 700)]
+        size: usize,
+        #[arg(long, default_value_t = 3)]
+        partitions: i32,
+        /// Messages per transaction, at most (comma-separated for several runs).
+        #[arg(long, value_delimiter = ',', default_value = "500,5000")]
+        txn_messages: Vec<usize>,
+        /// A transaction also ends after collecting this long.
+        #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+        txn_wait: Duration,
+        /// librdkafka debug contexts for the transactional producer, to stderr.
+        #[arg(long)]
+        debug: Option<String>,
+        /// Extra librdkafka setting for the transactional producer, `key=value`.
+        #[arg(long = "set", value_parser = parse_key_value)]
+        producer_set: Vec<(String, String)>,
+        /// Commit without serving delivery reports first (rdkafka's flush then waits
+        /// 100 ms per commit): what a plain program gets.
+        #[arg(long)]
+        naive_flush: bool,
     },
     /// The auditing stage's batch status API (no Kafka, no store): an index of synthetic
     /// batches served over loopback TCP; latency of lookups (known, unknown, malformed
@@ -346,6 +381,53 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             .await?
         }
         Command::Bench {
+            command:
+                BenchCommand::Passthrough {
+                    bootstrap_servers,
+                    messages,
+                    size,
+                    partitions,
+                    txn_messages,
+                    txn_wait,
+                    debug,
+                    producer_set,
+                    naive_flush,
+                },
+        } => {
+            writeln!(
+                out,
+                "| messages per txn | messages | seconds | messages/s | txns | collect ms | produce ms | send_offsets ms | commit ms |\n|---|---|---|---|---|---|---|---|---|"
+            )?;
+            for n in txn_messages {
+                let r = bench_passthrough::run(bench_passthrough::PassthroughBench {
+                    bootstrap: bootstrap_servers.clone(),
+                    messages,
+                    size,
+                    partitions,
+                    txn_messages: n,
+                    txn_wait,
+                    debug: debug.clone(),
+                    producer_set: producer_set.clone(),
+                    naive_flush,
+                })
+                .await?;
+                let ms = |k: &str| r.phases.get(k).copied().unwrap_or(0.0);
+                writeln!(
+                    out,
+                    "| {n} | {} | {:.2} | {:.0} | {} | {:.1} | {:.1} | {:.1} | {:.1} |",
+                    r.messages,
+                    r.seconds,
+                    r.per_second(),
+                    r.transactions,
+                    ms("collect"),
+                    ms("produce"),
+                    ms("send_offsets"),
+                    ms("commit")
+                )?;
+                out.flush()?;
+            }
+        }
+        Command::Bench {
             command: BenchCommand::Canonize { records, rounds },
         } => {
             writeln!(out, "| case | records/s | resources/s |\n|---|---|---|")?;
@@ -536,4 +618,12 @@ async fn summary(
         }
     }
     Ok(())
+}
+
+/// `key=value`, for a librdkafka setting.
+fn parse_key_value(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
+        .filter(|(k, _)| !k.is_empty())
+        .ok_or_else(|| format!("expected key=value, got {s:?}"))
 }

@@ -292,11 +292,32 @@ where
                 r,
             )) => {
                 record = r;
-                producer.poll(Duration::from_millis(50));
+                // `BaseProducer::poll` blocks for its whole timeout, events or not.
+                producer.poll(Duration::from_millis(1));
             }
             Err((e, _)) => return Err(PipelineError::kafka("produce", e)),
         }
     }
+}
+
+/// Serves delivery reports in 1 ms steps until nothing is in flight, or `within` passed.
+/// Returns whether everything was delivered (or failed) in time.
+///
+/// Call it before `commit_transaction`. rdkafka's `BaseProducer::commit_transaction`
+/// first flushes, and its flush serves delivery reports with `poll(100 ms)`, which blocks
+/// for the full 100 ms even when the reports are already there: every commit cost at
+/// least 100 ms that way (BENCHMARKS.md, "Why a commit cost 100 ms"). Once the reports
+/// are served here, that flush returns at once.
+pub fn drain_deliveries(producer: &BaseProducer, within: Duration) -> bool {
+    let deadline = std::time::Instant::now() + within;
+    use rdkafka::producer::Producer;
+    while producer.in_flight_count() > 0 {
+        if std::time::Instant::now() >= deadline {
+            return false;
+        }
+        producer.poll(Duration::from_millis(1));
+    }
+    true
 }
 
 /// Retries a blocking call on retriable errors until it succeeds or shutdown.

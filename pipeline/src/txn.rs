@@ -182,6 +182,8 @@ impl Transactions {
                 return Err(self.explain(err));
             }
         }
+        // Whatever is still in flight after `timeout` is left to the commit's own flush.
+        crate::kafka::drain_deliveries(&self.producer, timeout);
         let mut attempt = 1;
         loop {
             match self.producer.commit_transaction(timeout) {
@@ -258,18 +260,41 @@ impl Transactions {
     }
 }
 
+/// The client settings of every transactional producer (also `medpipe bench
+/// passthrough`'s, so that its yardstick runs on the same settings).
+///
+/// `retry.backoff.ms` is 10 instead of librdkafka's 100: right after a commit the
+/// coordinator is still writing the previous transaction's markers for a few
+/// milliseconds, and answers the next transaction's `AddOffsetsToTxn` and
+/// `AddPartitionsToTxn` with CONCURRENT_TRANSACTIONS; librdkafka retries after the
+/// backoff, so the default cost every transaction about 100 ms more (BENCHMARKS.md).
+/// Retries still back off exponentially up to `retry.backoff.max.ms` (1 s).
+pub fn transactional_config(
+    bootstrap_servers: &str,
+    transactional_id: &str,
+    transaction_timeout: Duration,
+) -> rdkafka::ClientConfig {
+    let mut c = crate::kafka::producer_config(bootstrap_servers);
+    c.set("transactional.id", transactional_id)
+        .set(
+            "transaction.timeout.ms",
+            transaction_timeout.as_millis().to_string(),
+        )
+        .set("retry.backoff.ms", "10");
+    c
+}
+
 fn init(
     settings: &TxnSettings,
     shutdown: &CancellationToken,
 ) -> Result<BaseProducer, PipelineError> {
-    let producer: BaseProducer = crate::kafka::producer_config(&settings.bootstrap_servers)
-        .set("transactional.id", &settings.transactional_id)
-        .set(
-            "transaction.timeout.ms",
-            settings.transaction_timeout.as_millis().to_string(),
-        )
-        .create()
-        .map_err(kafka_err("create producer"))?;
+    let producer: BaseProducer = transactional_config(
+        &settings.bootstrap_servers,
+        &settings.transactional_id,
+        settings.transaction_timeout,
+    )
+    .create()
+    .map_err(kafka_err("create producer"))?;
     retry_until(shutdown, "init transactions", || {
         producer
             .init_transactions(Duration::from_secs(30))
