@@ -13,6 +13,7 @@ pub mod claims;
 pub mod formats;
 pub mod ledger;
 pub mod synthetic;
+pub mod watch;
 
 use std::collections::HashMap;
 use std::io::Read;
@@ -91,6 +92,8 @@ pub struct Ingestor {
     /// Committed ledger entries, by file SHA-256 (or `rejected:<claimed name>`).
     ledger: HashMap<String, ledger::Entry>,
     chunk: Chunk,
+    /// Wakes the idle loop when a file lands.
+    watch: watch::LandingWatch,
 }
 
 /// What the open transaction holds: when the chunk closes, and metrics once it commits.
@@ -117,6 +120,7 @@ impl Ingestor {
             info!(
                 landing = %me.config.folders.landing.display(),
                 ledger_entries = me.ledger.len(),
+                watching = me.watch.is_watching(),
                 "Ingestion started."
             );
             me.main_loop()?;
@@ -149,6 +153,7 @@ impl Ingestor {
         )?;
         let ledger = read_ledger(&config, &shutdown)?;
         let commands = command_consumer(&config)?;
+        let watch = watch::LandingWatch::new(&config.folders.landing);
         Ok(Ingestor {
             config,
             codec,
@@ -160,6 +165,7 @@ impl Ingestor {
             commands,
             ledger,
             chunk: Chunk::default(),
+            watch,
         })
     }
 
@@ -190,7 +196,9 @@ impl Ingestor {
         while !self.shutdown.is_cancelled() {
             match self.step() {
                 Ok(true) => continue,
-                Ok(false) => std::thread::sleep(self.config.poll_interval),
+                Ok(false) => {
+                    self.watch.wait(self.config.poll_interval);
+                }
                 Err(e) => {
                     if e.class() == ErrorClass::Fatal {
                         return Err(e);

@@ -92,10 +92,10 @@ pub struct RunnerArgs {
     #[arg(long, env = "MEDPIPE_GROUP_ID")]
     pub group_id: Option<String>,
     /// Most input messages in one transaction.
-    #[arg(long, env = "MEDPIPE_BATCH_MAX_MESSAGES", default_value_t = 500)]
+    #[arg(long, env = "MEDPIPE_BATCH_MAX_MESSAGES", default_value_t = 5000)]
     pub batch_max_messages: usize,
     /// Longest time spent collecting one transaction's input.
-    #[arg(long, env = "MEDPIPE_BATCH_MAX_WAIT", default_value = "100ms", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "MEDPIPE_BATCH_MAX_WAIT", default_value = "250ms", value_parser = humantime::parse_duration)]
     pub batch_max_wait: Duration,
     #[arg(long, env = "MEDPIPE_TRANSACTION_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
     pub transaction_timeout: Duration,

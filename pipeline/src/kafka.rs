@@ -55,7 +55,10 @@ pub fn consumer_config(bootstrap: &str, group_id: &str, role: ConsumerRole) -> C
         .set("statistics.interval.ms", "5000");
     match role {
         ConsumerRole::Stage { queued_max_kbytes } => {
+            // Enough prefetched for a transaction of `batch_max_messages` (5,000), the
+            // memory still bounded by `queued_max_kbytes`.
             c.set("enable.auto.offset.store", "false")
+                .set("queued.min.messages", "10000")
                 .set("max.poll.interval.ms", "120000")
                 .set("queued.max.messages.kbytes", queued_max_kbytes.to_string());
         }

@@ -258,6 +258,9 @@ struct Collected {
 /// How long a rewind waits for the committed offsets before recreating the consumer.
 const REWIND_WITHIN: Duration = Duration::from_secs(30);
 
+/// How long a transaction that has input waits for more before it commits.
+const LINGER_FOR_MORE: Duration = Duration::from_millis(2);
+
 /// How often `Stage::tick` runs.
 const TICK_EVERY: Duration = Duration::from_secs(1);
 
@@ -410,7 +413,8 @@ impl<S: Stage> Runner<S> {
         Ok(())
     }
 
-    /// Polls up to `batch_max_messages` or `batch_max_wait`, whichever comes first. A
+    /// Polls up to `batch_max_messages` or `batch_max_wait`, whichever comes first, and
+    /// stops early when no more input arrives within `LINGER_FOR_MORE`. A
     /// rebalance ends the round: what was collected before it is dropped (its partitions
     /// were revoked, or are re-read from the committed offsets), and a message the same
     /// poll returned after the rebalance is kept, since it comes from the new assignment.
@@ -423,10 +427,13 @@ impl<S: Stage> Runner<S> {
             if now >= deadline {
                 break;
             }
+            // Once a transaction has input, it takes only what arrives without a pause:
+            // under load the prefetch queue keeps it growing to its limits, and a lone
+            // record goes out at once instead of waiting out `batch_max_wait`.
             let wait = if batch.is_empty() {
                 Duration::from_millis(100)
             } else {
-                deadline.saturating_duration_since(now)
+                deadline.saturating_duration_since(now).min(LINGER_FOR_MORE)
             };
             let polled = self.consumer.poll(wait);
             let rebalanced = self
