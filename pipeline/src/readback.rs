@@ -36,6 +36,28 @@ pub fn read_entries(
         .collect())
 }
 
+/// A partition's watermarks. Retriable errors are retried until `deadline`: a topic
+/// created a moment ago answers NOT_LEADER_FOR_PARTITION until its leader is elected.
+fn watermarks(
+    consumer: &BaseConsumer,
+    topic: &str,
+    partition: i32,
+    deadline: Instant,
+) -> Result<(i64, i64), PipelineError> {
+    loop {
+        match consumer.fetch_watermarks(topic, partition, Duration::from_secs(10)) {
+            Ok(w) => return Ok(w),
+            Err(e) => {
+                let err = PipelineError::kafka("fetch watermarks", e);
+                if err.class() != crate::error::ErrorClass::Retry || Instant::now() >= deadline {
+                    return Err(err);
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        }
+    }
+}
+
 /// Reads every committed message of `topics` that exists now. Blocking: call it from a
 /// blocking thread when inside a runtime. Topics that do not exist are skipped.
 pub fn read_all(
@@ -49,15 +71,14 @@ pub fn read_all(
         .map_err(kafka_err("create consumer"))?;
     let mut tpl = TopicPartitionList::new();
     let mut ends: HashMap<(String, i32), i64> = HashMap::new();
+    let deadline = Instant::now() + timeout;
     for topic in topics {
         let md = consumer
             .fetch_metadata(Some(topic), Duration::from_secs(10))
             .map_err(kafka_err("fetch metadata"))?;
         for t in md.topics() {
             for p in t.partitions() {
-                let (_, high) = consumer
-                    .fetch_watermarks(topic, p.id(), Duration::from_secs(10))
-                    .map_err(kafka_err("fetch watermarks"))?;
+                let (_, high) = watermarks(&consumer, topic, p.id(), deadline)?;
                 if high > 0 {
                     tpl.add_partition_offset(topic, p.id(), Offset::Beginning)
                         .map_err(kafka_err("assign"))?;
@@ -71,7 +92,6 @@ pub fn read_all(
         return Ok(out);
     }
     consumer.assign(&tpl).map_err(kafka_err("assign"))?;
-    let deadline = Instant::now() + timeout;
     let mut idle_since = Instant::now();
     while !ends.is_empty() {
         if Instant::now() > deadline {

@@ -10,8 +10,8 @@ use axum::http::StatusCode;
 use axum::routing::get;
 use axum::Router;
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry,
-    TextEncoder,
+    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 use tokio_util::sync::CancellationToken;
 
@@ -41,6 +41,9 @@ pub struct StageMetrics {
     pub dead_letters: IntCounterVec,
     pub transactions_committed: IntCounter,
     pub transactions_aborted: IntCounter,
+    /// 1 while the stage is inside a commit (serving delivery reports, sending offsets,
+    /// `commit_transaction`): a stage stuck at 1 waits on its broker.
+    pub commit_in_flight: IntGauge,
     pub processing_seconds: Histogram,
     /// Times input was re-read from the committed offsets (and state reloaded), by
     /// reason: `rebalance` or `failed_batch`.
@@ -89,6 +92,11 @@ impl StageMetrics {
             "Kafka transactions aborted.",
         )
         .map_err(m)?;
+        let commit_in_flight = IntGauge::new(
+            name("commit_in_flight"),
+            "1 while a transaction commit is in progress.",
+        )
+        .map_err(m)?;
         let processing_seconds = Histogram::with_opts(HistogramOpts::new(
             name("batch_processing_seconds"),
             "Time from the first message of a batch to its committed transaction.",
@@ -120,6 +128,9 @@ impl StageMetrics {
             .register(Box::new(transactions_aborted.clone()))
             .map_err(m)?;
         registry
+            .register(Box::new(commit_in_flight.clone()))
+            .map_err(m)?;
+        registry
             .register(Box::new(processing_seconds.clone()))
             .map_err(m)?;
         registry
@@ -133,6 +144,7 @@ impl StageMetrics {
             dead_letters,
             transactions_committed,
             transactions_aborted,
+            commit_in_flight,
             processing_seconds,
             rewinds,
             consumer_lag,

@@ -172,6 +172,7 @@ impl Transactions {
         let Some(started) = self.open else {
             return Ok(());
         };
+        let _in_flight = InFlight::enter(&self.metrics.commit_in_flight);
         let timeout = self.settings.transaction_timeout;
         if let Some((tpl, group)) = offsets {
             if let Err(e) = self
@@ -257,6 +258,23 @@ impl Transactions {
             }
         }
         Ok(())
+    }
+}
+
+/// Holds the commit-in-flight gauge at 1 for its lifetime, whichever way the commit
+/// ends.
+struct InFlight(prometheus::IntGauge);
+
+impl InFlight {
+    fn enter(gauge: &prometheus::IntGauge) -> Self {
+        gauge.set(1);
+        InFlight(gauge.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.set(0);
     }
 }
 

@@ -191,6 +191,56 @@ fn a_coordinator_restart_during_in_flight_commits_loses_and_duplicates_nothing()
     );
 }
 
+/// A stage's `commit_in_flight` gauge, from its /metrics.
+fn commit_in_flight(p: &Pipeline, stage: &str) -> bool {
+    let name = format!("medpipe_{stage}_commit_in_flight ");
+    p.metrics(stage)
+        .lines()
+        .find_map(|l| l.strip_prefix(&name))
+        .is_some_and(|v| v.trim() == "1")
+}
+
+/// Stages are SIGKILLed while their commit is in flight: the broker is frozen, so each
+/// busy stage blocks inside its commit (its `commit_in_flight` gauge reads 1, its outputs
+/// are produced but not acknowledged), and those stages are killed there. The broker then
+/// resumes and the stages restart: each new incarnation's `init_transactions` fences the
+/// killed one and aborts its transaction, and the input is redone from the committed
+/// offsets.
+#[test]
+fn a_stage_killed_while_its_commit_is_in_flight_loses_and_duplicates_nothing() {
+    let broker = Broker::new();
+    let mut p = Pipeline::new();
+    let tail = p.tail();
+    let env = [("MEDPIPE_BATCH_MAX_MESSAGES", "50")];
+    let batches = start_flowing(&mut p, &tail, &env);
+    broker.pause();
+    assert_mid_stream(&tail, &p, &batches, "broker freeze");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut in_commit: Vec<&str> = Vec::new();
+    while Instant::now() < deadline && in_commit.len() < STAGES.len() {
+        for s in STAGES {
+            if !in_commit.contains(&s) && commit_in_flight(&p, s) {
+                in_commit.push(s);
+            }
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        in_commit.contains(&"anonymization") || in_commit.contains(&"canonization"),
+        "neither anonymization nor canonization reached a commit while the broker was \
+         frozen (in a commit: {in_commit:?}); the test did not test it"
+    );
+    for s in &in_commit {
+        p.kill(s);
+    }
+    eprintln!("killed while committing: {in_commit:?}");
+    broker.resume();
+    for s in &in_commit {
+        p.start(s, &env);
+    }
+    settle_and_check(&mut p, tail, &batches);
+}
+
 /// A second anonymization instance with the same transactional id (a misconfigured
 /// replica, or a zombie coming back) fences the first: the first must stop writing and
 /// exit, and the records stay exactly once.
