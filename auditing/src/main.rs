@@ -1,6 +1,12 @@
 //! medpipe-auditing: appends every pipeline event to the hash-chained audit store, signs
 //! checkpoints, runs the compliance monitors and publishes on the audit topic.
 
+/// mimalloc instead of glibc's malloc: the stages allocate many small, short-lived
+/// values per record (JSON trees, Avro values), and glibc's allocator took about 40% of
+/// the de-identification engine's time (BENCHMARKS.md, "The allocator").
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::path::PathBuf;
 use std::time::Duration;
 

@@ -1,5 +1,11 @@
 //! medpipe-canonization: maps anonymized records to canonical topics, exactly once.
 
+/// mimalloc instead of glibc's malloc: the stages allocate many small, short-lived
+/// values per record (JSON trees, Avro values), and glibc's allocator took about 40% of
+/// the de-identification engine's time (BENCHMARKS.md, "The allocator").
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::path::PathBuf;
 
 use anyhow::Context;
