@@ -7,6 +7,7 @@ mod batch;
 mod bench;
 mod bench_audit;
 mod bench_passthrough;
+mod bench_pipeline;
 mod bench_status;
 mod dlq;
 mod redrive;
@@ -220,6 +221,47 @@ enum BenchCommand {
         records: usize,
         #[arg(long, default_value_t = 3)]
         rounds: usize,
+    },
+    /// The whole pipeline end to end: the four release stage binaries on a fresh topic
+    /// prefix; generated FHIR NDJSON files (Patients and Observations) moved into
+    /// landing at once and timed until every canonical record is committed; each stage's
+    /// CPU and memory, auditing's catch-up, one-record latency, and the passthrough
+    /// yardstick at the stages' transaction size.
+    Pipeline {
+        #[command(flatten)]
+        kafka: KafkaArgs,
+        /// Input records in all, split evenly over the files.
+        #[arg(long, default_value_t = 100_000)]
+        records: usize,
+        /// FHIR NDJSON files (one batch each), moved into landing together.
+        #[arg(long, default_value_t = 4)]
+        files: usize,
+        /// Record types, cycled through in each file; must start with patient (each
+        /// Observation refers to the Patient before it).
+        #[arg(
+            long,
+            value_enum,
+            value_delimiter = ',',
+            default_value = "patient,observation"
+        )]
+        mix: Vec<bench_pipeline::RecordKind>,
+        /// Messages per transaction in the stages (MEDPIPE_BATCH_MAX_MESSAGES); default:
+        /// the stages' own. The yardstick runs at the same size.
+        #[arg(long)]
+        txn_messages: Option<usize>,
+        /// One-record Patient files dropped one at a time, for the latency figures.
+        #[arg(long, default_value_t = 20)]
+        latency_files: usize,
+        /// Generated files, stage folders and logs go here (removed afterwards, kept
+        /// when the run fails).
+        #[arg(long, default_value = "/tmp/medpipe-bench")]
+        work_dir: PathBuf,
+        /// Leave the benchmark's topics on the broker.
+        #[arg(long)]
+        keep_topics: bool,
+        /// Give up (stopping the stages and keeping their logs) after this long.
+        #[arg(long, default_value = "30m", value_parser = humantime::parse_duration)]
+        timeout: Duration,
     },
     /// Generate a synthetic file, ingest it with medpipe-ingestion, report records/s
     /// and the process's peak resident memory.
@@ -470,6 +512,37 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     out.flush()?;
                 }
             }
+        }
+        Command::Bench {
+            command:
+                BenchCommand::Pipeline {
+                    kafka,
+                    records,
+                    files,
+                    mix,
+                    txn_messages,
+                    latency_files,
+                    work_dir,
+                    keep_topics,
+                    timeout,
+                },
+        } => {
+            let report = bench_pipeline::run(bench_pipeline::PipelineBench {
+                kafka,
+                records,
+                files,
+                mix,
+                txn_messages,
+                latency_files,
+                work_dir,
+                keep_topics,
+                timeout,
+            })
+            .await?;
+            report.write(&mut out)?;
+            report
+                .passthrough
+                .context("the passthrough yardstick failed")?;
         }
         Command::Audit { command } => audit::run(command, &mut out).await?,
         Command::Dlq { command } => dlq::run(command, &mut out).await?,
