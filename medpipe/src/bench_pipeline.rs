@@ -55,20 +55,43 @@ pub enum RecordKind {
     Observation,
 }
 
-/// What to run.
-#[derive(Debug, Clone)]
+/// What to run: `medpipe bench pipeline`'s flags.
+#[derive(clap::Args, Debug, Clone)]
 pub struct PipelineBench {
+    /// The broker and registry; the topic prefix is replaced by a fresh one.
+    #[command(flatten)]
     pub kafka: KafkaArgs,
-    /// Input records in all, split evenly over `files`.
+    /// Input records in all, split evenly over the files.
+    #[arg(long, default_value_t = 100_000)]
     pub records: usize,
+    /// FHIR NDJSON files (one batch each), moved into landing together.
+    #[arg(long, default_value_t = 4)]
     pub files: usize,
-    /// Record kinds, cycled through in each file; starts with a Patient.
+    /// Record types, cycled through in each file; must start with patient (each
+    /// Observation refers to the Patient before it).
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "patient,observation"
+    )]
     pub mix: Vec<RecordKind>,
-    /// `MEDPIPE_BATCH_MAX_MESSAGES` for the stages; `None` leaves their default.
+    /// Messages per transaction in the stages (MEDPIPE_BATCH_MAX_MESSAGES); default:
+    /// the stages' own. The yardstick runs at the same size.
+    #[arg(long)]
     pub txn_messages: Option<usize>,
+    /// One-record Patient files dropped one at a time, for the latency figures.
+    #[arg(long, default_value_t = 20)]
     pub latency_files: usize,
+    /// Generated files, stage folders and logs go here (removed afterwards, kept when
+    /// the run fails).
+    #[arg(long, default_value = "/tmp/medpipe-bench")]
     pub work_dir: PathBuf,
+    /// Leave the benchmark's topics on the broker.
+    #[arg(long)]
     pub keep_topics: bool,
+    /// Give up (stopping the stages and keeping their logs) after this long.
+    #[arg(long, default_value = "30m", value_parser = humantime::parse_duration)]
     pub timeout: Duration,
 }
 
