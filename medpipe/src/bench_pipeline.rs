@@ -396,7 +396,10 @@ fn drive(
                 peak_core_percent: t.peak.get(i).copied().unwrap_or_default(),
                 rss_tenth_kib: of(&t.rss_tenth).rss_kib,
                 rss_end_kib: of(&t.after).rss_kib,
-                peak_rss_kib: bench::peak_rss_kib(watch.pids[i])?,
+                // The kernel updates VmHWM lazily: a sample of VmRSS can be above it.
+                peak_rss_kib: bench::peak_rss_kib(watch.pids[i])?
+                    .max(of(&t.rss_tenth).rss_kib)
+                    .max(of(&t.after).rss_kib),
             })
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
