@@ -15,7 +15,8 @@ use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
 
 /// A throwaway master key for benchmark data (synthetic, deleted afterwards).
-const BENCH_KEY: &str = "4242424242424242424242424242424242424242424242424242424242424242";
+pub(crate) const BENCH_KEY: &str =
+    "4242424242424242424242424242424242424242424242424242424242424242";
 
 pub struct IngestBench {
     pub kafka: KafkaArgs,
@@ -91,17 +92,24 @@ pub async fn ingest(b: IngestBench) -> anyhow::Result<IngestResult> {
     })
 }
 
-fn spawn_ingestion(kafka: &KafkaArgs, dir: &Path, log: &Path) -> anyhow::Result<Child> {
+/// A stage binary (`medpipe-ingestion`, ...) in the directory of this executable, where
+/// `cargo build --release --workspace --bins` puts them all.
+pub(crate) fn stage_exe(name: &str) -> anyhow::Result<PathBuf> {
     let exe = std::env::current_exe()?
         .parent()
-        .map(|d| d.join("medpipe-ingestion"))
-        .context("cannot locate medpipe-ingestion")?;
+        .map(|d| d.join(name))
+        .with_context(|| format!("cannot locate {name}"))?;
     if !exe.exists() {
         bail!(
-            "{} is missing: build it with `cargo build --release --bins`",
+            "{} is missing: build it with `cargo build --release --workspace --bins`",
             exe.display()
         );
     }
+    Ok(exe)
+}
+
+fn spawn_ingestion(kafka: &KafkaArgs, dir: &Path, log: &Path) -> anyhow::Result<Child> {
+    let exe = stage_exe("medpipe-ingestion")?;
     let out = std::fs::File::create(log)?;
     Ok(Command::new(exe)
         .env("MEDPIPE_BOOTSTRAP_SERVERS", &kafka.bootstrap_servers)
@@ -186,16 +194,24 @@ fn measure(
 }
 
 /// The process's high-water mark of resident memory (`VmHWM`), in KiB.
-fn peak_rss_kib(pid: u32) -> anyhow::Result<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .context("no VmHWM in /proc status")
+pub(crate) fn peak_rss_kib(pid: u32) -> anyhow::Result<u64> {
+    proc_status_kib(pid, "VmHWM")
 }
 
-async fn delete_topics(kafka: &KafkaArgs) {
+/// A `kB` field of `/proc/<pid>/status` (`VmHWM`, `VmRSS`), in KiB.
+pub(crate) fn proc_status_kib(pid: u32, field: &str) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .with_context(|| format!("cannot read /proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .with_context(|| format!("no {field} in /proc/{pid}/status"))
+}
+
+/// Deletes every topic `pipeline::stage::prepare` created for the prefix: the event
+/// topics, the ingestion and redrive ledgers and the stages' state topics.
+pub(crate) async fn delete_topics(kafka: &KafkaArgs) {
     use rdkafka::admin::{AdminClient, AdminOptions};
     let admin: Result<AdminClient<rdkafka::client::DefaultClientContext>, _> =
         pipeline::kafka::admin_config(&kafka.bootstrap_servers).create();
@@ -203,6 +219,12 @@ async fn delete_topics(kafka: &KafkaArgs) {
         let topics = kafka.topics();
         let mut names = topics.all();
         names.push(topics.ingestion_ledger());
+        names.push(topics.redrive_ledger());
+        names.extend(
+            pipeline::topics::STATE_STAGES
+                .iter()
+                .map(|s| topics.state(s)),
+        );
         let refs: Vec<&str> = names.iter().map(String::as_str).collect();
         if let Err(e) = admin.delete_topics(&refs, &AdminOptions::new()).await {
             eprintln!("warning: could not delete the benchmark topics: {e}");

@@ -13,6 +13,7 @@ mod batch;
 mod bench;
 mod bench_audit;
 mod bench_passthrough;
+mod bench_pipeline;
 mod bench_status;
 mod dlq;
 mod redrive;
@@ -227,6 +228,12 @@ enum BenchCommand {
         #[arg(long, default_value_t = 3)]
         rounds: usize,
     },
+    /// The whole pipeline end to end: the four release stage binaries on a fresh topic
+    /// prefix; generated FHIR NDJSON files (Patients and Observations) moved into
+    /// landing at once and timed until every canonical record is committed; each stage's
+    /// CPU and memory, auditing's catch-up, one-record latency, and the passthrough
+    /// yardstick at the stages' transaction size.
+    Pipeline(bench_pipeline::PipelineBench),
     /// Generate a synthetic file, ingest it with medpipe-ingestion, report records/s
     /// and the process's peak resident memory.
     Ingest {
@@ -476,6 +483,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     out.flush()?;
                 }
             }
+        }
+        Command::Bench {
+            command: BenchCommand::Pipeline(args),
+        } => {
+            let report = bench_pipeline::run(args).await?;
+            report.write(&mut out)?;
+            report
+                .passthrough
+                .context("the passthrough yardstick failed")?;
         }
         Command::Audit { command } => audit::run(command, &mut out).await?,
         Command::Dlq { command } => dlq::run(command, &mut out).await?,
