@@ -478,7 +478,7 @@ impl Auditor {
     /// Publishes what is durable but unpublished, in transactions of bounded size, each
     /// with the publisher's new position.
     fn publish(&mut self, shutdown: &CancellationToken) -> Result<(), PipelineError> {
-        const MAX_PER_TXN: usize = 2000;
+        const MAX_PER_TXN: usize = 5000;
         while !self.unpublished.is_empty() || !self.unpublished_heads.is_empty() {
             let n = self.unpublished.len().min(MAX_PER_TXN);
             // A checkpoint goes out only once the entries it covers have.

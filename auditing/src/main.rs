@@ -35,7 +35,7 @@ struct Args {
     group_id: Option<String>,
     #[arg(long, env = "MEDPIPE_TRANSACTIONAL_ID")]
     transactional_id: Option<String>,
-    #[arg(long, env = "MEDPIPE_BATCH_MAX_MESSAGES", default_value_t = 500)]
+    #[arg(long, env = "MEDPIPE_BATCH_MAX_MESSAGES", default_value_t = 5000)]
     batch_max_messages: usize,
     #[arg(long, env = "MEDPIPE_BATCH_MAX_WAIT", default_value = "200ms", value_parser = humantime::parse_duration)]
     batch_max_wait: Duration,

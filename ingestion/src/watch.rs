@@ -10,8 +10,21 @@ use std::path::Path;
 use std::sync::mpsc::{channel, Receiver, RecvTimeoutError};
 use std::time::Duration;
 
-use notify::{RecommendedWatcher, RecursiveMode, Watcher};
+use notify::event::{AccessKind, AccessMode, ModifyKind};
+use notify::{EventKind, RecommendedWatcher, RecursiveMode, Watcher};
 use tracing::warn;
+
+/// Whether an event can mean a file arrived: created, moved in, or written and closed.
+/// Not opening or reading: the loop's own listing of the folder opens it, and waking on
+/// that would wake the loop again at once, for ever.
+fn lands(kind: &EventKind) -> bool {
+    matches!(
+        kind,
+        EventKind::Create(_)
+            | EventKind::Modify(ModifyKind::Name(_) | ModifyKind::Data(_) | ModifyKind::Any)
+            | EventKind::Access(AccessKind::Close(AccessMode::Write))
+    )
+}
 
 /// A wake-up on changes in one folder, or plain sleeping when none could be set up.
 pub struct LandingWatch {
@@ -23,7 +36,7 @@ impl LandingWatch {
     pub fn new(dir: &Path) -> Self {
         let (tx, rx) = channel();
         let watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-            if event.is_ok() {
+            if event.is_ok_and(|e| lands(&e.kind)) {
                 // The receiver is gone only while the process is stopping.
                 let _ = tx.send(());
             }
@@ -93,5 +106,28 @@ mod tests {
         let dir = tempfile::tempdir().expect("temp dir");
         let watch = LandingWatch::new(dir.path());
         assert!(!watch.wait(Duration::from_millis(20)));
+    }
+
+    #[test]
+    fn listing_and_reading_the_folder_wake_nothing() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        std::fs::write(dir.path().join("a.ndjson"), b"{}\n").expect("write");
+        let watch = LandingWatch::new(dir.path());
+        // What the ingestion loop does on every round.
+        let listed = crate::claims::files_in(dir.path()).expect("list");
+        let _ = std::fs::read(&listed[0]).expect("read");
+        assert!(!watch.wait(Duration::from_millis(200)));
+    }
+
+    #[test]
+    fn a_file_moved_in_wakes_the_wait() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let landing = dir.path().join("landing");
+        std::fs::create_dir(&landing).expect("mkdir");
+        let staged = dir.path().join("b.ndjson");
+        std::fs::write(&staged, b"{}\n").expect("write");
+        let watch = LandingWatch::new(&landing);
+        std::fs::rename(&staged, landing.join("b.ndjson")).expect("rename");
+        assert!(watch.wait(Duration::from_secs(60)));
     }
 }

@@ -295,16 +295,30 @@ where
                 r,
             )) => {
                 record = r;
-                // `BaseProducer::poll` blocks for its whole timeout, events or not.
-                producer.poll(Duration::from_millis(1));
+                serve_or_sleep(producer);
             }
             Err((e, _)) => return Err(PipelineError::kafka("produce", e)),
         }
     }
 }
 
-/// Serves delivery reports in 1 ms steps until nothing is in flight, or `within` passed.
-/// Returns whether everything was delivered (or failed) in time.
+/// Serves the delivery reports that are ready, and sleeps a little when there were none.
+///
+/// rdkafka's `BaseProducer::poll(t)` does not return at the first event: it serves
+/// events until `t` has passed, and below 1 ms it spins (librdkafka's wait is in whole
+/// milliseconds). So a short `poll` burns a core and a long one always waits it out; a
+/// zero-time `poll` and a short sleep do neither.
+fn serve_or_sleep(producer: &BaseProducer) {
+    use rdkafka::producer::Producer;
+    let before = producer.in_flight_count();
+    producer.poll(Duration::ZERO);
+    if producer.in_flight_count() == before {
+        std::thread::sleep(Duration::from_micros(250));
+    }
+}
+
+/// Serves delivery reports until nothing is in flight, or `within` passed. Returns
+/// whether everything was delivered (or failed) in time.
 ///
 /// Call it before `commit_transaction`. rdkafka's `BaseProducer::commit_transaction`
 /// first flushes, and its flush serves delivery reports with `poll(100 ms)`, which blocks
@@ -312,13 +326,13 @@ where
 /// least 100 ms that way (BENCHMARKS.md, "Why a commit cost 100 ms"). Once the reports
 /// are served here, that flush returns at once.
 pub fn drain_deliveries(producer: &BaseProducer, within: Duration) -> bool {
-    let deadline = std::time::Instant::now() + within;
     use rdkafka::producer::Producer;
+    let deadline = std::time::Instant::now() + within;
     while producer.in_flight_count() > 0 {
         if std::time::Instant::now() >= deadline {
             return false;
         }
-        producer.poll(Duration::from_millis(1));
+        serve_or_sleep(producer);
     }
     true
 }
