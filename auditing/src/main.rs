@@ -67,9 +67,7 @@ struct Args {
     #[arg(long, env = "MEDPIPE_LINEAGE_GRACE", default_value = "30s", value_parser = humantime::parse_duration)]
     lineage_grace: Duration,
     /// Event ids the lineage monitor keeps in memory; older ones are looked up on disk.
-    /// Each costs about 400 bytes: at 1,000,000 the stage held 400 MB more at a
-    /// 1M-record run (BENCHMARKS.md, "End to end").
-    #[arg(long, env = "MEDPIPE_LINEAGE_MAX_TRACKED", default_value_t = 200_000)]
+    #[arg(long, env = "MEDPIPE_LINEAGE_MAX_TRACKED", default_value_t = 1_000_000)]
     lineage_max_tracked: usize,
     /// Share of anonymized and canonical payloads the PHI sentinel scans, 0.0 to 1.0.
     #[arg(long, env = "MEDPIPE_SENTINEL_SAMPLE_RATE", default_value_t = 0.1)]
