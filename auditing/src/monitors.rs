@@ -21,7 +21,14 @@
 //!
 //! - `events`: id, type, service, cause and location of the last `max_tracked_events`
 //!   events, evicted oldest first. Used for duplicated ids and lineage; `CauseLookup`
-//!   answers for what was evicted.
+//!   answers for what was evicted. About 83 bytes an event at the default million (it
+//!   was about 400 with owned strings): a 72-byte entry in the FIFO's ring (ids as
+//!   `EventKey`s, 16 bytes inline for a UUID; types, services and topics interned) and
+//!   a 4-byte position in its hash table, whose 2^21 buckets of 5 bytes (with the control
+//!   byte) come to about 10.5 bytes an event (84 measured by the ignored `events_memory`
+//!   test). An id that is not a lowercase hyphenated UUID adds its own allocation.
+//! - `strings`: the distinct event types, services and topics of the tracked events
+//!   (tens), each dropped with the last tracked event that used it.
 //! - `fired`: the last `max_tracked_events` alert ids, evicted oldest first. A stall keeps
 //!   its own "alerted" flag too, so eviction cannot re-fire a stall.
 //! - `clocks`: one per open (batch, stage), dropped at the stage's closing event. A stage
@@ -36,12 +43,15 @@
 //!   `lineage_grace`), so bounded by the event rate times the grace.
 //! - `owed`: alerts raised during replay and not yet matched by their recorded entry.
 
-use std::borrow::Borrow;
-use std::collections::hash_map::{DefaultHasher, Entry};
+use std::borrow::{Borrow, Cow};
+use std::collections::hash_map::{DefaultHasher, Entry, RandomState};
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
-use std::hash::{Hash, Hasher};
+use std::fmt;
+use std::hash::{BuildHasher, Hash, Hasher};
+use std::num::NonZeroU32;
 use std::time::Duration;
 
+use hashbrown::HashTable;
 use pipeline::events::EventType;
 use uuid::Uuid;
 
@@ -258,61 +268,208 @@ fn id_hash(id: &str) -> u64 {
     h.finish()
 }
 
-/// A map that keeps its newest `cap` keys. Keys are never removed otherwise, so the order
-/// queue and the map always hold the same keys.
+/// A map that keeps its newest `cap` keys. Each entry is stored once, in a ring in
+/// arrival order; the hash table holds only its sequence number, so the key is not
+/// stored twice and the table costs 4 bytes a bucket. Keys are never removed otherwise,
+/// so the ring and the table always hold the same entries.
 #[derive(Debug)]
 struct Fifo<K, V> {
-    map: HashMap<K, V>,
-    order: VecDeque<K>,
+    /// Oldest first: `ring[i]` has sequence number `base + i` (wrapping).
+    ring: VecDeque<(K, V)>,
+    /// Sequence numbers of the ring's entries, hashed by key.
+    index: HashTable<u32>,
+    base: u32,
+    hasher: RandomState,
     cap: usize,
 }
 
-impl<K: Hash + Eq + Clone, V> Fifo<K, V> {
+/// Sequence numbers wrap at 2^32, so the ring (at most `cap + 1` entries) must stay
+/// shorter than that. A larger cap would need hundreds of gigabytes anyway.
+const MAX_FIFO_CAP: usize = 1 << 30;
+
+impl<K: Hash + Eq, V> Fifo<K, V> {
     fn new(cap: usize) -> Self {
         Fifo {
-            map: HashMap::new(),
-            order: VecDeque::new(),
-            cap,
+            ring: VecDeque::new(),
+            index: HashTable::new(),
+            base: 0,
+            hasher: RandomState::new(),
+            cap: cap.min(MAX_FIFO_CAP),
         }
     }
 
-    /// Inserts unless present; evicts the oldest keys beyond `cap`.
-    fn insert(&mut self, key: K, value: V) {
-        if self.map.contains_key(&key) {
-            return;
+    /// Inserts unless present. Returns the oldest entry if it was evicted to make room.
+    fn insert(&mut self, key: K, value: V) -> Option<(K, V)> {
+        if self.position(&key).is_some() {
+            return None;
         }
-        self.map.insert(key.clone(), value);
-        self.order.push_back(key);
-        while self.map.len() > self.cap {
-            match self.order.pop_front() {
-                Some(old) => {
-                    self.map.remove(&old);
-                }
-                None => break,
-            }
+        if self.ring.len() == self.ring.capacity() {
+            // Doubling, but never past the cap: a full ring wastes no slots.
+            let room = self.ring.len().max(4).min(self.cap + 1 - self.ring.len());
+            self.ring.reserve_exact(room);
         }
+        let hash = self.hasher.hash_one(&key);
+        // Fits: the ring holds at most `cap + 1` entries and cap is at most 2^30.
+        let seq = self.base.wrapping_add(self.ring.len() as u32);
+        self.ring.push_back((key, value));
+        let (ring, hasher, base) = (&self.ring, &self.hasher, self.base);
+        self.index.insert_unique(hash, seq, |&s| {
+            ring.get(s.wrapping_sub(base) as usize)
+                .map_or(0, |(k, _)| hasher.hash_one(k))
+        });
+        if self.ring.len() <= self.cap {
+            return None;
+        }
+        let old = self.ring.pop_front()?;
+        let base = self.base;
+        if let Ok(entry) = self
+            .index
+            .find_entry(self.hasher.hash_one(&old.0), |&s| s == base)
+        {
+            entry.remove();
+        }
+        self.base = self.base.wrapping_add(1);
+        Some(old)
+    }
+
+    /// Where `key` sits in the ring.
+    fn position<Q: Hash + Eq + ?Sized>(&self, key: &Q) -> Option<usize>
+    where
+        K: Borrow<Q>,
+    {
+        let slot = |s: u32| s.wrapping_sub(self.base) as usize;
+        self.index
+            .find(self.hasher.hash_one(key), |&s| {
+                self.ring
+                    .get(slot(s))
+                    .is_some_and(|(k, _)| k.borrow() == key)
+            })
+            .map(|&s| slot(s))
     }
 
     fn get<Q: Hash + Eq + ?Sized>(&self, key: &Q) -> Option<&V>
     where
         K: Borrow<Q>,
     {
-        self.map.get(key)
+        let i = self.position(key)?;
+        self.ring.get(i).map(|(_, v)| v)
     }
 
-    fn get_mut(&mut self, key: &K) -> Option<&mut V> {
-        self.map.get_mut(key)
+    fn get_mut<Q: Hash + Eq + ?Sized>(&mut self, key: &Q) -> Option<&mut V>
+    where
+        K: Borrow<Q>,
+    {
+        let i = self.position(key)?;
+        self.ring.get_mut(i).map(|(_, v)| v)
     }
 
     fn contains<Q: Hash + Eq + ?Sized>(&self, key: &Q) -> bool
     where
         K: Borrow<Q>,
     {
-        self.map.contains_key(key)
+        self.position(key).is_some()
     }
 
     fn len(&self) -> usize {
-        self.map.len()
+        self.ring.len()
+    }
+}
+
+/// An event id, compact but exact. A UUID written the way the pipeline writes them
+/// (lowercase, hyphenated) is kept as its 16 bytes; any other id, including a UUID in
+/// another form, as written. So two distinct ids never compare equal (which would raise
+/// a false duplicate alert), and `to_string` gives back the id exactly as it came.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum EventKey {
+    Uuid(Uuid),
+    Other(Box<str>),
+}
+
+impl EventKey {
+    fn of(id: &str) -> Self {
+        if id.len() == uuid::fmt::Hyphenated::LENGTH {
+            if let Ok(u) = Uuid::try_parse(id) {
+                let mut buf = Uuid::encode_buffer();
+                if u.hyphenated().encode_lower(&mut buf) == id {
+                    return EventKey::Uuid(u);
+                }
+            }
+        }
+        EventKey::Other(id.into())
+    }
+}
+
+impl fmt::Display for EventKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            EventKey::Uuid(u) => fmt::Display::fmt(&u.hyphenated(), f),
+            EventKey::Other(id) => f.write_str(id),
+        }
+    }
+}
+
+/// An interned string in `Strings`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Sym(NonZeroU32);
+
+impl Sym {
+    fn index(self) -> usize {
+        self.0.get() as usize - 1
+    }
+}
+
+/// The event types, services and topics of the tracked events, each stored once: they
+/// repeat across millions of events but take tens of values. Counted, so a value goes
+/// with the last tracked event that used it and a producer sending ever new values
+/// cannot grow this table past the events table.
+#[derive(Debug, Default)]
+struct Strings {
+    syms: HashMap<Box<str>, Sym>,
+    /// By `Sym::index`: the value and how many tracked events use it (0: a free slot).
+    values: Vec<(Box<str>, u32)>,
+    free: Vec<Sym>,
+}
+
+impl Strings {
+    fn intern(&mut self, s: &str) -> Sym {
+        if let Some(&sym) = self.syms.get(s) {
+            if let Some((_, uses)) = self.values.get_mut(sym.index()) {
+                *uses += 1;
+            }
+            return sym;
+        }
+        let sym = match self.free.pop() {
+            Some(sym) => {
+                if let Some(slot) = self.values.get_mut(sym.index()) {
+                    *slot = (s.into(), 1);
+                }
+                sym
+            }
+            None => {
+                self.values.push((s.into(), 1));
+                // At most three values an event for at most 2^30 + 1 events: never saturates.
+                let index = u32::try_from(self.values.len() - 1).unwrap_or(u32::MAX);
+                Sym(NonZeroU32::MIN.saturating_add(index))
+            }
+        };
+        self.syms.insert(s.into(), sym);
+        sym
+    }
+
+    fn get(&self, sym: Sym) -> &str {
+        self.values.get(sym.index()).map_or("", |(s, _)| s)
+    }
+
+    fn release(&mut self, sym: Sym) {
+        let Some((value, uses)) = self.values.get_mut(sym.index()) else {
+            return;
+        };
+        *uses = uses.saturating_sub(1);
+        if *uses == 0 {
+            self.syms.remove(&**value);
+            *value = Box::default();
+            self.free.push(sym);
+        }
     }
 }
 
@@ -331,18 +488,17 @@ impl Location {
             offset: o.offset,
         }
     }
-
-    fn is(&self, o: &Observation) -> bool {
-        self.topic == o.topic && self.partition == o.partition && self.offset == o.offset
-    }
 }
 
+/// What duplicate and lineage checks need of a tracked event, in 48 bytes.
 #[derive(Debug)]
 struct EventInfo {
-    event_type: String,
-    source_service: Option<String>,
-    causation_id: Option<String>,
-    at: Location,
+    causation_id: Option<EventKey>,
+    offset: i64,
+    partition: i32,
+    topic: Sym,
+    event_type: Sym,
+    source_service: Option<Sym>,
 }
 
 type StageKey = (String, Stage);
@@ -432,7 +588,9 @@ pub struct Monitors {
     stall_sla: i64,
     gap_grace: i64,
     lineage_grace: i64,
-    events: Fifo<String, EventInfo>,
+    events: Fifo<EventKey, EventInfo>,
+    /// The strings `events` refers to.
+    strings: Strings,
     fired: Fifo<String, ()>,
     clocks: BTreeMap<StageKey, Clock>,
     closed: Fifo<StageKey, Closed>,
@@ -456,6 +614,7 @@ impl Monitors {
             gap_grace: micros(cfg.gap_grace),
             lineage_grace: micros(cfg.lineage_grace),
             events: Fifo::new(cap),
+            strings: Strings::default(),
             fired: Fifo::new(cap),
             clocks: BTreeMap::new(),
             closed: Fifo::new(cap),
@@ -499,9 +658,16 @@ impl Monitors {
             self.sweep(o.recorded_at, None, &mut out);
         }
         if let Some(id) = o.event_id {
-            match self.events.get(id) {
+            let key = EventKey::of(id);
+            match self.events.get(&key) {
                 // The same entry fed twice: nothing new.
-                Some(first) if first.at.is(o) => return out,
+                Some(first)
+                    if self.strings.get(first.topic) == o.topic
+                        && first.partition == o.partition
+                        && first.offset == o.offset =>
+                {
+                    return out
+                }
                 Some(first) => {
                     let alert = Alert {
                         id: alert_id(AlertKind::Gap, &["event", id]),
@@ -512,22 +678,14 @@ impl Monitors {
                         offset: Some(o.offset),
                         detail: format!(
                             "duplicated event id: {} also at partition {} offset {}",
-                            o.event_type, first.at.partition, first.at.offset
+                            o.event_type, first.partition, first.offset
                         ),
                     };
                     self.emit(alert, &mut out);
                     // A copy adds nothing to counts, clocks or lineage.
                     return out;
                 }
-                None => self.events.insert(
-                    id.to_string(),
-                    EventInfo {
-                        event_type: o.event_type.to_string(),
-                        source_service: o.source_service.map(str::to_string),
-                        causation_id: o.causation_id.map(str::to_string),
-                        at: Location::of(o),
-                    },
-                ),
+                None => self.track(key, o),
             }
         }
         let Some((stage, role)) = classify(o.event_type) else {
@@ -551,6 +709,25 @@ impl Monitors {
             self.check_lineage(o, &mut out);
         }
         out
+    }
+
+    /// Remembers a new event, and forgets the oldest one if it is over the cap.
+    fn track(&mut self, key: EventKey, o: &Observation) {
+        let info = EventInfo {
+            causation_id: o.causation_id.map(EventKey::of),
+            offset: o.offset,
+            partition: o.partition,
+            topic: self.strings.intern(o.topic),
+            event_type: self.strings.intern(o.event_type),
+            source_service: o.source_service.map(|s| self.strings.intern(s)),
+        };
+        if let Some((_, old)) = self.events.insert(key, info) {
+            self.strings.release(old.topic);
+            self.strings.release(old.event_type);
+            if let Some(service) = old.source_service {
+                self.strings.release(service);
+            }
+        }
     }
 
     /// Time-based checks. `now` in micros. `lookup` resolves causes no longer (or not
@@ -823,7 +1000,9 @@ impl Monitors {
         self.records.remove(&settle.key);
         match self.closed.get_mut(&settle.key) {
             Some(state) => *state = Closed::Settled,
-            None => self.closed.insert(settle.key, Closed::Settled),
+            None => {
+                self.closed.insert(settle.key, Closed::Settled);
+            }
         }
     }
 
@@ -857,26 +1036,35 @@ impl Monitors {
     /// Walks the causation chain, from memory first and then from `lookup`, for at most
     /// `MAX_LINEAGE_HOPS` hops, looking for an event of the anonymization stage.
     fn resolve(&self, check: &LineageCheck, lookup: Option<&dyn CauseLookup>) -> Lineage {
-        let Some(mut cause) = check.causation_id.clone() else {
+        let Some(mut cause) = check.causation_id.as_deref().map(EventKey::of) else {
             return Lineage::Broken(format!("{} has no causation id", check.event_type));
         };
         for hop in 1..=MAX_LINEAGE_HOPS {
-            let known = match self.events.get(cause.as_str()) {
+            let known = match self.events.get(&cause) {
                 Some(e) => Some((
-                    e.event_type.clone(),
-                    e.source_service.clone(),
+                    Cow::Borrowed(self.strings.get(e.event_type)),
+                    e.source_service
+                        .is_some_and(|s| self.strings.get(s) == ANONYMIZATION_SERVICE),
                     e.causation_id.clone(),
                 )),
-                None => lookup.and_then(|l| l.source_of(&cause)),
+                None => lookup.and_then(|l| l.source_of(&cause.to_string())).map(
+                    |(event_type, service, next)| {
+                        (
+                            Cow::Owned(event_type),
+                            service.as_deref() == Some(ANONYMIZATION_SERVICE),
+                            next.as_deref().map(EventKey::of),
+                        )
+                    },
+                ),
             };
-            let Some((event_type, service, next)) = known else {
+            let Some((event_type, anonymized, next)) = known else {
                 return Lineage::Unresolved(format!(
                     "cause {hop} hop(s) up from {} not found after {}s",
                     check.event_type,
                     secs(self.lineage_grace)
                 ));
             };
-            if service.as_deref() == Some(ANONYMIZATION_SERVICE) {
+            if anonymized {
                 return Lineage::Ok;
             }
             match next {
@@ -1749,5 +1937,208 @@ mod tests {
             assert!(!a.detail.contains(b), "{}", a.detail);
             assert!(!a.detail.contains("evt-"), "{}", a.detail);
         }
+    }
+
+    #[test]
+    fn event_keys_are_exact_and_round_trip() {
+        let lower = "6f9619ff-8b86-d011-b42d-00c04fc964ff";
+        assert_eq!(
+            EventKey::of(lower),
+            EventKey::Uuid(Uuid::from_u128(0x6f9619ff_8b86_d011_b42d_00c04fc964ff))
+        );
+        for other in [
+            "e1",
+            "",
+            "6F9619FF-8B86-D011-B42D-00C04FC964FF",
+            "6f9619ff-8b86-d011-b42d-00C04FC964FF",
+            "6f9619ff8b86d011b42d00c04fc964ff",
+            "{6f9619ff-8b86-d011-b42d-00c04fc964ff}",
+            "urn:uuid:6f9619ff-8b86-d011-b42d-00c04fc964ff",
+            "6f9619ff-8b86-d011-b42d-00c04fc964fg",
+        ] {
+            assert_eq!(
+                EventKey::of(other),
+                EventKey::Other(other.into()),
+                "{other}"
+            );
+        }
+        for id in [lower, "e1", "6F9619FF-8B86-D011-B42D-00C04FC964FF"] {
+            assert_eq!(EventKey::of(id).to_string(), id);
+        }
+        assert_ne!(EventKey::of(lower), EventKey::of(&lower.to_uppercase()));
+    }
+
+    #[test]
+    fn ids_are_told_apart_exactly() {
+        let lower = "6f9619ff-8b86-d011-b42d-00c04fc964ff";
+        let upper = lower.to_uppercase();
+        let braced = format!("{{{lower}}}");
+        let mut h = Harness::new(100);
+        let ids = ["e1", "e2", "E1", lower, &upper, &braced];
+        for (i, id) in ids.into_iter().enumerate() {
+            assert!(
+                h.feed(ev("SourceRecordIngested", id).loc(0, i as i64))
+                    .is_empty(),
+                "{id}"
+            );
+        }
+        assert_eq!(h.m.tracked().events, ids.len());
+        for (i, id) in ids.into_iter().enumerate() {
+            let alerts = h.feed(ev("SourceRecordIngested", id).loc(1, 0));
+            assert_eq!(
+                kinds(&alerts),
+                vec![(
+                    AlertKind::Gap,
+                    format!(
+                        "duplicated event id: SourceRecordIngested also at partition 0 offset {i}"
+                    )
+                )],
+                "{id}"
+            );
+        }
+    }
+
+    #[test]
+    fn causes_are_looked_up_by_their_exact_id() {
+        let upper = "6F9619FF-8B86-D011-B42D-00C04FC964FF";
+        let lower = upper.to_lowercase();
+        let mut h = Harness::new(100);
+        // In memory, with a cause that only the lookup knows, by its uppercase id.
+        h.feed(ev("SourceRecordIngested", "s0").cause(upper));
+        h.feed(ev("CanonicalPatient", "c0").at(0).cause("s0"));
+        h.feed(ev("CanonicalPatient", "c1").at(0).cause(upper));
+        h.feed(ev("CanonicalPatient", "c2").at(0).cause(&lower));
+        let mut table = Table::default();
+        table.rows.insert(
+            upper.into(),
+            (
+                "RecordAnonymized".into(),
+                Some(ANONYMIZATION_SERVICE.into()),
+                None,
+            ),
+        );
+        let alerts = h.tick_with(100, &table);
+        assert_eq!(
+            kinds(&alerts),
+            vec![(
+                AlertKind::BrokenLineage,
+                "cause 1 hop(s) up from CanonicalPatient not found after 30s".to_string()
+            )]
+        );
+        assert_eq!(alerts[0].id, alert_id(AlertKind::BrokenLineage, &["c2"]));
+        assert_eq!(table.calls.get(), 3);
+    }
+
+    #[test]
+    fn interned_strings_go_with_their_last_event() {
+        let mut h = Harness::new(2);
+        for i in 0..50 {
+            let mut e = ev("SourceRecordIngested", &format!("s{i}"));
+            e.entry.source_service = Some(format!("service-{i}"));
+            h.feed(e);
+        }
+        let s = &h.m.strings;
+        // One type, one topic, and the services of the two tracked events.
+        assert_eq!(s.syms.len(), 4, "{s:?}");
+        assert!(s.values.len() <= 5, "{s:?}");
+        let e = h.m.events.get(&EventKey::of("s49")).expect("tracked");
+        assert_eq!(s.get(e.source_service.expect("a service")), "service-49");
+        assert_eq!(s.get(e.topic), "medpipe.ingestion.v1");
+    }
+
+    #[test]
+    fn fifo_keeps_the_newest_and_survives_sequence_wrap() {
+        let mut f: Fifo<String, usize> = Fifo::new(3);
+        f.base = u32::MAX - 4;
+        let mut evicted = Vec::new();
+        for i in 0..10 {
+            evicted.extend(f.insert(format!("k{i}"), i));
+            assert!(f.insert(format!("k{i}"), 99).is_none(), "present");
+        }
+        assert_eq!(
+            evicted,
+            (0..7).map(|i| (format!("k{i}"), i)).collect::<Vec<_>>()
+        );
+        assert_eq!(f.len(), 3);
+        assert!(!f.contains("k6"));
+        if let Some(v) = f.get_mut("k8") {
+            *v += 100;
+        }
+        let kept: Vec<_> = (7..10).map(|i| f.get(format!("k{i}").as_str())).collect();
+        assert_eq!(kept, vec![Some(&7), Some(&108), Some(&9)]);
+        assert_eq!(f.ring.capacity(), 4, "grows no further than the cap");
+        let mut none: Fifo<u8, ()> = Fifo::new(0);
+        assert_eq!(none.insert(1, ()), Some((1, ())));
+        assert_eq!(none.len(), 0);
+    }
+
+    #[test]
+    fn tracked_events_are_small() {
+        use std::mem::size_of;
+        assert_eq!(size_of::<EventKey>(), 24);
+        assert_eq!(size_of::<EventInfo>(), 48);
+        assert!(size_of::<(EventKey, EventInfo)>() <= 72);
+    }
+
+    /// The events table's memory. Run alone, in one thread:
+    /// `cargo test -p auditing --lib -- --ignored --exact --nocapture monitors::tests::events_memory`
+    #[test]
+    #[ignore = "measures the process's memory; run alone"]
+    fn events_memory() {
+        fn rss_kib() -> i64 {
+            let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+                .unwrap_or(0)
+        }
+        const N: usize = 1_000_000;
+        let kinds = [
+            (
+                "SourceRecordIngested",
+                "medpipe.ingestion.v1",
+                "medpipe-ingestion",
+            ),
+            (
+                "RecordAnonymized",
+                "medpipe.anonymization.v1",
+                ANONYMIZATION_SERVICE,
+            ),
+        ];
+        let id = |i: usize| {
+            Uuid::from_u128((i as u128 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15_f39c_c060_5ced_c835))
+                .to_string()
+        };
+        let mut m = Monitors::new(cfg(N));
+        let before = rss_kib();
+        for i in 0..N {
+            let (event_type, topic, service) = kinds[i % 2];
+            let (event_id, cause) = (id(i), id(i.saturating_sub(1)));
+            m.observe(&Observation {
+                seq: i as u64,
+                recorded_at: 0,
+                topic,
+                partition: (i % 12) as i32,
+                offset: i as i64,
+                event_id: Some(&event_id),
+                event_type,
+                correlation_id: None,
+                causation_id: Some(&cause),
+                source_service: Some(service),
+                occurred_at: None,
+                record_position: Some(i as i64),
+                records_expected: None,
+                records_in: None,
+                records_upstream: None,
+            });
+        }
+        let grown = rss_kib() - before;
+        assert_eq!(m.tracked().events, N);
+        eprintln!(
+            "{N} events: RSS grew {} MiB, {} bytes an event",
+            grown / 1024,
+            grown * 1024 / N as i64
+        );
     }
 }
