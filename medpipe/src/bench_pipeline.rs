@@ -128,10 +128,6 @@ const STAGES: [(&str, &str); 4] = [
 /// How often each process's CPU and memory are sampled.
 const SAMPLE_EVERY: Duration = Duration::from_millis(500);
 
-/// Ingestion's landing-folder poll interval here, as in `bench ingest` (the stage's
-/// default is 500 ms, which would add up to that much to every latency).
-const POLL_INTERVAL: &str = "50ms";
-
 /// How long the throughput phase waits for missing canonical records once canonization
 /// has closed every batch, before it calls them lost.
 const CLOSED_GRACE: Duration = Duration::from_secs(10);
@@ -884,7 +880,6 @@ impl Stages {
             ("MEDPIPE_PSEUDONYM_KEY", BENCH_KEY.into()),
             ("MEDPIPE_AUDIT_KEY", BENCH_KEY.into()),
             ("MEDPIPE_INGESTION_DIR", ingestion_dir.display().to_string()),
-            ("MEDPIPE_POLL_INTERVAL", POLL_INTERVAL.into()),
             ("MEDPIPE_AUDIT_DIR", dir.join("audit").display().to_string()),
         ];
         if !topic_configs.is_empty() {
@@ -1185,7 +1180,8 @@ impl PipelineReport {
             out,
             "{} FHIR NDJSON records ({} Patient, {} Observation) in {} files, {} partitions per topic. \
              Stage transactions take up to {} input messages ({}); ingestion's follow its own \
-             MEDPIPE_CHUNK_RECORDS instead. Ingestion polls landing every {POLL_INTERVAL}.\n",
+             MEDPIPE_CHUNK_RECORDS instead. Ingestion runs with its defaults: it watches the \
+             landing folder and lists it every 500 ms besides.\n",
             self.records,
             self.patients,
             self.observations,
