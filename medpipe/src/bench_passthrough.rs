@@ -13,7 +13,7 @@ use rdkafka::message::Message;
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use rdkafka::{Offset, TopicPartitionList};
 
-use pipeline::kafka::{consumer_config, producer_config, ConsumerRole};
+use pipeline::kafka::{consumer_config, producer_config, send_record, ConsumerRole};
 use pipeline::topics::{ensure_topics, TopicLayout};
 
 /// What to copy, and how big each transaction is.
@@ -82,20 +82,10 @@ fn fill(b: &PassthroughBench, topic: &str) -> anyhow::Result<()> {
     let payload = vec![b'x'; b.size];
     for i in 0..b.messages {
         let key = i.to_string();
-        let mut record = BaseRecord::to(topic).key(key.as_bytes()).payload(&payload);
-        loop {
-            match producer.send(record) {
-                Ok(()) => break,
-                Err((e, r))
-                    if e.rdkafka_error_code()
-                        == Some(rdkafka::types::RDKafkaErrorCode::QueueFull) =>
-                {
-                    producer.poll(Duration::from_millis(10));
-                    record = r;
-                }
-                Err((e, _)) => return Err(e.into()),
-            }
-        }
+        send_record(
+            &producer,
+            BaseRecord::to(topic).key(key.as_bytes()).payload(&payload),
+        )?;
     }
     producer.flush(Duration::from_secs(60))?;
     Ok(())
@@ -168,22 +158,13 @@ fn copy(
         let t1 = Instant::now();
         producer.begin_transaction()?;
         for m in &batch {
-            let mut record = BaseRecord::to(output)
-                .key(m.key().unwrap_or_default())
-                .payload(m.payload().unwrap_or_default());
-            loop {
-                match producer.send(record) {
-                    Ok(()) => break,
-                    Err((e, r))
-                        if e.rdkafka_error_code()
-                            == Some(rdkafka::types::RDKafkaErrorCode::QueueFull) =>
-                    {
-                        producer.poll(Duration::from_millis(5));
-                        record = r;
-                    }
-                    Err((e, _)) => return Err(e).context("produce"),
-                }
-            }
+            // The stages' own send: a full queue is waited out by serving reports.
+            send_record(
+                &producer,
+                BaseRecord::to(output)
+                    .key(m.key().unwrap_or_default())
+                    .payload(m.payload().unwrap_or_default()),
+            )?;
         }
         let t2 = Instant::now();
         let mut next: BTreeMap<i32, i64> = BTreeMap::new();
