@@ -24,6 +24,14 @@
 //! The remembered records are durable stage state, committed with the outputs that
 //! published them: appended in one chunk per transaction (`published/<batch>/<n>`), and
 //! tombstoned when the batch is withdrawn or its retention after closing ends.
+//!
+//! A withdrawal goes out over as many transactions as the batch needs, each with at most
+//! the stage's withdrawal budget of records (`Withdrawn::progress`): a transaction
+//! withdraws the next records, moves the progress cursor and tombstones the chunks it
+//! finished, all or nothing, so a crash in the middle neither loses nor repeats one. A
+//! record published twice (a batch replayed after it completed) is withdrawn once, at its
+//! last occurrence, which every restart finds the same. `CanonicalBatchWithdrawn`
+//! follows the last part, with the counts.
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -59,6 +67,38 @@ pub struct Published {
 pub struct Withdrawn {
     pub reason: String,
     pub held: i64,
+    /// Set while the batch's records are still being withdrawn.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub progress: Option<Progress>,
+}
+
+/// A withdrawal under way: what its remaining parts and its batch event need.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Progress {
+    /// The event that started it (the failure or the operator's request): the cause of
+    /// every withdrawal and of `CanonicalBatchWithdrawn`.
+    pub cause_event_id: String,
+    pub trigger: String,
+    pub policy_version: String,
+    /// Patients and shared resources the batch published, which stay.
+    pub kept: i64,
+    /// The next remembered record to look at: chunk number and index in it.
+    pub chunk: u32,
+    pub index: usize,
+    /// Withdrawn so far, by type.
+    pub by_type: BTreeMap<String, i64>,
+    /// Where the starting event was read: only that partition's owner carries it on.
+    pub topic: String,
+    pub partition: i32,
+}
+
+/// The next part of a withdrawal.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Part {
+    /// The records to withdraw in this transaction.
+    pub records: Vec<Published>,
+    /// Where the next part starts; `None` once every record has been looked at.
+    pub next: Option<(u32, usize)>,
 }
 
 /// A batch that completed, whose records are remembered until its retention ends.
@@ -206,14 +246,19 @@ fn entered_in_error(code_system: &str) -> Value {
 /// The published records of open batches, and the withdrawn batches.
 #[derive(Debug, Default)]
 pub struct Ledger {
-    /// Committed, by batch.
-    committed: HashMap<String, Vec<Published>>,
+    /// Committed, by batch and chunk number.
+    committed: HashMap<String, BTreeMap<u32, Vec<Published>>>,
     /// Published in the open transaction, by batch.
     pending: BTreeMap<String, Vec<Published>>,
     /// Chunks on the state topic, by batch (the next chunk's number).
     chunks: HashMap<String, u32>,
     /// Batches whose chunks go in the open transaction.
     forgetting: BTreeMap<String, u32>,
+    /// Chunks a withdrawal finished in the open transaction, by batch.
+    spent: BTreeMap<String, Vec<u32>>,
+    /// Per batch under withdrawal, where each of its records occurs last (chunk, index).
+    /// Derived from `committed`, whose chunks of such a batch only go away.
+    last_seen: HashMap<String, HashMap<String, (u32, usize)>>,
     pub withdrawn: KeyedState<Withdrawn>,
     pub closed: KeyedState<Closed>,
 }
@@ -228,9 +273,75 @@ impl Ledger {
         if self.forgetting.contains_key(batch) {
             return Vec::new();
         }
-        let mut out = self.committed.get(batch).cloned().unwrap_or_default();
+        let mut out: Vec<Published> = self
+            .committed
+            .get(batch)
+            .map(|c| c.values().flatten().cloned().collect())
+            .unwrap_or_default();
         out.extend(self.pending.get(batch).cloned().unwrap_or_default());
         out
+    }
+
+    /// Whether a withdrawal is under way.
+    pub fn is_withdrawing(&self) -> bool {
+        self.withdrawn.any(|w| w.progress.is_some())
+    }
+
+    /// The batches whose withdrawal is under way.
+    pub fn withdrawing(&self) -> Vec<String> {
+        self.withdrawn
+            .keys()
+            .into_iter()
+            .filter(|b| self.withdrawn.get(b).is_some_and(|w| w.progress.is_some()))
+            .collect()
+    }
+
+    /// The next part of the batch's withdrawal, from `from`: at most `budget` records
+    /// looked at, each canonical id withdrawn at its last occurrence only. The chunks it
+    /// finishes are tombstoned with the open transaction. Committed records only: a
+    /// withdrawal starts in the transaction after the one that marked it.
+    pub fn next_part(&mut self, batch: &str, from: (u32, usize), budget: usize) -> Part {
+        let Some(chunks) = self.committed.get(batch) else {
+            return Part {
+                records: Vec::new(),
+                next: None,
+            };
+        };
+        let last = self.last_seen.entry(batch.to_string()).or_insert_with(|| {
+            let mut last = HashMap::new();
+            for (c, list) in chunks {
+                for (i, p) in list.iter().enumerate() {
+                    last.insert(identity(p), (*c, i));
+                }
+            }
+            last
+        });
+        let budget = budget.max(1);
+        let mut records = Vec::new();
+        let mut looked = 0;
+        let mut spent = Vec::new();
+        let mut next = None;
+        'chunks: for (&c, list) in chunks.range(from.0..) {
+            let start = if c == from.0 { from.1 } else { 0 };
+            for (i, p) in list.iter().enumerate().skip(start) {
+                if looked == budget {
+                    next = Some((c, i));
+                    break 'chunks;
+                }
+                looked += 1;
+                if last.get(&identity(p)) == Some(&(c, i)) {
+                    records.push(p.clone());
+                }
+            }
+            spent.push(c);
+        }
+        if !spent.is_empty() {
+            self.spent
+                .entry(batch.to_string())
+                .or_default()
+                .extend(spent);
+        }
+        Part { records, next }
     }
 
     /// The completed batches whose retention ended before `now`.
@@ -265,6 +376,11 @@ impl Ledger {
         for (batch, n) in &self.forgetting {
             out.extend((0..*n).map(|i| (Self::chunk_key(batch, i), None)));
         }
+        for (batch, spent) in &self.spent {
+            if !self.forgetting.contains_key(batch) {
+                out.extend(spent.iter().map(|i| (Self::chunk_key(batch, *i), None)));
+            }
+        }
         for (batch, list) in &self.pending {
             if list.is_empty() || self.forgetting.contains_key(batch) {
                 continue;
@@ -293,13 +409,28 @@ impl Ledger {
         for (batch, _) in std::mem::take(&mut self.forgetting) {
             self.committed.remove(&batch);
             self.chunks.remove(&batch);
+            self.last_seen.remove(&batch);
+        }
+        for (batch, spent) in std::mem::take(&mut self.spent) {
+            let Some(chunks) = self.committed.get_mut(&batch) else {
+                continue;
+            };
+            for c in spent {
+                chunks.remove(&c);
+            }
+            if chunks.is_empty() {
+                self.committed.remove(&batch);
+                self.last_seen.remove(&batch);
+            }
         }
         for (batch, list) in std::mem::take(&mut self.pending) {
             if list.is_empty() {
                 continue;
             }
-            *self.chunks.entry(batch.clone()).or_default() += 1;
-            self.committed.entry(batch).or_default().extend(list);
+            let next = self.chunks.entry(batch.clone()).or_default();
+            let n = *next;
+            *next += 1;
+            self.committed.entry(batch).or_default().insert(n, list);
         }
         self.withdrawn.commit();
         self.closed.commit();
@@ -308,6 +439,7 @@ impl Ledger {
     pub fn rollback(&mut self) {
         self.pending.clear();
         self.forgetting.clear();
+        self.spent.clear();
         self.withdrawn.rollback();
         self.closed.rollback();
     }
@@ -318,6 +450,8 @@ impl Ledger {
         self.chunks.clear();
         self.pending.clear();
         self.forgetting.clear();
+        self.spent.clear();
+        self.last_seen.clear();
         let mut chunks: BTreeMap<(String, u32), Vec<Published>> = BTreeMap::new();
         let mut withdrawn = Vec::new();
         let mut closed = Vec::new();
@@ -344,12 +478,17 @@ impl Ledger {
         for ((batch, n), list) in chunks {
             let next = self.chunks.entry(batch.clone()).or_default();
             *next = (*next).max(n + 1);
-            self.committed.entry(batch).or_default().extend(list);
+            self.committed.entry(batch).or_default().insert(n, list);
         }
         self.withdrawn.restore(withdrawn)?;
         self.closed.restore(closed)?;
         Ok(rest)
     }
+}
+
+/// What makes two remembered records the same canonical record.
+fn identity(p: &Published) -> String {
+    format!("{}/{}", p.resource_type, p.resource_id)
 }
 
 #[cfg(test)]
@@ -410,6 +549,59 @@ mod tests {
         );
         restored.commit();
         assert!(restored.published("b").is_empty());
+    }
+
+    /// The ledger's committed entries, as a restart reads them back (latest per key).
+    fn committed_entries(log: &[StateEntry]) -> Vec<StateEntry> {
+        let mut latest: BTreeMap<String, Option<Vec<u8>>> = BTreeMap::new();
+        for (k, v) in log {
+            latest.insert(k.clone(), v.clone());
+        }
+        latest.into_iter().collect()
+    }
+
+    #[test]
+    fn a_withdrawal_goes_in_parts_each_id_once_at_its_last_occurrence_across_restarts() {
+        let mut log: Vec<StateEntry> = Vec::new();
+        let mut l = Ledger::default();
+        // Three transactions published ids; 2 and 5 twice (a replay).
+        for chunk in [&["1", "2", "3"][..], &["4", "2", "5"], &["5", "6"]] {
+            for id in chunk {
+                l.publish("b", p(id));
+            }
+            log.extend(l.changes().unwrap());
+            l.commit();
+        }
+        let mut withdrawn = Vec::new();
+        let mut from = (0, 0);
+        let mut parts = 0;
+        loop {
+            // An aborted part changes nothing.
+            let aborted = l.next_part("b", from, 2);
+            assert!(!aborted.records.is_empty() || aborted.next.is_none());
+            l.rollback();
+            let part = l.next_part("b", from, 2);
+            assert_eq!(part, aborted, "the same part again after an abort");
+            withdrawn.extend(part.records.iter().map(|r| r.resource_id.clone()));
+            log.extend(l.changes().unwrap());
+            l.commit();
+            parts += 1;
+            match part.next {
+                Some(next) => from = next,
+                None => break,
+            }
+            // A restart after every part: the rest comes from what is committed.
+            l = Ledger::default();
+            l.restore(committed_entries(&log)).unwrap();
+        }
+        withdrawn.sort();
+        assert_eq!(withdrawn, vec!["1", "2", "3", "4", "5", "6"]);
+        assert_eq!(parts, 4, "8 records looked at, 2 per part");
+        // Every chunk is tombstoned by the part that finished it.
+        assert!(committed_entries(&log)
+            .iter()
+            .all(|(k, v)| !k.starts_with("published/") || v.is_none()));
+        assert!(l.published("b").is_empty());
     }
 
     #[test]

@@ -37,6 +37,8 @@ use crate::validate::FhirValidator;
 pub const SERVICE: &str = "medpipe-canonization";
 
 const DEFAULT_WITHDRAW_RETENTION_MICROS: i64 = 7 * 24 * 3600 * 1_000_000;
+/// Records looked at per withdrawal transaction, as many as the runner's default batch.
+const DEFAULT_WITHDRAW_PER_TXN: usize = 5_000;
 
 pub use crate::mapping::resource_id;
 
@@ -115,6 +117,8 @@ pub struct Canonizer {
     close_timeout_micros: i64,
     /// How long a completed batch's records are remembered, so an operator can withdraw it.
     withdraw_retention_micros: i64,
+    /// At most this many remembered records are looked at per withdrawal transaction.
+    withdraw_per_txn: usize,
     /// Batch counts, and what each open batch published (for its withdrawal).
     state: StageState,
     /// Codes no concept map covered. A metric, so a redone batch may count twice; the
@@ -154,6 +158,7 @@ impl Canonizer {
             max_failure_ratio,
             close_timeout_micros: i64::try_from(close_timeout.as_micros()).unwrap_or(i64::MAX),
             withdraw_retention_micros: DEFAULT_WITHDRAW_RETENTION_MICROS,
+            withdraw_per_txn: DEFAULT_WITHDRAW_PER_TXN,
             state: StageState::default(),
             unmapped: prometheus::IntCounter::new(
                 "medpipe_canonization_codes_unmapped_total",
@@ -176,6 +181,13 @@ impl Canonizer {
     /// How long a completed batch stays withdrawable by an operator (default 7 days).
     pub fn with_withdraw_retention(mut self, retention: std::time::Duration) -> Self {
         self.withdraw_retention_micros = i64::try_from(retention.as_micros()).unwrap_or(i64::MAX);
+        self
+    }
+
+    /// How many remembered records one withdrawal transaction looks at, at most (default
+    /// 5,000): a large batch is withdrawn over several transactions.
+    pub fn with_withdraw_per_txn(mut self, records: usize) -> Self {
+        self.withdraw_per_txn = records.max(1);
         self
     }
 
@@ -397,8 +409,15 @@ impl Canonizer {
             _ => None,
         };
         let event = Event::new(SERVICE, batch, Some(&closing.cause_event_id), payload);
-        let withdrawals = match withdrawal_reason {
-            Some(reason) => self.withdraw(batch, &reason, &s.policy_version, &event, kept),
+        match withdrawal_reason {
+            Some(reason) => self.withdraw(
+                batch,
+                &reason,
+                &s.policy_version,
+                &event,
+                kept,
+                (&closing.topic, closing.partition),
+            ),
             None => {
                 // Remembered for its retention, so that an operator can still withdraw it.
                 self.state.ledger.closed.put(
@@ -409,9 +428,8 @@ impl Canonizer {
                         kept,
                     },
                 );
-                Vec::new()
             }
-        };
+        }
         let released = match (&event.payload, &s.release_of) {
             (Payload::EventDataCanonizationCompleted(c), Some(held)) => Some(Output {
                 key: held.clone(),
@@ -447,18 +465,19 @@ impl Canonizer {
             }
             _ => None,
         };
-        let mut out = Vec::with_capacity(2 + withdrawals.len());
+        let mut out = Vec::with_capacity(2);
         out.push(Output {
             key: batch.to_string(),
             event,
         });
         out.extend(released);
-        out.extend(withdrawals);
         out
     }
 
-    /// Withdraws every record the batch published (see `compensation`), as effects of
-    /// `cause`, and marks the batch withdrawn so that later records of it are held.
+    /// Starts the withdrawal of every record the batch published (see `compensation`), as
+    /// effects of `cause` read at `origin`, and marks the batch withdrawn so that later
+    /// records of it are held. The withdrawals go out from the next transaction on, in
+    /// parts (`withdraw_part`), then `CanonicalBatchWithdrawn`.
     fn withdraw(
         &mut self,
         batch: &str,
@@ -466,20 +485,55 @@ impl Canonizer {
         policy_version: &str,
         cause: &Event,
         kept: i64,
-    ) -> Vec<Output> {
-        let mut published = self.state.ledger.published(batch);
-        // A batch replayed after it completed published its ids again: one withdrawal each.
-        let mut seen = std::collections::HashSet::new();
-        published.retain(|p| seen.insert((p.resource_type.clone(), p.resource_id.clone())));
-        let mut by_type: BTreeMap<String, i64> = BTreeMap::new();
-        let mut out = Vec::with_capacity(published.len() + 1);
-        for p in &published {
-            match self.withdrawal(batch, p, reason, policy_version) {
+        origin: (&str, i32),
+    ) {
+        // Not forgotten at the end of its retention while it is withdrawn.
+        if self.state.ledger.closed.get(batch).is_some() {
+            self.state.ledger.closed.delete(batch);
+        }
+        self.state.ledger.withdrawn.put(
+            batch,
+            compensation::Withdrawn {
+                reason: reason.to_string(),
+                held: 0,
+                progress: Some(compensation::Progress {
+                    cause_event_id: cause.header.event_id.clone(),
+                    trigger: cause.event_type().to_string(),
+                    policy_version: policy_version.to_string(),
+                    kept,
+                    chunk: 0,
+                    index: 0,
+                    by_type: BTreeMap::new(),
+                    topic: origin.0.to_string(),
+                    partition: origin.1,
+                }),
+            },
+        );
+    }
+
+    /// The next part of a batch's withdrawal: at most `withdraw_per_txn` remembered
+    /// records looked at, their withdrawals, the progress moved on; after the last part,
+    /// `CanonicalBatchWithdrawn` with the counts.
+    fn withdraw_part(&mut self, batch: &str) -> Vec<Output> {
+        let Some(mut w) = self.state.ledger.withdrawn.get(batch).cloned() else {
+            return Vec::new();
+        };
+        let Some(mut progress) = w.progress.take() else {
+            return Vec::new();
+        };
+        let part = self.state.ledger.next_part(
+            batch,
+            (progress.chunk, progress.index),
+            self.withdraw_per_txn,
+        );
+        let mut out = Vec::with_capacity(part.records.len() + 1);
+        for p in &part.records {
+            match self.withdrawal(batch, p, &w.reason, &progress.policy_version) {
                 Some(payload) => {
-                    *by_type.entry(p.resource_type.clone()).or_default() += 1;
+                    *progress.by_type.entry(p.resource_type.clone()).or_default() += 1;
                     out.push(Output {
                         key: p.key.clone(),
-                        event: Event::caused_by(cause, SERVICE, payload),
+                        event: Event::new(SERVICE, batch, Some(&progress.cause_event_id), payload),
                     });
                 }
                 None => tracing::error!(
@@ -490,27 +544,32 @@ impl Canonizer {
                 ),
             }
         }
-        self.state.ledger.forget(batch);
-        self.state.ledger.withdrawn.put(
-            batch,
-            compensation::Withdrawn {
-                reason: reason.to_string(),
-                held: 0,
-            },
-        );
-        let trigger = cause.event_type().to_string();
-        out.push(lifecycle(
-            cause,
-            batch,
-            Payload::CanonicalBatchWithdrawn(CanonicalBatchWithdrawn {
-                batch_id: batch.to_string(),
-                trigger,
-                reason: reason.to_string(),
-                records_withdrawn: by_type.values().sum(),
-                withdrawn_by_type: by_type,
-                records_kept: kept,
-            }),
-        ));
+        match part.next {
+            Some((chunk, index)) => {
+                progress.chunk = chunk;
+                progress.index = index;
+                w.progress = Some(progress);
+            }
+            None => {
+                out.push(Output {
+                    key: batch.to_string(),
+                    event: Event::new(
+                        SERVICE,
+                        batch,
+                        Some(&progress.cause_event_id),
+                        Payload::CanonicalBatchWithdrawn(CanonicalBatchWithdrawn {
+                            batch_id: batch.to_string(),
+                            trigger: progress.trigger,
+                            reason: w.reason.clone(),
+                            records_withdrawn: progress.by_type.values().sum(),
+                            withdrawn_by_type: progress.by_type,
+                            records_kept: progress.kept,
+                        }),
+                    ),
+                });
+            }
+        }
+        self.state.ledger.withdrawn.put(batch, w);
         out
     }
 
@@ -568,7 +627,8 @@ impl Canonizer {
         ))
     }
 
-    fn record(&mut self, ev: &Event, rec: &RecordAnonymized, redriven: bool) -> Outcome {
+    fn record(&mut self, input: &Input<'_>, rec: &RecordAnonymized) -> Outcome {
+        let (ev, redriven) = (input.event, input.redriven);
         let batch = rec.batch_id.as_str();
         // A record of a withdrawn batch that arrived after the withdrawal: held.
         if let Some(mut w) = self.state.ledger.withdrawn.get(batch).cloned() {
@@ -602,7 +662,7 @@ impl Canonizer {
                 "the batch must be reprocessed with concept maps {expected}, but this stage has {}",
                 self.maps_version
             );
-            let mut outputs = vec![lifecycle(
+            let outputs = vec![lifecycle(
                 ev,
                 batch,
                 Payload::CanonizationFailed(CanonizationFailed {
@@ -614,7 +674,14 @@ impl Canonizer {
                 }),
             )];
             let why = "canonization failed the batch (concept_map_version_mismatch)";
-            outputs.extend(self.withdraw(batch, why, &rec.policy_version, ev, kept(&s.by_type)));
+            self.withdraw(
+                batch,
+                why,
+                &rec.policy_version,
+                ev,
+                kept(&s.by_type),
+                (input.topic, input.partition),
+            );
             return Outcome::Emit(outputs);
         }
         let mut outputs = self.open(batch, &rec.policy_version, ev);
@@ -716,7 +783,12 @@ impl Canonizer {
     /// is also closed as failed (`withdrawn`). Once per batch: a second request, or a
     /// redelivered one, finds the batch withdrawn and does nothing. The operator's reason
     /// stays in the audit trail (sealed); the records' tag names the request only.
-    fn operator_withdrawal(&mut self, ev: &Event, r: &BatchWithdrawalRequested) -> Vec<Output> {
+    fn operator_withdrawal(
+        &mut self,
+        input: &Input<'_>,
+        r: &BatchWithdrawalRequested,
+    ) -> Vec<Output> {
+        let ev = input.event;
         let batch = r.batch_id.as_str();
         if self.state.ledger.withdrawn.get(batch).is_some() {
             tracing::info!(
@@ -756,7 +828,14 @@ impl Canonizer {
             );
             (String::new(), 0)
         };
-        out.extend(self.withdraw(batch, &reason, &policy_version, ev, kept_count));
+        self.withdraw(
+            batch,
+            &reason,
+            &policy_version,
+            ev,
+            kept_count,
+            (input.topic, input.partition),
+        );
         out
     }
 
@@ -1022,7 +1101,7 @@ impl Stage for Canonizer {
             Payload::AnonymizationStarted(a) => {
                 Outcome::Emit(self.open(&a.batch_id, &a.policy_version, ev))
             }
-            Payload::RecordAnonymized(rec) => self.record(ev, rec, input.redriven),
+            Payload::RecordAnonymized(rec) => self.record(input, rec),
             Payload::PatientMerged(m) => self.merged(ev, m),
             Payload::AnonymizationFinished(f) => {
                 let batch = f.batch_id.as_str();
@@ -1054,7 +1133,7 @@ impl Stage for Canonizer {
                 }
                 let s = self.batch(&f.batch_id);
                 self.state.batches.delete(&f.batch_id);
-                let mut outputs = vec![lifecycle(
+                let outputs = vec![lifecycle(
                     ev,
                     &f.batch_id,
                     Payload::CanonizationFailed(CanonizationFailed {
@@ -1069,16 +1148,19 @@ impl Stage for Canonizer {
                     }),
                 )];
                 let reason = format!("anonymization failed the batch ({})", f.error_kind);
-                outputs.extend(self.withdraw(
+                self.withdraw(
                     &f.batch_id,
                     &reason,
                     &f.policy_version,
                     ev,
                     kept(&s.by_type),
-                ));
+                    (input.topic, input.partition),
+                );
                 Outcome::Emit(outputs)
             }
-            Payload::BatchWithdrawalRequested(r) => Outcome::Emit(self.operator_withdrawal(ev, r)),
+            Payload::BatchWithdrawalRequested(r) => {
+                Outcome::Emit(self.operator_withdrawal(input, r))
+            }
             _ => Outcome::Emit(vec![]),
         }
     }
@@ -1109,6 +1191,28 @@ impl Stage for Canonizer {
         due.iter()
             .flat_map(|b| self.maybe_close(b, Some(now_micros)))
             .collect()
+    }
+
+    /// Carries on the withdrawals under way whose starting event this instance owns.
+    fn resume(&mut self, owns: Owns<'_>) -> Vec<Output> {
+        let mut out = Vec::new();
+        for batch in self.state.ledger.withdrawing() {
+            let mine = self
+                .state
+                .ledger
+                .withdrawn
+                .get(&batch)
+                .and_then(|w| w.progress.as_ref())
+                .is_some_and(|p| owns(&p.topic, p.partition));
+            if mine {
+                out.extend(self.withdraw_part(&batch));
+            }
+        }
+        out
+    }
+
+    fn has_work(&self) -> bool {
+        self.state.ledger.is_withdrawing()
     }
 
     fn register_metrics(&mut self, registry: &prometheus::Registry) -> Result<(), PipelineError> {
@@ -1315,9 +1419,8 @@ mod tests {
         let fin = finished(2);
         run(&mut c, &fin);
         let deadline = fin.header.occurred_at + 60_000_000;
-        let owns = |_: &str, _: i32| true;
-        assert!(c.tick(deadline - 1, &owns).is_empty());
-        let outs = c.tick(deadline, &owns);
+        assert!(tick(&mut c, deadline - 1).is_empty());
+        let outs = tick(&mut c, deadline);
         let [Output {
             event:
                 Event {
@@ -1433,10 +1536,29 @@ mod tests {
             event: ev,
             redriven,
         };
-        match c.process(&input) {
+        let outs = match c.process(&input) {
             Outcome::Emit(outs) => outs,
             other => panic!("{other:?}"),
+        };
+        with_carried_over(c, outs)
+    }
+
+    /// As the runner goes on after `outs`: a withdrawal started commits, then its parts go
+    /// out, each in a transaction of its own.
+    fn with_carried_over(c: &mut Canonizer, mut outs: Vec<Output>) -> Vec<Output> {
+        use pipeline::state::DurableState;
+        let owns = |_: &str, _: i32| true;
+        while c.has_work() {
+            c.state.commit();
+            outs.extend(c.resume(&owns));
         }
+        outs
+    }
+
+    /// `tick`, and what it starts.
+    fn tick(c: &mut Canonizer, now: i64) -> Vec<Output> {
+        let outs = c.tick(now, &|_: &str, _: i32| true);
+        with_carried_over(c, outs)
     }
 
     #[test]

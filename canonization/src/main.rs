@@ -37,6 +37,10 @@ struct Args {
     /// can withdraw the batch (`medpipe batch withdraw`).
     #[arg(long, env = "MEDPIPE_WITHDRAW_RETENTION", default_value = "7d", value_parser = humantime::parse_duration)]
     withdraw_retention: std::time::Duration,
+    /// At most this many records of a withdrawn batch per transaction: a large batch is
+    /// withdrawn over several transactions, each all or nothing.
+    #[arg(long, env = "MEDPIPE_WITHDRAW_PER_TXN", default_value_t = 5_000)]
+    withdraw_per_txn: usize,
 }
 
 #[tokio::main]
@@ -55,7 +59,8 @@ async fn main() -> anyhow::Result<()> {
         args.max_failure_ratio,
         args.common.runner.batch_close_timeout,
     )?
-    .with_withdraw_retention(args.withdraw_retention);
+    .with_withdraw_retention(args.withdraw_retention)
+    .with_withdraw_per_txn(args.withdraw_per_txn);
     tracing::info!(concept_maps = stage.maps_version(), "Concept maps loaded.");
     // Operators' withdrawal requests come on the saga topic.
     let topics = args.common.kafka.topics();

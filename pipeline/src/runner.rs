@@ -104,6 +104,18 @@ pub trait Stage: Send + 'static {
         Vec::new()
     }
 
+    /// Work the stage carries over to later transactions, for example the rest of a large
+    /// batch's withdrawal: called before each transaction, whose outputs and state changes
+    /// it joins. `owns` as for `tick`.
+    fn resume(&mut self, _owns: Owns<'_>) -> Vec<Output> {
+        Vec::new()
+    }
+
+    /// Whether `resume` has work: the runner then does not wait for input to arrive.
+    fn has_work(&self) -> bool {
+        false
+    }
+
     /// Registers the stage's own metrics beside the runner's, on the /metrics registry.
     fn register_metrics(&mut self, _registry: &prometheus::Registry) -> Result<(), PipelineError> {
         Ok(())
@@ -323,12 +335,15 @@ impl<S: Stage> Runner<S> {
             if self.reload_state {
                 self.reload_state(shutdown)?;
             }
-            let ticked = if self.last_tick.elapsed() >= TICK_EVERY {
+            let mut ticked = if self.last_tick.elapsed() >= TICK_EVERY {
                 self.last_tick = Instant::now();
-                self.tick()
+                self.with_owns(|stage, now, owns| stage.tick(now, owns))
             } else {
                 Vec::new()
             };
+            if self.stage.has_work() {
+                ticked.extend(self.with_owns(|stage, _, owns| stage.resume(owns)));
+            }
             if collected.batch.is_empty() && ticked.is_empty() {
                 continue;
             }
@@ -351,19 +366,20 @@ impl<S: Stage> Runner<S> {
         Ok(())
     }
 
-    /// Runs the stage's time-based decisions for the partitions this instance owns.
-    fn tick(&mut self) -> Vec<Output> {
+    /// Runs `f` (the stage's time-based decisions, or its carried-over work) with the wall
+    /// clock and the partitions this instance owns.
+    fn with_owns(&mut self, f: impl FnOnce(&mut S, i64, Owns<'_>) -> Vec<Output>) -> Vec<Output> {
         let assignment = match self.consumer.assignment() {
             Ok(a) => a,
             Err(e) => {
-                warn!(error = %e, "Cannot read the assignment; skipping this tick.");
+                warn!(error = %e, "Cannot read the assignment; skipping the stage's own work this round.");
                 return Vec::new();
             }
         };
         let owns =
             |topic: &str, partition: i32| assignment.find_partition(topic, partition).is_some();
         let now = chrono::Utc::now().timestamp_micros();
-        self.stage.tick(now, &owns)
+        f(&mut self.stage, now, &owns)
     }
 
     /// The rewind rule after a failed batch: end the transaction so the committed state is
@@ -419,7 +435,13 @@ impl<S: Stage> Runner<S> {
     /// were revoked, or are re-read from the committed offsets), and a message the same
     /// poll returned after the rebalance is kept, since it comes from the new assignment.
     fn collect(&self, shutdown: &CancellationToken) -> Result<Collected, PipelineError> {
-        let deadline = Instant::now() + self.config.batch_max_wait;
+        // Carried-over work goes on without waiting for input.
+        let wait_at_most = if self.stage.has_work() {
+            LINGER_FOR_MORE
+        } else {
+            self.config.batch_max_wait
+        };
+        let deadline = Instant::now() + wait_at_most;
         let mut batch = Vec::new();
         while batch.len() < self.config.batch_max_messages && !shutdown.is_cancelled() {
             let now = Instant::now();
@@ -431,7 +453,9 @@ impl<S: Stage> Runner<S> {
             // under load the prefetch queue keeps it growing to its limits, and a lone
             // record goes out at once instead of waiting out `batch_max_wait`.
             let wait = if batch.is_empty() {
-                Duration::from_millis(100)
+                deadline
+                    .saturating_duration_since(now)
+                    .min(Duration::from_millis(100))
             } else {
                 deadline.saturating_duration_since(now).min(LINGER_FOR_MORE)
             };

@@ -113,6 +113,15 @@ impl<T: Clone + Serialize + DeserializeOwned> KeyedState<T> {
         Ok(())
     }
 
+    /// Whether any value, pending changes included, satisfies `f`.
+    pub fn any(&self, f: impl Fn(&T) -> bool) -> bool {
+        self.committed
+            .iter()
+            .filter(|(k, _)| !self.pending.contains_key(*k))
+            .any(|(_, v)| f(v))
+            || self.pending.values().flatten().any(f)
+    }
+
     /// Keys with a value, pending changes included, in no particular order.
     pub fn keys(&self) -> Vec<String> {
         let mut keys: Vec<String> = self

@@ -334,6 +334,21 @@ impl Pipeline {
         }
     }
 
+    /// SIGSTOP: the stage stops where it is, in the middle of whatever it was doing; a
+    /// `kill` afterwards ends it there.
+    pub fn pause(&self, stage: &str) {
+        let c = self
+            .children
+            .get(stage)
+            .unwrap_or_else(|| panic!("{stage} is not running"));
+        let status = Command::new("kill")
+            .arg("-STOP")
+            .arg(c.id().to_string())
+            .status()
+            .expect("kill -STOP");
+        assert!(status.success(), "kill -STOP {stage}");
+    }
+
     /// SIGTERM, then wait for a clean exit.
     pub fn stop(&mut self, stage: &str) {
         if let Some(mut c) = self.children.remove(stage) {
