@@ -117,6 +117,9 @@ impl PipelineBench {
     }
 }
 
+/// Every stage, in pipeline order.
+pub(crate) const ALL_STAGES: [&str; 4] = ["ingestion", "anonymization", "canonization", "auditing"];
+
 /// The stages, in pipeline order, with the log line that says each is consuming.
 const STAGES: [(&str, &str); 4] = [
     ("ingestion", "Ingestion started."),
@@ -254,7 +257,7 @@ pub async fn run(b: PipelineBench) -> anyhow::Result<PipelineReport> {
 
 /// A default of the stage runner's flags (`pipeline::config::RunnerArgs`): what a stage
 /// runs with when its environment does not set the flag.
-fn runner_default(id: &str) -> anyhow::Result<String> {
+pub(crate) fn runner_default(id: &str) -> anyhow::Result<String> {
     use clap::Args as _;
     let cmd = pipeline::config::RunnerArgs::augment_args(clap::Command::new("runner"));
     let value = cmd
@@ -305,7 +308,7 @@ fn measure(
         tag,
     };
     let reader = Reader::start(kafka, codec, rt)?;
-    let mut stages = Stages::start(kafka, dir, &ingestion_dir, b.txn_messages)?;
+    let mut stages = Stages::start(kafka, dir, &ingestion_dir, b.txn_messages, &ALL_STAGES)?;
     let result = drive(b, kafka, &mut stages, &reader, input);
     stages.stop();
     result
@@ -363,7 +366,7 @@ fn drive(
     );
     let t = throughput(&mut watch, b.records, &generated.files, &landing)?;
     eprintln!("Waiting for auditing to catch up ...");
-    let audit = wait_for_audit(&mut watch, &AuditLag::new(kafka)?, t.end)?;
+    let audit = wait_for_audit(&mut watch, &GroupLag::auditing(kafka)?, t.end)?;
     if b.latency_files > 0 {
         eprintln!(
             "Dropping {} one-record files, one at a time ...",
@@ -537,7 +540,7 @@ fn latency(
 /// until its lag stops falling.
 fn wait_for_audit(
     watch: &mut Watch<'_>,
-    lag: &AuditLag,
+    lag: &GroupLag,
     last_canonical: Instant,
 ) -> anyhow::Result<AuditWait> {
     let (mut best, mut best_at) = (i64::MAX, Instant::now());
@@ -562,16 +565,16 @@ fn wait_for_audit(
 
 /// The generated input, in the staging folder.
 #[derive(Debug, Default)]
-struct Generated {
-    files: Vec<PathBuf>,
-    patients: usize,
-    observations: usize,
+pub(crate) struct Generated {
+    pub(crate) files: Vec<PathBuf>,
+    pub(crate) patients: usize,
+    pub(crate) observations: usize,
     /// People invented so far (`Person::new(0..people, tag)`).
-    people: usize,
+    pub(crate) people: usize,
 }
 
 /// Writes `records` records as `files` NDJSON files, split evenly.
-fn generate(
+pub(crate) fn generate(
     staging: &Path,
     records: usize,
     files: usize,
@@ -832,26 +835,27 @@ fn classify(
 }
 
 /// One stage process and its log.
-struct StageProcess {
-    name: &'static str,
+pub(crate) struct StageProcess {
+    pub(crate) name: &'static str,
     ready: &'static str,
-    child: Child,
+    pub(crate) child: Child,
     log: PathBuf,
 }
 
 /// The four stage processes. Dropping kills what is still running.
-struct Stages {
-    procs: Vec<StageProcess>,
+pub(crate) struct Stages {
+    pub(crate) procs: Vec<StageProcess>,
 }
 
 impl Stages {
-    /// Starts every stage on `kafka`'s prefix with throwaway keys, folders under `dir`
-    /// and a log each in `dir`.
-    fn start(
+    /// Starts the stages named in `which` (all four: `ALL_STAGES`) on `kafka`'s prefix
+    /// with throwaway keys, folders under `dir` and a log each in `dir`.
+    pub(crate) fn start(
         kafka: &KafkaArgs,
         dir: &Path,
         ingestion_dir: &Path,
         txn_messages: Option<usize>,
+        which: &[&str],
     ) -> anyhow::Result<Stages> {
         let topic_configs = kafka
             .topic_configs
@@ -893,7 +897,7 @@ impl Stages {
             .filter(|k| k.to_string_lossy().starts_with("MEDPIPE_"))
             .collect();
         let mut stages = Stages { procs: Vec::new() };
-        for (name, ready) in STAGES {
+        for (name, ready) in STAGES.into_iter().filter(|(n, _)| which.contains(n)) {
             let exe = bench::stage_exe(&format!("medpipe-{name}"))?;
             let log = dir.join(format!("{name}.log"));
             let out = std::fs::File::create(&log)
@@ -923,7 +927,7 @@ impl Stages {
     }
 
     /// Waits until every stage's log says it is consuming.
-    fn wait_ready(&mut self, deadline: Instant) -> anyhow::Result<()> {
+    pub(crate) fn wait_ready(&mut self, deadline: Instant) -> anyhow::Result<()> {
         let mut waiting: Vec<usize> = (0..self.procs.len()).collect();
         while !waiting.is_empty() {
             self.check_alive()?;
@@ -943,7 +947,7 @@ impl Stages {
     }
 
     /// Fails, with the end of its log, if a stage has exited.
-    fn check_alive(&mut self) -> anyhow::Result<()> {
+    pub(crate) fn check_alive(&mut self) -> anyhow::Result<()> {
         for p in &mut self.procs {
             if let Some(status) = p.child.try_wait()? {
                 let log = std::fs::read_to_string(&p.log).unwrap_or_default();
@@ -959,7 +963,7 @@ impl Stages {
     }
 
     /// SIGTERM to every stage, then up to 30 s for them all to exit; SIGKILL after that.
-    fn stop(&mut self) {
+    pub(crate) fn stop(&mut self) {
         for p in &self.procs {
             let _ = Command::new("kill")
                 .arg("-TERM")
@@ -1008,12 +1012,12 @@ impl Drop for Stages {
 
 /// CPU and memory of one process at one moment.
 #[derive(Debug, Clone, Copy, Default)]
-struct Usage {
-    cpu_ticks: u64,
-    rss_kib: u64,
+pub(crate) struct Usage {
+    pub(crate) cpu_ticks: u64,
+    pub(crate) rss_kib: u64,
 }
 
-fn usage(pid: u32) -> anyhow::Result<Usage> {
+pub(crate) fn usage(pid: u32) -> anyhow::Result<Usage> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .with_context(|| format!("cannot read /proc/{pid}/stat"))?;
     Ok(Usage {
@@ -1034,7 +1038,7 @@ fn cpu_ticks(stat: &str) -> Option<u64> {
 }
 
 /// `getconf CLK_TCK`, the unit of `/proc/<pid>/stat` times; 100 where it cannot be read.
-fn clock_ticks_per_second() -> f64 {
+pub(crate) fn clock_ticks_per_second() -> f64 {
     Command::new("getconf")
         .arg("CLK_TCK")
         .output()
@@ -1104,44 +1108,55 @@ impl Watch<'_> {
     }
 }
 
-/// How far auditing's committed offsets trail the ends of the topics it audits (all but
-/// its own audit topic), allowing one transaction marker per partition, as the
-/// end-to-end tests read it. Only a hint: the audit store is the truth.
-struct AuditLag {
-    /// In auditing's group (`<prefix>-auditing`, its default), to read its commits; it
+/// How far a stage's committed offsets trail the ends of its input topics, allowing one
+/// transaction marker per partition, as the end-to-end tests read auditing's. Only a
+/// hint: for auditing, the audit store is the truth.
+pub(crate) struct GroupLag {
+    /// In the stage's group (`<prefix>-<stage>`, its default), to read its commits; it
     /// never subscribes, so it never joins the group.
     consumer: BaseConsumer,
     partitions: Vec<(String, i32)>,
 }
 
-impl AuditLag {
-    fn new(kafka: &KafkaArgs) -> anyhow::Result<AuditLag> {
+impl GroupLag {
+    /// Auditing's lag over every topic but its own audit topic.
+    fn auditing(kafka: &KafkaArgs) -> anyhow::Result<GroupLag> {
         let topics = kafka.topics();
+        let audit = topics.name(TopicKind::Audit);
+        let inputs: Vec<String> = topics.all().into_iter().filter(|t| *t != audit).collect();
+        GroupLag::new(kafka, "auditing", &inputs)
+    }
+
+    /// `stage`'s lag over `inputs`.
+    pub(crate) fn new(
+        kafka: &KafkaArgs,
+        stage: &str,
+        inputs: &[String],
+    ) -> anyhow::Result<GroupLag> {
         let consumer: BaseConsumer = consumer_config(
             &kafka.bootstrap_servers,
-            &format!("{}-auditing", kafka.topic_prefix),
+            &format!("{}-{stage}", kafka.topic_prefix),
             ConsumerRole::Readback,
         )
         .set("statistics.interval.ms", "0")
         .create()
-        .context("cannot create the audit lag reader")?;
-        let audit = topics.name(TopicKind::Audit);
+        .with_context(|| format!("cannot create the lag reader of {stage}"))?;
         let mut partitions = Vec::new();
-        for topic in topics.all().into_iter().filter(|t| *t != audit) {
+        for topic in inputs {
             let md = consumer
-                .fetch_metadata(Some(&topic), Duration::from_secs(10))
+                .fetch_metadata(Some(topic), Duration::from_secs(10))
                 .with_context(|| format!("cannot read the metadata of {topic}"))?;
             for p in md.topics().iter().flat_map(|t| t.partitions()) {
                 partitions.push((topic.clone(), p.id()));
             }
         }
-        Ok(AuditLag {
+        Ok(GroupLag {
             consumer,
             partitions,
         })
     }
 
-    fn lag(&self) -> anyhow::Result<i64> {
+    pub(crate) fn lag(&self) -> anyhow::Result<i64> {
         let mut tpl = TopicPartitionList::new();
         let mut ends = HashMap::new();
         for (topic, p) in &self.partitions {
@@ -1155,7 +1170,7 @@ impl AuditLag {
         let committed = self
             .consumer
             .committed_offsets(tpl, Duration::from_secs(10))
-            .context("cannot read auditing's committed offsets")?;
+            .context("cannot read the stage's committed offsets")?;
         Ok(committed
             .elements()
             .iter()

@@ -14,6 +14,7 @@ mod bench;
 mod bench_audit;
 mod bench_passthrough;
 mod bench_pipeline;
+mod bench_stages;
 mod bench_status;
 mod dlq;
 mod redrive;
@@ -234,6 +235,10 @@ enum BenchCommand {
     /// CPU and memory, auditing's catch-up, one-record latency, and the passthrough
     /// yardstick at the stages' transaction size.
     Pipeline(bench_pipeline::PipelineBench),
+    /// Each stage alone over input already on the broker (ingestion over files), timed
+    /// until its committed offsets reach the ends of its inputs, beside the passthrough
+    /// yardstick at the same transaction size: the ratio is the cost of the stage's work.
+    Stages(bench_stages::StagesBench),
     /// Generate a synthetic file, ingest it with medpipe-ingestion, report records/s
     /// and the process's peak resident memory.
     Ingest {
@@ -488,6 +493,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             command: BenchCommand::Pipeline(args),
         } => {
             let report = bench_pipeline::run(args).await?;
+            report.write(&mut out)?;
+            report
+                .passthrough
+                .context("the passthrough yardstick failed")?;
+        }
+        Command::Bench {
+            command: BenchCommand::Stages(args),
+        } => {
+            let report = bench_stages::run(args).await?;
             report.write(&mut out)?;
             report
                 .passthrough

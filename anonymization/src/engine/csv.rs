@@ -20,7 +20,7 @@ impl<'e> Run<'e> {
                 ));
             }
             let mut governing = None;
-            for c in &self.candidates {
+            for c in &self.index.candidates {
                 if let Pattern::Csv(glob) = &c.path.pattern {
                     if glob_match(glob, column) {
                         governing = better(governing, c);

@@ -28,7 +28,8 @@ mod rules;
 
 use std::borrow::Cow;
 use std::cmp::Reverse;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 
 use base64::Engine as _;
 use chrono::NaiveDate;
@@ -46,7 +47,7 @@ use crate::scrub::{self, Known};
 
 use dates::AgeOutcome;
 use fhir::{conditional_reference, fhir_metadata, split_reference};
-use rules::{Candidate, Governing, Mode, PatternIndex, Rank};
+use rules::{Candidate, Governing, Mode, PatternIndex, Prepared, Rank};
 
 /// The report key under which the engine counts what it does to a Bundle entry's own fields
 /// (`fullUrl`, `request.method`, `request.url`); policy rule ids cannot contain `:`.
@@ -230,7 +231,14 @@ pub struct Engine {
     mac: HmacSha256,
     /// The free-text scrubber, compiled (and so checked) before the first record.
     scrubber: &'static scrub::Scrubber,
+    /// The candidate rules and pattern index of each format and record type seen, at
+    /// most `PREPARED_MAX` of them (record types come from the data).
+    prepared: std::sync::RwLock<HashMap<(SourceFormat, String), Arc<Prepared>>>,
 }
+
+/// Formats and record types whose candidate rules are kept prepared; past this, the
+/// others are prepared per record (record types are the data's, and unbounded).
+const PREPARED_MAX: usize = 256;
 
 impl std::fmt::Debug for Engine {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -260,6 +268,7 @@ impl Engine {
             ctx,
             mac,
             scrubber,
+            prepared: std::sync::RwLock::default(),
         })
     }
 
@@ -421,6 +430,7 @@ impl Engine {
         run.link = Some(&who.link);
         run.resolve = Some(resolve);
         if run
+            .index
             .candidates
             .iter()
             .any(|c| c.rule.method == Method::Scrub)
@@ -478,13 +488,24 @@ impl Engine {
     }
 
     fn run<'e>(&'e self, format: SourceFormat, record_type: &'e str, patient: &'e str) -> Run<'e> {
-        let candidates = self.candidates(format, record_type);
-        let index = PatternIndex::new(&candidates);
+        let prepared = self.prepared(format, record_type);
+        let candidates = prepared
+            .candidates
+            .iter()
+            .filter_map(|&(r, p, rank)| {
+                let rule = self.policy.rules.get(r)?;
+                Some(Candidate {
+                    rule,
+                    path: rule.paths.get(p)?,
+                    rank,
+                })
+            })
+            .collect();
+        let index = PatternIndex::new(prepared, candidates);
         Run {
             engine: self,
             format,
             record_type,
-            candidates,
             index,
             patient,
             link: None,
@@ -500,27 +521,53 @@ impl Engine {
         }
     }
 
-    /// Every rule path that can apply to records of this format and type, ranked once.
-    fn candidates(&self, format: SourceFormat, record_type: &str) -> Vec<Candidate<'_>> {
+    /// The candidate rules of this format and record type and their index, prepared once.
+    fn prepared(&self, format: SourceFormat, record_type: &str) -> Arc<Prepared> {
+        let key = (format, record_type.to_owned());
+        if let Some(p) = self
+            .prepared
+            .read()
+            .ok()
+            .and_then(|cache| cache.get(&key).cloned())
+        {
+            return p;
+        }
+        let (candidates, positions) = self.candidates(format, record_type);
+        let prepared = Arc::new(Prepared::new(&candidates, positions));
+        if let Ok(mut cache) = self.prepared.write() {
+            if cache.len() < PREPARED_MAX {
+                cache.insert(key, prepared.clone());
+            }
+        }
+        prepared
+    }
+
+    /// Every rule path that can apply to records of this format and type, ranked, with
+    /// its rule's and its own position in the policy.
+    #[allow(clippy::type_complexity)]
+    fn candidates(
+        &self,
+        format: SourceFormat,
+        record_type: &str,
+    ) -> (Vec<Candidate<'_>>, Vec<(usize, usize, Rank)>) {
         let mut out = Vec::new();
+        let mut positions = Vec::new();
         for (index, rule) in self.policy.rules.iter().enumerate() {
             if !rule.formats.contains(&format) || !rule.applies_to_type(record_type) {
                 continue;
             }
-            for path in &rule.paths {
-                out.push(Candidate {
-                    rule,
-                    path,
-                    rank: Rank {
-                        typed: rule.resource_types.is_some(),
-                        specificity: path.specificity,
-                        conditional: rule.when_type.is_some(),
-                        order: Reverse(index),
-                    },
-                });
+            for (p, path) in rule.paths.iter().enumerate() {
+                let rank = Rank {
+                    typed: rule.resource_types.is_some(),
+                    specificity: path.specificity,
+                    conditional: rule.when_type.is_some(),
+                    order: Reverse(index),
+                };
+                out.push(Candidate { rule, path, rank });
+                positions.push((index, p, rank));
             }
         }
-        out
+        (out, positions)
     }
 
     /// `pseudonymize` for one value. FHIR references keep their shape: `Patient/123` ->
@@ -709,7 +756,6 @@ struct Run<'e> {
     engine: &'e Engine,
     format: SourceFormat,
     record_type: &'e str,
-    candidates: Vec<Candidate<'e>>,
     index: PatternIndex<'e>,
     patient: &'e str,
     /// The record's source link, set by [`Engine::anonymize_as`].

@@ -69,31 +69,32 @@ pub(super) enum Mode {
     Apply,
 }
 
-/// The candidates' FHIR and HL7 patterns, indexed so that each element or subcomponent is
-/// compared only with patterns that can match it: FHIR patterns by depth (they match at
-/// exactly their depth) and literal last name, HL7 patterns by segment id.
-pub(super) struct PatternIndex<'e> {
-    /// By depth, then by the literal last name.
-    pub(super) fhir_named: Vec<HashMap<&'e str, FhirList<'e>>>,
+/// The candidates of one format and record type, and their FHIR and HL7 patterns indexed
+/// so that each element or subcomponent is compared only with patterns that can match it:
+/// FHIR patterns by depth (they match at exactly their depth) and literal last name, HL7
+/// patterns by segment id. By position in the policy, so that it is computed once per
+/// format and type and shared by every record of them (`Engine::prepared`).
+#[derive(Debug, Default)]
+pub(super) struct Prepared {
+    /// Each candidate: its rule's and path's positions in the policy, and its rank.
+    pub(super) candidates: Vec<(usize, usize, Rank)>,
+    /// By depth, then by the literal last name: positions in `candidates`.
+    fhir_named: Vec<HashMap<String, Vec<usize>>>,
     /// By depth: patterns whose last segment is a glob.
-    pub(super) fhir_glob: Vec<FhirList<'e>>,
-    hl7_named: HashMap<&'e str, Hl7List<'e>>,
+    fhir_glob: Vec<Vec<usize>>,
+    hl7_named: HashMap<String, Vec<usize>>,
     /// Patterns for any segment (`*-...`).
-    hl7_any: Hl7List<'e>,
+    hl7_any: Vec<usize>,
 }
 
-pub(super) type FhirList<'e> = Vec<(Candidate<'e>, &'e [FhirSegment])>;
-pub(super) type Hl7List<'e> = Vec<(Candidate<'e>, &'e Hl7Pattern)>;
-
-impl<'e> PatternIndex<'e> {
-    pub(super) fn new(candidates: &[Candidate<'e>]) -> Self {
-        let mut index = PatternIndex {
-            fhir_named: Vec::new(),
-            fhir_glob: Vec::new(),
-            hl7_named: HashMap::new(),
-            hl7_any: Vec::new(),
+impl Prepared {
+    /// Indexes `candidates`, whose positions in the policy are `positions`.
+    pub(super) fn new(candidates: &[Candidate<'_>], positions: Vec<(usize, usize, Rank)>) -> Self {
+        let mut index = Prepared {
+            candidates: positions,
+            ..Prepared::default()
         };
-        for c in candidates {
+        for (i, c) in candidates.iter().enumerate() {
             match &c.path.pattern {
                 Pattern::Fhir(segments) => {
                     let depth = segments.len();
@@ -104,48 +105,83 @@ impl<'e> PatternIndex<'e> {
                     match segments.last().map(|s| s.name.as_str()) {
                         Some(name) if !name.contains('*') => {
                             if let Some(map) = index.fhir_named.get_mut(depth) {
-                                map.entry(name).or_default().push((*c, segments));
+                                map.entry(name.to_owned()).or_default().push(i);
                             }
                         }
                         _ => {
                             if let Some(list) = index.fhir_glob.get_mut(depth) {
-                                list.push((*c, segments));
+                                list.push(i);
                             }
                         }
                     }
                 }
                 Pattern::Hl7(p) => match p.segment.as_deref() {
-                    Some(id) => index.hl7_named.entry(id).or_default().push((*c, p)),
-                    None => index.hl7_any.push((*c, p)),
+                    Some(id) => index.hl7_named.entry(id.to_owned()).or_default().push(i),
+                    None => index.hl7_any.push(i),
                 },
                 Pattern::Csv(_) => {}
             }
         }
         index
     }
+}
+
+/// A record's view of its `Prepared` index: the candidates as references into the policy.
+pub(super) struct PatternIndex<'e> {
+    prepared: std::sync::Arc<Prepared>,
+    pub(super) candidates: Vec<Candidate<'e>>,
+}
+
+impl<'e> PatternIndex<'e> {
+    pub(super) fn new(prepared: std::sync::Arc<Prepared>, candidates: Vec<Candidate<'e>>) -> Self {
+        PatternIndex {
+            prepared,
+            candidates,
+        }
+    }
+
+    fn fhir_of(&self, i: usize) -> Option<(&Candidate<'e>, &'e [FhirSegment])> {
+        let c = self.candidates.get(i)?;
+        match &c.path.pattern {
+            Pattern::Fhir(segments) => Some((c, segments.as_slice())),
+            _ => None,
+        }
+    }
+
+    fn hl7_of(&self, i: usize) -> Option<(&Candidate<'e>, &'e Hl7Pattern)> {
+        let c = self.candidates.get(i)?;
+        match &c.path.pattern {
+            Pattern::Hl7(p) => Some((c, p)),
+            _ => None,
+        }
+    }
 
     pub(super) fn fhir(
         &self,
         depth: usize,
         name: &str,
-    ) -> impl Iterator<Item = &(Candidate<'e>, &'e [FhirSegment])> {
-        self.fhir_named
+    ) -> impl Iterator<Item = (&Candidate<'e>, &'e [FhirSegment])> + '_ {
+        self.prepared
+            .fhir_named
             .get(depth)
             .and_then(|map| map.get(name))
             .into_iter()
             .flatten()
-            .chain(self.fhir_glob.get(depth).into_iter().flatten())
+            .chain(self.prepared.fhir_glob.get(depth).into_iter().flatten())
+            .filter_map(|&i| self.fhir_of(i))
     }
 
     pub(super) fn hl7(
         &self,
         segment: &str,
-    ) -> impl Iterator<Item = &(Candidate<'e>, &'e Hl7Pattern)> {
-        self.hl7_named
+    ) -> impl Iterator<Item = (&Candidate<'e>, &'e Hl7Pattern)> + '_ {
+        self.prepared
+            .hl7_named
             .get(segment)
             .into_iter()
             .flatten()
-            .chain(&self.hl7_any)
+            .chain(&self.prepared.hl7_any)
+            .filter_map(|&i| self.hl7_of(i))
     }
 }
 
