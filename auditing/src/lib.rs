@@ -23,7 +23,7 @@ pub mod record;
 pub mod sentinel;
 pub mod store;
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -358,11 +358,12 @@ impl Auditor {
     fn record(&mut self, batch: &[OwnedMessage]) -> Result<(), PipelineError> {
         let mut entries = Vec::with_capacity(batch.len());
         let mut scans = Vec::new();
-        let mut offsets = TopicPartitionList::new();
+        // The next offset per partition: one entry each (a list with an entry per message
+        // was searched linearly per message, quadratic in the batch).
+        let mut next: BTreeMap<(&str, i32), i64> = BTreeMap::new();
         for m in batch {
-            offsets
-                .add_partition_offset(m.topic(), m.partition(), Offset::Offset(m.offset() + 1))
-                .map_err(kafka_err("offsets"))?;
+            let at = next.entry((m.topic(), m.partition())).or_default();
+            *at = (*at).max(m.offset() + 1);
             if m.topic() == self.own_topic
                 || self.store.contains(m.topic(), m.partition(), m.offset())
             {
@@ -420,6 +421,12 @@ impl Auditor {
         self.unpublished.extend(added);
         self.raise(alerts, now)?;
         // The store is durable now; the commit only saves re-reading on restart.
+        let mut offsets = TopicPartitionList::with_capacity(next.len());
+        for ((topic, partition), offset) in next {
+            offsets
+                .add_partition_offset(topic, partition, Offset::Offset(offset))
+                .map_err(kafka_err("offsets"))?;
+        }
         if let Err(e) = self.consumer.commit(&offsets, CommitMode::Async) {
             warn!(error = %e, "Offset commit failed; entries are deduplicated on restart.");
         }
