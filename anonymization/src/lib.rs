@@ -129,6 +129,9 @@ impl Anonymizer {
             .engine
             .identify(&rec.source_format, &rec.record_type, &body)?;
         let patient = self.patient_of(&who, rec);
+        // A patient's own record: its identifiers are remembered for the patient's later
+        // records, and are exactly what the scrubber needs for this one.
+        let mut own = None;
         if rec.record_type == "Patient" || rec.record_type.starts_with("ADT") {
             let known = self.engine.known_identifiers(
                 &rec.source_format,
@@ -137,8 +140,9 @@ impl Anonymizer {
                 &scrub::Known::default(),
             )?;
             self.state
-                .remember(&patient, known)
+                .remember(&patient, known.clone())
                 .map_err(|e| AnonymizeError::Memory(e.to_string()))?;
+            own = Some(known);
         }
         let empty = scrub::Known::default();
         if let Err(e) = self.state.known(&patient) {
@@ -163,7 +167,10 @@ impl Anonymizer {
             &who,
             &patient,
             &resolve,
-            extra,
+            match own {
+                Some(known) => engine::Scrub::Known(known),
+                None => engine::Scrub::Collect(extra),
+            },
         )?;
         let merges = self.merges(&who, &patient, rec);
         let policy = self.engine.policy();
