@@ -2,6 +2,9 @@
 //! with schemas registered under TopicRecordNameStrategy so one topic carries many event types.
 
 use std::collections::HashMap;
+use std::sync::RwLock;
+
+use apache_avro::writer::datum::GenericDatumWriter;
 
 use schema_registry_converter::async_impl::avro::{AvroDecoder, AvroEncoder};
 use schema_registry_converter::async_impl::schema_registry::SrSettings;
@@ -21,6 +24,15 @@ pub struct Codec {
     decoder: AvroDecoder,
     /// Subject strategy per event type; each carries its schema so first use registers it.
     strategies: HashMap<&'static str, SubjectNameStrategy>,
+    /// Per event type, once its first encoding went through the registry client: the
+    /// schema id and a writer that serializes the event straight into Avro (see `encode`).
+    direct: RwLock<HashMap<&'static str, Direct>>,
+}
+
+/// An event type's registered schema id, and its writer.
+struct Direct {
+    id: u32,
+    writer: GenericDatumWriter<'static>,
 }
 
 impl std::fmt::Debug for Codec {
@@ -29,6 +41,18 @@ impl std::fmt::Debug for Codec {
             .field("event_types", &self.strategies.len())
             .finish()
     }
+}
+
+/// `event` in the Confluent wire format: magic byte 0, the schema id (big-endian), the
+/// Avro datum serialized straight from the event's fields.
+fn framed(d: &Direct, event: &Event) -> Result<Vec<u8>, apache_avro::Error> {
+    let mut out = Vec::with_capacity(512);
+    out.push(0);
+    out.extend_from_slice(&d.id.to_be_bytes());
+    events::with_wire(event, |w: &dyn ErasedWire| {
+        w.write_avro(&d.writer, &mut out)
+    })?;
+    Ok(out)
 }
 
 fn sr_error(context: impl Into<String>, e: SRCError) -> PipelineError {
@@ -65,6 +89,7 @@ impl Codec {
             encoder: AvroEncoder::new(settings()?),
             decoder: AvroDecoder::new(settings()?),
             strategies,
+            direct: RwLock::default(),
         })
     }
 
@@ -92,29 +117,90 @@ impl Codec {
     }
 
     /// Encodes an event in the Confluent wire format.
+    ///
+    /// The first event of each type goes through the registry client, which registers or
+    /// looks up its schema and encodes via an Avro `Value` tree (built, validated, then
+    /// written). Its schema is then kept, and later events of the type are serialized
+    /// straight into Avro from their fields, with no `Value` tree in between; that first
+    /// event is encoded both ways, and a type whose two encodings differ keeps the
+    /// registry client's (a logged error, never a wrong byte on a topic).
     pub async fn encode(&self, event: &Event) -> Result<Vec<u8>, PipelineError> {
         let event_type = event.event_type();
+        let encode_error = |message: String| PipelineError::Encode {
+            event_type: event_type.to_string(),
+            message,
+        };
+        if let Some(bytes) = self.encode_direct(event) {
+            return bytes.map_err(|e| encode_error(e.to_string()));
+        }
         let strategy = self.strategy(event_type)?;
-        let value =
-            events::with_wire(event, |w: &dyn ErasedWire| w.to_avro_value()).map_err(|e| {
-                PipelineError::Encode {
-                    event_type: event_type.to_string(),
-                    message: e.to_string(),
-                }
-            })?;
-        self.encoder
+        let value = events::with_wire(event, |w: &dyn ErasedWire| w.to_avro_value())
+            .map_err(|e| encode_error(e.to_string()))?;
+        let bytes = self
+            .encoder
             .encode_value(value, strategy)
             .await
             .map_err(|e| {
                 if e.retriable {
                     sr_error(format!("encode {event_type}"), e)
                 } else {
-                    PipelineError::Encode {
-                        event_type: event_type.to_string(),
-                        message: e.to_string(),
-                    }
+                    encode_error(e.to_string())
                 }
-            })
+            })?;
+        self.prepare_direct(event, strategy, &bytes).await;
+        Ok(bytes)
+    }
+
+    /// The event serialized straight into Avro, once its type has a `Direct` writer.
+    fn encode_direct(&self, event: &Event) -> Option<Result<Vec<u8>, apache_avro::Error>> {
+        let direct = self.direct.read().ok()?;
+        let d = direct.get(event.event_type())?;
+        Some(framed(d, event))
+    }
+
+    /// Keeps the schema of `event`'s type for direct serialization, if serializing
+    /// `event` directly gives exactly `bytes`, what the registry client wrote.
+    async fn prepare_direct(&self, event: &Event, strategy: &SubjectNameStrategy, bytes: &[u8]) {
+        let event_type = event.event_type();
+        if self
+            .direct
+            .read()
+            .map_or(true, |d| d.contains_key(event_type))
+        {
+            return;
+        }
+        let Ok(subject) = strategy.get_subject() else {
+            return;
+        };
+        let Ok(schema) = self
+            .encoder
+            .get_schema_and_id(&subject, strategy.clone())
+            .await
+        else {
+            return;
+        };
+        // The registry client keeps its schemas for the life of the process, resolved
+        // the same way; this is one more per event type and codec.
+        let parsed: &'static apache_avro::Schema = Box::leak(Box::new(schema.parsed.clone()));
+        let Ok(writer) = GenericDatumWriter::builder(parsed).build() else {
+            return;
+        };
+        let d = Direct {
+            id: schema.id,
+            writer,
+        };
+        match framed(&d, event) {
+            Ok(direct) if direct == bytes => {
+                if let Ok(mut map) = self.direct.write() {
+                    map.insert(event_type, d);
+                }
+            }
+            other => tracing::error!(
+                event_type,
+                direct_error = other.err().map(|e| e.to_string()),
+                "Serializing this event type straight into Avro does not give the registry client's bytes; it stays on the registry client's encoder."
+            ),
+        }
     }
 
     /// Decodes a Confluent-framed Avro event. Bad bytes, unknown schema ids and unknown

@@ -299,11 +299,25 @@ macro_rules! catalogue {
 pub(crate) mod erased {
     pub trait ErasedWire {
         fn to_avro_value(&self) -> Result<apache_avro::types::Value, apache_avro::Error>;
+        /// Serializes straight into Avro with `writer`'s schema, appending to `out`.
+        fn write_avro(
+            &self,
+            writer: &apache_avro::writer::datum::GenericDatumWriter<'_>,
+            out: &mut Vec<u8>,
+        ) -> Result<usize, apache_avro::Error>;
     }
 
     impl<T: serde::Serialize> ErasedWire for T {
         fn to_avro_value(&self) -> Result<apache_avro::types::Value, apache_avro::Error> {
             apache_avro::to_value(self)
+        }
+
+        fn write_avro(
+            &self,
+            writer: &apache_avro::writer::datum::GenericDatumWriter<'_>,
+            out: &mut Vec<u8>,
+        ) -> Result<usize, apache_avro::Error> {
+            writer.write_ser(out, self)
         }
     }
 }

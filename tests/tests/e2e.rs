@@ -71,6 +71,12 @@ fn every_record_reaches_the_canonical_topic_exactly_once_with_no_phi_in_clear() 
             !identifiers.iter().any(|id| log.contains(id.as_str())),
             "{s}'s log contains an input identifier"
         );
+        // Every event type a stage wrote was serialized straight into Avro with the
+        // registry client's bytes (`Codec::encode`'s check on first use).
+        assert!(
+            !log.contains("straight into Avro does not give"),
+            "{s} fell back to the registry client's encoder for an event type; see its log"
+        );
     }
     // The audit trail of this run is checked in tests/auditing.rs.
 }
