@@ -1276,7 +1276,7 @@ impl PipelineReport {
                     out,
                     "End-to-end records/s ÷ passthrough messages/s: {:.2}. One end-to-end run through four \
                      chained stages sharing the machine's cores cannot say which stage costs what, so this \
-                     is a ratio for the whole pipeline, not per stage.",
+                     is a ratio for the whole pipeline; `medpipe bench stages` measures each stage alone.",
                     per_second / r.per_second()
                 )?;
             }
