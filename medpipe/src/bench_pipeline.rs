@@ -182,11 +182,29 @@ pub enum AuditWait {
     Stalled { lag: i64 },
 }
 
-/// Runs the benchmark: topics, files, stages, the three measurements, the yardstick,
-/// clean-up. The work directory (with the stages' logs) is kept when a measurement fails.
-pub async fn run(b: PipelineBench) -> anyhow::Result<PipelineReport> {
-    b.validate()?;
-    let txn_messages = match b.txn_messages {
+/// What a benchmark on a fresh topic prefix starts from.
+pub(crate) struct Fresh {
+    /// The stages' transaction size (`--txn-messages`, else the runner's default) and
+    /// collecting time (the runner's default): the yardstick runs with them too.
+    pub(crate) txn_messages: usize,
+    pub(crate) txn_wait: Duration,
+    /// The broker and registry, on the fresh prefix `<word><tag>`.
+    pub(crate) kafka: KafkaArgs,
+    pub(crate) tag: String,
+    pub(crate) codec: Arc<Codec>,
+    /// `<work dir>/<prefix>`: files, stage folders and logs.
+    pub(crate) dir: PathBuf,
+}
+
+/// Registers the schemas and creates the topics of a fresh prefix `<word><tag>`.
+pub(crate) async fn fresh(
+    kafka: &KafkaArgs,
+    word: &str,
+    txn_messages: Option<usize>,
+    work_dir: &Path,
+) -> anyhow::Result<Fresh> {
+    let txn_messages = match txn_messages {
+        Some(0) => bail!("--txn-messages must be at least 1"),
         Some(n) => n,
         None => runner_default("batch_max_messages")?
             .parse()
@@ -195,69 +213,87 @@ pub async fn run(b: PipelineBench) -> anyhow::Result<PipelineReport> {
     let txn_wait = humantime::parse_duration(&runner_default("batch_max_wait")?)
         .context("the runner's default batch_max_wait is not a duration")?;
     let tag = uuid::Uuid::new_v4().simple().to_string()[..8].to_string();
-    let mut kafka = b.kafka.clone();
-    kafka.topic_prefix = format!("benchpipe{tag}");
+    let mut kafka = kafka.clone();
+    kafka.topic_prefix = format!("{word}{tag}");
     let codec = pipeline::stage::prepare(&kafka, Duration::from_secs(30))
         .await
         .context("cannot register the schemas and create the benchmark topics")?;
-    let dir = b.work_dir.join(&kafka.topic_prefix);
+    let dir = work_dir.join(&kafka.topic_prefix);
+    Ok(Fresh {
+        txn_messages,
+        txn_wait,
+        kafka,
+        tag,
+        codec,
+        dir,
+    })
+}
+
+/// The passthrough yardstick: `messages` 700-byte messages copied exactly once at the
+/// stages' transaction size, on topics of its own.
+pub(crate) async fn yardstick(f: &Fresh, messages: usize) -> anyhow::Result<PassthroughResult> {
+    eprintln!(
+        "Running the passthrough yardstick ({} messages per transaction) ...",
+        f.txn_messages
+    );
+    bench_passthrough::run(PassthroughBench {
+        bootstrap: f.kafka.bootstrap_servers.clone(),
+        messages,
+        size: 700,
+        partitions: f.kafka.topic_partitions,
+        txn_messages: f.txn_messages,
+        txn_wait: f.txn_wait,
+        debug: None,
+        producer_set: Vec::new(),
+        naive_flush: false,
+    })
+    .await
+}
+
+/// Runs the benchmark: topics, files, stages, the three measurements, the yardstick,
+/// clean-up. The work directory (with the stages' logs) is kept when a measurement fails.
+pub async fn run(b: PipelineBench) -> anyhow::Result<PipelineReport> {
+    b.validate()?;
+    let f = fresh(&b.kafka, "benchpipe", b.txn_messages, &b.work_dir).await?;
     let measured = {
-        let (b, kafka, dir, rt) = (b.clone(), kafka.clone(), dir.clone(), Handle::current());
+        let (b, kafka, dir, rt) = (b.clone(), f.kafka.clone(), f.dir.clone(), Handle::current());
+        let (codec, tag) = (f.codec.clone(), f.tag.clone());
         tokio::task::spawn_blocking(move || measure(&b, &kafka, &dir, codec, rt, &tag))
             .await
             .context("the benchmark thread failed")?
     };
     let passthrough = match &measured {
-        Ok(_) => {
-            eprintln!(
-                "Running the passthrough yardstick ({} messages per transaction) ...",
-                txn_messages
-            );
-            Some(
-                bench_passthrough::run(PassthroughBench {
-                    bootstrap: kafka.bootstrap_servers.clone(),
-                    messages: b.records.min(1_000_000),
-                    size: 700,
-                    partitions: kafka.topic_partitions,
-                    txn_messages,
-                    txn_wait,
-                    debug: None,
-                    producer_set: Vec::new(),
-                    naive_flush: false,
-                })
-                .await,
-            )
-        }
-        Err(_) => None,
+        Ok(_) => yardstick(&f, b.records.min(1_000_000)).await,
+        Err(_) => Err(anyhow!("not run")),
     };
     if !b.keep_topics {
-        bench::delete_topics(&kafka).await;
+        bench::delete_topics(&f.kafka).await;
     }
-    let m = measured.with_context(|| format!("logs are kept in {}", dir.display()))?;
-    if let Err(e) = std::fs::remove_dir_all(&dir) {
-        eprintln!("warning: could not remove {}: {e}", dir.display());
+    let m = measured.with_context(|| format!("logs are kept in {}", f.dir.display()))?;
+    if let Err(e) = std::fs::remove_dir_all(&f.dir) {
+        eprintln!("warning: could not remove {}: {e}", f.dir.display());
     }
     Ok(PipelineReport {
-        prefix: kafka.topic_prefix,
+        prefix: f.kafka.topic_prefix,
         records: b.records,
         patients: m.generated.patients,
         observations: m.generated.observations,
         files: b.files,
-        partitions: kafka.topic_partitions,
-        txn_messages,
+        partitions: f.kafka.topic_partitions,
+        txn_messages: f.txn_messages,
         txn_from_flag: b.txn_messages.is_some(),
         seconds: m.seconds,
         canonical_messages: m.canonical_messages,
         processes: m.processes,
         audit: m.audit,
         latency_ms: m.latency_ms,
-        passthrough: passthrough.unwrap_or_else(|| Err(anyhow!("not run"))),
+        passthrough,
     })
 }
 
 /// A default of the stage runner's flags (`pipeline::config::RunnerArgs`): what a stage
 /// runs with when its environment does not set the flag.
-pub(crate) fn runner_default(id: &str) -> anyhow::Result<String> {
+fn runner_default(id: &str) -> anyhow::Result<String> {
     use clap::Args as _;
     let cmd = pipeline::config::RunnerArgs::augment_args(clap::Command::new("runner"));
     let value = cmd

@@ -30,9 +30,9 @@ use rdkafka::{Offset, TopicPartitionList};
 use tokio::runtime::Handle;
 
 use crate::bench;
-use crate::bench_passthrough::{self, PassthroughBench, PassthroughResult};
+use crate::bench_passthrough::PassthroughResult;
 use crate::bench_pipeline::{
-    clock_ticks_per_second, generate, runner_default, usage, GroupLag, RecordKind, Stages,
+    clock_ticks_per_second, fresh, generate, usage, yardstick, GroupLag, RecordKind, Stages,
 };
 
 /// `medpipe bench stages`' flags.
@@ -97,60 +97,30 @@ pub async fn run(b: StagesBench) -> anyhow::Result<StagesReport> {
     if b.records == 0 || b.files == 0 || b.files > b.records {
         bail!("--records and --files must be at least 1, and --files at most --records");
     }
-    let txn_messages = match b.txn_messages {
-        Some(0) => bail!("--txn-messages must be at least 1"),
-        Some(n) => n,
-        None => runner_default("batch_max_messages")?
-            .parse()
-            .context("the runner's default batch_max_messages is not a number")?,
-    };
-    let txn_wait = humantime::parse_duration(&runner_default("batch_max_wait")?)
-        .context("the runner's default batch_max_wait is not a duration")?;
-    let tag = uuid::Uuid::new_v4().simple().to_string()[..8].to_string();
-    let mut kafka = b.kafka.clone();
-    kafka.topic_prefix = format!("benchstages{tag}");
-    let codec = pipeline::stage::prepare(&kafka, Duration::from_secs(30))
-        .await
-        .context("cannot register the schemas and create the benchmark topics")?;
-    let dir = b.work_dir.join(&kafka.topic_prefix);
+    let f = fresh(&b.kafka, "benchstages", b.txn_messages, &b.work_dir).await?;
     let measured = {
-        let (b, kafka, dir, rt) = (b.clone(), kafka.clone(), dir.clone(), Handle::current());
+        let (b, kafka, dir, rt) = (b.clone(), f.kafka.clone(), f.dir.clone(), Handle::current());
+        let (codec, tag) = (f.codec.clone(), f.tag.clone());
         tokio::task::spawn_blocking(move || measure(&b, &kafka, &dir, &codec, &rt, &tag))
             .await
             .context("the benchmark thread failed")?
     };
     let passthrough = match &measured {
-        Ok(_) => {
-            eprintln!(
-                "Running the passthrough yardstick ({txn_messages} messages per transaction) ..."
-            );
-            bench_passthrough::run(PassthroughBench {
-                bootstrap: kafka.bootstrap_servers.clone(),
-                // At least 500,000: a copy of fewer takes under 2 s and varies by a third.
-                messages: b.records.clamp(500_000, 1_000_000),
-                size: 700,
-                partitions: kafka.topic_partitions,
-                txn_messages,
-                txn_wait,
-                debug: None,
-                producer_set: Vec::new(),
-                naive_flush: false,
-            })
-            .await
-        }
+        // At least 500,000: a copy of fewer takes under 2 s and varies by a third.
+        Ok(_) => yardstick(&f, b.records.clamp(500_000, 1_000_000)).await,
         Err(_) => Err(anyhow!("not run")),
     };
-    bench::delete_topics(&kafka).await;
-    let rows = measured.with_context(|| format!("logs are kept in {}", dir.display()))?;
-    if let Err(e) = std::fs::remove_dir_all(&dir) {
-        eprintln!("warning: could not remove {}: {e}", dir.display());
+    bench::delete_topics(&f.kafka).await;
+    let rows = measured.with_context(|| format!("logs are kept in {}", f.dir.display()))?;
+    if let Err(e) = std::fs::remove_dir_all(&f.dir) {
+        eprintln!("warning: could not remove {}: {e}", f.dir.display());
     }
     Ok(StagesReport {
-        prefix: kafka.topic_prefix,
+        prefix: f.kafka.topic_prefix,
         records: b.records,
         files: b.files,
-        partitions: kafka.topic_partitions,
-        txn_messages,
+        partitions: f.kafka.topic_partitions,
+        txn_messages: f.txn_messages,
         rows,
         passthrough,
     })
