@@ -499,14 +499,15 @@ impl Auditor {
             if n == 0 && heads.is_empty() {
                 break;
             }
-            let entries: Vec<AuditEntry> = self.unpublished.iter().take(n).cloned().collect();
+            // Taken out, not cloned: a failed transaction rewinds the publisher, which
+            // queues everything unpublished from the store again.
+            let entries: Vec<AuditEntry> = self.unpublished.drain(..n).collect();
             let next = Published {
                 entries: covered,
                 checkpoints: self.published.checkpoints + heads.len() as u64,
             };
             match self.publish_txn(&entries, &heads, next) {
                 Ok(()) => {
-                    self.unpublished.drain(..n);
                     self.unpublished_heads.drain(..heads.len());
                     self.published = next;
                     self.metrics.transactions_committed.inc();
