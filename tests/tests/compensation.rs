@@ -106,6 +106,22 @@ fn closing_events<'a>(records: &'a [Record], batch: &str) -> Vec<&'a Payload> {
         .collect()
 }
 
+/// The batch's canonization closing: exactly one `CanonizationFailed` (over the failure
+/// threshold), then exactly one `CanonicalBatchWithdrawn` that it triggered.
+fn failed_then_withdrawn<'a>(
+    records: &'a [Record],
+    batch: &str,
+) -> &'a pipeline::events::CanonicalBatchWithdrawn {
+    let closing = closing_events(records, batch);
+    let [Payload::CanonizationFailed(failed), Payload::CanonicalBatchWithdrawn(w)] = &closing[..]
+    else {
+        panic!("expected one CanonizationFailed and one CanonicalBatchWithdrawn: {closing:?}")
+    };
+    assert_eq!(failed.error_kind, "failure_threshold");
+    assert_eq!(w.trigger, "CanonizationFailed");
+    w
+}
+
 #[test]
 fn a_failed_batch_is_withdrawn_exactly_once_across_a_sigkill_of_canonization() {
     let mut p = Pipeline::new();
@@ -138,13 +154,7 @@ fn a_failed_batch_is_withdrawn_exactly_once_across_a_sigkill_of_canonization() {
     p.wait_for_audit_catch_up(Duration::from_secs(120));
     let records = p.read_all();
 
-    let closing = closing_events(&records, &batch);
-    let [Payload::CanonizationFailed(failed), Payload::CanonicalBatchWithdrawn(w)] = &closing[..]
-    else {
-        panic!("expected one CanonizationFailed and one CanonicalBatchWithdrawn: {closing:?}")
-    };
-    assert_eq!(failed.error_kind, "failure_threshold");
-    assert_eq!(w.trigger, "CanonizationFailed");
+    let w = failed_then_withdrawn(&records, &batch);
 
     let versions = observation_versions(&records, &observations, &batch);
     let published = versions.len();
@@ -265,12 +275,7 @@ fn a_withdrawal_killed_between_its_transactions_withdraws_every_record_once() {
     std::thread::sleep(Duration::from_secs(3));
     let records = p.read_all();
 
-    let closing = closing_events(&records, &batch);
-    let [Payload::CanonizationFailed(failed), Payload::CanonicalBatchWithdrawn(w)] = &closing[..]
-    else {
-        panic!("expected one CanonizationFailed and one CanonicalBatchWithdrawn: {closing:?}")
-    };
-    assert_eq!(failed.error_kind, "failure_threshold");
+    let w = failed_then_withdrawn(&records, &batch);
     let versions = observation_versions(&records, &observations, &batch);
     assert_eq!(versions.len(), GOOD);
     let wrong: Vec<_> = versions
