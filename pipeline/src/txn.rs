@@ -132,12 +132,16 @@ impl Transactions {
         let timed_out = self
             .open
             .is_some_and(|t| t.elapsed() >= self.settings.transaction_timeout);
+        // INVALID_TXN_STATE too: seen once in a game day, when the abort of a transaction
+        // stuck past its timeout behind a broker restart reached a coordinator that had
+        // already aborted it on its own.
         if timed_out
             && matches!(
                 code,
                 RDKafkaErrorCode::Fenced
                     | RDKafkaErrorCode::ProducerFenced
                     | RDKafkaErrorCode::InvalidProducerEpoch
+                    | RDKafkaErrorCode::InvalidTransactionalState
             )
         {
             warn!(%reason, "The coordinator aborted a transaction open past its timeout; the producer will be replaced.");
