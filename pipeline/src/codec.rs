@@ -25,8 +25,9 @@ pub struct Codec {
     /// Subject strategy per event type; each carries its schema so first use registers it.
     strategies: HashMap<&'static str, SubjectNameStrategy>,
     /// Per event type, once its first encoding went through the registry client: the
-    /// schema id and a writer that serializes the event straight into Avro (see `encode`).
-    direct: RwLock<HashMap<&'static str, Direct>>,
+    /// schema id and a writer that serializes the event straight into Avro (see `encode`),
+    /// or `None` when that did not give the registry client's bytes (decided once).
+    direct: RwLock<HashMap<&'static str, Option<Direct>>>,
 }
 
 /// An event type's registered schema id, and its writer.
@@ -154,7 +155,7 @@ impl Codec {
     /// The event serialized straight into Avro, once its type has a `Direct` writer.
     fn encode_direct(&self, event: &Event) -> Option<Result<Vec<u8>, apache_avro::Error>> {
         let direct = self.direct.read().ok()?;
-        let d = direct.get(event.event_type())?;
+        let d = direct.get(event.event_type())?.as_ref()?;
         Some(framed(d, event))
     }
 
@@ -180,26 +181,30 @@ impl Codec {
             return;
         };
         // The registry client keeps its schemas for the life of the process, resolved
-        // the same way; this is one more per event type and codec.
+        // the same way; this is one more per event type and codec, made once.
         let parsed: &'static apache_avro::Schema = Box::leak(Box::new(schema.parsed.clone()));
-        let Ok(writer) = GenericDatumWriter::builder(parsed).build() else {
-            return;
-        };
-        let d = Direct {
-            id: schema.id,
-            writer,
-        };
-        match framed(&d, event) {
-            Ok(direct) if direct == bytes => {
-                if let Ok(mut map) = self.direct.write() {
-                    map.insert(event_type, d);
-                }
+        let checked = GenericDatumWriter::builder(parsed)
+            .build()
+            .and_then(|writer| {
+                let d = Direct {
+                    id: schema.id,
+                    writer,
+                };
+                framed(&d, event).map(|direct| (direct == bytes).then_some(d))
+            });
+        let direct = match checked {
+            Ok(Some(d)) => Some(d),
+            other => {
+                tracing::error!(
+                    event_type,
+                    direct_error = other.err().map(|e| e.to_string()),
+                    "Serializing this event type straight into Avro does not give the registry client's bytes; it stays on the registry client's encoder."
+                );
+                None
             }
-            other => tracing::error!(
-                event_type,
-                direct_error = other.err().map(|e| e.to_string()),
-                "Serializing this event type straight into Avro does not give the registry client's bytes; it stays on the registry client's encoder."
-            ),
+        };
+        if let Ok(mut map) = self.direct.write() {
+            map.insert(event_type, direct);
         }
     }
 
