@@ -1,6 +1,7 @@
 //! The anonymization stage: opens each sealed source record, de-identifies it with the
 //! policy engine (`engine`, `policy`, `scrub`; pure, no IO), and emits de-identified
-//! records keyed by patient pseudonym, with per-batch counts kept as durable state.
+//! records keyed by batch id (like every other event of the batch, so that one instance of
+//! the next stage owns a whole batch), with per-batch counts kept as durable state.
 
 pub mod engine;
 pub mod eval;
@@ -113,12 +114,11 @@ impl Anonymizer {
         &self.engine
     }
 
-    /// The de-identified record and its key: its patient's pseudonym, or a shared
-    /// resource's own pseudonymized id.
+    /// The de-identified record and the merges it announced.
     fn anonymize(
         &mut self,
         rec: &SourceRecordIngested,
-    ) -> Result<(RecordAnonymized, String, Vec<PatientMerged>), AnonymizeError> {
+    ) -> Result<(RecordAnonymized, Vec<PatientMerged>), AnonymizeError> {
         self.pending_merges.clear();
         let aad = SourceRecordIngested::aad(&rec.batch_id, rec.position);
         let plain = open_record(&self.master, &rec.sealed, &aad)
@@ -211,7 +211,7 @@ impl Anonymizer {
             reprocess_of: batch.and_then(|c| c.reprocess_of.clone()),
             expected_concept_maps: batch.and_then(|c| c.expected_concept_maps.clone()),
         };
-        Ok((record, out.patient_pseudonym, merges))
+        Ok((record, merges))
     }
 
     /// The pseudonym a record is published under: its trusted identity's, else the one an
@@ -442,28 +442,24 @@ impl Anonymizer {
     }
 }
 
-/// A de-identified record's outputs: the record, then the merges it announced.
-fn anonymized(
-    cause: &Event,
-    record: RecordAnonymized,
-    key: String,
-    merges: Vec<PatientMerged>,
-) -> Vec<Output> {
+/// A de-identified record's outputs: the record, then the merges it announced, all keyed
+/// by the batch like its lifecycle events, so that they stay in order behind them.
+fn anonymized(cause: &Event, record: RecordAnonymized, merges: Vec<PatientMerged>) -> Vec<Output> {
     let mut outputs = vec![Output {
-        key,
+        key: record.batch_id.clone(),
         event: Event::caused_by(cause, SERVICE, Payload::RecordAnonymized(record)),
     }];
     outputs.extend(merged(cause, merges));
     outputs
 }
 
-/// Merges as outputs, keyed by the merged patient, so a merge follows that patient's
-/// records on the topic.
+/// Merges as outputs, keyed by the batch whose record announced them, so a merge follows
+/// that record on the topic.
 fn merged(cause: &Event, merges: Vec<PatientMerged>) -> Vec<Output> {
     merges
         .into_iter()
         .map(|m| Output {
-            key: m.merged_pseudonym.clone(),
+            key: m.batch_id.clone(),
             event: Event::caused_by(cause, SERVICE, Payload::PatientMerged(m)),
         })
         .collect()
@@ -542,7 +538,7 @@ impl Stage for Anonymizer {
                 // A redriven dead letter of a batch that closed: forwarded, not counted.
                 tracing::info!(correlation_id = %rec.batch_id, position = rec.position, "A redriven record of a closed batch: anonymized, not counted.");
                 match self.anonymize(rec) {
-                    Ok((out, key, merges)) => Outcome::Emit(anonymized(ev, out, key, merges)),
+                    Ok((out, merges)) => Outcome::Emit(anonymized(ev, out, merges)),
                     Err(e) => {
                         let merges = merged(ev, std::mem::take(&mut self.pending_merges));
                         Outcome::DeadLetterAndEmit {
@@ -578,8 +574,8 @@ impl Stage for Anonymizer {
                 // A record that was missing when ingestion's closing event came.
                 let closed = self.try_close(&rec.batch_id, None);
                 match result {
-                    Ok((out, key, merges)) => {
-                        let mut outputs = anonymized(ev, out, key, merges);
+                    Ok((out, merges)) => {
+                        let mut outputs = anonymized(ev, out, merges);
                         outputs.extend(closed);
                         Outcome::Emit(outputs)
                     }
@@ -808,7 +804,10 @@ mod tests {
         let Payload::RecordAnonymized(r) = &outs[0].event.payload else {
             panic!()
         };
-        assert_eq!(outs[0].key, r.patient_pseudonym);
+        assert_eq!(
+            outs[0].key, r.batch_id,
+            "keyed by its batch, like its lifecycle"
+        );
         assert_eq!(r.patient_pseudonym, a.engine().pseudonym("p-1"));
         assert!(!r.content_json.contains("Ann") && !r.content_json.contains("999-11-2222"));
         assert!(!r.content_json.contains("1980-05-06"));
@@ -853,7 +852,7 @@ mod tests {
     }
 
     #[test]
-    fn shared_resources_need_no_patient_and_are_keyed_by_their_own_pseudonym() {
+    fn shared_resources_need_no_patient_and_get_their_own_pseudonym() {
         let mut a = stage(0.5);
         run(&mut a, &lifecycle(false));
         let practitioner = json!({
@@ -877,7 +876,7 @@ mod tests {
             r.patient_pseudonym, "",
             "a practitioner is nobody's patient"
         );
-        assert_eq!(key, a.engine().pseudonym("pr-1"));
+        assert_eq!(key, r.batch_id);
         let content: Value = serde_json::from_str(&r.content_json).expect("json");
         let resource = &content["resource"];
         assert_eq!(resource["id"], a.engine().pseudonym("pr-1"));
@@ -1141,10 +1140,10 @@ mod tests {
         );
     }
 
-    /// What one record's processing published: (key, record pseudonym) per anonymized
-    /// record and (merged, survivor, trigger) per merge.
+    /// What one record's processing published: the record pseudonym per anonymized record
+    /// and (merged, survivor, trigger) per merge. Every one is keyed by its batch.
     #[allow(clippy::type_complexity)]
-    fn published(o: Outcome) -> (Vec<(String, String)>, Vec<(String, String, String)>) {
+    fn published(o: Outcome) -> (Vec<String>, Vec<(String, String, String)>) {
         let Outcome::Emit(outs) = o else {
             panic!("{o:?}")
         };
@@ -1152,9 +1151,12 @@ mod tests {
         let mut merges = Vec::new();
         for out in outs {
             match out.event.payload {
-                Payload::RecordAnonymized(r) => records.push((out.key, r.patient_pseudonym)),
+                Payload::RecordAnonymized(r) => {
+                    assert_eq!(out.key, r.batch_id);
+                    records.push(r.patient_pseudonym)
+                }
                 Payload::PatientMerged(m) => {
-                    assert_eq!(out.key, m.merged_pseudonym);
+                    assert_eq!(out.key, m.batch_id);
                     merges.push((m.merged_pseudonym, m.surviving_pseudonym, m.trigger))
                 }
                 other => panic!("{other:?}"),
@@ -1242,10 +1244,10 @@ mod tests {
             &mut a,
             &fhir_patient(1, "fhir-7", Some("MRN-4242"), json!([])),
         ));
-        assert_eq!(p, vec![(identity.clone(), identity.clone())]);
+        assert_eq!(p, vec![identity.clone()]);
         assert!(merges.is_empty());
         let (o, _) = published(run(&mut a, &fhir_observation(2, "fhir-7")));
-        assert_eq!(o, vec![(identity.clone(), identity.clone())]);
+        assert_eq!(o, vec![identity.clone()]);
         // HL7: PID-3 repetitions; the MRN of SYNTH_HOSP is the second.
         let (h, _) = published(run(
             &mut a,
@@ -1255,17 +1257,17 @@ mod tests {
                 &["PID|1||V-1^^^OTHER^PI~MRN-4242^^^SYNTH_HOSP^MR||Okafor^Ann"],
             ),
         ));
-        assert_eq!(h, vec![(identity.clone(), identity.clone())]);
+        assert_eq!(h, vec![identity.clone()]);
         // CSV: a row with the MRN column.
         let row = json!({"Id": "csv-9", "MRN": "MRN-4242", "FIRST": "Ann", "GENDER": "F"});
         let (c, _) = published(run(
             &mut a,
             &sealed(4, Some("csv-9"), "csv", "Patient", row),
         ));
-        assert_eq!(c, vec![(identity.clone(), identity.clone())]);
+        assert_eq!(c, vec![identity.clone()]);
         // Another human, no trusted identifier: keyed by the source id, as before.
         let (x, _) = published(run(&mut a, &fhir_observation(5, "fhir-8")));
-        assert_eq!(x[0].1, a.engine.pseudonym("fhir-8"));
+        assert_eq!(x[0], a.engine.pseudonym("fhir-8"));
         // The reference in the Observation's content is the patient's pseudonym too.
         let Outcome::Emit(outs) = run(&mut a, &fhir_observation(6, "fhir-7")) else {
             panic!()
@@ -1286,12 +1288,12 @@ mod tests {
         run(&mut a, &lifecycle(false));
         let source = a.engine.pseudonym("fhir-7");
         let (o, _) = published(run(&mut a, &fhir_observation(1, "fhir-7")));
-        assert_eq!(o[0].1, source);
+        assert_eq!(o[0], source);
         let (p, merges) = published(run(
             &mut a,
             &fhir_patient(2, "fhir-7", Some("MRN-1"), json!([])),
         ));
-        let identity = p[0].1.clone();
+        let identity = p[0].clone();
         assert_ne!(identity, source);
         assert_eq!(
             merges,
@@ -1304,7 +1306,7 @@ mod tests {
         ));
         assert!(again.is_empty());
         let (later, _) = published(run(&mut a, &fhir_observation(4, "fhir-7")));
-        assert_eq!(later[0].1, identity);
+        assert_eq!(later[0], identity);
     }
 
     #[test]
@@ -1319,7 +1321,7 @@ mod tests {
             &mut a,
             &hl7(2, "A01", &["PID|1||MRN-NEW^^^SYNTH_HOSP^MR"]),
         ));
-        let (old, new) = (old[0].1.clone(), new[0].1.clone());
+        let (old, new) = (old[0].clone(), new[0].clone());
         assert_ne!(old, new);
         let a40 = hl7(
             3,
@@ -1330,7 +1332,7 @@ mod tests {
             ],
         );
         let (r, merges) = published(run(&mut a, &a40));
-        assert_eq!(r[0].1, new);
+        assert_eq!(r[0], new);
         assert_eq!(merges, vec![(old.clone(), new.clone(), "hl7-merge".into())]);
         // A redelivered merge announces nothing new.
         let (_, again) = published(run(&mut a, &a40));
@@ -1340,7 +1342,7 @@ mod tests {
             &mut a,
             &hl7(4, "A08", &["PID|1||MRN-OLD^^^SYNTH_HOSP^MR"]),
         ));
-        assert_eq!(late[0].1, new);
+        assert_eq!(late[0], new);
 
         // The merge survives a restart (the runner reloads the committed state).
         let entries = a.state.changes().expect("changes");
@@ -1350,7 +1352,7 @@ mod tests {
             &mut b,
             &hl7(5, "A08", &["PID|1||MRN-OLD^^^SYNTH_HOSP^MR"]),
         ));
-        assert_eq!(late[0].1, new);
+        assert_eq!(late[0], new);
         // A reverse merge would close a loop: refused, nothing announced.
         let back = hl7(
             6,
@@ -1372,7 +1374,7 @@ mod tests {
             &mut a,
             &fhir_patient(1, "new", Some("MRN-2"), json!([])),
         ));
-        let survivor = survivor[0].1.clone();
+        let survivor = survivor[0].clone();
         let link = json!([{"other": {"reference": "Patient/new"}, "type": "replaced-by"}]);
         let Outcome::Emit(outs) = run(&mut a, &fhir_patient(2, "old", None, link)) else {
             panic!()
@@ -1397,6 +1399,6 @@ mod tests {
         assert!(m.merged_record_has_link);
         // The old patient's later records go to the survivor.
         let (later, _) = published(run(&mut a, &fhir_observation(3, "old")));
-        assert_eq!(later[0].1, survivor);
+        assert_eq!(later[0], survivor);
     }
 }

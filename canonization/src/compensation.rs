@@ -109,6 +109,11 @@ pub struct Closed {
     pub policy_version: String,
     /// Patients and shared resources it published, which a withdrawal keeps.
     pub kept: i64,
+    /// Where its closing event was read (topic, partition): only that partition's owner
+    /// forgets the batch when its retention ends. Absent in entries written before it was
+    /// kept; any instance may forget those.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub origin: Option<(String, i32)>,
 }
 
 /// Which types are withdrawn with their batch.
@@ -282,11 +287,6 @@ impl Ledger {
         out
     }
 
-    /// Whether a withdrawal is under way.
-    pub fn is_withdrawing(&self) -> bool {
-        self.withdrawn.any(|w| w.progress.is_some())
-    }
-
     /// The batches whose withdrawal is under way.
     pub fn withdrawing(&self) -> Vec<String> {
         self.withdrawn
@@ -345,16 +345,32 @@ impl Ledger {
     }
 
     /// The completed batches whose retention ended before `now`.
-    pub fn expired(&self, now: i64, retention_micros: i64) -> Vec<String> {
+    pub fn expired(
+        &self,
+        now: i64,
+        retention_micros: i64,
+        owns: pipeline::runner::Owns<'_>,
+    ) -> Vec<String> {
         self.closed
             .keys()
             .into_iter()
             .filter(|b| {
-                self.closed
-                    .get(b)
-                    .is_some_and(|c| c.at.saturating_add(retention_micros) <= now)
+                self.closed.get(b).is_some_and(|c| {
+                    c.at.saturating_add(retention_micros) <= now
+                        && c.origin.as_ref().is_none_or(|(t, p)| owns(t, *p))
+                })
             })
             .collect()
+    }
+
+    /// Whether a withdrawal is under way that starts from a partition `owns` says is this
+    /// instance's.
+    pub fn is_withdrawing_on(&self, owns: pipeline::runner::Owns<'_>) -> bool {
+        self.withdrawn.any(|w| {
+            w.progress
+                .as_ref()
+                .is_some_and(|p| owns(&p.topic, p.partition))
+        })
     }
 
     /// Drops the batch's records, on the state topic too (with the open transaction).

@@ -2,7 +2,9 @@
 //! FHIR R4 resources, normalises codes (versioned concept maps) and units (UCUM), validates
 //! each resource against the FHIR R4 JSON Schema, and publishes it on its resource type's
 //! topic, keyed by patient pseudonym. It keeps per-batch counts as durable stage state and
-//! closes each batch with `EventDataCanonizationCompleted` or `CanonizationFailed`.
+//! closes each batch with `EventDataCanonizationCompleted` or `CanonizationFailed`. Its
+//! input is keyed by batch, so several instances split the batches between them (see
+//! ARCHITECTURE.md, "How each stage scales").
 
 pub mod compensation;
 pub mod concept_map;
@@ -335,9 +337,10 @@ impl Canonizer {
         ]
     }
 
-    /// Completed (or Failed past the threshold) once every expected record is in. The
-    /// batch's records are keyed by pseudonym and its lifecycle by batch, so they arrive
-    /// on different partitions in any order: the close waits for both. More records than
+    /// Completed (or Failed past the threshold) once every expected record is in. A
+    /// batch's records and lifecycle are all keyed by the batch, so they arrive in order on
+    /// one partition, whose owner alone keeps the batch's state; a redriven dead letter can
+    /// still come after the close, so the close waits for both. More records than
     /// anonymization counted (duplicates) fail the batch at once; fewer fail it once `now`
     /// is past the deadline.
     fn maybe_close(&mut self, batch: &str, now: Option<i64>) -> Vec<Output> {
@@ -426,6 +429,7 @@ impl Canonizer {
                         at: now.unwrap_or_else(|| chrono::Utc::now().timestamp_micros()),
                         policy_version: s.policy_version.clone(),
                         kept,
+                        origin: Some((closing.topic.clone(), closing.partition)),
                     },
                 );
             }
@@ -1171,7 +1175,7 @@ impl Stage for Canonizer {
         for batch in self
             .state
             .ledger
-            .expired(now_micros, self.withdraw_retention_micros)
+            .expired(now_micros, self.withdraw_retention_micros, owns)
         {
             self.state.ledger.forget(&batch);
         }
@@ -1211,8 +1215,8 @@ impl Stage for Canonizer {
         out
     }
 
-    fn has_work(&self) -> bool {
-        self.state.ledger.is_withdrawing()
+    fn has_work(&self, owns: Owns<'_>) -> bool {
+        self.state.ledger.is_withdrawing_on(owns)
     }
 
     fn register_metrics(&mut self, registry: &prometheus::Registry) -> Result<(), PipelineError> {
@@ -1548,7 +1552,7 @@ mod tests {
     fn with_carried_over(c: &mut Canonizer, mut outs: Vec<Output>) -> Vec<Output> {
         use pipeline::state::DurableState;
         let owns = |_: &str, _: i32| true;
-        while c.has_work() {
+        while c.has_work(&owns) {
             c.state.commit();
             outs.extend(c.resume(&owns));
         }
@@ -1669,7 +1673,22 @@ mod tests {
         c.state.restore(committed.clone()).unwrap();
 
         let request = "3f1c0a56-8a3e-4c55-9d7e-0a1b2c3d4e5f";
-        let outs = outputs(&mut c, &withdrawal_requested(request));
+        // The withdrawal is marked; its parts go out from the instance that owns the
+        // partition the request was read from, and another instance does not spin on it.
+        let input = Input {
+            topic: "t",
+            partition: 0,
+            offset: 0,
+            event: &withdrawal_requested(request),
+            redriven: false,
+        };
+        assert!(matches!(c.process(&input), Outcome::Emit(o) if o.is_empty()));
+        c.state.commit();
+        let owns_other = |t: &str, p: i32| (t, p) != ("t", 0);
+        assert!(!c.has_work(&owns_other));
+        assert!(c.resume(&owns_other).is_empty());
+        assert!(c.has_work(&|_: &str, _: i32| true));
+        let outs = with_carried_over(&mut c, Vec::new());
         let [first, second] = &outs[..] else {
             panic!("{outs:?}")
         };
@@ -1702,6 +1721,11 @@ mod tests {
         let mut c = stage().with_withdraw_retention(std::time::Duration::from_secs(3600));
         c.state.restore(committed).unwrap();
         let closed_at = c.state.ledger.closed.get("b1").unwrap().at;
+        // Only the instance that owns the batch's partition forgets it (another instance
+        // holds a copy of the state from its last reload, and must not act on it).
+        let owns_other = |t: &str, p: i32| (t, p) != ("t", 0);
+        c.tick(closed_at + 3_600_000_000, &owns_other);
+        assert!(c.state.changes().unwrap().is_empty(), "not this instance's");
         let owns = |_: &str, _: i32| true;
         assert!(c.tick(closed_at + 3_599_000_000, &owns).is_empty());
         assert!(c.state.changes().unwrap().is_empty(), "not yet");

@@ -62,6 +62,10 @@ pub fn consumer_config(bootstrap: &str, group_id: &str, role: ConsumerRole) -> C
             // Enough prefetched for a transaction of `batch_max_messages` (5,000), the
             // memory still bounded by `queued_max_kbytes`.
             c.set("enable.auto.offset.store", "false")
+                // Range gives the same partition number of every input topic to one
+                // member: a batch keyed alike on each input is one instance's (see
+                // `runner::check_co_partitioned`).
+                .set("partition.assignment.strategy", "range")
                 .set("queued.min.messages", "10000")
                 .set("max.poll.interval.ms", "120000")
                 .set("queued.max.messages.kbytes", queued_max_kbytes.to_string());

@@ -111,8 +111,10 @@ pub trait Stage: Send + 'static {
         Vec::new()
     }
 
-    /// Whether `resume` has work: the runner then does not wait for input to arrive.
-    fn has_work(&self) -> bool {
+    /// Whether `resume` has work on partitions this instance owns (`owns`): the runner then
+    /// does not wait for input to arrive. Work another instance owns must not count, or
+    /// this instance would spin on it.
+    fn has_work(&self, _owns: Owns<'_>) -> bool {
         false
     }
 
@@ -286,6 +288,7 @@ impl<S: Stage> Runner<S> {
         shutdown: &CancellationToken,
     ) -> Result<Self, PipelineError> {
         let consumer = subscribed_consumer(&config, &metrics)?;
+        check_co_partitioned(&consumer, &config.input_topics, shutdown)?;
         let txn = Transactions::connect(
             TxnSettings::new(
                 &config.bootstrap_servers,
@@ -328,7 +331,8 @@ impl<S: Stage> Runner<S> {
                 self.consumer = subscribed_consumer(&self.config, &self.metrics)?;
                 self.reload_state = true;
             }
-            let collected = self.collect(shutdown)?;
+            let busy = self.owned_work();
+            let collected = self.collect(shutdown, busy)?;
             if collected.rebalanced {
                 self.reload_state = true;
             }
@@ -341,7 +345,7 @@ impl<S: Stage> Runner<S> {
             } else {
                 Vec::new()
             };
-            if self.stage.has_work() {
+            if self.owned_work() {
                 ticked.extend(self.with_owns(|stage, _, owns| stage.resume(owns)));
             }
             if collected.batch.is_empty() && ticked.is_empty() {
@@ -364,6 +368,16 @@ impl<S: Stage> Runner<S> {
         self.metrics.set_ready(false);
         info!(stage, "Stage runner stopped cleanly.");
         Ok(())
+    }
+
+    /// Whether the stage has carried-over work on partitions this instance owns.
+    fn owned_work(&mut self) -> bool {
+        let mut busy = false;
+        self.with_owns(|stage, _, owns| {
+            busy = stage.has_work(owns);
+            Vec::new()
+        });
+        busy
     }
 
     /// Runs `f` (the stage's time-based decisions, or its carried-over work) with the wall
@@ -434,9 +448,13 @@ impl<S: Stage> Runner<S> {
     /// rebalance ends the round: what was collected before it is dropped (its partitions
     /// were revoked, or are re-read from the committed offsets), and a message the same
     /// poll returned after the rebalance is kept, since it comes from the new assignment.
-    fn collect(&self, shutdown: &CancellationToken) -> Result<Collected, PipelineError> {
+    fn collect(
+        &self,
+        shutdown: &CancellationToken,
+        busy: bool,
+    ) -> Result<Collected, PipelineError> {
         // Carried-over work goes on without waiting for input.
-        let wait_at_most = if self.stage.has_work() {
+        let wait_at_most = if busy {
             LINGER_FOR_MORE
         } else {
             self.config.batch_max_wait
@@ -682,6 +700,54 @@ fn subscribed_consumer(
     Ok(consumer)
 }
 
+/// Refuses to run a stage whose input topics have different partition counts.
+///
+/// A stage that reads several topics keyed by batch id (canonization: the anonymization
+/// topic and the saga topic) relies on each batch's events of every input landing on the
+/// same partition number, and on the range assignor (`ConsumerRole::Stage`) giving that
+/// partition number of every input to the same instance: that instance alone holds the
+/// batch's state. Both hold only when the topics have as many partitions.
+fn check_co_partitioned(
+    consumer: &StageConsumer,
+    topics: &[String],
+    shutdown: &CancellationToken,
+) -> Result<(), PipelineError> {
+    if topics.len() < 2 {
+        return Ok(());
+    }
+    let mut counts = Vec::with_capacity(topics.len());
+    for topic in topics {
+        let md = retry_until(shutdown, "read the input topics' partitions", || {
+            consumer
+                .fetch_metadata(Some(topic), Duration::from_secs(10))
+                .map_err(kafka_err("fetch metadata"))
+        })?;
+        let n = md
+            .topics()
+            .iter()
+            .find(|t| t.name() == topic)
+            .map_or(0, |t| t.partitions().len());
+        counts.push((topic.as_str(), n));
+    }
+    co_partitioned(&counts).map_err(PipelineError::Config)
+}
+
+/// Why topics with these partition counts cannot be read by several instances of one
+/// stage, if they cannot.
+fn co_partitioned(counts: &[(&str, usize)]) -> Result<(), String> {
+    let Some((first, n)) = counts.first() else {
+        return Ok(());
+    };
+    match counts.iter().find(|(_, m)| m != n) {
+        None => Ok(()),
+        Some((other, m)) => Err(format!(
+            "the input topics {first} ({n} partitions) and {other} ({m} partitions) must have as \
+             many partitions: the stage keeps each batch's state on the instance that owns the \
+             batch's partition of every input. Add partitions to the smaller one"
+        )),
+    }
+}
+
 /// Produces a message's original key and bytes to a dead-letter topic, with the error
 /// context in `dlq_headers`. Call it inside the transaction that consumes the message.
 pub fn dead_letter(
@@ -784,6 +850,14 @@ mod tests {
         assert_eq!(position_lag(0, 15, 15), Some(0));
         assert_eq!(position_lag(0, -1001, 15), None);
         assert_eq!(position_lag(-1, 10, 15), None);
+    }
+
+    #[test]
+    fn inputs_must_have_as_many_partitions() {
+        assert!(co_partitioned(&[("a", 3)]).is_ok());
+        assert!(co_partitioned(&[("a", 3), ("b", 3)]).is_ok());
+        let e = co_partitioned(&[("a", 3), ("b", 3), ("c", 6)]).unwrap_err();
+        assert!(e.contains("a (3 partitions) and c (6 partitions)"), "{e}");
     }
 
     #[test]

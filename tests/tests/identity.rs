@@ -128,7 +128,7 @@ fn one_human_in_csv_fhir_and_hl7_gets_one_pseudonym_and_an_a40_merge_links_two_r
         }
     }
 
-    // The merge: one PatientMerged, keyed by the merged patient.
+    // The merge: one PatientMerged, keyed by the batch that announced it.
     let merges: Vec<(String, PatientMerged)> = records
         .iter()
         .filter_map(|r| match r.event.as_ref().map(|e| &e.payload) {
@@ -146,7 +146,7 @@ fn one_human_in_csv_fhir_and_hl7_gets_one_pseudonym_and_an_a40_merge_links_two_r
     assert_eq!(merge.trigger, "hl7-merge");
     assert_eq!(merge.record_type, "ADT^A40");
     let merged = merge.merged_pseudonym.clone();
-    assert_eq!(merge_key, &merged);
+    assert_eq!(merge_key, &merge.batch_id);
     assert_ne!(merged, survivor);
 
     // merge.hl7: the second registration (A04) under the merged pseudonym, still on the
