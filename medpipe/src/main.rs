@@ -17,6 +17,7 @@ mod bench_pipeline;
 mod bench_stages;
 mod bench_status;
 mod dlq;
+mod k8s;
 mod redrive;
 mod replay;
 mod saga;
@@ -47,6 +48,11 @@ enum Command {
     Setup {
         #[command(flatten)]
         kafka: KafkaArgs,
+    },
+    /// Kubernetes manifests derived from the code (see k8s/README.md).
+    K8s {
+        #[command(subcommand)]
+        command: K8sCommand,
     },
     /// Count committed events per topic and type, and show a few canonical records.
     Summary {
@@ -258,6 +264,12 @@ enum BenchCommand {
     },
 }
 
+#[derive(Subcommand, Debug)]
+enum K8sCommand {
+    /// A Strimzi `KafkaTopic` for every topic the stages use, to stdout.
+    Topics(k8s::TopicsArgs),
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     pipeline::telemetry::init_tracing(pipeline::config::LogFormat::Text);
@@ -276,6 +288,9 @@ async fn main() -> anyhow::Result<()> {
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let mut out = std::io::stdout().lock();
     match cli.command {
+        Command::K8s {
+            command: K8sCommand::Topics(args),
+        } => out.write_all(k8s::render(&args).as_bytes())?,
         Command::Setup { kafka } => {
             pipeline::stage::prepare(&kafka, Duration::from_secs(30)).await?;
             writeln!(
