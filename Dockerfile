@@ -3,8 +3,9 @@
 #   docker build -t medpipe:0.1.0 .
 #
 # Build stage: the release binaries, as `cargo build --release --workspace --bins` builds
-# them in CI. librdkafka and zlib are compiled in (rdkafka's bundled build, `libz-static`),
-# so the binaries need only glibc and libgcc at run time.
+# them in CI. librdkafka and zlib are compiled in (rdkafka's bundled build, `libz-static`);
+# OpenSSL, which librdkafka needs for SASL/SCRAM and TLS (rdkafka's `ssl`), is linked from
+# the system (libssl-dev here, libssl3 in the run image), beside glibc and libgcc.
 FROM docker.io/library/rust:1.95-bookworm AS build
 WORKDIR /src
 COPY . .
@@ -17,8 +18,8 @@ RUN cargo build --release --locked --workspace --bins \
        target/release/medpipe-auditing \
        /out/
 
-# Run stage: distroless (glibc, libgcc, CA certificates; no shell, no package manager),
-# as its non-root user. The root file system can be mounted read-only: the stages write
+# Run stage: distroless (glibc, libgcc, libssl3, CA certificates; no shell, no package
+# manager), as its non-root user. The root file system can be mounted read-only: the stages write
 # only to the volumes they are given (ingestion's folders, the audit store) and /tmp is
 # not needed. Kubernetes probes /healthz and /readyz, so there is no HEALTHCHECK.
 FROM gcr.io/distroless/cc-debian12:nonroot

@@ -58,7 +58,7 @@ pub const SERVICE: &str = "medpipe-auditing";
 
 #[derive(Debug, Clone)]
 pub struct AuditConfig {
-    pub bootstrap_servers: String,
+    pub kafka: pipeline::kafka::Connection,
     pub group_id: String,
     pub transactional_id: String,
     pub topics: Topics,
@@ -269,7 +269,7 @@ impl Auditor {
         // committed position.
         let txn = Transactions::connect(
             TxnSettings::new(
-                &config.bootstrap_servers,
+                &config.kafka,
                 &config.transactional_id,
                 config.transaction_timeout,
             ),
@@ -667,7 +667,7 @@ fn stalled_hold(alert: &Event) -> Option<Event> {
 /// which skips what it already holds.
 fn audit_consumer(config: &AuditConfig) -> Result<WatchedConsumer, PipelineError> {
     watched_consumer(
-        &config.bootstrap_servers,
+        &config.kafka,
         &config.group_id,
         ConsumerRole::Audit,
         &[&config.topics.all_regex()],
@@ -684,11 +684,7 @@ fn publisher_position(
 ) -> Result<(Published, VecDeque<AuditEntry>, VecDeque<TreeHead>), PipelineError> {
     let state_topic = config.topics.state("auditing");
     let published = retry_until(shutdown, "read the publisher position", || {
-        pipeline::readback::read_entries(
-            &config.bootstrap_servers,
-            &state_topic,
-            Duration::from_secs(60),
-        )
+        pipeline::readback::read_entries(&config.kafka, &state_topic, Duration::from_secs(60))
     })?
     .into_iter()
     .filter(|(k, _)| k == PUBLISHED_KEY)

@@ -94,7 +94,7 @@ async fn main() -> anyhow::Result<()> {
         .group_id
         .unwrap_or_else(|| format!("{}-auditing", args.kafka.topic_prefix));
     let config = auditing::AuditConfig {
-        bootstrap_servers: args.kafka.bootstrap_servers.clone(),
+        kafka: args.kafka.connection()?,
         transactional_id: args
             .transactional_id
             .unwrap_or_else(|| format!("{group_id}-publisher")),

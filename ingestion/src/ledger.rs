@@ -57,12 +57,12 @@ impl Entry {
 
 /// Reads the committed ledger: the last entry per file SHA-256.
 pub fn read(
-    bootstrap: &str,
+    kafka: &pipeline::kafka::Connection,
     topic: &str,
     timeout: Duration,
 ) -> Result<HashMap<String, Entry>, PipelineError> {
     let mut ledger = HashMap::new();
-    for (key, value) in pipeline::readback::read_entries(bootstrap, topic, timeout)? {
+    for (key, value) in pipeline::readback::read_entries(kafka, topic, timeout)? {
         let Some(value) = value else {
             ledger.remove(&key);
             continue;

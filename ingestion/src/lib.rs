@@ -54,7 +54,7 @@ pub const SERVICE: &str = "medpipe-ingestion";
 /// Runtime settings of the ingestion loop.
 #[derive(Debug, Clone)]
 pub struct IngestConfig {
-    pub bootstrap_servers: String,
+    pub kafka: pipeline::kafka::Connection,
     pub transactional_id: String,
     /// Consumer group for the command topic.
     pub group_id: String,
@@ -144,7 +144,7 @@ impl Ingestor {
         // downstream.
         let txn = Transactions::connect(
             TxnSettings::new(
-                &config.bootstrap_servers,
+                &config.kafka,
                 &config.transactional_id,
                 config.transaction_timeout,
             ),
@@ -911,7 +911,7 @@ fn read_ledger(
 ) -> Result<HashMap<String, ledger::Entry>, PipelineError> {
     pipeline::kafka::retry_until(shutdown, "read the ledger", || {
         ledger::read(
-            &config.bootstrap_servers,
+            &config.kafka,
             &config.topics.ingestion_ledger(),
             Duration::from_secs(300),
         )
@@ -922,7 +922,7 @@ fn read_ledger(
 /// whole file is ingested between two polls.
 fn command_consumer(config: &IngestConfig) -> Result<WatchedConsumer, PipelineError> {
     watched_consumer(
-        &config.bootstrap_servers,
+        &config.kafka,
         &config.group_id,
         ConsumerRole::Commands,
         &[

@@ -96,7 +96,7 @@ async fn main() -> anyhow::Result<()> {
         pipeline::stage::start_service("ingestion", &args.kafka, &args.telemetry, 9101).await?;
     let prefix = &args.kafka.topic_prefix;
     let config = IngestConfig {
-        bootstrap_servers: args.kafka.bootstrap_servers.clone(),
+        kafka: args.kafka.connection()?,
         transactional_id: format!("{prefix}-ingestion-{}", args.instance_id),
         group_id: format!("{prefix}-ingestion"),
         instance_id: args.instance_id.clone(),

@@ -156,7 +156,7 @@ fn published_heads(kafka: &KafkaArgs) -> anyhow::Result<Vec<TreeHead>> {
     let rt = tokio::runtime::Handle::current();
     let records = tokio::task::block_in_place(|| {
         pipeline::readback::read_all(
-            &kafka.bootstrap_servers,
+            &kafka.connection()?,
             &[topics.name(TopicKind::Audit)],
             Some((&codec, &rt)),
             Duration::from_secs(120),

@@ -152,7 +152,7 @@ fn measure(
         std::thread::sleep(Duration::from_millis(50));
     }
     let consumer: BaseConsumer =
-        pipeline::kafka::readback_config(&kafka.bootstrap_servers, "bench").create()?;
+        pipeline::kafka::readback_config(&kafka.connection()?, "bench").create()?;
     let ledger = kafka.topics().ingestion_ledger();
     let mut tpl = TopicPartitionList::new();
     for p in 0..kafka.topic_partitions {
@@ -213,8 +213,11 @@ pub(crate) fn proc_status_kib(pid: u32, field: &str) -> anyhow::Result<u64> {
 /// topics, the ingestion and redrive ledgers and the stages' state topics.
 pub(crate) async fn delete_topics(kafka: &KafkaArgs) {
     use rdkafka::admin::{AdminClient, AdminOptions};
+    let Ok(connection) = kafka.connection() else {
+        return;
+    };
     let admin: Result<AdminClient<rdkafka::client::DefaultClientContext>, _> =
-        pipeline::kafka::admin_config(&kafka.bootstrap_servers).create();
+        pipeline::kafka::admin_config(&connection).create();
     if let Ok(admin) = admin {
         let topics = kafka.topics();
         let mut names = topics.all();

@@ -19,7 +19,7 @@ use pipeline::topics::{ensure_topics, TopicLayout};
 /// What to copy, and how big each transaction is.
 #[derive(Debug, Clone)]
 pub struct PassthroughBench {
-    pub bootstrap: String,
+    pub bootstrap: pipeline::kafka::Connection,
     pub messages: usize,
     pub size: usize,
     pub partitions: i32,
@@ -203,7 +203,7 @@ fn copy(
     })
 }
 
-async fn delete(bootstrap: &str, topics: &[&str]) {
+async fn delete(bootstrap: &pipeline::kafka::Connection, topics: &[&str]) {
     use rdkafka::admin::{AdminClient, AdminOptions};
     let admin: Result<AdminClient<rdkafka::client::DefaultClientContext>, _> =
         pipeline::kafka::admin_config(bootstrap).create();

@@ -237,7 +237,7 @@ pub(crate) async fn yardstick(f: &Fresh, messages: usize) -> anyhow::Result<Pass
         f.txn_messages
     );
     bench_passthrough::run(PassthroughBench {
-        bootstrap: f.kafka.bootstrap_servers.clone(),
+        bootstrap: f.kafka.connection()?,
         messages,
         size: 700,
         partitions: f.kafka.topic_partitions,
@@ -750,7 +750,7 @@ impl Reader {
     fn start(kafka: &KafkaArgs, codec: Arc<Codec>, rt: Handle) -> anyhow::Result<Reader> {
         let topics = kafka.topics();
         let consumer: BaseConsumer = consumer_config(
-            &kafka.bootstrap_servers,
+            &kafka.connection()?,
             &format!("{}-bench-reader", kafka.topic_prefix),
             ConsumerRole::Readback,
         )
@@ -1170,7 +1170,7 @@ impl GroupLag {
         inputs: &[String],
     ) -> anyhow::Result<GroupLag> {
         let consumer: BaseConsumer = consumer_config(
-            &kafka.bootstrap_servers,
+            &kafka.connection()?,
             &format!("{}-{stage}", kafka.topic_prefix),
             ConsumerRole::Readback,
         )

@@ -264,7 +264,7 @@ fn count(
     stages: &mut Stages,
 ) -> anyhow::Result<Counted> {
     let consumer: BaseConsumer = consumer_config(
-        &kafka.bootstrap_servers,
+        &kafka.connection()?,
         &format!("{}-bench-counter", kafka.topic_prefix),
         ConsumerRole::Readback,
     )

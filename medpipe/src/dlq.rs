@@ -146,7 +146,7 @@ async fn read(
     let codec = pipeline::Codec::new(&kafka.schema_registry_url, &topics)?;
     let rt = tokio::runtime::Handle::current();
     let topic = topics.dlq(stage);
-    let bootstrap = kafka.bootstrap_servers.clone();
+    let bootstrap = kafka.connection()?;
     let records = tokio::task::block_in_place(|| {
         pipeline::readback::read_all(&bootstrap, &[topic], Some((&codec, &rt)), timeout)
     })

@@ -433,7 +433,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             )?;
             for n in txn_messages {
                 let r = bench_passthrough::run(bench_passthrough::PassthroughBench {
-                    bootstrap: bootstrap_servers.clone(),
+                    bootstrap: pipeline::kafka::Connection::plaintext(bootstrap_servers.clone()),
                     messages,
                     size,
                     partitions,
@@ -563,7 +563,7 @@ async fn send_command(
         }),
     );
     let bytes = codec.encode(&event).await?;
-    let producer: FutureProducer = pipeline::kafka::producer_config(&kafka.bootstrap_servers)
+    let producer: FutureProducer = pipeline::kafka::producer_config(&kafka.connection()?)
         .set("enable.idempotence", "true")
         .create()?;
     let topic = topics.name(TopicKind::IngestionCommands);
@@ -589,7 +589,7 @@ async fn summary(
     let rt = tokio::runtime::Handle::current();
     let deadline = tokio::time::Instant::now() + timeout;
     let records = loop {
-        let (bootstrap, names) = (kafka.bootstrap_servers.clone(), topics.all());
+        let (bootstrap, names) = (kafka.connection()?, topics.all());
         let codec_ref = &codec;
         let records = tokio::task::block_in_place(|| {
             pipeline::readback::read_all(&bootstrap, &names, Some((codec_ref, &rt)), timeout)

@@ -99,7 +99,7 @@ pub async fn run(args: RedriveArgs, out: &mut impl Write) -> anyhow::Result<()> 
     let rt = tokio::runtime::Handle::current();
     let dlq = topics.dlq(&args.stage);
     let ledger_topic = topics.redrive_ledger();
-    let bootstrap = args.kafka.bootstrap_servers.clone();
+    let bootstrap = args.kafka.connection()?;
     let mut compact = args.kafka.topic_layout();
     compact.configs.retain(|(k, _)| k != "cleanup.policy");
     compact

@@ -82,7 +82,7 @@ pub async fn run(args: ReplayArgs, out: &mut impl Write) -> anyhow::Result<()> {
     };
     let target = Topics::new(args.prefix.clone());
     let (from_topic, to_topic) = (source.name(input), target.name(input));
-    let bootstrap = args.kafka.bootstrap_servers.clone();
+    let bootstrap = args.kafka.connection()?;
     pipeline::topics::ensure_topics(&bootstrap, &target.all(), &args.kafka.topic_layout()).await?;
     let codec = pipeline::Codec::new(&args.kafka.schema_registry_url, &source)?;
     let rt = tokio::runtime::Handle::current();

@@ -188,7 +188,7 @@ pub async fn run(kind: Request, args: RequestArgs, out: &mut impl Write) -> anyh
 async fn send(kafka: &KafkaArgs, codec: &pipeline::Codec, event: &Event) -> anyhow::Result<()> {
     use rdkafka::producer::{FutureProducer, FutureRecord};
     let bytes = codec.encode(event).await?;
-    let producer: FutureProducer = pipeline::kafka::producer_config(&kafka.bootstrap_servers)
+    let producer: FutureProducer = pipeline::kafka::producer_config(&kafka.connection()?)
         .set("enable.idempotence", "true")
         .create()?;
     let topic = kafka.topics().name(TopicKind::Saga);
@@ -240,7 +240,7 @@ async fn wait_for_answer(
     loop {
         let records = tokio::task::block_in_place(|| {
             pipeline::readback::read_all(
-                &kafka.bootstrap_servers,
+                &kafka.connection()?,
                 &names,
                 Some((codec, &rt)),
                 Duration::from_secs(60),

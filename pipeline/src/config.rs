@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use crate::crypto::{KeyRef, Secret};
 use crate::error::PipelineError;
+use crate::kafka::{Connection, SaslAuth};
 use crate::topics::Topics;
 
 /// Where Kafka and the Schema Registry are, and which topics this pipeline uses.
@@ -37,6 +38,33 @@ pub struct KafkaArgs {
     /// (comma-separated in the environment variable).
     #[arg(long = "topic-config", env = "MEDPIPE_TOPIC_CONFIGS", value_delimiter = ',', value_parser = parse_key_value)]
     pub topic_configs: Vec<(String, String)>,
+    /// SASL mechanism to authenticate to the brokers with (`SCRAM-SHA-512`,
+    /// `SCRAM-SHA-256` or `PLAIN`); unset, clients connect without authentication.
+    #[arg(long, env = "MEDPIPE_KAFKA_SASL_MECHANISM", requires_all = ["kafka_sasl_username", "kafka_sasl_password_file"])]
+    pub kafka_sasl_mechanism: Option<String>,
+    /// The SASL user: one per stage, so the brokers' ACLs can hold each stage to its own
+    /// topics, groups and transactional ids.
+    #[arg(
+        long,
+        env = "MEDPIPE_KAFKA_SASL_USERNAME",
+        requires = "kafka_sasl_mechanism"
+    )]
+    pub kafka_sasl_username: Option<String>,
+    /// A file holding the SASL password (a mounted secret); never the password itself.
+    #[arg(
+        long,
+        env = "MEDPIPE_KAFKA_SASL_PASSWORD_FILE",
+        requires = "kafka_sasl_mechanism"
+    )]
+    pub kafka_sasl_password_file: Option<PathBuf>,
+    /// The CA certificate (PEM) of the brokers' TLS listener; with SASL, clients then
+    /// speak SASL_SSL.
+    #[arg(
+        long,
+        env = "MEDPIPE_KAFKA_TLS_CA_FILE",
+        requires = "kafka_sasl_mechanism"
+    )]
+    pub kafka_tls_ca_file: Option<PathBuf>,
 }
 
 /// Parses `key=value`.
@@ -59,6 +87,54 @@ impl KafkaArgs {
 
     pub fn topics(&self) -> Topics {
         Topics::new(self.topic_prefix.clone())
+    }
+
+    /// The brokers and this process's credentials. Reads the password file, so a missing
+    /// or empty one fails at start-up with its path named.
+    pub fn connection(&self) -> Result<Connection, PipelineError> {
+        let auth = match (&self.kafka_sasl_mechanism, &self.kafka_sasl_username) {
+            (Some(mechanism), Some(username)) => {
+                const KNOWN: [&str; 3] = ["SCRAM-SHA-512", "SCRAM-SHA-256", "PLAIN"];
+                if !KNOWN.contains(&mechanism.as_str()) {
+                    return Err(PipelineError::Config(format!(
+                        "--kafka-sasl-mechanism must be one of {}, got {mechanism:?}",
+                        KNOWN.join(", ")
+                    )));
+                }
+                let path = self.kafka_sasl_password_file.as_ref().ok_or_else(|| {
+                    PipelineError::Config("--kafka-sasl-password-file is required with SASL".into())
+                })?;
+                let password = std::fs::read_to_string(path).map_err(|e| {
+                    PipelineError::Config(format!(
+                        "cannot read the SASL password file {}: {e}",
+                        path.display()
+                    ))
+                })?;
+                let password = password.trim_end_matches(['\r', '\n']).to_string();
+                if password.is_empty() {
+                    return Err(PipelineError::Config(format!(
+                        "the SASL password file {} is empty",
+                        path.display()
+                    )));
+                }
+                Some(SaslAuth {
+                    mechanism: mechanism.clone(),
+                    username: username.clone(),
+                    password: Secret::new(password),
+                    tls_ca: self.kafka_tls_ca_file.clone(),
+                })
+            }
+            (None, None) => None,
+            _ => {
+                return Err(PipelineError::Config(
+                    "--kafka-sasl-mechanism and --kafka-sasl-username go together".into(),
+                ))
+            }
+        };
+        Ok(Connection {
+            bootstrap: self.bootstrap_servers.clone(),
+            auth,
+        })
     }
 
     pub fn validate(&self) -> Result<(), PipelineError> {

@@ -15,7 +15,68 @@ use rdkafka::{ClientConfig, Offset};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use crate::crypto::Secret;
 use crate::error::{kafka_err, ErrorClass, PipelineError};
+
+/// How a client reaches the brokers and who it is there: every client medpipe builds
+/// starts from one of these, so a stage's credentials apply to its consumers, producers
+/// and admin clients alike.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Connection {
+    pub bootstrap: String,
+    /// `None`: plaintext without authentication (the dev stack's default listener).
+    pub auth: Option<SaslAuth>,
+}
+
+/// A SASL principal, over TLS when `tls_ca` is given.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SaslAuth {
+    /// `SCRAM-SHA-512`, `SCRAM-SHA-256` or `PLAIN`.
+    pub mechanism: String,
+    pub username: String,
+    pub password: Secret<String>,
+    /// The CA that signed the brokers' certificates (PEM); with it the client speaks
+    /// SASL_SSL, without it SASL_PLAINTEXT.
+    pub tls_ca: Option<std::path::PathBuf>,
+}
+
+impl Connection {
+    /// No authentication.
+    pub fn plaintext(bootstrap: impl Into<String>) -> Self {
+        Connection {
+            bootstrap: bootstrap.into(),
+            auth: None,
+        }
+    }
+
+    /// `bootstrap.servers` and the security settings every client shares.
+    pub fn client_config(&self) -> ClientConfig {
+        let mut c = ClientConfig::new();
+        c.set("bootstrap.servers", &self.bootstrap);
+        if let Some(a) = &self.auth {
+            let protocol = if a.tls_ca.is_some() {
+                "sasl_ssl"
+            } else {
+                "sasl_plaintext"
+            };
+            c.set("security.protocol", protocol)
+                .set("sasl.mechanism", &a.mechanism)
+                .set("sasl.username", &a.username)
+                .set("sasl.password", a.password.expose());
+            if let Some(ca) = &a.tls_ca {
+                c.set("ssl.ca.location", ca.to_string_lossy());
+            }
+        }
+        c
+    }
+
+    /// Who the brokers see: the SASL user, or `ANONYMOUS`.
+    pub fn principal(&self) -> &str {
+        self.auth
+            .as_ref()
+            .map_or("ANONYMOUS", |a| a.username.as_str())
+    }
+}
 
 /// What a consumer is for; each role names its departures from the defaults.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -38,10 +99,9 @@ pub enum ConsumerRole {
 /// Defaults: no auto-commit, `read_committed`, start from the earliest offset when the
 /// group has none, a 10 s session (so a dead member is noticed quickly), 10 ms fetch wait
 /// (see KAFKA-NOTES: 500 ms made round trips six times slower), and a 16 MiB prefetch.
-pub fn consumer_config(bootstrap: &str, group_id: &str, role: ConsumerRole) -> ClientConfig {
-    let mut c = ClientConfig::new();
-    c.set("bootstrap.servers", bootstrap)
-        .set("group.id", group_id)
+pub fn consumer_config(kafka: &Connection, group_id: &str, role: ConsumerRole) -> ClientConfig {
+    let mut c = kafka.client_config();
+    c.set("group.id", group_id)
         .set("enable.auto.commit", "false")
         .set("isolation.level", "read_committed")
         .set("auto.offset.reset", "earliest")
@@ -176,12 +236,12 @@ pub type WatchedConsumer = BaseConsumer<WatchedContext>;
 /// A `WatchedConsumer` of `role` in `group_id`, subscribed to `topics` (names or `^`
 /// regexes).
 pub fn watched_consumer(
-    bootstrap: &str,
+    kafka: &Connection,
     group_id: &str,
     role: ConsumerRole,
     topics: &[&str],
 ) -> Result<WatchedConsumer, PipelineError> {
-    let consumer: WatchedConsumer = consumer_config(bootstrap, group_id, role)
+    let consumer: WatchedConsumer = consumer_config(kafka, group_id, role)
         .create_with_context(WatchedContext::default())
         .map_err(kafka_err("create consumer"))?;
     consumer.subscribe(topics).map_err(kafka_err("subscribe"))?;
@@ -190,24 +250,20 @@ pub fn watched_consumer(
 
 /// A consumer for one-off reads of whole topics, in a throwaway group of its own
 /// (`<prefix>-<uuid>`), so it neither joins nor disturbs any stage's group.
-pub fn readback_config(bootstrap: &str, prefix: &str) -> ClientConfig {
+pub fn readback_config(kafka: &Connection, prefix: &str) -> ClientConfig {
     let group = format!("{prefix}-{}", uuid::Uuid::new_v4());
-    consumer_config(bootstrap, &group, ConsumerRole::Readback)
+    consumer_config(kafka, &group, ConsumerRole::Readback)
 }
 
 /// An admin client's configuration (topic creation and deletion).
-pub fn admin_config(bootstrap: &str) -> ClientConfig {
-    let mut c = ClientConfig::new();
-    c.set("bootstrap.servers", bootstrap);
-    c
+pub fn admin_config(kafka: &Connection) -> ClientConfig {
+    kafka.client_config()
 }
 
 /// The producer defaults: a short linger and lz4, which batch well at medpipe's rates.
-pub fn producer_config(bootstrap: &str) -> ClientConfig {
-    let mut c = ClientConfig::new();
-    c.set("bootstrap.servers", bootstrap)
-        .set("linger.ms", "5")
-        .set("compression.type", "lz4");
+pub fn producer_config(kafka: &Connection) -> ClientConfig {
+    let mut c = kafka.client_config();
+    c.set("linger.ms", "5").set("compression.type", "lz4");
     c
 }
 
@@ -383,7 +439,7 @@ mod tests {
             ConsumerRole::Audit,
             ConsumerRole::Readback,
         ] {
-            let c = consumer_config("b:9092", "g", role);
+            let c = consumer_config(&Connection::plaintext("b:9092"), "g", role);
             assert_eq!(
                 get(&c, "isolation.level").as_deref(),
                 Some("read_committed")
@@ -391,7 +447,7 @@ mod tests {
             assert_eq!(get(&c, "enable.auto.commit").as_deref(), Some("false"));
         }
         let stage = consumer_config(
-            "b:9092",
+            &Connection::plaintext("b:9092"),
             "g",
             ConsumerRole::Stage {
                 queued_max_kbytes: 100,
@@ -405,10 +461,60 @@ mod tests {
             get(&stage, "enable.auto.offset.store").as_deref(),
             Some("false")
         );
-        let commands = consumer_config("b:9092", "g", ConsumerRole::Commands);
+        let commands = consumer_config(
+            &Connection::plaintext("b:9092"),
+            "g",
+            ConsumerRole::Commands,
+        );
         assert_eq!(
             get(&commands, "max.poll.interval.ms").as_deref(),
             Some("3600000")
+        );
+    }
+
+    #[test]
+    fn credentials_reach_every_kind_of_client() {
+        let plain = Connection::plaintext("b:9092");
+        assert_eq!(get(&producer_config(&plain), "security.protocol"), None);
+        assert_eq!(plain.principal(), "ANONYMOUS");
+        let mut sasl = Connection {
+            bootstrap: "b:9094".into(),
+            auth: Some(SaslAuth {
+                mechanism: "SCRAM-SHA-512".into(),
+                username: "medpipe-canonization".into(),
+                password: Secret::new("pw".into()),
+                tls_ca: None,
+            }),
+        };
+        for c in [
+            producer_config(&sasl),
+            admin_config(&sasl),
+            consumer_config(&sasl, "g", ConsumerRole::Audit),
+            crate::txn::transactional_config(&sasl, "t", Duration::from_secs(10)),
+        ] {
+            assert_eq!(
+                get(&c, "security.protocol").as_deref(),
+                Some("sasl_plaintext")
+            );
+            assert_eq!(get(&c, "sasl.mechanism").as_deref(), Some("SCRAM-SHA-512"));
+            assert_eq!(
+                get(&c, "sasl.username").as_deref(),
+                Some("medpipe-canonization")
+            );
+            assert_eq!(get(&c, "sasl.password").as_deref(), Some("pw"));
+        }
+        assert!(
+            !format!("{sasl:?}").contains("pw\""),
+            "Debug shows no password"
+        );
+        if let Some(a) = sasl.auth.as_mut() {
+            a.tls_ca = Some("/etc/medpipe/ca.crt".into());
+        }
+        let c = producer_config(&sasl);
+        assert_eq!(get(&c, "security.protocol").as_deref(), Some("sasl_ssl"));
+        assert_eq!(
+            get(&c, "ssl.ca.location").as_deref(),
+            Some("/etc/medpipe/ca.crt")
         );
     }
 }

@@ -23,11 +23,11 @@ pub struct Record {
 /// Reads a keyed (compacted) topic as (key, value) entries in topic order; a `None` value
 /// is a tombstone. Messages without a key are skipped: state topics always have one.
 pub fn read_entries(
-    bootstrap: &str,
+    kafka: &crate::kafka::Connection,
     topic: &str,
     timeout: Duration,
 ) -> Result<Vec<crate::state::StateEntry>, PipelineError> {
-    Ok(read_all(bootstrap, &[topic.to_string()], None, timeout)?
+    Ok(read_all(kafka, &[topic.to_string()], None, timeout)?
         .into_iter()
         .filter_map(|r| {
             let key = String::from_utf8_lossy(r.message.key()?).into_owned();
@@ -58,15 +58,19 @@ fn watermarks(
     }
 }
 
+/// The throwaway consumer groups of one-off reads are `<this>-<uuid>`; they assign
+/// partitions and never commit, so they hold nothing (every stage may use them).
+pub const READBACK_GROUP_PREFIX: &str = "medpipe-readback";
+
 /// Reads every committed message of `topics` that exists now. Blocking: call it from a
 /// blocking thread when inside a runtime. Topics that do not exist are skipped.
 pub fn read_all(
-    bootstrap: &str,
+    kafka: &crate::kafka::Connection,
     topics: &[String],
     codec: Option<(&Codec, &Handle)>,
     timeout: Duration,
 ) -> Result<Vec<Record>, PipelineError> {
-    let consumer: BaseConsumer = crate::kafka::readback_config(bootstrap, "medpipe-readback")
+    let consumer: BaseConsumer = crate::kafka::readback_config(kafka, READBACK_GROUP_PREFIX)
         .create()
         .map_err(kafka_err("create consumer"))?;
     let mut tpl = TopicPartitionList::new();

@@ -134,7 +134,7 @@ pub trait Stage: Send + 'static {
 /// Everything the runner needs besides the stage.
 #[derive(Debug, Clone)]
 pub struct RunnerConfig {
-    pub bootstrap_servers: String,
+    pub kafka: crate::kafka::Connection,
     pub group_id: String,
     /// Stable per replica: a restarted replica fences its previous incarnation.
     pub transactional_id: String,
@@ -291,7 +291,7 @@ impl<S: Stage> Runner<S> {
         check_co_partitioned(&consumer, &config.input_topics, shutdown)?;
         let txn = Transactions::connect(
             TxnSettings::new(
-                &config.bootstrap_servers,
+                &config.kafka,
                 &config.transactional_id,
                 config.transaction_timeout,
             ),
@@ -431,9 +431,9 @@ impl<S: Stage> Runner<S> {
             }
         }
         let topic = self.config.topics.state(self.stage.name());
-        let bootstrap = self.config.bootstrap_servers.clone();
+        let kafka = self.config.kafka.clone();
         let entries = retry_until(shutdown, "reload stage state", || {
-            crate::readback::read_entries(&bootstrap, &topic, Duration::from_secs(120))
+            crate::readback::read_entries(&kafka, &topic, Duration::from_secs(120))
         })?;
         info!(entries = entries.len(), "Stage state reloaded.");
         if let Some(s) = self.stage.state() {
@@ -685,7 +685,7 @@ fn subscribed_consumer(
         metrics: metrics.clone(),
     };
     let consumer: StageConsumer = consumer_config(
-        &config.bootstrap_servers,
+        &config.kafka,
         &config.group_id,
         ConsumerRole::Stage {
             queued_max_kbytes: config.queued_max_kbytes,

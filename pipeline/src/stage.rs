@@ -44,12 +44,8 @@ pub async fn prepare(kafka: &KafkaArgs, wait: Duration) -> Result<Arc<Codec>, Pi
             Err(e) => return Err(e),
         }
     }
-    topics::ensure_topics(
-        &kafka.bootstrap_servers,
-        &topics.all(),
-        &kafka.topic_layout(),
-    )
-    .await?;
+    let connection = kafka.connection()?;
+    topics::ensure_topics(&connection, &topics.all(), &kafka.topic_layout()).await?;
     // Internal state: the ingestion ledger and the stages' state topics, compacted.
     let mut compact = kafka.topic_layout();
     compact.configs.retain(|(k, _)| k != "cleanup.policy");
@@ -58,7 +54,7 @@ pub async fn prepare(kafka: &KafkaArgs, wait: Duration) -> Result<Arc<Codec>, Pi
         .push(("cleanup.policy".into(), "compact".into()));
     let mut internal = vec![topics.ingestion_ledger(), topics.redrive_ledger()];
     internal.extend(topics::STATE_STAGES.iter().map(|s| topics.state(s)));
-    topics::ensure_topics(&kafka.bootstrap_servers, &internal, &compact).await?;
+    topics::ensure_topics(&connection, &internal, &compact).await?;
     Ok(Arc::new(codec))
 }
 
@@ -145,7 +141,7 @@ pub async fn run_stage<S: Stage>(
     stage.register_metrics(&metrics.registry)?;
     let prefix = &args.kafka.topic_prefix;
     let config = RunnerConfig {
-        bootstrap_servers: args.kafka.bootstrap_servers.clone(),
+        kafka: args.kafka.connection()?,
         group_id: args
             .runner
             .group_id

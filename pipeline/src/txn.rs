@@ -38,7 +38,7 @@ const COMMIT_ATTEMPTS: u32 = 3;
 /// Who commits, and how long a transaction and each blocking call may take.
 #[derive(Debug, Clone)]
 pub struct TxnSettings {
-    pub bootstrap_servers: String,
+    pub kafka: crate::kafka::Connection,
     /// Stable per replica: a restarted replica fences its previous incarnation.
     pub transactional_id: String,
     pub transaction_timeout: Duration,
@@ -46,12 +46,12 @@ pub struct TxnSettings {
 
 impl TxnSettings {
     pub fn new(
-        bootstrap_servers: &str,
+        kafka: &crate::kafka::Connection,
         transactional_id: &str,
         transaction_timeout: Duration,
     ) -> Self {
         TxnSettings {
-            bootstrap_servers: bootstrap_servers.to_owned(),
+            kafka: kafka.clone(),
             transactional_id: transactional_id.to_owned(),
             transaction_timeout,
         }
@@ -292,11 +292,11 @@ impl Drop for InFlight {
 /// backoff, so the default cost every transaction about 100 ms more (BENCHMARKS.md).
 /// Retries still back off exponentially up to `retry.backoff.max.ms` (1 s).
 pub fn transactional_config(
-    bootstrap_servers: &str,
+    kafka: &crate::kafka::Connection,
     transactional_id: &str,
     transaction_timeout: Duration,
 ) -> rdkafka::ClientConfig {
-    let mut c = crate::kafka::producer_config(bootstrap_servers);
+    let mut c = crate::kafka::producer_config(kafka);
     c.set("transactional.id", transactional_id)
         .set(
             "transaction.timeout.ms",
@@ -311,7 +311,7 @@ fn init(
     shutdown: &CancellationToken,
 ) -> Result<BaseProducer, PipelineError> {
     let producer: BaseProducer = transactional_config(
-        &settings.bootstrap_servers,
+        &settings.kafka,
         &settings.transactional_id,
         settings.transaction_timeout,
     )

@@ -19,6 +19,11 @@ use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
 
 pub const BOOTSTRAP: &str = "127.0.0.1:9092";
+
+/// The dev stack's plaintext listener, where clients need no credentials.
+pub fn broker() -> pipeline::kafka::Connection {
+    pipeline::kafka::Connection::plaintext(BOOTSTRAP)
+}
 pub const REGISTRY: &str = "http://127.0.0.1:8081";
 pub const MASTER_KEY: &str = "1111111111111111111111111111111111111111111111111111111111111111";
 pub const PSEUDONYM_KEY: &str = "2222222222222222222222222222222222222222222222222222222222222222";
@@ -57,6 +62,10 @@ impl Pipeline {
             topic_partitions: 3,
             topic_replication: 1,
             topic_configs: vec![],
+            kafka_sasl_mechanism: None,
+            kafka_sasl_username: None,
+            kafka_sasl_password_file: None,
+            kafka_tls_ca_file: None,
         };
         rt.block_on(pipeline::stage::prepare(&kafka, Duration::from_secs(5)))
             .unwrap_or_else(|e| {
@@ -178,7 +187,7 @@ impl Pipeline {
             .into_iter()
             .filter(|t| *t != audit)
             .collect();
-        pipeline::readback::read_all(BOOTSTRAP, &audited, None, Duration::from_secs(120))
+        pipeline::readback::read_all(&broker(), &audited, None, Duration::from_secs(120))
             .expect("read back")
             .iter()
             .map(|r| {
@@ -196,7 +205,7 @@ impl Pipeline {
     pub fn audit_lag(&self) -> i64 {
         let audit = self.topics.name(pipeline::topics::TopicKind::Audit);
         let consumer: BaseConsumer = pipeline::kafka::consumer_config(
-            BOOTSTRAP,
+            &broker(),
             &format!("{}-auditing", self.prefix),
             pipeline::kafka::ConsumerRole::Readback,
         )
@@ -396,7 +405,7 @@ impl Pipeline {
     /// Every committed message of some topics, decoded where possible.
     pub fn read(&self, topics: &[String]) -> Vec<Record> {
         pipeline::readback::read_all(
-            BOOTSTRAP,
+            &broker(),
             topics,
             Some((&self.codec, self.rt.handle())),
             Duration::from_secs(120),
@@ -413,7 +422,7 @@ impl Pipeline {
     /// Sends raw bytes, e.g. a poison message.
     pub fn send_raw(&self, topic: &str, bytes: &[u8]) {
         use rdkafka::producer::{BaseRecord, Producer};
-        let producer: rdkafka::producer::BaseProducer = pipeline::kafka::producer_config(BOOTSTRAP)
+        let producer: rdkafka::producer::BaseProducer = pipeline::kafka::producer_config(&broker())
             .create()
             .expect("producer");
         producer
@@ -490,7 +499,7 @@ impl Tail {
         let handle = std::thread::spawn(move || {
             let rt = tokio::runtime::Runtime::new().expect("runtime");
             let codec = Codec::new(REGISTRY, &Topics::new("unused")).expect("codec");
-            let consumer: BaseConsumer = pipeline::kafka::readback_config(BOOTSTRAP, "tail")
+            let consumer: BaseConsumer = pipeline::kafka::readback_config(&broker(), "tail")
                 .create()
                 .expect("tail consumer");
             let mut tpl = TopicPartitionList::new();

@@ -284,7 +284,7 @@ fn a_transaction_its_coordinator_aborted_after_the_timeout_is_recovered_not_fata
     let shutdown = tokio_util::sync::CancellationToken::new();
     let timeout = Duration::from_secs(2);
     let settings = TxnSettings {
-        bootstrap_servers: tests::BOOTSTRAP.into(),
+        kafka: tests::broker(),
         transactional_id: format!("{}-timed-out", p.prefix),
         transaction_timeout: timeout,
     };

@@ -175,7 +175,7 @@ fn a_poison_message_goes_to_the_dlq_with_context_and_later_records_flow() {
     p.start("anonymization", &[]);
     let ingestion = p.topics.name(TopicKind::Ingestion);
     let producer: rdkafka::producer::BaseProducer =
-        pipeline::kafka::producer_config(tests::BOOTSTRAP)
+        pipeline::kafka::producer_config(&tests::broker())
             .create()
             .expect("producer");
     use rdkafka::producer::{BaseRecord, Producer};

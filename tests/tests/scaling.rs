@@ -24,12 +24,12 @@ const PER_FILE: usize = 1500;
 fn partitions_of(p: &Pipeline, keys: &[String]) -> Vec<i32> {
     let probe = format!("{}-partition-probe", p.prefix);
     p.rt.block_on(pipeline::topics::ensure_topics(
-        tests::BOOTSTRAP,
+        &tests::broker(),
         std::slice::from_ref(&probe),
         &pipeline::topics::TopicLayout::with_partitions(3),
     ))
     .expect("probe topic");
-    let producer: FutureProducer = pipeline::kafka::producer_config(tests::BOOTSTRAP)
+    let producer: FutureProducer = pipeline::kafka::producer_config(&tests::broker())
         .create()
         .expect("producer");
     keys.iter()

@@ -38,7 +38,7 @@ fn read_committed_consumers_never_see_aborted_transactions() {
     let topic = format!("txn-{}", uuid::Uuid::new_v4().simple());
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     rt.block_on(pipeline::topics::ensure_topics(
-        tests::BOOTSTRAP,
+        &tests::broker(),
         std::slice::from_ref(&topic),
         &pipeline::topics::TopicLayout::with_partitions(1),
     ))
