@@ -14,7 +14,8 @@
 #   scripts/devstack.sh pause-broker   SIGSTOP the broker (it stops answering, keeps
 #                                      its sockets); resume-broker sends SIGCONT
 #
-# Endpoints:  Kafka bootstrap 127.0.0.1:9092 (KRaft controller 127.0.0.1:9093)
+# Endpoints:  Kafka bootstrap 127.0.0.1:9092 (KRaft controller 127.0.0.1:9093;
+#             SASL/SCRAM-SHA-512 with ACLs on 127.0.0.1:9094)
 #             Schema Registry http://127.0.0.1:8081 (schemas in memory only)
 #
 # Environment:
@@ -33,6 +34,7 @@ readonly RIVVEN_VERSION=0.0.22
 readonly KAFKA_HOST=127.0.0.1
 readonly KAFKA_PORT=9092
 readonly CONTROLLER_PORT=9093
+readonly SASL_PORT=9094
 readonly REGISTRY_HOST=127.0.0.1
 readonly REGISTRY_PORT=8081
 readonly KAFKA_START_TIMEOUT=90
@@ -373,6 +375,7 @@ start_kafka() {
   else
     require_port_free "$KAFKA_PORT"
     require_port_free "$CONTROLLER_PORT"
+    require_port_free "$SASL_PORT"
     render_kafka_config
     format_storage_if_needed
     log "starting Kafka $KAFKA_VERSION (logs: $LOG_DIR)"
@@ -445,6 +448,7 @@ cmd_start() {
     if ! find_pid kafka >/dev/null; then
       require_port_free "$KAFKA_PORT"
       require_port_free "$CONTROLLER_PORT"
+      require_port_free "$SASL_PORT"
     fi
     if ! find_pid registry >/dev/null; then
       require_port_free "$REGISTRY_PORT"

@@ -2,6 +2,7 @@
 //! Schema Registry codec, topics, the transactional Kafka runner, config,
 //! telemetry, shutdown and crypto helpers.
 
+pub mod access;
 pub mod archive;
 pub mod codec;
 pub mod config;

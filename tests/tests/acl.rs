@@ -1,0 +1,214 @@
+//! Least privilege on the real broker: each stage runs as its own SCRAM-SHA-512 principal on
+//! the dev stack's SASL listener (127.0.0.1:9094), held to the ACLs `pipeline::access`
+//! renders (the same ones the Strimzi `KafkaUser`s carry). The whole pipeline must work
+//! exactly once with them, and the broker must refuse canonization's principal when it
+//! reads the ingestion topic (where PHI is sealed) or writes the audit topic, while the
+//! same principal reads its own input. Runs one at a time like the rest of the suite.
+
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
+use std::collections::BTreeMap;
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use ingestion::formats::SourceFormat;
+use pipeline::access::grants;
+use pipeline::crypto::Secret;
+use pipeline::kafka::{consumer_config, producer_config, Connection, ConsumerRole, SaslAuth};
+use pipeline::topics::TopicKind;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::KafkaError;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::types::RDKafkaErrorCode;
+use tests::{batch_of, fresh_tag, Flow, Pipeline};
+
+const SASL_BOOTSTRAP: &str = "127.0.0.1:9094";
+const FILES: usize = 2;
+const PER_FILE: usize = 300;
+
+/// Creates every stage's user and ACLs through the Admin API (as the super user on the
+/// plaintext listener), and returns each stage's password file.
+fn provision(p: &Pipeline) -> BTreeMap<&'static str, (String, PathBuf)> {
+    let mut plan = Vec::new();
+    let mut out = BTreeMap::new();
+    for g in grants(&p.topics) {
+        let password = uuid::Uuid::new_v4().simple().to_string();
+        let file = p.dir.path().join(format!("{}.password", g.stage));
+        std::fs::write(&file, format!("{password}\n")).expect("password file");
+        let mut v = serde_json::to_value(&g).expect("grant as JSON");
+        v["password"] = serde_json::Value::String(password);
+        plan.push(v);
+        out.insert(g.stage, (g.principal.clone(), file));
+    }
+    let python = std::env::var("MEDPIPE_PYTHON").unwrap_or_else(|_| "python3".into());
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("python/grant.py");
+    let mut child = std::process::Command::new(&python)
+        .arg(&script)
+        .args(["--bootstrap", tests::BOOTSTRAP])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run grant.py (set MEDPIPE_PYTHON to a Python with confluent-kafka)");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(serde_json::to_string(&plan).unwrap().as_bytes())
+        .unwrap();
+    let o = child.wait_with_output().expect("grant.py");
+    assert!(
+        o.status.success(),
+        "grant.py failed:\n{}\n{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    out
+}
+
+fn sasl(principal: &str, password_file: &Path) -> Connection {
+    let password = std::fs::read_to_string(password_file).unwrap();
+    Connection {
+        bootstrap: SASL_BOOTSTRAP.into(),
+        auth: Some(SaslAuth {
+            mechanism: "SCRAM-SHA-512".into(),
+            username: principal.into(),
+            password: Secret::new(password.trim().to_string()),
+            tls_ca: None,
+        }),
+    }
+}
+
+/// Subscribes to `topic` as `kafka`'s principal, in a throwaway group of the kind its
+/// grant allows, and reads from the beginning: the number of messages read, or the first
+/// error the consumer reports, within 30 s.
+fn read_as(kafka: &Connection, topic: &str) -> Result<usize, KafkaError> {
+    let group = format!(
+        "{}-{}",
+        pipeline::readback::READBACK_GROUP_PREFIX,
+        uuid::Uuid::new_v4()
+    );
+    let consumer: BaseConsumer = consumer_config(kafka, &group, ConsumerRole::Readback)
+        .create()
+        .expect("consumer");
+    consumer.subscribe(&[topic]).expect("subscribe");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut n = 0;
+    while Instant::now() < deadline {
+        match consumer.poll(Duration::from_millis(200)) {
+            Some(Ok(_)) => n += 1,
+            Some(Err(KafkaError::PartitionEOF(_))) => {}
+            Some(Err(e)) => return Err(e),
+            None if n > 0 => return Ok(n),
+            None => {}
+        }
+    }
+    Ok(n)
+}
+
+fn authorization_refused(e: &KafkaError) -> bool {
+    matches!(
+        e.rdkafka_error_code(),
+        Some(RDKafkaErrorCode::TopicAuthorizationFailed)
+    )
+}
+
+#[test]
+fn each_stage_runs_as_its_own_principal_and_the_broker_refuses_what_it_may_not_do() {
+    let mut p = Pipeline::new();
+    let users = provision(&p);
+    let files: Vec<(String, Vec<u8>)> = (0..FILES)
+        .map(|_| {
+            let mut body = Vec::new();
+            ingestion::synthetic::write(
+                SourceFormat::FhirNdjson,
+                &mut body,
+                PER_FILE,
+                &fresh_tag(),
+            )
+            .expect("write");
+            (batch_of(&body), body)
+        })
+        .collect();
+    let batches: BTreeMap<String, usize> =
+        files.iter().map(|(b, _)| (b.clone(), PER_FILE)).collect();
+
+    let tail = p.tail();
+    for stage in ["ingestion", "anonymization", "canonization", "auditing"] {
+        let (principal, file) = &users[stage];
+        let file = file.to_string_lossy().into_owned();
+        p.start(
+            stage,
+            &[
+                ("MEDPIPE_BOOTSTRAP_SERVERS", SASL_BOOTSTRAP),
+                ("MEDPIPE_KAFKA_SASL_MECHANISM", "SCRAM-SHA-512"),
+                ("MEDPIPE_KAFKA_SASL_USERNAME", principal),
+                ("MEDPIPE_KAFKA_SASL_PASSWORD_FILE", &file),
+            ],
+        );
+    }
+    for (i, (_, body)) in files.iter().enumerate() {
+        p.drop_file(&format!("export-{i}.ndjson"), body);
+    }
+    let lifecycle = p.topics.name(TopicKind::Canonization);
+    p.wait_for(
+        &tail,
+        "every batch closed by canonization",
+        Duration::from_secs(300),
+        |t| {
+            t.count(&lifecycle, "EventDataCanonizationCompleted")
+                + t.count(&lifecycle, "CanonizationFailed")
+                >= FILES
+        },
+    );
+    let recorded = p.wait_for_audit_catch_up(Duration::from_secs(180));
+    assert!(
+        !recorded.is_empty(),
+        "auditing recorded nothing as its own principal"
+    );
+    Flow::of(&p.read_all()).assert_exactly_once(&batches);
+    for stage in ["ingestion", "anonymization", "canonization", "auditing"] {
+        let log = p.log(stage);
+        assert!(
+            !log.contains("uthorization"),
+            "{stage} ran into an authorization error with its own grant:\n{log}"
+        );
+    }
+
+    // Canonization's principal reads its own input...
+    let (principal, file) = &users["canonization"];
+    let canonization = sasl(principal, file);
+    let own = read_as(&canonization, &p.topics.name(TopicKind::Anonymization))
+        .expect("canonization reads the anonymization topic");
+    assert!(own > 0, "canonization read nothing of its own input");
+    // ...but not the ingestion topic, where PHI is sealed.
+    match read_as(&canonization, &p.topics.name(TopicKind::Ingestion)) {
+        Err(e) if authorization_refused(&e) => {}
+        other => panic!(
+            "the broker did not refuse canonization's read of the ingestion topic: {other:?}"
+        ),
+    }
+    // Nor may it write the audit topic, which only auditing writes.
+    let producer: FutureProducer = producer_config(&canonization)
+        .set("message.timeout.ms", "30000")
+        .create()
+        .expect("producer");
+    let audit = p.topics.name(TopicKind::Audit);
+    let sent = p.rt.block_on(
+        producer.send(
+            FutureRecord::to(&audit)
+                .key("forged")
+                .payload("forged entry"),
+            Duration::from_secs(30),
+        ),
+    );
+    match sent {
+        Err((e, _)) if authorization_refused(&e) => {}
+        other => {
+            panic!("the broker did not refuse canonization's write to the audit topic: {other:?}")
+        }
+    }
+    p.stop_all();
+}
