@@ -88,6 +88,44 @@ fn produced(p: &Pipeline, instance: &str, event_types: &[&str]) -> u64 {
         .sum()
 }
 
+/// The partitions an instance holds, from its log's last assignment, if nothing was
+/// revoked after it.
+fn held(p: &Pipeline, instance: &str) -> usize {
+    let log = p.log(instance);
+    let Some(last) = log
+        .lines()
+        .rev()
+        .find(|l| l.contains("Partitions assigned") || l.contains("Partitions revoked"))
+    else {
+        return 0;
+    };
+    if last.contains("revoked") {
+        return 0;
+    }
+    last.rsplit("partitions=")
+        .next()
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// Waits until both instances of `stage` hold partitions and together hold all `total`
+/// (input partitions of every input topic).
+fn wait_for_split(p: &Pipeline, stage: &str, total: usize) {
+    let two = format!("{stage}-two");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let (a, b) = (held(p, stage), held(p, &two));
+        if a > 0 && b > 0 && a + b == total {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the two {stage} instances did not split the partitions within 120 s ({a} and {b} of {total})"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 const ANONYMIZED: &[&str] = &["RecordAnonymized"];
 const CANONICAL: &[&str] = &["CanonicalPatient", "CanonicalObservation"];
 
@@ -109,6 +147,10 @@ fn two_anonymization_and_two_canonization_instances_split_batches_and_lose_or_do
             &[("MEDPIPE_INSTANCE_ID", "1")],
         );
     }
+    // The files go in once each pair has split its partitions: an instance that joined
+    // the group late would find the batches already done by the other.
+    wait_for_split(&p, "anonymization", 3);
+    wait_for_split(&p, "canonization", 6);
     for (i, (_, body)) in files.iter().enumerate() {
         p.drop_file(&format!("export-{i}.ndjson"), body);
     }
