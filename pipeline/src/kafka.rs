@@ -94,6 +94,63 @@ pub enum ConsumerRole {
     Readback,
 }
 
+/// Keeps the last error librdkafka reported on its own (not as an answer to a call), such
+/// as a refused SASL handshake.
+#[derive(Debug, Default)]
+struct LastError(Mutex<Option<(Option<rdkafka::types::RDKafkaErrorCode>, String)>>);
+
+impl ClientContext for LastError {
+    fn error(&self, error: KafkaError, reason: &str) {
+        if let Ok(mut last) = self.0.lock() {
+            *last = Some((error.rdkafka_error_code(), reason.to_string()));
+        }
+    }
+}
+
+impl ConsumerContext for LastError {}
+
+/// With credentials configured, asks the brokers for their metadata once, so that
+/// credentials they refuse stop the process at start with an error that says so (librdkafka
+/// would otherwise retry the handshake quietly until some later call timed out). A broker
+/// that is merely unreachable or slow is left to the callers' own retries.
+pub fn check_credentials(kafka: &Connection, within: Duration) -> Result<(), PipelineError> {
+    let Some(auth) = &kafka.auth else {
+        return Ok(());
+    };
+    let client: BaseConsumer<LastError> = kafka
+        .client_config()
+        .create_with_context(LastError::default())
+        .map_err(kafka_err("create client"))?;
+    let refused = |reason: &str| {
+        PipelineError::Config(format!(
+            "the brokers at {} refused the {} credentials of user {:?} ({reason}); check \
+             MEDPIPE_KAFKA_SASL_USERNAME and the password file",
+            kafka.bootstrap, auth.mechanism, auth.username
+        ))
+    };
+    let deadline = Instant::now() + within;
+    loop {
+        if client.fetch_metadata(None, Duration::from_secs(2)).is_ok() {
+            return Ok(());
+        }
+        // librdkafka reports a refused handshake as an error event, which only a poll
+        // delivers (to the poll's result or to the context).
+        if let Some(Err(e)) = client.poll(Duration::from_millis(100)) {
+            if e.rdkafka_error_code() == Some(rdkafka::types::RDKafkaErrorCode::Authentication) {
+                return Err(refused(&e.to_string()));
+            }
+        }
+        if let Some((Some(rdkafka::types::RDKafkaErrorCode::Authentication), reason)) =
+            client.context().0.lock().ok().and_then(|l| l.clone())
+        {
+            return Err(refused(&reason));
+        }
+        if Instant::now() >= deadline {
+            return Ok(());
+        }
+    }
+}
+
 /// The consumer defaults, then the role's overrides.
 ///
 /// Defaults: no auto-commit, `read_committed`, start from the earliest offset when the

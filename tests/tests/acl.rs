@@ -210,5 +210,40 @@ fn each_stage_runs_as_its_own_principal_and_the_broker_refuses_what_it_may_not_d
             panic!("the broker did not refuse canonization's write to the audit topic: {other:?}")
         }
     }
+
+    // A stage given the wrong password stops at start, saying the brokers refused its
+    // credentials (and not which password it tried).
+    let wrong = p.dir.path().join("wrong.password");
+    std::fs::write(&wrong, "not-the-password\n").unwrap();
+    let wrong = wrong.to_string_lossy().into_owned();
+    p.start_named(
+        "anonymization-wrong-password",
+        "anonymization",
+        &[
+            ("MEDPIPE_BOOTSTRAP_SERVERS", SASL_BOOTSTRAP),
+            ("MEDPIPE_KAFKA_SASL_MECHANISM", "SCRAM-SHA-512"),
+            ("MEDPIPE_KAFKA_SASL_USERNAME", &users["anonymization"].0),
+            ("MEDPIPE_KAFKA_SASL_PASSWORD_FILE", &wrong),
+            ("MEDPIPE_INSTANCE_ID", "9"),
+        ],
+    );
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let status = loop {
+        if let Some(status) = p.exited("anonymization-wrong-password") {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "a stage with the wrong password was still running after 90 s"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let log = p.log("anonymization-wrong-password");
+    assert!(!status.success(), "{log}");
+    assert!(
+        log.contains("refused the SCRAM-SHA-512 credentials of user"),
+        "the error does not say the credentials were refused:\n{log}"
+    );
+    assert!(!log.contains("not-the-password"), "{log}");
     p.stop_all();
 }
