@@ -268,6 +268,9 @@ enum BenchCommand {
 enum K8sCommand {
     /// A Strimzi `KafkaTopic` for every topic the stages use, to stdout.
     Topics(k8s::TopicsArgs),
+    /// A Strimzi `KafkaUser` with least-privilege ACLs for every stage and the registry,
+    /// to stdout.
+    Users(k8s::UsersArgs),
 }
 
 #[tokio::main]
@@ -291,6 +294,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::K8s {
             command: K8sCommand::Topics(args),
         } => out.write_all(k8s::render(&args).as_bytes())?,
+        Command::K8s {
+            command: K8sCommand::Users(args),
+        } => out.write_all(k8s::render_users(&args).as_bytes())?,
         Command::Setup { kafka } => {
             pipeline::stage::prepare(&kafka, Duration::from_secs(30)).await?;
             writeln!(
