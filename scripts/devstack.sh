@@ -13,6 +13,8 @@
 #                                      it back with its data)
 #   scripts/devstack.sh pause-broker   SIGSTOP the broker (it stops answering, keeps
 #                                      its sockets); resume-broker sends SIGCONT
+#   scripts/devstack.sh pause-registry SIGSTOP the Schema Registry (an outage that keeps
+#                                      its in-memory schemas); resume-registry: SIGCONT
 #
 # Endpoints:  Kafka bootstrap 127.0.0.1:9092 (KRaft controller 127.0.0.1:9093;
 #             SASL/SCRAM-SHA-512 with ACLs on 127.0.0.1:9094)
@@ -550,12 +552,26 @@ cmd_resume-broker() {
   kill -CONT "$pid"
 }
 
+cmd_pause-registry() {
+  local pid
+  pid=$(find_pid registry) || die "the Schema Registry is not running"
+  log "pausing the Schema Registry (SIGSTOP pid $pid)"
+  kill -STOP "$pid"
+}
+
+cmd_resume-registry() {
+  local pid
+  pid=$(find_pid registry) || die "the Schema Registry is not running"
+  log "resuming the Schema Registry (SIGCONT pid $pid)"
+  kill -CONT "$pid"
+}
+
 # -------------------------------------------------------------------- main --
 
 main() {
   local cmd=${1:-}
   case $cmd in
-    install | start | stop | status | reset | crash-broker | pause-broker | resume-broker) ;;
+    install | start | stop | status | reset | crash-broker | pause-broker | resume-broker | pause-registry | resume-registry) ;;
     -h | --help | help)
       usage
       return 0

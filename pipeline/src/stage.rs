@@ -47,11 +47,9 @@ pub async fn prepare(kafka: &KafkaArgs, wait: Duration) -> Result<Arc<Codec>, Pi
     let connection = kafka.connection()?;
     {
         let connection = connection.clone();
-        tokio::task::spawn_blocking(move || {
-            crate::kafka::check_credentials(&connection, Duration::from_secs(15))
-        })
-        .await
-        .map_err(|e| PipelineError::Thread(e.to_string()))??;
+        tokio::task::spawn_blocking(move || crate::kafka::check_credentials(&connection, wait))
+            .await
+            .map_err(|e| PipelineError::Thread(e.to_string()))??;
     }
     topics::ensure_topics(&connection, &topics.all(), &kafka.topic_layout()).await?;
     // Internal state: the ingestion ledger and the stages' state topics, compacted.

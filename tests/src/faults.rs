@@ -63,6 +63,42 @@ impl Broker {
     }
 }
 
+/// The dev-stack Schema Registry under test. Dropping it leaves the registry running.
+pub struct Registry {
+    _private: (),
+}
+
+impl Registry {
+    pub fn new() -> Registry {
+        Registry { _private: () }
+    }
+
+    /// SIGSTOP: the registry stops answering (its in-memory schemas are kept, as a
+    /// registry with durable storage keeps them across an outage).
+    pub fn pause(&self) {
+        run("pause-registry");
+    }
+
+    pub fn resume(&self) {
+        run("resume-registry");
+    }
+}
+
+impl Default for Registry {
+    fn default() -> Self {
+        Registry::new()
+    }
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        let _ = Command::new("bash")
+            .arg(devstack())
+            .arg("resume-registry")
+            .output();
+    }
+}
+
 impl Drop for Broker {
     fn drop(&mut self) {
         let _ = Command::new("bash")

@@ -1,6 +1,8 @@
 //! The game day: many records through all four real stages while the broker is SIGKILLed
-//! and restarted at a random moment and stages are SIGKILLed and restarted at random;
-//! afterwards every record is counted at every stage and the audit trail is verified.
+//! and restarted at a random moment, the Schema Registry stops answering for a while,
+//! stages are SIGKILLed and restarted at random, and an extra stage instance starts with
+//! the wrong Kafka credentials; afterwards every record is counted at every stage and the
+//! audit trail is verified.
 //!
 //! It is long, so it is ignored by the suite (which runs the short broker tests in
 //! `broker.rs`); `scripts/gameday.sh` runs it in release mode:
@@ -10,7 +12,9 @@
 //! ```
 //!
 //! Settings (environment): `GAMEDAY_RUNS` (1), `GAMEDAY_RECORDS` per run (100000),
-//! `GAMEDAY_FILES` per run (4), `GAMEDAY_STAGE_KILLS` per run (4), `GAMEDAY_SEED` (from
+//! `GAMEDAY_FILES` per run (4), `GAMEDAY_STAGE_KILLS` per run (4),
+//! `GAMEDAY_REGISTRY_OUTAGES` per run (1), `GAMEDAY_BAD_CREDENTIALS` per run (1),
+//! `GAMEDAY_SEED` (from
 //! the clock; printed, so a run can be repeated), `GAMEDAY_REPORT` (a Markdown table is
 //! appended to this file).
 
@@ -24,7 +28,7 @@ use ingestion::formats::SourceFormat;
 use pipeline::topics::TopicKind;
 use pipeline::ResourceType;
 use pipeline::Topics;
-use tests::faults::Broker;
+use tests::faults::{Broker, Registry};
 use tests::{batch_of, fresh_tag, Flow, Pipeline, Tail};
 
 const STAGES: [&str; 4] = ["ingestion", "anonymization", "canonization", "auditing"];
@@ -59,7 +63,15 @@ enum Fault {
     Broker { down_ms: u64 },
     /// SIGKILL a stage and start it again a second later.
     Stage(&'static str),
+    /// SIGSTOP the Schema Registry for this many ms, then SIGCONT.
+    Registry { down_ms: u64 },
+    /// Start one more instance of a stage with the wrong Kafka password on the SCRAM
+    /// listener: it must stop at start, saying its credentials were refused, and the
+    /// pipeline must not notice.
+    BadCredentials(&'static str),
 }
+
+const SASL_BOOTSTRAP: &str = "127.0.0.1:9094";
 
 fn canonical_count(t: &Tail, topics: &Topics) -> usize {
     t.count(
@@ -82,6 +94,7 @@ fn closed_count(t: &Tail, topics: &Topics) -> usize {
 fn run(rng: &mut Rng, run_no: u64, records: usize, files: usize, stage_kills: u64) -> String {
     let started = Instant::now();
     let broker = Broker::new();
+    let registry = Registry::new();
     let mut p = Pipeline::new();
     for s in STAGES {
         p.start(s, &[]);
@@ -111,7 +124,25 @@ fn run(rng: &mut Rng, run_no: u64, records: usize, files: usize, stage_kills: u6
         let stage = STAGES[rng.between(0, STAGES.len() as u64) as usize];
         plan.push((at, Fault::Stage(stage)));
     }
+    for _ in 0..env_or("GAMEDAY_REGISTRY_OUTAGES", 1) {
+        let at = rng.between(total as u64 / 50, total as u64 * 9 / 10) as usize;
+        plan.push((
+            at,
+            Fault::Registry {
+                down_ms: rng.between(1000, 15000),
+            },
+        ));
+    }
+    for _ in 0..env_or("GAMEDAY_BAD_CREDENTIALS", 1) {
+        let at = rng.between(total as u64 / 50, total as u64 * 9 / 10) as usize;
+        let stage = STAGES[rng.between(0, STAGES.len() as u64) as usize];
+        plan.push((at, Fault::BadCredentials(stage)));
+    }
     plan.sort_by_key(|(at, _)| *at);
+    let wrong_password = p.dir.path().join("wrong.password");
+    std::fs::write(&wrong_password, "not-the-password\n").expect("password file");
+    let wrong_password = wrong_password.to_string_lossy().into_owned();
+    let mut impostors: Vec<String> = Vec::new();
     let mut faults = Vec::new();
     for (at, fault) in &plan {
         p.wait_for(
@@ -133,6 +164,43 @@ fn run(rng: &mut Rng, run_no: u64, records: usize, files: usize, stage_kills: u6
                 std::thread::sleep(Duration::from_secs(1));
                 p.start(stage, &[]);
                 faults.push(format!("{stage}@{out}"));
+            }
+            Fault::Registry { down_ms } => {
+                registry.pause();
+                std::thread::sleep(Duration::from_millis(down_ms));
+                registry.resume();
+                faults.push(format!("registry@{out} ({down_ms} ms unanswered)"));
+            }
+            Fault::BadCredentials(stage) => {
+                let name = format!("{stage}-bad-credentials-{}", impostors.len());
+                let user = format!("{}-{stage}", p.prefix);
+                p.start_named(
+                    &name,
+                    stage,
+                    &[
+                        ("MEDPIPE_BOOTSTRAP_SERVERS", SASL_BOOTSTRAP),
+                        ("MEDPIPE_KAFKA_SASL_MECHANISM", "SCRAM-SHA-512"),
+                        ("MEDPIPE_KAFKA_SASL_USERNAME", &user),
+                        ("MEDPIPE_KAFKA_SASL_PASSWORD_FILE", &wrong_password),
+                        ("MEDPIPE_INSTANCE_ID", "99"),
+                    ],
+                );
+                // It stops at start, saying why, and the pipeline goes on.
+                let deadline = Instant::now() + Duration::from_secs(120);
+                let status = loop {
+                    if let Some(status) = p.exited(&name) {
+                        break status;
+                    }
+                    assert!(Instant::now() < deadline, "{name} still runs");
+                    std::thread::sleep(Duration::from_millis(200));
+                };
+                let log = p.log(&name);
+                assert!(
+                    !status.success() && log.contains("refused the SCRAM-SHA-512 credentials"),
+                    "{name} did not stop on its refused credentials:\n{log}"
+                );
+                impostors.push(name);
+                faults.push(format!("{stage} with wrong credentials@{out}"));
             }
         }
         eprintln!("run {run_no}: {}", faults.last().unwrap());
@@ -212,9 +280,11 @@ fn gameday() {
     eprintln!("game day: {runs} runs of {records} records, seed {seed}");
     let mut rng = Rng(seed);
     let header = format!(
-        "\nGame day, seed {seed}: {runs} runs of {records} records in {files} files, one broker SIGKILL and {stage_kills} stage SIGKILLs per run.\n\n\
+        "\nGame day, seed {seed}: {runs} runs of {records} records in {files} files; per run one broker SIGKILL, {stage_kills} stage SIGKILLs, {} registry outages and {} stage instances started with wrong Kafka credentials.\n\n\
          | run | records | faults (at canonical records out) | lost | duplicated | batches closed once | audit chain | time |\n\
-         |---|---|---|---|---|---|---|---|\n"
+         |---|---|---|---|---|---|---|---|\n",
+        env_or("GAMEDAY_REGISTRY_OUTAGES", 1),
+        env_or("GAMEDAY_BAD_CREDENTIALS", 1),
     );
     let mut report = std::env::var("GAMEDAY_REPORT").ok().map(|path| {
         let mut f = std::fs::OpenOptions::new()
