@@ -272,13 +272,22 @@ pub fn render_users(args: &UsersArgs) -> String {
 mod tests {
     use super::*;
 
+    /// A committed manifest must be what its command renders today.
+    fn assert_current(committed: &str, rendered: &str, command: &str, file: &str) {
+        assert!(
+            committed == rendered,
+            "k8s/base/platform/{file} is stale: run \
+             `cargo run -p medpipe -- k8s {command} > k8s/base/platform/{file}`"
+        );
+    }
+
     #[test]
     fn the_committed_topics_are_what_the_command_renders() {
-        let committed = include_str!("../../k8s/base/platform/topics.yaml");
-        assert!(
-            committed == render(&TopicsArgs::default()),
-            "k8s/base/platform/topics.yaml is stale: run \
-             `cargo run -p medpipe -- k8s topics > k8s/base/platform/topics.yaml`"
+        assert_current(
+            include_str!("../../k8s/base/platform/topics.yaml"),
+            &render(&TopicsArgs::default()),
+            "topics",
+            "topics.yaml",
         );
     }
 
@@ -312,11 +321,11 @@ mod tests {
 
     #[test]
     fn the_committed_users_are_what_the_command_renders() {
-        let committed = include_str!("../../k8s/base/platform/users.yaml");
-        assert!(
-            committed == render_users(&UsersArgs::default()),
-            "k8s/base/platform/users.yaml is stale: run \
-             `cargo run -p medpipe -- k8s users > k8s/base/platform/users.yaml`"
+        assert_current(
+            include_str!("../../k8s/base/platform/users.yaml"),
+            &render_users(&UsersArgs::default()),
+            "users",
+            "users.yaml",
         );
     }
 

@@ -559,6 +559,24 @@ impl Drop for Tail {
     }
 }
 
+/// `files` synthetic FHIR NDJSON files (Patient and Observation pairs) of `per_file`
+/// records each, fresh content every call, with their batch ids.
+pub fn ndjson_files(files: usize, per_file: usize) -> Vec<(String, Vec<u8>)> {
+    (0..files)
+        .map(|_| {
+            let mut body = Vec::new();
+            ingestion::synthetic::write(
+                ingestion::formats::SourceFormat::FhirNdjson,
+                &mut body,
+                per_file,
+                &fresh_tag(),
+            )
+            .expect("write");
+            (batch_of(&body), body)
+        })
+        .collect()
+}
+
 /// A synthetic Synthea-style patients.csv with `n` patients, and the identifiers in it.
 /// Every identifier is unique and recognisable (`Given<i>`, `999-..`), so tests can look
 /// for leaks. A fresh tag per call gives every file different content.

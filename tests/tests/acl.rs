@@ -13,7 +13,6 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use ingestion::formats::SourceFormat;
 use pipeline::access::grants;
 use pipeline::crypto::Secret;
 use pipeline::kafka::{consumer_config, producer_config, Connection, ConsumerRole, SaslAuth};
@@ -22,7 +21,7 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::types::RDKafkaErrorCode;
-use tests::{batch_of, fresh_tag, Flow, Pipeline};
+use tests::{Flow, Pipeline};
 
 const SASL_BOOTSTRAP: &str = "127.0.0.1:9094";
 const FILES: usize = 2;
@@ -119,19 +118,7 @@ fn authorization_refused(e: &KafkaError) -> bool {
 fn each_stage_runs_as_its_own_principal_and_the_broker_refuses_what_it_may_not_do() {
     let mut p = Pipeline::new();
     let users = provision(&p);
-    let files: Vec<(String, Vec<u8>)> = (0..FILES)
-        .map(|_| {
-            let mut body = Vec::new();
-            ingestion::synthetic::write(
-                SourceFormat::FhirNdjson,
-                &mut body,
-                PER_FILE,
-                &fresh_tag(),
-            )
-            .expect("write");
-            (batch_of(&body), body)
-        })
-        .collect();
+    let files = tests::ndjson_files(FILES, PER_FILE);
     let batches: BTreeMap<String, usize> =
         files.iter().map(|(b, _)| (b.clone(), PER_FILE)).collect();
 

@@ -9,12 +9,11 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use ingestion::formats::SourceFormat;
 use pipeline::topics::TopicKind;
 use pipeline::ResourceType;
 use pipeline::Topics;
 use tests::faults::Broker;
-use tests::{batch_of, fresh_tag, Flow, Pipeline, Tail};
+use tests::{Flow, Pipeline, Tail};
 
 const STAGES: [&str; 3] = ["ingestion", "anonymization", "canonization"];
 
@@ -22,11 +21,8 @@ const STAGES: [&str; 3] = ["ingestion", "anonymization", "canonization"];
 /// and returns batch id → record count.
 fn drop_files(p: &Pipeline, files: usize, per_file: usize) -> BTreeMap<String, usize> {
     let mut batches = BTreeMap::new();
-    for i in 0..files {
-        let mut body = Vec::new();
-        ingestion::synthetic::write(SourceFormat::FhirNdjson, &mut body, per_file, &fresh_tag())
-            .expect("write");
-        batches.insert(batch_of(&body), per_file);
+    for (i, (batch, body)) in tests::ndjson_files(files, per_file).into_iter().enumerate() {
+        batches.insert(batch, per_file);
         p.drop_file(&format!("export-{i}.ndjson"), &body);
     }
     batches

@@ -24,12 +24,11 @@ use std::collections::BTreeMap;
 use std::io::Write;
 use std::time::{Duration, Instant};
 
-use ingestion::formats::SourceFormat;
 use pipeline::topics::TopicKind;
 use pipeline::ResourceType;
 use pipeline::Topics;
 use tests::faults::{Broker, Registry};
-use tests::{batch_of, fresh_tag, Flow, Pipeline, Tail};
+use tests::{Flow, Pipeline, Tail};
 
 const STAGES: [&str; 4] = ["ingestion", "anonymization", "canonization", "auditing"];
 
@@ -103,11 +102,8 @@ fn run(rng: &mut Rng, run_no: u64, records: usize, files: usize, stage_kills: u6
     let topics = p.topics.clone();
     let per_file = records / files;
     let mut batches = BTreeMap::new();
-    for i in 0..files {
-        let mut body = Vec::new();
-        ingestion::synthetic::write(SourceFormat::FhirNdjson, &mut body, per_file, &fresh_tag())
-            .expect("write");
-        batches.insert(batch_of(&body), per_file);
+    for (i, (batch, body)) in tests::ndjson_files(files, per_file).into_iter().enumerate() {
+        batches.insert(batch, per_file);
         p.drop_file(&format!("export-{i}.ndjson"), &body);
     }
     let total = per_file * files;

@@ -10,11 +10,10 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
-use ingestion::formats::SourceFormat;
 use pipeline::events::Payload;
 use pipeline::topics::TopicKind;
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use tests::{batch_of, fresh_tag, Flow, Pipeline};
+use tests::{Flow, Pipeline};
 
 const FILES: usize = 6;
 const PER_FILE: usize = 1500;
@@ -49,19 +48,7 @@ fn partitions_of(p: &Pipeline, keys: &[String]) -> Vec<i32> {
 /// each stage get batches whichever partitions the group gives each.
 fn files_on_every_partition(p: &Pipeline) -> Vec<(String, Vec<u8>)> {
     for _ in 0..20 {
-        let files: Vec<(String, Vec<u8>)> = (0..FILES)
-            .map(|_| {
-                let mut body = Vec::new();
-                ingestion::synthetic::write(
-                    SourceFormat::FhirNdjson,
-                    &mut body,
-                    PER_FILE,
-                    &fresh_tag(),
-                )
-                .expect("write");
-                (batch_of(&body), body)
-            })
-            .collect();
+        let files = tests::ndjson_files(FILES, PER_FILE);
         let ids: Vec<String> = files.iter().map(|(b, _)| b.clone()).collect();
         let on: BTreeSet<i32> = partitions_of(p, &ids).into_iter().collect();
         if on.len() == 3 {
