@@ -402,13 +402,17 @@ mod tests {
                     .chars()
                     .take_while(|c| c.is_ascii_alphanumeric() || "_.+".contains(*c))
                     .collect();
+                let of_a_stage = ["ingestion", "anonymization", "canonization", "auditing"]
+                    .iter()
+                    .find_map(|s| name.strip_prefix(&format!("medpipe_{s}_")))
+                    .filter(|noun| nouns.iter().any(|n| n == noun));
                 if let Some(noun) = name.strip_prefix("medpipe_.+_") {
                     let noun = noun.trim_end_matches("_bucket");
                     assert!(
                         nouns.iter().any(|n| n == noun),
                         "{noun} is no stage metric: {e}"
                     );
-                } else {
+                } else if of_a_stage.is_none() {
                     assert!(own.contains(&name.as_str()), "{name} is not exported: {e}");
                 }
                 checked += 1;
