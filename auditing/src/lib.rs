@@ -313,7 +313,12 @@ impl Auditor {
             }
             let batch = self.poll_batch();
             if !batch.is_empty() {
-                self.record(&batch)?;
+                if let Err(e) = self.record(&batch) {
+                    if e.class() != pipeline::ErrorClass::Retry {
+                        return Err(e);
+                    }
+                    self.read_again(&e, shutdown)?;
+                }
             }
             let now = chrono::Utc::now().timestamp_micros();
             let alerts = self
@@ -334,6 +339,29 @@ impl Auditor {
         }
         self.publish(shutdown)?;
         info!(entries = self.store.len(), "Auditing stopped cleanly.");
+        Ok(())
+    }
+
+    /// A batch that could not be recorded for now (the Schema Registry did not answer a
+    /// lookup, say) changed nothing durable: its messages are read again from the group's
+    /// committed offsets after a pause, and those already in the store are skipped.
+    fn read_again(
+        &mut self,
+        e: &PipelineError,
+        shutdown: &CancellationToken,
+    ) -> Result<(), PipelineError> {
+        warn!(error = %e, "Could not record a batch for now; reading it again from the committed offsets.");
+        self.metrics
+            .rewinds
+            .with_label_values(&["failed_batch"])
+            .inc();
+        std::thread::sleep(Duration::from_secs(1));
+        if let Err(e) =
+            pipeline::kafka::rewind_to_committed(&self.consumer, Duration::from_secs(30), shutdown)
+        {
+            warn!(error = %e, "Could not rewind the consumer; recreating it.");
+            self.consumer = audit_consumer(&self.config)?;
+        }
         Ok(())
     }
 

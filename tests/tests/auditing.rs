@@ -626,3 +626,53 @@ fn closing_counts_that_do_not_add_up_raise_a_gap_alert() {
         .unwrap_or_else(|| panic!("no auditing row for the batch:\n{}", stdout(&report)));
     assert!(row.ends_with(",gap"), "{row}");
 }
+
+#[test]
+fn auditing_waits_out_a_schema_registry_outage_and_loses_nothing() {
+    let mut p = Pipeline::new();
+    p.start("auditing", &[]);
+    p.start("ingestion", &[]);
+    let (csv, _) = synthetic_patients(50);
+    p.drop_file("patients.csv", &csv);
+    p.wait_for_audit_catch_up(Duration::from_secs(120));
+    // The registry stops answering; ingestion, which has its schemas, rejects the same
+    // file dropped again: an event type auditing has not seen, whose schema it must look
+    // up by id.
+    let registry = tests::faults::Registry::new();
+    registry.pause();
+    p.drop_file("patients-again.csv", &csv);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !p
+        .log("auditing")
+        .contains("Could not record a batch for now")
+    {
+        assert!(
+            Instant::now() < deadline,
+            "auditing never met the outage:\n{}",
+            p.log("auditing")
+        );
+        assert!(
+            p.exited("auditing").is_none(),
+            "auditing exited during the registry outage:\n{}",
+            p.log("auditing")
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(
+        p.exited("auditing").is_none(),
+        "auditing exited during the registry outage:\n{}",
+        p.log("auditing")
+    );
+    registry.resume();
+    let recorded = p.wait_for_audit_catch_up(Duration::from_secs(120));
+    let rejected = p
+        .audit_entries()
+        .iter()
+        .filter(|e| e.event_type == "DataIngestionRejected")
+        .count();
+    assert_eq!(rejected, 1, "{} positions recorded", recorded.len());
+    let v = verify(&p, false);
+    assert!(v.status.success(), "{}", stderr(&v));
+    p.stop_all();
+}
