@@ -355,6 +355,8 @@ impl Auditor {
             .rewinds
             .with_label_values(&["failed_batch"])
             .inc();
+        // The registry client keeps failed lookups; forget them so the next try asks again.
+        self.codec.clear_cached_errors();
         std::thread::sleep(Duration::from_secs(1));
         if let Err(e) =
             pipeline::kafka::rewind_to_committed(&self.consumer, Duration::from_secs(30), shutdown)
