@@ -156,9 +156,19 @@ fn run(rng: &mut Rng, run_no: u64, records: usize, files: usize, stage_kills: u6
                 faults.push(format!("broker@{out} ({down_ms} ms down)"));
             }
             Fault::Stage(stage) => {
+                // The restarted stage is waited for until it serves its endpoints (its
+                // signal handlers are set by then): a SIGTERM at the end of the run that
+                // reached a stage still starting ended it before it could stop cleanly.
+                let served = |p: &Pipeline| p.log(stage).matches("Serving /metrics").count();
+                let before = served(&p);
                 p.kill(stage);
                 std::thread::sleep(Duration::from_secs(1));
                 p.start(stage, &[]);
+                let deadline = Instant::now() + Duration::from_secs(120);
+                while served(&p) == before {
+                    assert!(Instant::now() < deadline, "{stage} did not start again");
+                    std::thread::sleep(Duration::from_millis(100));
+                }
                 faults.push(format!("{stage}@{out}"));
             }
             Fault::Registry { down_ms } => {
