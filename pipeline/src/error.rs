@@ -213,6 +213,9 @@ pub fn classify_kafka(err: &KafkaError) -> ErrorClass {
             | RDKafkaErrorCode::StaleBrokerEpoch
             | RDKafkaErrorCode::RebalanceInProgress
             | RDKafkaErrorCode::ConcurrentTransactions
+            // A request whose broker handle was replaced as the broker came back (seen
+            // in a game day, on a metadata request after the broker stalled for 20 s).
+            | RDKafkaErrorCode::DestroyBroker
             // Topics exist before a stage starts (it creates them); right after a broker
             // restart its metadata can still say otherwise.
             | RDKafkaErrorCode::UnknownTopicOrPartition
@@ -238,6 +241,8 @@ mod tests {
         // Seen while the broker restarts: a read-back must wait, not give up.
         let moving = KafkaError::MetadataFetch(RDKafkaErrorCode::NotLeaderForPartition);
         assert_eq!(classify_kafka(&moving), ErrorClass::Retry);
+        let replaced = KafkaError::MetadataFetch(RDKafkaErrorCode::DestroyBroker);
+        assert_eq!(classify_kafka(&replaced), ErrorClass::Retry);
     }
 
     #[test]
