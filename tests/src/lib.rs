@@ -316,6 +316,24 @@ impl Pipeline {
         Some(status)
     }
 
+    /// Waits up to `timeout` for the process `name` to exit on its own, and returns its
+    /// exit status; fails, saying `what`, if it is still running then.
+    pub fn wait_exit(
+        &mut self,
+        name: &str,
+        timeout: Duration,
+        what: &str,
+    ) -> std::process::ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.exited(name) {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "{what}");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
     /// Waits until `f` holds, like `Tail::wait_until`, but fails at once, with the end
     /// of its log, when a stage process exits on its own meanwhile.
     pub fn wait_for(

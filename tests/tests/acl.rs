@@ -214,17 +214,11 @@ fn each_stage_runs_as_its_own_principal_and_the_broker_refuses_what_it_may_not_d
             ("MEDPIPE_INSTANCE_ID", "9"),
         ],
     );
-    let deadline = Instant::now() + Duration::from_secs(90);
-    let status = loop {
-        if let Some(status) = p.exited("anonymization-wrong-password") {
-            break status;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "a stage with the wrong password was still running after 90 s"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    };
+    let status = p.wait_exit(
+        "anonymization-wrong-password",
+        Duration::from_secs(90),
+        "a stage with the wrong password was still running after 90 s",
+    );
     let log = p.log("anonymization-wrong-password");
     assert!(!status.success(), "{log}");
     assert!(

@@ -246,17 +246,11 @@ fn a_stage_fenced_by_a_second_instance_with_its_transactional_id_exits_and_loses
     let tail = p.tail();
     let batches = start_flowing(&mut p, &tail, &[]);
     p.start_named("anonymization-twin", "anonymization", &[]);
-    let deadline = Instant::now() + Duration::from_secs(120);
-    let status = loop {
-        if let Some(status) = p.exited("anonymization") {
-            break status;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the fenced anonymization instance is still running"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    };
+    let status = p.wait_exit(
+        "anonymization",
+        Duration::from_secs(120),
+        "the fenced anonymization instance is still running",
+    );
     assert!(!status.success(), "a fenced instance exits with an error");
     assert!(
         p.log("anonymization").to_lowercase().contains("fenced"),

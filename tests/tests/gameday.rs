@@ -138,7 +138,7 @@ fn run(rng: &mut Rng, run_no: u64, records: usize, files: usize, stage_kills: u6
     let wrong_password = p.dir.path().join("wrong.password");
     std::fs::write(&wrong_password, "not-the-password\n").expect("password file");
     let wrong_password = wrong_password.to_string_lossy().into_owned();
-    let mut impostors: Vec<String> = Vec::new();
+    let mut impostors = 0;
     let mut faults = Vec::new();
     for (at, fault) in &plan {
         p.wait_for(
@@ -178,7 +178,7 @@ fn run(rng: &mut Rng, run_no: u64, records: usize, files: usize, stage_kills: u6
                 faults.push(format!("registry@{out} ({down_ms} ms unanswered)"));
             }
             Fault::BadCredentials(stage) => {
-                let name = format!("{stage}-bad-credentials-{}", impostors.len());
+                let name = format!("{stage}-bad-credentials-{}", impostors);
                 let user = format!("{}-{stage}", p.prefix);
                 p.start_named(
                     &name,
@@ -192,20 +192,17 @@ fn run(rng: &mut Rng, run_no: u64, records: usize, files: usize, stage_kills: u6
                     ],
                 );
                 // It stops at start, saying why, and the pipeline goes on.
-                let deadline = Instant::now() + Duration::from_secs(120);
-                let status = loop {
-                    if let Some(status) = p.exited(&name) {
-                        break status;
-                    }
-                    assert!(Instant::now() < deadline, "{name} still runs");
-                    std::thread::sleep(Duration::from_millis(200));
-                };
+                let status = p.wait_exit(
+                    &name,
+                    Duration::from_secs(120),
+                    &format!("{name} still runs"),
+                );
                 let log = p.log(&name);
                 assert!(
                     !status.success() && log.contains("refused the SCRAM-SHA-512 credentials"),
                     "{name} did not stop on its refused credentials:\n{log}"
                 );
-                impostors.push(name);
+                impostors += 1;
                 faults.push(format!("{stage} with wrong credentials@{out}"));
             }
         }
