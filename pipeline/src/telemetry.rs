@@ -44,6 +44,9 @@ pub struct StageMetrics {
     /// 1 while the stage is inside a commit (serving delivery reports, sending offsets,
     /// `commit_transaction`): a stage stuck at 1 waits on its broker.
     pub commit_in_flight: IntGauge,
+    /// Times the transactional producer was replaced to make a transaction's outcome
+    /// definite or to recover from failed deliveries.
+    pub producers_replaced: IntCounter,
     pub processing_seconds: Histogram,
     /// Times input was re-read from the committed offsets (and state reloaded), by
     /// reason: `rebalance` or `failed_batch`.
@@ -97,6 +100,11 @@ impl StageMetrics {
             "1 while a transaction commit is in progress.",
         )
         .map_err(m)?;
+        let producers_replaced = IntCounter::new(
+            name("producers_replaced_total"),
+            "Times the transactional producer was replaced (unknown commit outcome, failed deliveries, a transaction aborted by its coordinator).",
+        )
+        .map_err(m)?;
         let processing_seconds = Histogram::with_opts(HistogramOpts::new(
             name("batch_processing_seconds"),
             "Time from the first message of a batch to its committed transaction.",
@@ -131,6 +139,9 @@ impl StageMetrics {
             .register(Box::new(commit_in_flight.clone()))
             .map_err(m)?;
         registry
+            .register(Box::new(producers_replaced.clone()))
+            .map_err(m)?;
+        registry
             .register(Box::new(processing_seconds.clone()))
             .map_err(m)?;
         registry
@@ -145,6 +156,7 @@ impl StageMetrics {
             transactions_committed,
             transactions_aborted,
             commit_in_flight,
+            producers_replaced,
             processing_seconds,
             rewinds,
             consumer_lag,

@@ -9,6 +9,9 @@
 //!   be committed. [`Transactions::recover`] then replaces the producer. The new
 //!   producer's `init_transactions` fences the old one and waits for the coordinator to
 //!   finish or abort the old transaction, so afterwards the committed state is definite;
+//! - a commit refused because messages of the transaction failed delivery (an abortable
+//!   error) also replaces the producer in `recover`: the old one, aborted and reused,
+//!   was seen to fail every later transaction the same way;
 //! - any other failure of an open transaction is aborted by `recover`;
 //! - a fatal error (the producer was fenced by a newer instance with the same
 //!   transactional id, or librdkafka gave up on it) is returned as fatal: the process
@@ -203,6 +206,16 @@ impl Transactions {
                 Err(e) => {
                     let err = PipelineError::kafka("commit transaction", e);
                     if err.class() != ErrorClass::Retry {
+                        if err.class() == ErrorClass::Abort {
+                            // Messages of the transaction failed delivery (they timed out,
+                            // "N message(s) failed delivery", or the broker refused them).
+                            // Aborting and producing again on the same producer was seen to
+                            // fail that way every transaction timeout, forever, after the
+                            // broker stalled (a game day, RELIABILITY.md): the producer kept
+                            // a stale view of a partition. A new producer starts afresh.
+                            warn!(error = %err, "The transaction cannot commit; the producer will be replaced.");
+                            self.replace = true;
+                        }
                         return Err(self.explain(err));
                     }
                     if attempt < COMMIT_ATTEMPTS {
@@ -257,6 +270,7 @@ impl Transactions {
             // The new producer's init fences the old one; only then is the old dropped.
             self.producer = init(&self.settings, shutdown)?;
             self.replace = false;
+            self.metrics.producers_replaced.inc();
             if self.open.take().is_some() {
                 self.metrics.transactions_aborted.inc();
             }
