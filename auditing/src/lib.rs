@@ -37,7 +37,7 @@ use pipeline::telemetry::StageMetrics;
 use pipeline::topics::TopicKind;
 use pipeline::txn::{Transactions, TxnSettings};
 use pipeline::{Codec, Event, PipelineError, Topics};
-use prometheus::{IntCounterVec, Opts};
+use prometheus::{IntCounterVec, IntGauge, Opts};
 use rdkafka::consumer::{CommitMode, Consumer};
 use rdkafka::message::{Message, OwnedMessage};
 use rdkafka::producer::BaseRecord;
@@ -45,7 +45,7 @@ use rdkafka::{Offset, TopicPartitionList};
 use serde::{Deserialize, Serialize};
 use tokio::runtime::Handle;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use crate::batches::{BatchIndex, SharedIndex};
 use crate::entry::AuditEntry;
@@ -79,8 +79,17 @@ pub struct AuditConfig {
 }
 
 fn store_err(e: StoreError) -> PipelineError {
+    if e.is_disk_full() {
+        return PipelineError::DiskFull {
+            what: "audit store".into(),
+            message: e.to_string(),
+        };
+    }
     PipelineError::storage("audit store", e)
 }
+
+/// How often a write that failed on a full disk is tried again.
+const DISK_FULL_RETRY: Duration = Duration::from_secs(2);
 
 /// Where an alert points, stored in its entry's `detail` as JSON.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -207,6 +216,10 @@ struct Auditor {
     /// Checkpoints signed but not yet published.
     unpublished_heads: VecDeque<TreeHead>,
     last_checkpoint: Instant,
+    /// Alerts raised but not yet in the store (its disk was full).
+    owed_alerts: Vec<Alert>,
+    /// 1 while consuming is paused because the store's disk is full.
+    store_full: IntGauge,
 }
 
 impl Auditor {
@@ -262,6 +275,15 @@ impl Auditor {
             .registry
             .register(Box::new(alerts.clone()))
             .map_err(PipelineError::Metrics)?;
+        let store_full = IntGauge::new(
+            "medpipe_auditing_store_full",
+            "1 while auditing has paused consuming because the audit store's disk is full.",
+        )
+        .map_err(PipelineError::Metrics)?;
+        metrics
+            .registry
+            .register(Box::new(store_full.clone()))
+            .map_err(PipelineError::Metrics)?;
 
         // At least once into the store, which skips what it already holds.
         let consumer = audit_consumer(&config)?;
@@ -298,6 +320,8 @@ impl Auditor {
             unpublished,
             unpublished_heads,
             last_checkpoint: Instant::now(),
+            owed_alerts: Vec::new(),
+            store_full,
         };
         auditor.raise(owed, chrono::Utc::now().timestamp_micros())?;
         Ok(auditor)
@@ -313,33 +337,144 @@ impl Auditor {
             }
             let batch = self.poll_batch();
             if !batch.is_empty() {
-                if let Err(e) = self.record(&batch) {
-                    if e.class() != pipeline::ErrorClass::Retry {
-                        return Err(e);
-                    }
-                    self.read_again(&e, shutdown)?;
-                }
+                let recorded = self.record(&batch);
+                self.or_wait_for_space(recorded, shutdown, |a| a.record(&batch))?;
             }
             let now = chrono::Utc::now().timestamp_micros();
             let alerts = self
                 .monitors
                 .tick(now, &StoreLookup(&self.config.audit_dir));
-            self.raise(alerts, now)?;
-            self.maybe_checkpoint(now)?;
+            let raised = self.raise(alerts, now);
+            self.or_wait_for_space(raised, shutdown, |a| a.raise(Vec::new(), now))?;
+            let signed = self.maybe_checkpoint(now);
+            self.or_wait_for_space(signed, shutdown, |a| a.maybe_checkpoint(now))?;
             self.publish(shutdown)?;
         }
         // A clean stop signs and publishes what is left, so the trail ends on a checkpoint.
         if self.store.unsigned() > 0 {
             let now = chrono::Utc::now().timestamp_micros();
-            let head = self
-                .store
-                .checkpoint(&self.signing, &self.key_id, now)
-                .map_err(store_err)?;
-            self.unpublished_heads.push_back(head);
+            match self.store.checkpoint(&self.signing, &self.key_id, now) {
+                Ok(head) => self.unpublished_heads.push_back(head),
+                // Stopping while the disk is full: the next start signs the tail.
+                Err(e) if e.is_disk_full() => {
+                    warn!(error = %e, "Stopping without a final checkpoint: the disk is full.");
+                }
+                Err(e) => return Err(store_err(e)),
+            }
         }
         self.publish(shutdown)?;
         info!(entries = self.store.len(), "Auditing stopped cleanly.");
         Ok(())
+    }
+
+    /// Reacts to the outcome of a step that writes to the store: a full disk pauses
+    /// consuming until `retry` succeeds (see [`Auditor::wait_for_space`]), a transient
+    /// failure reads the batch again, anything else ends the stage.
+    fn or_wait_for_space(
+        &mut self,
+        outcome: Result<(), PipelineError>,
+        shutdown: &CancellationToken,
+        retry: impl FnMut(&mut Self) -> Result<(), PipelineError>,
+    ) -> Result<(), PipelineError> {
+        match outcome {
+            Ok(()) => Ok(()),
+            Err(e @ PipelineError::DiskFull { .. }) => self.wait_for_space(e, shutdown, retry),
+            Err(e) if e.class() == pipeline::ErrorClass::Retry => self.read_again(&e, shutdown),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The store's disk is full. The failed write was undone, so nothing is half
+    /// recorded, and what was consumed but not recorded is still in Kafka, uncommitted.
+    /// Consuming pauses (the consumer keeps polling, so it keeps its group membership),
+    /// `medpipe_auditing_store_full` reads 1 for the alert rule, and what is already
+    /// durable keeps being published. The write is tried again every few seconds; when it
+    /// succeeds, consuming resumes, and an `audit_store_paused` compliance alert puts the
+    /// pause itself on the record.
+    fn wait_for_space(
+        &mut self,
+        cause: PipelineError,
+        shutdown: &CancellationToken,
+        mut retry: impl FnMut(&mut Self) -> Result<(), PipelineError>,
+    ) -> Result<(), PipelineError> {
+        let since = Instant::now();
+        let since_micros = chrono::Utc::now().timestamp_micros();
+        error!(error = %cause, "The audit store's disk is full: consuming is paused until space returns. Nothing is lost: what was not recorded is read again.");
+        self.store_full.set(1);
+        self.set_input_paused(true);
+        // Messages polled while paused (a rebalance assigns partitions unpaused) are not
+        // recorded: the input is read again from the committed offsets afterwards.
+        let mut strays = false;
+        let mut next_try = Instant::now() + DISK_FULL_RETRY;
+        let outcome = loop {
+            if shutdown.is_cancelled() {
+                break Err(cause);
+            }
+            if let Some(Ok(_)) = self.consumer.poll(Duration::from_millis(200)) {
+                strays = true;
+                self.set_input_paused(true);
+            }
+            self.publish(shutdown)?;
+            if Instant::now() < next_try {
+                continue;
+            }
+            match retry(self) {
+                Ok(()) => break Ok(()),
+                Err(PipelineError::DiskFull { .. }) => {
+                    next_try = Instant::now() + DISK_FULL_RETRY;
+                }
+                Err(e) if e.class() == pipeline::ErrorClass::Retry => {
+                    strays = true;
+                    warn!(error = %e, "Could not record for now; reading the input again.");
+                    break Ok(());
+                }
+                Err(e) => break Err(e),
+            }
+        };
+        self.store_full.set(0);
+        self.set_input_paused(false);
+        outcome?;
+        let paused = since.elapsed();
+        info!(
+            paused_ms = paused.as_millis() as u64,
+            "The audit store can be written again; consuming resumed."
+        );
+        if strays {
+            if let Err(e) = pipeline::kafka::rewind_to_committed(
+                &self.consumer,
+                Duration::from_secs(30),
+                shutdown,
+            ) {
+                warn!(error = %e, "Could not rewind the consumer; recreating it.");
+                self.consumer = audit_consumer(&self.config)?;
+            }
+        }
+        let now = chrono::Utc::now().timestamp_micros();
+        let alert = crate::monitors::store_paused_alert(since_micros, now);
+        match self.raise(vec![alert], now) {
+            // Still owed: the next step that writes tries again.
+            Ok(()) | Err(PipelineError::DiskFull { .. }) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Pauses or resumes every partition the consumer owns.
+    fn set_input_paused(&self, paused: bool) {
+        let owned = match self.consumer.assignment() {
+            Ok(tpl) => tpl,
+            Err(e) => {
+                warn!(error = %e, "Could not read the consumer's assignment.");
+                return;
+            }
+        };
+        let done = if paused {
+            self.consumer.pause(&owned)
+        } else {
+            self.consumer.resume(&owned)
+        };
+        if let Err(e) = done {
+            warn!(error = %e, paused, "Could not pause or resume the input partitions.");
+        }
     }
 
     /// A batch that could not be recorded for now (the Schema Registry did not answer a
@@ -423,15 +558,21 @@ impl Auditor {
                     }
                 }
             }
-            let e = record::entry_for(m, decoded.as_ref(), &self.config.seal_key)?;
+            entries.push(record::entry_for(
+                m,
+                decoded.as_ref(),
+                &self.config.seal_key,
+            )?);
+        }
+        let now = chrono::Utc::now().timestamp_micros();
+        // All or nothing: after a failure the batch can be recorded again.
+        let added = self.store.append(entries, now).map_err(store_err)?;
+        for e in &added {
             self.metrics
                 .events_in
                 .with_label_values(&[e.event_type.as_str()])
                 .inc();
-            entries.push(e);
         }
-        let now = chrono::Utc::now().timestamp_micros();
-        let added = self.store.append(entries, now).map_err(store_err)?;
         self.index(&added);
         let mut alerts = Vec::new();
         for e in &added {
@@ -464,17 +605,23 @@ impl Auditor {
     }
 
     /// Records alerts as entries of their own; they are published with the entries.
+    /// Alerts that cannot be stored yet (the disk is full) stay owed and go first the
+    /// next time.
     fn raise(&mut self, alerts: Vec<Alert>, now: i64) -> Result<(), PipelineError> {
-        if alerts.is_empty() {
-            return Ok(());
-        }
-        let mut entries = Vec::with_capacity(alerts.len());
         for a in &alerts {
             warn!(kind = a.kind.as_str(), alert_id = %a.id, batch = a.correlation_id.as_deref().unwrap_or("-"), detail = %a.detail, "Compliance alert.");
             self.alerts.with_label_values(&[a.kind.as_str()]).inc();
+        }
+        self.owed_alerts.extend(alerts);
+        if self.owed_alerts.is_empty() {
+            return Ok(());
+        }
+        let mut entries = Vec::with_capacity(self.owed_alerts.len());
+        for a in &self.owed_alerts {
             entries.push(alert_entry(a, &self.own_topic, now)?);
         }
         let added = self.store.append(entries, now).map_err(store_err)?;
+        self.owed_alerts.clear();
         // An alert's entry names its batch, so it moves the batch's last-seen time, as it
         // does when the store is replayed.
         self.index(&added);

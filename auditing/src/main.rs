@@ -41,7 +41,7 @@ struct Args {
     batch_max_wait: Duration,
     #[arg(long, env = "MEDPIPE_TRANSACTION_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
     transaction_timeout: Duration,
-    /// Entries per segment file.
+    /// Entries per segment file (a segment may run over by up to one batch).
     #[arg(long, env = "MEDPIPE_AUDIT_SEGMENT_ENTRIES", default_value_t = 65_536)]
     segment_entries: u64,
     /// Sign a checkpoint after this many new entries...

@@ -88,6 +88,8 @@ pub enum AlertKind {
     BrokenLineage,
     PhiSentinel,
     Gap,
+    /// Auditing paused consuming because the audit store's disk was full.
+    AuditStorePaused,
 }
 
 impl AlertKind {
@@ -97,7 +99,26 @@ impl AlertKind {
             AlertKind::BrokenLineage => "broken_lineage",
             AlertKind::PhiSentinel => "phi_sentinel",
             AlertKind::Gap => "gap",
+            AlertKind::AuditStorePaused => "audit_store_paused",
         }
+    }
+}
+
+/// The alert that puts a pause of the audit stage on the record: its store's disk was
+/// full from `since` to `until` (microseconds since the epoch). Nothing was lost: what was
+/// not recorded was read again from Kafka.
+pub fn store_paused_alert(since: i64, until: i64) -> Alert {
+    let secs = (until - since).max(0) as f64 / 1e6;
+    Alert {
+        id: alert_id(AlertKind::AuditStorePaused, &["paused", &since.to_string()]),
+        kind: AlertKind::AuditStorePaused,
+        correlation_id: None,
+        topic: None,
+        partition: None,
+        offset: None,
+        detail: format!(
+            "auditing paused consuming for {secs:.1} s because the audit store's disk was full; every event consumed meanwhile was read again and recorded after space returned"
+        ),
     }
 }
 

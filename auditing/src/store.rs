@@ -3,7 +3,9 @@
 //!
 //! Layout of the data directory:
 //! - `segments/<first seq, 20 digits>.jsonl`: one entry per line, fsynced per append.
-//!   A new segment starts every `segment_entries` entries; the chain runs across them.
+//!   A new segment starts with the first append after `segment_entries` entries (an
+//!   append never spans two segments, so a failed one can be cut back); the chain runs
+//!   across them.
 //! - `segments/<first seq>.idx`: 16-byte records (key hash, byte offset of the line), for
 //!   lookups by batch, event id, cause, pseudonym and event type. Derived data: rebuilt
 //!   on open when it does not match its segment.
@@ -41,6 +43,23 @@ pub enum StoreError {
     Truncated { checkpoint_size: u64, entries: u64 },
     #[error("{0}")]
     Query(String),
+}
+
+impl StoreError {
+    /// The file system is out of space (or of quota): a condition that goes away, after
+    /// which a failed append or checkpoint can simply be tried again.
+    pub fn is_disk_full(&self) -> bool {
+        const ENOSPC: i32 = 28;
+        const EDQUOT: i32 = 122;
+        match self {
+            StoreError::Io { source, .. } => {
+                source.kind() == std::io::ErrorKind::StorageFull
+                    || source.kind() == std::io::ErrorKind::QuotaExceeded
+                    || matches!(source.raw_os_error(), Some(ENOSPC | EDQUOT))
+            }
+            _ => false,
+        }
+    }
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
@@ -431,6 +450,17 @@ struct Active {
     file: File,
     idx: File,
     bytes: u64,
+    /// Length of the segment's index file after the last successful append.
+    idx_bytes: u64,
+}
+
+/// What a failed append restores.
+struct Saved {
+    next_seq: u64,
+    head: String,
+    tree: CompactTree,
+    /// Each position the append moved, with its value before (in order).
+    positions: Vec<((String, i32), Option<i64>)>,
 }
 
 /// The store, open for appending. One process at a time (the auditing stage).
@@ -444,6 +474,12 @@ pub struct Store {
     last_checkpoint: u64,
     /// Highest offset recorded per (topic, partition): the store's own consumed positions.
     positions: HashMap<(String, i32), i64>,
+    /// A failed write could not be undone: no more appends (see `roll_back`).
+    poisoned: bool,
+    /// Tests: the next segment write puts only this many bytes down, then fails as a full
+    /// disk does.
+    #[cfg(test)]
+    fail_write_after: Option<usize>,
 }
 
 impl Store {
@@ -508,6 +544,9 @@ impl Store {
             tree: check.tree.clone(),
             last_checkpoint,
             positions,
+            poisoned: false,
+            #[cfg(test)]
+            fail_write_after: None,
         };
         if let Some((first, path)) = segments(dir)?.last() {
             store.active = Some(store.open_segment(*first, path, last_bytes)?);
@@ -527,12 +566,14 @@ impl Store {
             .append(true)
             .open(&idx_path)
             .map_err(io(&idx_path))?;
+        let idx_bytes = idx.metadata().map_err(io(&idx_path))?.len();
         Ok(Active {
             first_seq,
             path: path.to_path_buf(),
             file,
             idx,
             bytes,
+            idx_bytes,
         })
     }
 
@@ -563,10 +604,38 @@ impl Store {
     /// Chains and appends entries, then fsyncs. Messages already recorded (same topic,
     /// partition and offset) are skipped, so redelivery never duplicates an entry.
     /// Returns the entries as stored.
+    ///
+    /// All or nothing: when the write or its fsync fails (the disk is full, say), the
+    /// segment and its index are cut back to where they were and the store's state is
+    /// restored, so the same entries can be appended again once the cause is gone. A
+    /// segment is only started before the first entry of an append, so one append never
+    /// spans two segments (a segment may exceed `segment_entries` by up to one append).
     pub fn append(
         &mut self,
         new: Vec<AuditEntry>,
         recorded_at: i64,
+    ) -> Result<Vec<AuditEntry>, StoreError> {
+        self.usable()?;
+        let mut saved = Saved {
+            next_seq: self.next_seq,
+            head: self.head.clone(),
+            tree: self.tree.clone(),
+            positions: Vec::new(),
+        };
+        match self.append_entries(new, recorded_at, &mut saved) {
+            Ok(out) => Ok(out),
+            Err(e) => {
+                self.roll_back(saved);
+                Err(e)
+            }
+        }
+    }
+
+    fn append_entries(
+        &mut self,
+        new: Vec<AuditEntry>,
+        recorded_at: i64,
+        saved: &mut Saved,
     ) -> Result<Vec<AuditEntry>, StoreError> {
         let mut out = Vec::new();
         let mut buf = Vec::new();
@@ -575,24 +644,12 @@ impl Store {
             if !e.is_own() && self.contains(&e.topic, e.partition, e.offset) {
                 continue;
             }
-            let starts_segment = match &self.active {
+            let full = match &self.active {
                 None => true,
                 Some(a) => self.next_seq - a.first_seq >= self.segment_entries,
             };
-            if starts_segment {
-                self.flush(&mut buf, &mut idx)?;
-                if let Some(done) = &self.active {
-                    // The segment is sealed now: summarise it for reports. Derived data,
-                    // rebuilt on demand, so a failure here only costs a later report time.
-                    if let Err(e) = crate::query::summarize_segment(&done.path) {
-                        tracing::warn!(error = %e, "Could not summarise a sealed audit segment.");
-                    }
-                }
-                let path = self
-                    .dir
-                    .join(SEGMENTS)
-                    .join(format!("{:020}.jsonl", self.next_seq));
-                self.active = Some(self.open_segment(self.next_seq, &path, 0)?);
+            if out.is_empty() && full {
+                self.start_segment()?;
             }
             e.seq = self.next_seq;
             e.recorded_at = recorded_at;
@@ -619,32 +676,99 @@ impl Store {
             buf.push(b'\n');
             self.tree.push(leaf_hash(&bytes));
             if !e.is_own() {
-                self.positions
-                    .insert((e.topic.clone(), e.partition), e.offset);
+                let key = (e.topic.clone(), e.partition);
+                let before = self.positions.insert(key.clone(), e.offset);
+                saved.positions.push((key, before));
             }
             self.head.clone_from(&e.hash);
             self.next_seq += 1;
             out.push(e);
         }
-        self.flush(&mut buf, &mut idx)?;
+        self.flush(&buf, &idx)?;
         Ok(out)
     }
 
-    fn flush(&mut self, buf: &mut Vec<u8>, idx: &mut Vec<u8>) -> Result<(), StoreError> {
+    /// Seals the active segment (if any) and opens a new, empty one at `next_seq`.
+    fn start_segment(&mut self) -> Result<(), StoreError> {
+        if let Some(done) = &self.active {
+            // The segment is sealed now: summarise it for reports. Derived data, rebuilt
+            // on demand, so a failure here only costs a later report time.
+            if let Err(e) = crate::query::summarize_segment(&done.path) {
+                tracing::warn!(error = %e, "Could not summarise a sealed audit segment.");
+            }
+        }
+        let path = self
+            .dir
+            .join(SEGMENTS)
+            .join(format!("{:020}.jsonl", self.next_seq));
+        self.active = Some(self.open_segment(self.next_seq, &path, 0)?);
+        Ok(())
+    }
+
+    /// Writes and fsyncs the lines, then the index records. `bytes` (and so the next
+    /// entry's byte offset) only moves once both are written.
+    fn flush(&mut self, buf: &[u8], idx: &[u8]) -> Result<(), StoreError> {
         let Some(a) = self.active.as_mut() else {
             return Ok(());
         };
-        if !buf.is_empty() {
-            a.file.write_all(buf).map_err(io(&a.path))?;
-            a.file.sync_data().map_err(io(&a.path))?;
-            a.bytes += buf.len() as u64;
-            buf.clear();
+        if buf.is_empty() {
+            return Ok(());
         }
-        if !idx.is_empty() {
-            // The index is derived: rebuilt on open if a crash left it short.
-            let p = a.path.with_extension("idx");
-            a.idx.write_all(idx).map_err(io(&p))?;
-            idx.clear();
+        #[cfg(test)]
+        if let Some(n) = self.fail_write_after.take() {
+            a.file
+                .write_all(&buf[..n.min(buf.len())])
+                .map_err(io(&a.path))?;
+            return Err(io(&a.path)(std::io::Error::from_raw_os_error(28)));
+        }
+        a.file.write_all(buf).map_err(io(&a.path))?;
+        a.file.sync_data().map_err(io(&a.path))?;
+        // The index is derived: rebuilt on open if a crash left it short.
+        let p = a.path.with_extension("idx");
+        a.idx.write_all(idx).map_err(io(&p))?;
+        a.bytes += buf.len() as u64;
+        a.idx_bytes += idx.len() as u64;
+        Ok(())
+    }
+
+    /// Undoes a failed append: the segment and its index are cut back to what the last
+    /// successful append left (a write that failed may have put part of its bytes on
+    /// disk), and the chain, tree and positions are restored. If the files cannot be cut
+    /// back, the store refuses further appends: the process must restart, and opening
+    /// the store then cuts the torn tail.
+    fn roll_back(&mut self, saved: Saved) {
+        self.next_seq = saved.next_seq;
+        self.head = saved.head;
+        self.tree = saved.tree;
+        for (key, before) in saved.positions.into_iter().rev() {
+            match before {
+                Some(offset) => self.positions.insert(key, offset),
+                None => self.positions.remove(&key),
+            };
+        }
+        if let Some(a) = &self.active {
+            let cut = a
+                .file
+                .set_len(a.bytes)
+                .and_then(|()| a.file.sync_all())
+                .and_then(|()| a.idx.set_len(a.idx_bytes));
+            if let Err(e) = cut {
+                tracing::error!(error = %e, segment = %a.path.display(), "Could not cut a failed append back; the store takes no more appends until the stage restarts.");
+                self.poisoned = true;
+            }
+        }
+    }
+
+    /// Refuses appends after a failed write that could not be undone.
+    fn usable(&self) -> Result<(), StoreError> {
+        if self.poisoned {
+            return Err(StoreError::Broken {
+                segment: "(active segment)".into(),
+                line: 0,
+                seq: Some(self.next_seq),
+                reason: "a failed append could not be cut back; restart to recover the store"
+                    .into(),
+            });
         }
         Ok(())
     }
@@ -656,6 +780,7 @@ impl Store {
         key_id: &str,
         now: i64,
     ) -> Result<TreeHead, StoreError> {
+        self.usable()?;
         let head = TreeHead::sign(self.tree.size(), &self.tree.root(), now, key_id, key);
         let path = self.dir.join(CHECKPOINTS);
         let mut f = OpenOptions::new()
@@ -667,9 +792,18 @@ impl Store {
             what: format!("at tree size {}", head.tree_size),
             reason: e.to_string(),
         })?;
-        f.write_all(format!("{line}\n").as_bytes())
-            .map_err(io(&path))?;
-        f.sync_data().map_err(io(&path))?;
+        let before = f.metadata().map_err(io(&path))?.len();
+        let written = f
+            .write_all(format!("{line}\n").as_bytes())
+            .and_then(|()| f.sync_data());
+        if let Err(source) = written {
+            // A torn line would make the checkpoints file unreadable: cut it back.
+            if let Err(e) = f.set_len(before).and_then(|()| f.sync_all()) {
+                tracing::error!(error = %e, "Could not cut a failed checkpoint back; the store takes no more appends until the stage restarts.");
+                self.poisoned = true;
+            }
+            return Err(io(&path)(source));
+        }
         self.last_checkpoint = head.tree_size;
         Ok(head)
     }
@@ -899,6 +1033,55 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn an_append_that_fails_on_a_full_disk_leaves_nothing_behind_and_can_be_redone() {
+        // Segments of 4 and 6 entries so far: the failing append starts segment 2.
+        for (before, half) in [(5i64, 10usize), (6, 700), (8, 1)] {
+            let (dir, mut s) = store(before, 4, 3);
+            let seg = segments(dir.path()).expect("segments");
+            let (_, last) = seg.last().expect("a segment");
+            let bytes = std::fs::metadata(last).expect("segment").len();
+            let batch = || (before..before + 3).map(entry).collect::<Vec<_>>();
+
+            s.fail_write_after = Some(half);
+            let err = s.append(batch(), 43).expect_err("the write fails");
+            assert!(err.is_disk_full(), "{err}");
+            assert_eq!(s.len(), before as u64);
+            assert!(!s.contains("medpipe.ingestion.v1", 0, before));
+            let now_last = segments(dir.path()).expect("segments");
+            let (_, now_path) = now_last.last().expect("a segment");
+            let now_len = std::fs::metadata(now_path).expect("segment").len();
+            if now_path == last {
+                assert_eq!(now_len, bytes, "the torn write was cut back");
+            } else {
+                assert_eq!(now_len, 0, "the new segment holds nothing");
+            }
+
+            // Space returns: the same batch goes in whole, once, and the chain verifies.
+            let added = s.append(batch(), 44).expect("append again");
+            assert_eq!(added.len(), 3);
+            assert_eq!(added[0].seq, before as u64);
+            s.checkpoint(&key(), "k", 2).expect("checkpoint");
+            drop(s);
+            let v = verify_dir(dir.path()).expect("verifies");
+            assert_eq!(v.entries, before as u64 + 3);
+            let mut seen = Vec::new();
+            let reopened = Store::open(dir.path(), 4, &key().verifying_key(), |e| {
+                seen.push(e.offset);
+            })
+            .expect("reopen");
+            assert_eq!(seen, (0..before + 3).collect::<Vec<_>>());
+            assert_eq!(
+                lookup(dir.path(), Key::Event, &format!("e{before}"))
+                    .expect("lookup")
+                    .len(),
+                1,
+                "the index holds the redone entry once"
+            );
+            drop(reopened);
+        }
+    }
+
+    #[test]
     fn own_entries_are_never_deduplicated_by_position() {
         let (dir, mut s) = store(1, 10, 100);
         let alert = AuditEntry {
@@ -1034,7 +1217,10 @@ pub(crate) mod tests {
         assert_eq!(verify_dir(dir.path()).expect("verifies").entries, 3);
         // In a segment that is not the last, the same bytes are damage.
         let mut s = Store::open(dir.path(), 4, &key().verifying_key(), |_| {}).expect("open");
-        s.append(vec![entry(3), entry(4)], 1).expect("append");
+        // One append never spans two segments: the second one starts segment 4.
+        s.append(vec![entry(3)], 1).expect("append");
+        s.append(vec![entry(4)], 1).expect("append");
+        assert_eq!(segments(dir.path()).expect("segments").len(), 2);
         drop(s);
         let mut bytes = std::fs::read(&p).expect("read");
         bytes.truncate(bytes.len() - 1);

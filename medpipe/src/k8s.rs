@@ -375,6 +375,7 @@ mod tests {
         let own = [
             "medpipe_compliance_alerts_total",
             "medpipe_canonization_codes_unmapped_total",
+            "medpipe_auditing_store_full",
         ];
         let dashboard: serde_json::Value = serde_json::from_str(include_str!(
             "../../k8s/base/stages/dashboards/medpipe.json"

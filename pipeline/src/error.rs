@@ -73,6 +73,10 @@ pub enum PipelineError {
     /// cannot be read or written. Fatal: going on would act on a wrong picture.
     #[error("storage: {what}: {message}")]
     Storage { what: String, message: String },
+    /// Our durable data cannot be written because its disk is full (or over quota). What
+    /// failed was undone; the same write can be tried again once space returns.
+    #[error("storage: {what}: the disk is full: {message}")]
+    DiskFull { what: String, message: String },
     /// A metric could not be created or registered; a bug, not bad input.
     #[error("metrics: {0}")]
     Metrics(#[from] prometheus::Error),
@@ -140,7 +144,7 @@ impl PipelineError {
             PipelineError::Schema { .. } | PipelineError::Config(_) => ErrorClass::Fatal,
             PipelineError::CommitOutcomeUnknown { .. }
             | PipelineError::TransactionTimedOut { .. } => ErrorClass::Abort,
-            PipelineError::Timeout(_) => ErrorClass::Retry,
+            PipelineError::Timeout(_) | PipelineError::DiskFull { .. } => ErrorClass::Retry,
             PipelineError::Thread(_)
             | PipelineError::ProducerFatal { .. }
             | PipelineError::Invariant(_)

@@ -108,3 +108,67 @@ impl Drop for Broker {
         let _ = Command::new("bash").arg(devstack()).arg("start").output();
     }
 }
+
+/// A small file system of its own (a tmpfs) that a test can fill up and free again, for
+/// a real ENOSPC. Mounting needs root, which the CI machine and the dev machine give.
+/// Dropping it unmounts (lazily, so a stage still holding files cannot block it).
+pub struct SmallDisk {
+    path: PathBuf,
+    filler: PathBuf,
+}
+
+impl SmallDisk {
+    /// Mounts a tmpfs of `mib` MiB on `path` (created if missing, and empty).
+    pub fn mount(path: &std::path::Path, mib: u64) -> SmallDisk {
+        std::fs::create_dir_all(path).expect("create the mount point");
+        let out = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={mib}m"), "tmpfs"])
+            .arg(path)
+            .output()
+            .expect("run mount");
+        assert!(
+            out.status.success(),
+            "mounting a tmpfs on {} failed (the disk-full tests need root): {}",
+            path.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        SmallDisk {
+            path: path.to_path_buf(),
+            filler: path.join("zz-filler.bin"),
+        }
+    }
+
+    /// Writes a filler file until the file system refuses with ENOSPC, then returns
+    /// how many bytes it took.
+    pub fn fill(&self) -> u64 {
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.filler)
+            .expect("create the filler");
+        let mut written = 0u64;
+        let mut chunk = 1 << 20;
+        let block = vec![0x5a_u8; chunk];
+        while chunk > 0 {
+            match f.write(&block[..chunk]) {
+                Ok(0) => break,
+                Ok(n) => written += n as u64,
+                Err(e) if e.raw_os_error() == Some(28) => chunk /= 2,
+                Err(e) => panic!("filling {} failed: {e}", self.path.display()),
+            }
+        }
+        written
+    }
+
+    /// Removes the filler: the space is back.
+    pub fn free(&self) {
+        std::fs::remove_file(&self.filler).expect("remove the filler");
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.path).output();
+    }
+}

@@ -77,6 +77,8 @@ fn a_batch_is_traced_in_causal_order_verified_and_tampering_is_named() {
     let mut p = Pipeline::new();
     let audit_env = [
         ("MEDPIPE_AUDIT_SEGMENT_ENTRIES", "25"),
+        // One append never spans two segments: small appends, so there are several.
+        ("MEDPIPE_BATCH_MAX_MESSAGES", "10"),
         ("MEDPIPE_AUDIT_CHECKPOINT_INTERVAL", "500ms"),
         ("MEDPIPE_AUDIT_CHECKPOINT_ENTRIES", "40"),
         // A healthy run raises no alert, even with every payload scanned and short graces.
@@ -675,4 +677,102 @@ fn auditing_waits_out_a_schema_registry_outage_and_loses_nothing() {
     let v = verify(&p, false);
     assert!(v.status.success(), "{}", stderr(&v));
     p.stop_all();
+}
+
+/// The audit store's disk fills up (a real ENOSPC, on a tmpfs): auditing must stop
+/// consuming and say so on /metrics, lose nothing, stay up, and resume by itself when
+/// space returns, with every event recorded exactly once, the chain intact, and the pause
+/// itself on the record as a compliance alert.
+#[test]
+fn auditing_pauses_on_a_full_disk_and_resumes_losing_nothing() {
+    let mut p = Pipeline::new();
+    let disk = tests::faults::SmallDisk::mount(&p.audit_dir(), 64);
+    p.start("auditing", &[]);
+    p.start("ingestion", &[]);
+    let tail = p.tail();
+    let ingestion = p.topics.name(TopicKind::Ingestion);
+    let finished = |n: usize| {
+        let ingestion = ingestion.clone();
+        move |t: &tests::Tail| t.count(&ingestion, "DataIngestionFinished") >= n
+    };
+    let (csv, _) = synthetic_patients(50);
+    p.drop_file("patients.csv", &csv);
+    tail.wait_until("the first batch", Duration::from_secs(120), finished(1));
+    p.wait_for_audit_catch_up(Duration::from_secs(120));
+
+    let filled = disk.fill();
+    assert!(filled > 0, "the filler took no space");
+    let (more, _) = synthetic_patients(80);
+    p.drop_file("patients-more.csv", &more);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !p
+        .metrics("auditing")
+        .contains("medpipe_auditing_store_full 1")
+    {
+        assert!(
+            Instant::now() < deadline,
+            "auditing never reported a full store:\n{}",
+            p.log("auditing")
+        );
+        assert!(
+            p.exited("auditing").is_none(),
+            "auditing exited on a full disk:\n{}",
+            p.log("auditing")
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // (Appends that fit in the slack of a page already allocated may have gone in first.)
+    let at_pause = p.audit_entries().len();
+    // Paused, not gone: it stays up and records nothing while the disk is full, and the
+    // pipeline goes on without it.
+    tail.wait_until("the second batch", Duration::from_secs(120), finished(2));
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(
+        p.exited("auditing").is_none(),
+        "auditing exited on a full disk:\n{}",
+        p.log("auditing")
+    );
+    assert!(p
+        .metrics("auditing")
+        .contains("medpipe_auditing_store_full 1"));
+    assert_eq!(
+        p.audit_entries().len(),
+        at_pause,
+        "entries appeared while paused on a full disk"
+    );
+
+    disk.free();
+    let recorded = p.wait_for_audit_catch_up(Duration::from_secs(120));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !p
+        .metrics("auditing")
+        .contains("medpipe_auditing_store_full 0")
+    {
+        assert!(Instant::now() < deadline, "the full-store gauge stayed up");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let entries = p.audit_entries();
+    let mut per_position: HashMap<(String, i32, i64), usize> = HashMap::new();
+    for e in entries.iter().filter(|e| !e.is_own()) {
+        *per_position
+            .entry((e.topic.clone(), e.partition, e.offset))
+            .or_default() += 1;
+    }
+    let twice: Vec<_> = per_position.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(twice.is_empty(), "recorded more than once: {twice:?}");
+    assert_eq!(per_position.len(), recorded.len());
+    let paused = entries
+        .iter()
+        .filter(|e| {
+            e.event_type == auditing::monitors::ALERT_EVENT_TYPE
+                && e.detail
+                    .as_deref()
+                    .is_some_and(|d| d.contains("\"kind\":\"audit_store_paused\""))
+        })
+        .count();
+    assert_eq!(paused, 1, "the pause is on the record once");
+    let v = verify(&p, false);
+    assert!(v.status.success(), "{}", stderr(&v));
+    p.stop_all();
+    drop(disk);
 }
