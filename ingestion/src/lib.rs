@@ -847,7 +847,7 @@ impl Ingestor {
             .ok_or(PipelineError::Invariant(
                 "the command consumer has no group metadata",
             ))?;
-        self.txn.commit(Some((&tpl, &group)))?;
+        self.txn.commit(Some((tpl, group)))?;
         self.chunk_committed();
         Ok(())
     }

@@ -561,7 +561,7 @@ impl<S: Stage> Runner<S> {
                 .ok_or(PipelineError::Invariant(
                     "the consumer has no group metadata",
                 ))?;
-            self.txn.commit(Some((&offsets, &group)))?;
+            self.txn.commit(Some((offsets, group)))?;
         }
         if let Some(s) = self.stage.state() {
             s.commit();

@@ -47,6 +47,9 @@ pub struct StageMetrics {
     /// Times the transactional producer was replaced to make a transaction's outcome
     /// definite or to recover from failed deliveries.
     pub producers_replaced: IntCounter,
+    /// Blocking Kafka calls given up on because they did not return in time (their
+    /// thread and client are left behind).
+    pub calls_abandoned: IntCounter,
     pub processing_seconds: Histogram,
     /// Times input was re-read from the committed offsets (and state reloaded), by
     /// reason: `rebalance` or `failed_batch`.
@@ -105,6 +108,11 @@ impl StageMetrics {
             "Times the transactional producer was replaced (unknown commit outcome, failed deliveries, a transaction aborted by its coordinator).",
         )
         .map_err(m)?;
+        let calls_abandoned = IntCounter::new(
+            name("kafka_calls_abandoned_total"),
+            "Blocking Kafka client calls given up on because they did not return in time (each leaves a thread and a client behind).",
+        )
+        .map_err(m)?;
         let processing_seconds = Histogram::with_opts(HistogramOpts::new(
             name("batch_processing_seconds"),
             "Time from the first message of a batch to its committed transaction.",
@@ -142,6 +150,9 @@ impl StageMetrics {
             .register(Box::new(producers_replaced.clone()))
             .map_err(m)?;
         registry
+            .register(Box::new(calls_abandoned.clone()))
+            .map_err(m)?;
+        registry
             .register(Box::new(processing_seconds.clone()))
             .map_err(m)?;
         registry
@@ -157,6 +168,7 @@ impl StageMetrics {
             transactions_aborted,
             commit_in_flight,
             producers_replaced,
+            calls_abandoned,
             processing_seconds,
             rewinds,
             consumer_lag,

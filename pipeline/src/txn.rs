@@ -22,6 +22,7 @@
 //! consumer and reloads its state topic, ingestion re-reads its ledger, auditing re-reads
 //! its published position. Only then does it process anything again.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rdkafka::consumer::ConsumerGroupMetadata;
@@ -37,6 +38,10 @@ use crate::telemetry::StageMetrics;
 
 /// How many times a commit is tried before its outcome counts as unknown.
 const COMMIT_ATTEMPTS: u32 = 3;
+
+/// How long past its own timeout `send_offsets_to_transaction` may take before it counts
+/// as stuck.
+const SEND_OFFSETS_GRACE: Duration = Duration::from_secs(10);
 
 /// Who commits, and how long a transaction and each blocking call may take.
 #[derive(Debug, Clone)]
@@ -65,7 +70,9 @@ impl TxnSettings {
 /// blocking thread.
 pub struct Transactions {
     settings: TxnSettings,
-    producer: BaseProducer,
+    /// Shared only with a `send_offsets_to_transaction` call that did not return (see
+    /// [`Transactions::send_offsets`]).
+    producer: Arc<BaseProducer>,
     metrics: StageMetrics,
     /// When the open transaction began.
     open: Option<Instant>,
@@ -83,7 +90,7 @@ impl Transactions {
         metrics: StageMetrics,
         shutdown: &CancellationToken,
     ) -> Result<Self, PipelineError> {
-        let producer = init(&settings, shutdown)?;
+        let producer = Arc::new(init(&settings, shutdown)?);
         Ok(Transactions {
             settings,
             producer,
@@ -174,7 +181,7 @@ impl Transactions {
     /// still open or in doubt: call [`Transactions::recover`], then rewind.
     pub fn commit(
         &mut self,
-        offsets: Option<(&TopicPartitionList, &ConsumerGroupMetadata)>,
+        offsets: Option<(TopicPartitionList, ConsumerGroupMetadata)>,
     ) -> Result<(), PipelineError> {
         let Some(started) = self.open else {
             return Ok(());
@@ -182,13 +189,7 @@ impl Transactions {
         let _in_flight = InFlight::enter(&self.metrics.commit_in_flight);
         let timeout = self.settings.transaction_timeout;
         if let Some((tpl, group)) = offsets {
-            if let Err(e) = self
-                .producer
-                .send_offsets_to_transaction(tpl, group, timeout)
-            {
-                let err = PipelineError::kafka("send offsets to transaction", e);
-                return Err(self.explain(err));
-            }
+            self.send_offsets(tpl, group)?;
         }
         // Whatever is still in flight after `timeout` is left to the commit's own flush.
         crate::kafka::drain_deliveries(&self.producer, timeout);
@@ -233,6 +234,50 @@ impl Transactions {
         }
     }
 
+    /// `send_offsets_to_transaction`, with a deadline of our own. librdkafka's call can
+    /// block past its timeout, forever, when the group coordinator it has cached went away
+    /// (seen in a game day: the controller fenced its own broker for a few seconds and the
+    /// canonization stage hung inside this call for good; librdkafka issues 5456 and
+    /// 5511). The call therefore runs on a thread of its own. If it has not returned a
+    /// little after its timeout, its outcome is unknown: the producer is replaced (the new
+    /// one fences it), and the stuck call keeps the old producer alive until it returns,
+    /// if ever, on that thread.
+    fn send_offsets(
+        &mut self,
+        tpl: TopicPartitionList,
+        group: ConsumerGroupMetadata,
+    ) -> Result<(), PipelineError> {
+        let timeout = self.settings.transaction_timeout;
+        let producer = Arc::clone(&self.producer);
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        std::thread::Builder::new()
+            .name("send-offsets".into())
+            .spawn(move || {
+                let r = producer.send_offsets_to_transaction(&tpl, &group, timeout);
+                let _ = tx.send(r);
+            })
+            .map_err(|e| PipelineError::Thread(format!("cannot start a thread: {e}")))?;
+        match rx.recv_timeout(timeout + SEND_OFFSETS_GRACE) {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => {
+                let err = PipelineError::kafka("send offsets to transaction", e);
+                Err(self.explain(err))
+            }
+            Err(_) => {
+                warn!(
+                    timeout_s = timeout.as_secs(),
+                    "send_offsets_to_transaction did not return within its timeout; the producer will be replaced."
+                );
+                self.metrics.calls_abandoned.inc();
+                self.replace = true;
+                Err(PipelineError::CommitOutcomeUnknown {
+                    attempts: 1,
+                    message: "send_offsets_to_transaction did not return".into(),
+                })
+            }
+        }
+    }
+
     /// Ends whatever the last failure left behind, so that the committed state is
     /// definite: aborts the open transaction, or replaces the producer when the commit's
     /// outcome is unknown or the abort itself failed. Waits for the broker while it is
@@ -268,7 +313,7 @@ impl Transactions {
         if self.replace {
             warn!("Replacing the producer so the last transaction's outcome becomes definite.");
             // The new producer's init fences the old one; only then is the old dropped.
-            self.producer = init(&self.settings, shutdown)?;
+            self.producer = Arc::new(init(&self.settings, shutdown)?);
             self.replace = false;
             self.metrics.producers_replaced.inc();
             if self.open.take().is_some() {
@@ -337,4 +382,79 @@ fn init(
             .map_err(kafka_err("init transactions"))
     })?;
     Ok(producer)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::mocking::{MockCluster, MockCoordinator};
+    use rdkafka::Offset;
+
+    /// librdkafka's `send_offsets_to_transaction` can block far past its timeout when the
+    /// group coordinator does not answer (librdkafka issue 5456). The mock cluster stands
+    /// in for the broker here only to make the group coordinator unresponsive on demand
+    /// (a round trip of ten minutes); no exactly-once claim rests on it. The commit must
+    /// come back soon after the transaction timeout with an unknown outcome, count the
+    /// abandoned call, and `recover` must replace the producer.
+    #[test]
+    fn a_send_offsets_call_that_does_not_return_is_abandoned_and_the_producer_replaced() {
+        let mock = MockCluster::new(3).expect("mock cluster");
+        mock.create_topic("in", 1, 1).expect("topic");
+        mock.create_topic("out", 1, 1).expect("topic");
+        mock.coordinator(MockCoordinator::Group("g".into()), 3)
+            .expect("group coordinator");
+        mock.coordinator(MockCoordinator::Transaction("tx".into()), 1)
+            .expect("transaction coordinator");
+        let kafka = crate::kafka::Connection::plaintext(mock.bootstrap_servers());
+        let metrics = StageMetrics::new("txnunit").expect("metrics");
+        let shutdown = CancellationToken::new();
+        let timeout = Duration::from_secs(2);
+        let mut txn = Transactions::connect(
+            TxnSettings::new(&kafka, "tx", timeout),
+            metrics.clone(),
+            &shutdown,
+        )
+        .expect("init");
+        let consumer: BaseConsumer = crate::kafka::consumer_config(
+            &kafka,
+            "g",
+            crate::kafka::ConsumerRole::Stage {
+                queued_max_kbytes: 1024,
+            },
+        )
+        .create()
+        .expect("consumer");
+        let group = consumer.group_metadata().expect("group metadata");
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset("in", 0, Offset::Offset(1))
+            .expect("offsets");
+
+        txn.send(BaseRecord::<(), _>::to("out").payload("x"))
+            .expect("send");
+        mock.broker_round_trip_time(3, Duration::from_secs(600))
+            .expect("slow coordinator");
+        let started = Instant::now();
+        let err = txn
+            .commit(Some((tpl, group)))
+            .expect_err("the commit cannot complete");
+        let took = started.elapsed();
+        assert!(
+            matches!(err, PipelineError::CommitOutcomeUnknown { .. }),
+            "{err}"
+        );
+        assert_eq!(metrics.calls_abandoned.get(), 1);
+        assert!(
+            took < timeout + SEND_OFFSETS_GRACE + Duration::from_secs(5),
+            "the commit took {took:?}"
+        );
+        txn.recover(&shutdown).expect("recover");
+        assert_eq!(metrics.producers_replaced.get(), 1);
+        assert!(!txn.is_open());
+        // The abandoned call still holds the old producer, which holds the mock cluster's
+        // brokers: leave them to the end of the process.
+        std::mem::forget(consumer);
+        std::mem::forget(txn);
+        std::mem::forget(mock);
+    }
 }
