@@ -465,8 +465,10 @@ impl Pipeline {
     pub fn http_get(&self, stage: &str, path: &str) -> String {
         use std::io::{Read, Write};
         let log = self.log(stage);
+        // The latest address: a restarted stage appends to its log and binds anew.
         let addr = log
             .lines()
+            .rev()
             .find_map(|l| {
                 l.contains("Serving /metrics")
                     .then(|| l.split("bound=").nth(1))
@@ -827,6 +829,40 @@ impl Flow {
             }
         }
         (lost, duplicated)
+    }
+
+    /// Records lost and duplicated by ingestion and anonymization only, for batches whose
+    /// records map to several canonical resources each (HL7 v2 messages).
+    pub fn upstream_losses(
+        &self,
+        batches: &std::collections::BTreeMap<String, usize>,
+    ) -> (usize, usize) {
+        let (mut lost, mut duplicated) = (0, 0);
+        for seen in [&self.ingested, &self.anonymized] {
+            for (batch, &n) in batches {
+                for p in 1..=n as i64 {
+                    match seen.get(&(batch.clone(), p)).copied().unwrap_or(0) {
+                        0 => lost += 1,
+                        1 => {}
+                        c => duplicated += c - 1,
+                    }
+                }
+            }
+        }
+        (lost, duplicated)
+    }
+
+    /// Forgets every record and closing of these batches, so that the exactly-once checks
+    /// of the other batches see nothing unexpected.
+    pub fn forget(&mut self, batches: &std::collections::BTreeMap<String, usize>) {
+        for seen in [
+            &mut self.ingested,
+            &mut self.anonymized,
+            &mut self.canonical,
+        ] {
+            seen.retain(|(b, _), _| !batches.contains_key(b));
+        }
+        self.closings.retain(|(_, b)| !batches.contains_key(b));
     }
 
     /// The closing events of one batch, sorted.

@@ -1,8 +1,11 @@
 //! The game day: many records through all four real stages while the broker is SIGKILLed
 //! and restarted at a random moment, the Schema Registry stops answering for a while,
-//! stages are SIGKILLed and restarted at random, and an extra stage instance starts with
-//! the wrong Kafka credentials; afterwards every record is counted at every stage and the
-//! audit trail is verified.
+//! stages are SIGKILLed and restarted at random, an extra stage instance starts with the
+//! wrong Kafka credentials, the audit store's disk fills up (a tmpfs, so mounting needs
+//! root) and is freed again, and a lab feed resends the same HL7 ORU messages in several
+//! new files at once; afterwards every record is counted at every stage, every resent
+//! message must give one canonical resource per source identity, and the audit trail is
+//! verified.
 //!
 //! It is long, so it is ignored by the suite (which runs the short broker tests in
 //! `broker.rs`); `scripts/gameday.sh` runs it in release mode:
@@ -14,20 +17,21 @@
 //! Settings (environment): `GAMEDAY_RUNS` (1), `GAMEDAY_RECORDS` per run (100000),
 //! `GAMEDAY_FILES` per run (4), `GAMEDAY_STAGE_KILLS` per run (4),
 //! `GAMEDAY_REGISTRY_OUTAGES` per run (1), `GAMEDAY_BAD_CREDENTIALS` per run (1),
+//! `GAMEDAY_DISK_FULL` per run (1), `GAMEDAY_HL7_BURSTS` per run (1),
 //! `GAMEDAY_SEED` (from
 //! the clock; printed, so a run can be repeated), `GAMEDAY_REPORT` (a Markdown table is
 //! appended to this file).
 
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
 use std::time::{Duration, Instant};
 
 use pipeline::topics::TopicKind;
 use pipeline::ResourceType;
 use pipeline::Topics;
-use tests::faults::{Broker, Registry};
+use tests::faults::{Broker, Registry, SmallDisk};
 use tests::{Flow, Pipeline, Tail};
 
 const STAGES: [&str; 4] = ["ingestion", "anonymization", "canonization", "auditing"];
@@ -68,6 +72,103 @@ enum Fault {
     /// listener: it must stop at start, saying its credentials were refused, and the
     /// pipeline must not notice.
     BadCredentials(&'static str),
+    /// Fill the audit store's disk until auditing reports it full, keep it full this many
+    /// ms more, then free it.
+    AuditDiskFull { full_ms: u64 },
+    /// Drop `deliveries` files at once that hold the same `messages` HL7 ORU^R01
+    /// messages (in a different order each, as a lab feed resends them).
+    Hl7Burst { messages: usize, deliveries: usize },
+}
+
+/// The files of an HL7 burst: the same ORU messages, rotated by one per delivery so each
+/// file is new to ingestion (another batch).
+fn hl7_burst(tag: &str, messages: usize, deliveries: usize) -> Vec<Vec<u8>> {
+    let mut all = Vec::new();
+    ingestion::synthetic::write(
+        ingestion::formats::SourceFormat::Hl7v2,
+        &mut all,
+        messages * 2,
+        tag,
+    )
+    .expect("write HL7");
+    let text = String::from_utf8(all).expect("HL7 is ASCII");
+    let oru: Vec<String> = text
+        .split("MSH|")
+        .filter(|m| m.contains("|ORU^R01|"))
+        .map(|m| format!("MSH|{m}"))
+        .collect();
+    assert_eq!(oru.len(), messages);
+    (0..deliveries)
+        .map(|d| {
+            let mut order = oru.clone();
+            order.rotate_left(d % messages.max(1));
+            order.concat().into_bytes()
+        })
+        .collect()
+}
+
+/// What an HL7 burst produced on the canonical topics: for each batch, its canonical
+/// resources by (type, id), with their FHIR JSON.
+type BurstOutput = BTreeMap<String, BTreeMap<(String, String), Vec<String>>>;
+
+/// Checks one canonical resource per source identity across the deliveries of a burst:
+/// every delivery gives the same set of resource ids, each once, and each id the same
+/// content in every delivery. Returns a problem, or the number of distinct resources.
+fn one_resource_per_identity(out: &BurstOutput, deliveries: usize) -> Result<usize, String> {
+    if out.len() != deliveries {
+        return Err(format!(
+            "{} of {deliveries} deliveries reached the canonical topics",
+            out.len()
+        ));
+    }
+    let mut ids: Option<BTreeSet<&(String, String)>> = None;
+    let mut content: BTreeMap<&(String, String), BTreeSet<&str>> = BTreeMap::new();
+    for (batch, resources) in out {
+        if let Some((id, copies)) = resources.iter().find(|(_, v)| v.len() != 1) {
+            return Err(format!(
+                "batch {batch}: {} {} published {} times",
+                id.0,
+                id.1,
+                copies.len()
+            ));
+        }
+        let these: BTreeSet<_> = resources.keys().collect();
+        match &ids {
+            None => ids = Some(these),
+            Some(first) if *first != these => {
+                return Err(format!(
+                    "batch {batch}: {} resources where the first delivery gave {}",
+                    these.len(),
+                    first.len()
+                ))
+            }
+            Some(_) => {}
+        }
+        for (id, v) in resources {
+            content.entry(id).or_default().insert(v[0].as_str());
+        }
+    }
+    if let Some((id, c)) = content.iter().find(|(_, c)| c.len() != 1) {
+        return Err(format!(
+            "{} {} has {} different contents across deliveries",
+            id.0,
+            id.1,
+            c.len()
+        ));
+    }
+    Ok(content.len())
+}
+
+/// The FHIR JSON of a canonical resource without `meta` (tags are the saga's), and its
+/// (type, id).
+fn identity_and_content(fhir: &str) -> Option<((String, String), String)> {
+    let mut v: serde_json::Value = serde_json::from_str(fhir).ok()?;
+    let t = v.get("resourceType")?.as_str()?.to_string();
+    let id = v.get("id")?.as_str()?.to_string();
+    if let Some(o) = v.as_object_mut() {
+        o.remove("meta");
+    }
+    Some(((t, id), v.to_string()))
 }
 
 const SASL_BOOTSTRAP: &str = "127.0.0.1:9094";
@@ -95,6 +196,8 @@ fn run(rng: &mut Rng, run_no: u64, records: usize, files: usize, stage_kills: u6
     let broker = Broker::new();
     let registry = Registry::new();
     let mut p = Pipeline::new();
+    // Dropped before `p`, so the mount goes before its folder.
+    let disk = SmallDisk::mount(&p.audit_dir(), 2048);
     for s in STAGES {
         p.start(s, &[]);
     }
@@ -134,7 +237,27 @@ fn run(rng: &mut Rng, run_no: u64, records: usize, files: usize, stage_kills: u6
         let stage = STAGES[rng.between(0, STAGES.len() as u64) as usize];
         plan.push((at, Fault::BadCredentials(stage)));
     }
+    for _ in 0..env_or("GAMEDAY_DISK_FULL", 1) {
+        let at = rng.between(total as u64 / 50, total as u64 * 9 / 10) as usize;
+        plan.push((
+            at,
+            Fault::AuditDiskFull {
+                full_ms: rng.between(1000, 20000),
+            },
+        ));
+    }
+    for _ in 0..env_or("GAMEDAY_HL7_BURSTS", 1) {
+        let at = rng.between(total as u64 / 50, total as u64 * 9 / 10) as usize;
+        plan.push((
+            at,
+            Fault::Hl7Burst {
+                messages: rng.between(20, 200) as usize,
+                deliveries: rng.between(2, 6) as usize,
+            },
+        ));
+    }
     plan.sort_by_key(|(at, _)| *at);
+    let mut bursts: Vec<BTreeMap<String, usize>> = Vec::new();
     let wrong_password = p.dir.path().join("wrong.password");
     std::fs::write(&wrong_password, "not-the-password\n").expect("password file");
     let wrong_password = wrong_password.to_string_lossy().into_owned();
@@ -205,6 +328,48 @@ fn run(rng: &mut Rng, run_no: u64, records: usize, files: usize, stage_kills: u6
                 impostors += 1;
                 faults.push(format!("{stage} with wrong credentials@{out}"));
             }
+            Fault::AuditDiskFull { full_ms } => {
+                disk.fill();
+                let deadline = Instant::now() + Duration::from_secs(60);
+                let noticed = Instant::now();
+                while !p
+                    .metrics("auditing")
+                    .contains("medpipe_auditing_store_full 1")
+                {
+                    assert!(
+                        Instant::now() < deadline,
+                        "auditing did not report its full disk within 60 s"
+                    );
+                    assert!(p.exited("auditing").is_none(), "auditing exited");
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                let noticed = noticed.elapsed();
+                std::thread::sleep(Duration::from_millis(full_ms));
+                assert!(p.exited("auditing").is_none(), "auditing exited");
+                disk.free();
+                faults.push(format!(
+                    "audit disk full@{out} (paused after {:.1} s, {full_ms} ms more)",
+                    noticed.as_secs_f64()
+                ));
+            }
+            Fault::Hl7Burst {
+                messages,
+                deliveries,
+            } => {
+                let tag = tests::fresh_tag();
+                let mut burst = BTreeMap::new();
+                for (d, body) in hl7_burst(&tag, messages, deliveries)
+                    .into_iter()
+                    .enumerate()
+                {
+                    burst.insert(tests::batch_of(&body), messages);
+                    p.drop_file(&format!("lab-{tag}-{d}.hl7"), &body);
+                }
+                bursts.push(burst);
+                faults.push(format!(
+                    "{deliveries} deliveries of {messages} HL7 ORU@{out}"
+                ));
+            }
         }
         eprintln!("run {run_no}: {}", faults.last().unwrap());
     }
@@ -212,7 +377,7 @@ fn run(rng: &mut Rng, run_no: u64, records: usize, files: usize, stage_kills: u6
         &tail,
         "every batch closed by canonization",
         Duration::from_secs(3600),
-        |t| closed_count(t, &topics) >= files,
+        |t| closed_count(t, &topics) >= files + bursts.iter().map(BTreeMap::len).sum::<usize>(),
     );
     let elapsed = started.elapsed();
     for s in ["ingestion", "anonymization", "canonization"] {
@@ -223,23 +388,61 @@ fn run(rng: &mut Rng, run_no: u64, records: usize, files: usize, stage_kills: u6
         TopicKind::Ingestion,
         TopicKind::Anonymization,
         TopicKind::Canonization,
-        TopicKind::Canonical(ResourceType::Patient),
-        TopicKind::Canonical(ResourceType::Observation),
     ]
-    .iter()
-    .map(|k| topics.name(*k))
+    .into_iter()
+    .chain(ResourceType::ALL.iter().map(|r| TopicKind::Canonical(*r)))
+    .map(|k| topics.name(k))
     .collect();
     // Counting reads and decodes every record on one core while auditing, single
     // threaded, catches up on the other.
     let phase = Instant::now();
-    let ((flow, counted_in), audited_in) = std::thread::scope(|s| {
-        let counting = s.spawn(|| (Flow::of(&p.read(&counted)), phase.elapsed()));
+    let all_bursts: BTreeMap<String, usize> = bursts
+        .iter()
+        .flatten()
+        .map(|(b, n)| (b.clone(), *n))
+        .collect();
+    let (((mut flow, burst_out), counted_in), audited_in) = std::thread::scope(|s| {
+        let counting = s.spawn(|| {
+            let records = p.read(&counted);
+            let mut out: BurstOutput = BTreeMap::new();
+            for r in &records {
+                let Some(ev) = &r.event else { continue };
+                let Some((_, fhir, prov)) = ev.payload.canonical() else {
+                    continue;
+                };
+                if !all_bursts.contains_key(&prov.batch_id) {
+                    continue;
+                }
+                let (id, content) = identity_and_content(fhir).expect("canonical FHIR JSON");
+                out.entry(prov.batch_id.clone())
+                    .or_default()
+                    .entry(id)
+                    .or_default()
+                    .push(content);
+            }
+            ((Flow::of(&records), out), phase.elapsed())
+        });
         p.wait_for_audit_lag_hint(Duration::from_secs(1800));
         p.wait_for_audit_catch_up(Duration::from_secs(1800));
         let audited_in = phase.elapsed();
         (counting.join().expect("counting"), audited_in)
     });
+    // The HL7 bursts: every message once through ingestion and anonymization in each
+    // delivery, every delivery closed once, and one canonical resource per source identity.
+    let (burst_lost, burst_duplicated) = flow.upstream_losses(&all_bursts);
+    let burst_closed = flow.closed_once(&all_bursts);
+    let mut burst_checks = Vec::new();
+    for burst in &bursts {
+        let out: BurstOutput = burst_out
+            .iter()
+            .filter(|(b, _)| burst.contains_key(*b))
+            .map(|(b, r)| (b.clone(), r.clone()))
+            .collect();
+        burst_checks.push(one_resource_per_identity(&out, burst.len()));
+    }
+    flow.forget(&all_bursts);
     let (lost, duplicated) = flow.losses(&batches);
+    let (lost, duplicated) = (lost + burst_lost, duplicated + burst_duplicated);
     p.stop("auditing");
     let phase = Instant::now();
     let verify = p.medpipe(&["audit", "verify", "--published"]);
@@ -250,14 +453,37 @@ fn run(rng: &mut Rng, run_no: u64, records: usize, files: usize, stage_kills: u6
         audited_in.as_secs_f64(),
         phase.elapsed().as_secs_f64()
     );
+    let burst_summary: Vec<String> = burst_checks
+        .iter()
+        .map(|c| match c {
+            Ok(n) => format!("{n} canonical resources, one per source identity"),
+            Err(e) => format!("FAILED: {e}"),
+        })
+        .collect();
     let row = format!(
-        "| {run_no} | {total} | {} | {lost} | {duplicated} | {} | {} | {:.0} s |",
+        "| {run_no} | {total} + {} HL7 | {} | {lost} | {duplicated} | {} + bursts {burst_closed} | {} | {} | {:.0} s |",
+        all_bursts.values().sum::<usize>(),
         faults.join(", "),
         flow.closed_once(&batches),
+        burst_summary.join("; "),
         if verified { "verified" } else { "FAILED" },
         elapsed.as_secs_f64()
     );
     flow.assert_exactly_once(&batches);
+    assert_eq!(
+        (burst_lost, burst_duplicated),
+        (0, 0),
+        "HL7 burst messages lost or duplicated upstream"
+    );
+    assert_eq!(
+        burst_closed,
+        format!("{0}/{0}", all_bursts.len()),
+        "HL7 burst deliveries closed"
+    );
+    for c in &burst_checks {
+        assert!(c.is_ok(), "HL7 burst: {c:?}");
+    }
+    drop(disk);
     assert!(
         verified,
         "audit verify failed: {}",
@@ -283,11 +509,13 @@ fn gameday() {
     eprintln!("game day: {runs} runs of {records} records, seed {seed}");
     let mut rng = Rng(seed);
     let header = format!(
-        "\nGame day, seed {seed}: {runs} runs of {records} records in {files} files; per run one broker SIGKILL, {stage_kills} stage SIGKILLs, {} registry outages and {} stage instances started with wrong Kafka credentials.\n\n\
-         | run | records | faults (at canonical records out) | lost | duplicated | batches closed once | audit chain | time |\n\
-         |---|---|---|---|---|---|---|---|\n",
+        "\nGame day, seed {seed}: {runs} runs of {records} records in {files} files; per run one broker SIGKILL, {stage_kills} stage SIGKILLs, {} registry outages, {} stage instances started with wrong Kafka credentials, {} audit disk fills and {} bursts of resent HL7 ORU messages.\n\n\
+         | run | records | faults (at canonical records out) | lost | duplicated | batches closed once | resent HL7 | audit chain | time |\n\
+         |---|---|---|---|---|---|---|---|---|\n",
         env_or("GAMEDAY_REGISTRY_OUTAGES", 1),
         env_or("GAMEDAY_BAD_CREDENTIALS", 1),
+        env_or("GAMEDAY_DISK_FULL", 1),
+        env_or("GAMEDAY_HL7_BURSTS", 1),
     );
     let mut report = std::env::var("GAMEDAY_REPORT").ok().map(|path| {
         let mut f = std::fs::OpenOptions::new()
