@@ -333,7 +333,7 @@ impl Auditor {
         while !shutdown.is_cancelled() {
             if let Some(why) = self.consumer.context().watch.stuck(STUCK_AFTER) {
                 warn!(why, "The consumer has been stuck for 30s; recreating it.");
-                self.consumer = audit_consumer(&self.config)?;
+                self.replace_consumer()?;
             }
             let batch = self.poll_batch();
             if !batch.is_empty() {
@@ -446,7 +446,7 @@ impl Auditor {
                 shutdown,
             ) {
                 warn!(error = %e, "Could not rewind the consumer; recreating it.");
-                self.consumer = audit_consumer(&self.config)?;
+                self.replace_consumer()?;
             }
         }
         let now = chrono::Utc::now().timestamp_micros();
@@ -456,6 +456,16 @@ impl Auditor {
             Ok(()) | Err(PipelineError::DiskFull { .. }) => Ok(()),
             Err(e) => Err(e),
         }
+    }
+
+    /// A new consumer in place of the current one, which is closed aside (see
+    /// `pipeline::kafka::drop_aside`): the new member's partitions start at the committed
+    /// offsets.
+    fn replace_consumer(&mut self) -> Result<(), PipelineError> {
+        let new = audit_consumer(&self.config)?;
+        let old = std::mem::replace(&mut self.consumer, new);
+        pipeline::kafka::drop_aside("audit consumer", old, &self.metrics.calls_abandoned);
+        Ok(())
     }
 
     /// Pauses or resumes every partition the consumer owns.
@@ -497,7 +507,7 @@ impl Auditor {
             pipeline::kafka::rewind_to_committed(&self.consumer, Duration::from_secs(30), shutdown)
         {
             warn!(error = %e, "Could not rewind the consumer; recreating it.");
-            self.consumer = audit_consumer(&self.config)?;
+            self.replace_consumer()?;
         }
         Ok(())
     }

@@ -59,6 +59,8 @@ struct Args {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    // First, so a SIGTERM during start-up stops the stage cleanly (see pipeline::shutdown).
+    let _ = pipeline::shutdown::on_signals();
     let args = Args::parse();
     pipeline::telemetry::init_tracing(args.telemetry.log_format);
     anyhow::ensure!(

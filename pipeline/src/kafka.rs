@@ -305,6 +305,51 @@ pub fn watched_consumer(
     Ok(consumer)
 }
 
+/// How long a replaced client may take to close before it is left to close on its own.
+const CLOSE_WITHIN: Duration = Duration::from_secs(10);
+
+/// Drops a Kafka client that is being replaced (a stuck consumer, say) on a thread of its
+/// own, and waits at most [`CLOSE_WITHIN`] for it. Closing a consumer leaves its group
+/// through the group coordinator, and librdkafka was seen to wait for that forever when
+/// the coordinator it had cached went away: a game day's auditing hung for good in the
+/// drop of the consumer it was replacing, after the controller fenced its own broker. A
+/// client that does not close in time is left to its thread and counted in `abandoned`.
+pub fn drop_aside<T: Send + 'static>(
+    what: &'static str,
+    client: T,
+    abandoned: &prometheus::IntCounter,
+) {
+    drop_aside_within(what, client, abandoned, CLOSE_WITHIN);
+}
+
+fn drop_aside_within<T: Send + 'static>(
+    what: &'static str,
+    client: T,
+    abandoned: &prometheus::IntCounter,
+    within: Duration,
+) {
+    let (tx, rx) = std::sync::mpsc::sync_channel(1);
+    let spawned = std::thread::Builder::new()
+        .name("drop-aside".into())
+        .spawn(move || {
+            drop(client);
+            let _ = tx.send(());
+        });
+    if let Err(e) = spawned {
+        // The closure, and the client with it, was dropped here already.
+        warn!(what, error = %e, "Cannot start a thread to close a replaced client; it was closed in place.");
+        return;
+    }
+    if rx.recv_timeout(within).is_err() {
+        warn!(
+            what,
+            within_ms = within.as_millis() as u64,
+            "A replaced Kafka client did not close in time; it is left to close on its own thread."
+        );
+        abandoned.inc();
+    }
+}
+
 /// A consumer for one-off reads of whole topics, in a throwaway group of its own
 /// (`<prefix>-<uuid>`), so it neither joins nor disturbs any stage's group.
 pub fn readback_config(kafka: &Connection, prefix: &str) -> ClientConfig {
@@ -481,6 +526,31 @@ pub fn retry_until<T>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A replaced client whose drop blocks (as librdkafka's consumer close did when its
+    /// cached group coordinator went away, which the mock cluster does not reproduce) is
+    /// left to its thread: `drop_aside` comes back on time and counts it. One whose drop
+    /// returns is not counted.
+    #[test]
+    fn a_client_that_does_not_close_in_time_is_left_aside_and_counted() {
+        struct Stuck(std::sync::mpsc::Receiver<()>);
+        impl Drop for Stuck {
+            fn drop(&mut self) {
+                let _ = self.0.recv();
+            }
+        }
+        let abandoned = prometheus::IntCounter::new("abandoned", "test").expect("counter");
+        let (release, rx) = std::sync::mpsc::channel();
+        let within = Duration::from_millis(300);
+        let started = Instant::now();
+        drop_aside_within("stuck", Stuck(rx), &abandoned, within);
+        let took = started.elapsed();
+        assert!(took >= within && took < within * 10, "took {took:?}");
+        assert_eq!(abandoned.get(), 1);
+        drop(release);
+        drop_aside_within("fine", 5u8, &abandoned, within);
+        assert_eq!(abandoned.get(), 1);
+    }
 
     fn get(c: &ClientConfig, k: &str) -> Option<String> {
         c.get(k).map(str::to_string)

@@ -328,7 +328,9 @@ impl<S: Stage> Runner<S> {
                     .rewinds
                     .with_label_values(&["stuck_fetch"])
                     .inc();
-                self.consumer = subscribed_consumer(&self.config, &self.metrics)?;
+                let new = subscribed_consumer(&self.config, &self.metrics)?;
+                let old = std::mem::replace(&mut self.consumer, new);
+                crate::kafka::drop_aside("consumer", old, &self.metrics.calls_abandoned);
                 self.reload_state = true;
             }
             let busy = self.owned_work();
@@ -413,7 +415,9 @@ impl<S: Stage> Runner<S> {
             }
             warn!(error = %e, "Cannot seek to the committed offsets; recreating the consumer.");
             // The new member's partitions start at the committed offsets.
-            self.consumer = subscribed_consumer(&self.config, &self.metrics)?;
+            let new = subscribed_consumer(&self.config, &self.metrics)?;
+            let old = std::mem::replace(&mut self.consumer, new);
+            crate::kafka::drop_aside("consumer", old, &self.metrics.calls_abandoned);
         }
         self.reload_state = true;
         Ok(())
