@@ -152,7 +152,7 @@ fn iso(micros: Option<i64>) -> String {
 /// Every checkpoint published on the audit topic.
 fn published_heads(kafka: &KafkaArgs) -> anyhow::Result<Vec<TreeHead>> {
     let topics = kafka.topics();
-    let codec = pipeline::Codec::new(&kafka.schema_registry_url, &topics)?;
+    let codec = kafka.codec(&topics)?;
     let rt = tokio::runtime::Handle::current();
     let records = tokio::task::block_in_place(|| {
         pipeline::readback::read_all(

@@ -143,7 +143,7 @@ async fn read(
     timeout: Duration,
 ) -> anyhow::Result<Vec<DeadLetter>> {
     let topics = kafka.topics();
-    let codec = pipeline::Codec::new(&kafka.schema_registry_url, &topics)?;
+    let codec = kafka.codec(&topics)?;
     let rt = tokio::runtime::Handle::current();
     let topic = topics.dlq(stage);
     let bootstrap = kafka.connection()?;

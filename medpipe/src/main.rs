@@ -556,7 +556,7 @@ async fn send_command(
 ) -> anyhow::Result<()> {
     use rdkafka::producer::{FutureProducer, FutureRecord};
     let topics = kafka.topics();
-    let codec = pipeline::Codec::new(&kafka.schema_registry_url, &topics)?;
+    let codec = kafka.codec(&topics)?;
     let event = pipeline::Event::new(
         "medpipe-cli",
         id,
@@ -591,7 +591,7 @@ async fn summary(
     timeout: Duration,
 ) -> anyhow::Result<()> {
     let topics = kafka.topics();
-    let codec = pipeline::Codec::new(&kafka.schema_registry_url, &topics)?;
+    let codec = kafka.codec(&topics)?;
     let rt = tokio::runtime::Handle::current();
     let deadline = tokio::time::Instant::now() + timeout;
     let records = loop {

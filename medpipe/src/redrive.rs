@@ -95,7 +95,7 @@ pub async fn run(args: RedriveArgs, out: &mut impl Write) -> anyhow::Result<()> 
         "--per-transaction must be at least 1"
     );
     let topics = args.kafka.topics();
-    let codec = pipeline::Codec::new(&args.kafka.schema_registry_url, &topics)?;
+    let codec = args.kafka.codec(&topics)?;
     let rt = tokio::runtime::Handle::current();
     let dlq = topics.dlq(&args.stage);
     let ledger_topic = topics.redrive_ledger();

@@ -84,7 +84,7 @@ pub async fn run(args: ReplayArgs, out: &mut impl Write) -> anyhow::Result<()> {
     let (from_topic, to_topic) = (source.name(input), target.name(input));
     let bootstrap = args.kafka.connection()?;
     pipeline::topics::ensure_topics(&bootstrap, &target.all(), &args.kafka.topic_layout()).await?;
-    let codec = pipeline::Codec::new(&args.kafka.schema_registry_url, &source)?;
+    let codec = args.kafka.codec(&source)?;
     let rt = tokio::runtime::Handle::current();
     let (existing, records) = tokio::task::block_in_place(|| {
         let existing = pipeline::readback::read_all(

@@ -93,7 +93,7 @@ pub async fn run(kind: Request, args: RequestArgs, out: &mut impl Write) -> anyh
         .unwrap_or_else(uuid::Uuid::new_v4)
         .to_string();
     let topics = args.kafka.topics();
-    let codec = pipeline::Codec::new(&args.kafka.schema_registry_url, &topics)?;
+    let codec = args.kafka.codec(&topics)?;
     let payload = match &kind {
         Request::Reprocess {
             policy,

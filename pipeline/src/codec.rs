@@ -13,13 +13,34 @@ use schema_registry_converter::schema_registry_common::{
     SchemaType, SubjectNameStrategy, SuppliedSchema,
 };
 
+use crate::crypto::Secret;
 use crate::error::PipelineError;
 use crate::events::{self, erased::ErasedWire, Event, CATALOGUE};
 use crate::schemas;
 use crate::topics::Topics;
 
+/// HTTP Basic credentials for the Schema Registry. Confluent Schema Registry, Karapace and
+/// Apicurio 3 (with `apicurio.authn.basic-client-credentials.enabled`) all accept them.
+#[derive(Clone, PartialEq, Eq)]
+pub struct RegistryAuth {
+    pub username: String,
+    pub password: Secret<String>,
+}
+
+/// By hand, so that no `{:?}` of a config or a codec can print the password.
+impl std::fmt::Debug for RegistryAuth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RegistryAuth")
+            .field("username", &self.username)
+            .field("password", &"<redacted>")
+            .finish()
+    }
+}
+
 /// Encodes and decodes medpipe events against one Schema Registry.
 pub struct Codec {
+    /// The user the registry is called as, to name it when the registry refuses it.
+    registry_user: Option<String>,
     encoder: AvroEncoder,
     decoder: AvroDecoder,
     /// Subject strategy per event type; each carries its schema so first use registers it.
@@ -64,15 +85,44 @@ fn sr_error(context: impl Into<String>, e: SRCError) -> PipelineError {
     }
 }
 
+/// The HTTP status of a registry answer that refused the caller: 401 (who you are) or 403
+/// (what you may do). `schema_registry_converter` reports a non-success status only in
+/// its message ("... failed with status 401 Unauthorized"), in the error or, when it was
+/// wrapped, in its cause.
+fn refused_status(e: &SRCError) -> Option<u16> {
+    const MARK: &str = "failed with status ";
+    [Some(e.error.as_str()), e.cause.as_deref()]
+        .into_iter()
+        .flatten()
+        .find_map(|text| {
+            let rest = &text[text.find(MARK)? + MARK.len()..];
+            let code: u16 = rest.get(..3)?.parse().ok()?;
+            matches!(code, 401 | 403).then_some(code)
+        })
+}
+
 impl Codec {
-    /// Builds a codec for the pipeline whose topics are `topics`. Makes no network call.
+    /// Builds a codec for the pipeline whose topics are `topics`, calling the registry
+    /// without credentials. Makes no network call.
     pub fn new(registry_url: &str, topics: &Topics) -> Result<Self, PipelineError> {
+        Self::with_auth(registry_url, topics, None)
+    }
+
+    /// [`Codec::new`], calling the registry with HTTP Basic credentials when `auth` is given.
+    pub fn with_auth(
+        registry_url: &str,
+        topics: &Topics,
+        auth: Option<&RegistryAuth>,
+    ) -> Result<Self, PipelineError> {
         let settings = || {
-            SrSettings::new_builder(registry_url.to_string())
+            let mut builder = SrSettings::new_builder(registry_url.to_string());
+            builder
                 .no_proxy()
-                .set_timeout(std::time::Duration::from_secs(10))
-                .build()
-                .map_err(|e| sr_error("settings", e))
+                .set_timeout(std::time::Duration::from_secs(10));
+            if let Some(a) = auth {
+                builder.set_basic_authorization(&a.username, Some(a.password.expose()));
+            }
+            builder.build().map_err(|e| sr_error("settings", e))
         };
         let mut strategies = HashMap::new();
         for spec in CATALOGUE {
@@ -87,6 +137,7 @@ impl Codec {
             );
         }
         Ok(Codec {
+            registry_user: auth.map(|a| a.username.clone()),
             encoder: AvroEncoder::new(settings()?),
             decoder: AvroDecoder::new(settings()?),
             strategies,
@@ -103,9 +154,23 @@ impl Codec {
             self.encoder
                 .get_schema_and_id(&subject, strategy.clone())
                 .await
-                .map_err(|e| sr_error(format!("register {subject}"), e))?;
+                .map_err(|e| self.registry_error(format!("register {subject}"), e))?;
         }
         Ok(())
+    }
+
+    /// A failed registry call as our error: a refusal of our credentials is fatal and says
+    /// which user was refused (never the password); other failures keep the client's
+    /// retriable flag.
+    fn registry_error(&self, context: impl Into<String>, e: SRCError) -> PipelineError {
+        match refused_status(&e) {
+            Some(status) => PipelineError::SchemaRegistryAuth {
+                context: context.into(),
+                user: self.registry_user.clone(),
+                status,
+            },
+            None => sr_error(context, e),
+        }
     }
 
     fn strategy(&self, event_type: &str) -> Result<&SubjectNameStrategy, PipelineError> {
@@ -142,8 +207,8 @@ impl Codec {
             .encode_value(value, strategy)
             .await
             .map_err(|e| {
-                if e.retriable {
-                    sr_error(format!("encode {event_type}"), e)
+                if e.retriable || refused_status(&e).is_some() {
+                    self.registry_error(format!("encode {event_type}"), e)
                 } else {
                     encode_error(e.to_string())
                 }
@@ -211,9 +276,11 @@ impl Codec {
     /// Decodes a Confluent-framed Avro event. Bad bytes, unknown schema ids and unknown
     /// event types are `Decode` errors (dead-letter); an unreachable registry is retriable.
     pub async fn decode(&self, bytes: &[u8]) -> Result<Event, PipelineError> {
+        // A refused credential is the registry's answer about us, not about the message: it
+        // must stop the stage, never dead-letter the message.
         let result = self.decoder.decode(Some(bytes)).await.map_err(|e| {
-            if e.retriable {
-                sr_error("decode", e)
+            if e.retriable || refused_status(&e).is_some() {
+                self.registry_error("decode", e)
             } else {
                 PipelineError::Decode(e.to_string())
             }
@@ -228,5 +295,45 @@ impl Codec {
     pub fn clear_cached_errors(&self) {
         self.encoder.remove_errors_from_cache();
         self.decoder.remove_errors_from_cache();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_401_and_403_from_the_registry_are_refused_credentials() {
+        let http = |status: &str| {
+            SRCError::new(
+                &format!("HTTP request to schema registry failed with status {status}"),
+                Some("error code 0".into()),
+                false,
+            )
+        };
+        assert_eq!(refused_status(&http("401 Unauthorized")), Some(401));
+        assert_eq!(refused_status(&http("403 Forbidden")), Some(403));
+        assert_eq!(refused_status(&http("404 Not Found")), None);
+        assert_eq!(refused_status(&http("503 Service Unavailable")), None);
+        // Wrapped by the client: the status is in the cause.
+        let wrapped = SRCError::new(
+            "Error posting a reference",
+            Some("HTTP request to schema registry failed with status 401 Unauthorized".into()),
+            false,
+        );
+        assert_eq!(refused_status(&wrapped), Some(401));
+        let timeout = SRCError::new("http call to schema registry failed", None, true);
+        assert_eq!(refused_status(&timeout), None);
+    }
+
+    #[test]
+    fn registry_credentials_never_show_their_password() {
+        let auth = RegistryAuth {
+            username: "medpipe-ingestion".into(),
+            password: Secret::new("s3cret".into()),
+        };
+        let shown = format!("{auth:?} {:?}", Some(&auth));
+        assert!(shown.contains("medpipe-ingestion"), "{shown}");
+        assert!(!shown.contains("s3cret"), "{shown}");
     }
 }

@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use crate::codec::{Codec, RegistryAuth};
 use crate::crypto::{KeyRef, Secret};
 use crate::error::PipelineError;
 use crate::kafka::{Connection, SaslAuth};
@@ -25,6 +26,22 @@ pub struct KafkaArgs {
         default_value = "http://127.0.0.1:8081"
     )]
     pub schema_registry_url: String,
+    /// The Schema Registry user (HTTP Basic); unset, the registry is called without
+    /// credentials. With Apicurio backed by an OIDC provider, the client id.
+    #[arg(
+        long,
+        env = "MEDPIPE_SCHEMA_REGISTRY_USERNAME",
+        requires = "schema_registry_password_file"
+    )]
+    pub schema_registry_username: Option<String>,
+    /// A file holding the Schema Registry password (a mounted secret); never the password
+    /// itself. One trailing newline is ignored.
+    #[arg(
+        long,
+        env = "MEDPIPE_SCHEMA_REGISTRY_PASSWORD_FILE",
+        requires = "schema_registry_username"
+    )]
+    pub schema_registry_password_file: Option<PathBuf>,
     /// All topic names start with this prefix (`<prefix>.ingestion.v1`, ...).
     #[arg(long, env = "MEDPIPE_TOPIC_PREFIX", default_value = "medpipe")]
     pub topic_prefix: String,
@@ -87,6 +104,59 @@ impl KafkaArgs {
 
     pub fn topics(&self) -> Topics {
         Topics::new(self.topic_prefix.clone())
+    }
+
+    /// The Schema Registry credentials, if configured. Reads the password file, so a
+    /// missing, unreadable or empty one fails at start-up with its path named (never its
+    /// content).
+    pub fn registry_auth(&self) -> Result<Option<RegistryAuth>, PipelineError> {
+        const TOGETHER: &str =
+            "--schema-registry-username and --schema-registry-password-file go together";
+        let (username, path) = match (
+            &self.schema_registry_username,
+            &self.schema_registry_password_file,
+        ) {
+            (Some(u), Some(p)) => (u, p),
+            (None, None) => return Ok(None),
+            _ => return Err(PipelineError::Config(TOGETHER.into())),
+        };
+        // RFC 7617: the user-id of Basic credentials cannot hold a colon.
+        if username.is_empty() || username.contains(':') {
+            return Err(PipelineError::Config(
+                "--schema-registry-username must be non-empty and contain no ':'".into(),
+            ));
+        }
+        let password = std::fs::read_to_string(path).map_err(|e| {
+            PipelineError::Config(format!(
+                "cannot read the Schema Registry password file {}: {e}",
+                path.display()
+            ))
+        })?;
+        // Exactly one line end, as `echo` or `openssl rand` leave it in the file.
+        let password = password
+            .strip_suffix('\n')
+            .map(|p| p.strip_suffix('\r').unwrap_or(p))
+            .unwrap_or(&password);
+        if password.is_empty() {
+            return Err(PipelineError::Config(format!(
+                "the Schema Registry password file {} is empty",
+                path.display()
+            )));
+        }
+        Ok(Some(RegistryAuth {
+            username: username.clone(),
+            password: Secret::new(password.to_string()),
+        }))
+    }
+
+    /// A codec for `topics` on the configured registry, with its credentials if any.
+    /// Makes no network call, but reads the password file.
+    pub fn codec(&self, topics: &Topics) -> Result<Codec, PipelineError> {
+        Codec::with_auth(
+            &self.schema_registry_url,
+            topics,
+            self.registry_auth()?.as_ref(),
+        )
     }
 
     /// The brokers and this process's credentials. Reads the password file, so a missing
@@ -303,4 +373,119 @@ impl AuditKeyArgs {
 /// clap value parser that wraps the value so it never shows in `Debug`.
 pub fn parse_secret(s: &str) -> Result<Secret<String>, String> {
     Ok(Secret::new(s.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(clap::Parser, Debug)]
+    struct Cli {
+        #[command(flatten)]
+        kafka: KafkaArgs,
+    }
+
+    fn parse(args: &[&str]) -> Result<KafkaArgs, clap::Error> {
+        Cli::try_parse_from(std::iter::once("medpipe").chain(args.iter().copied())).map(|c| c.kafka)
+    }
+
+    fn auth_from(
+        password_file_content: &str,
+    ) -> (
+        tempfile::TempDir,
+        Result<Option<RegistryAuth>, PipelineError>,
+    ) {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
+        let path = dir.path().join("password");
+        std::fs::write(&path, password_file_content).unwrap_or_else(|e| panic!("write: {e}"));
+        let path = path.to_string_lossy().into_owned();
+        let args = parse(&[
+            "--schema-registry-username",
+            "medpipe-ingestion",
+            "--schema-registry-password-file",
+            &path,
+        ])
+        .unwrap_or_else(|e| panic!("parse: {e}"));
+        (dir, args.registry_auth())
+    }
+
+    #[test]
+    fn registry_username_and_password_file_come_together_or_not_at_all() {
+        let none = parse(&[]).unwrap_or_else(|e| panic!("{e}"));
+        assert!(matches!(none.registry_auth(), Ok(None)));
+        let e = parse(&["--schema-registry-username", "u"])
+            .err()
+            .map(|e| e.kind());
+        assert_eq!(e, Some(clap::error::ErrorKind::MissingRequiredArgument));
+        let e = parse(&["--schema-registry-password-file", "/p"])
+            .err()
+            .map(|e| e.kind());
+        assert_eq!(e, Some(clap::error::ErrorKind::MissingRequiredArgument));
+    }
+
+    #[test]
+    fn the_registry_password_file_loses_one_line_end_only() {
+        for (content, password) in [
+            ("s3cret\n", "s3cret"),
+            ("s3cret\r\n", "s3cret"),
+            ("s3cret", "s3cret"),
+            ("s3cret\n\n", "s3cret\n"),
+            (" s3cret \n", " s3cret "),
+        ] {
+            let (_dir, auth) = auth_from(content);
+            let auth = auth
+                .unwrap_or_else(|e| panic!("{e}"))
+                .unwrap_or_else(|| panic!("auth"));
+            assert_eq!(auth.username, "medpipe-ingestion");
+            assert_eq!(auth.password.expose(), password, "from {content:?}");
+            let debug = format!("{auth:?}");
+            assert!(
+                debug.contains("medpipe-ingestion") && !debug.contains("s3cret"),
+                "{debug}"
+            );
+        }
+    }
+
+    #[test]
+    fn an_empty_or_unreadable_registry_password_file_is_a_config_error_naming_the_path() {
+        for content in ["", "\n"] {
+            let (dir, auth) = auth_from(content);
+            let e = auth
+                .err()
+                .unwrap_or_else(|| panic!("{content:?} must be refused"));
+            assert!(matches!(e, PipelineError::Config(_)));
+            assert!(
+                e.to_string()
+                    .contains(&dir.path().join("password").display().to_string()),
+                "{e}"
+            );
+            assert!(e.to_string().contains("is empty"), "{e}");
+        }
+        let args = parse(&[
+            "--schema-registry-username",
+            "u",
+            "--schema-registry-password-file",
+            "/nonexistent/medpipe/registry-password",
+        ])
+        .unwrap_or_else(|e| panic!("{e}"));
+        let e = args
+            .registry_auth()
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(e.contains("cannot read the Schema Registry password file /nonexistent/medpipe/registry-password"), "{e}");
+        let colon = parse(&[
+            "--schema-registry-username",
+            "a:b",
+            "--schema-registry-password-file",
+            "/p",
+        ])
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert!(matches!(
+            colon.registry_auth(),
+            Err(PipelineError::Config(_))
+        ));
+    }
 }

@@ -40,6 +40,16 @@ pub enum PipelineError {
         message: String,
         retriable: bool,
     },
+    /// The registry answered 401 or 403: our credentials are wrong, missing or not allowed
+    /// this call. Fatal: retrying cannot fix it, and a message must not be dead-lettered
+    /// for it. Names the user, never the password.
+    #[error("{}", registry_refusal(context, user.as_deref(), *status))]
+    SchemaRegistryAuth {
+        context: String,
+        /// `None`: the call carried no credentials.
+        user: Option<String>,
+        status: u16,
+    },
     #[error("cannot decode message: {0}")]
     Decode(String),
     #[error("cannot encode {event_type}: {message}")]
@@ -100,6 +110,22 @@ pub enum PipelineError {
     },
 }
 
+/// The message of [`PipelineError::SchemaRegistryAuth`]: who was refused, and what to fix.
+fn registry_refusal(context: &str, user: Option<&str>, status: u16) -> String {
+    match user {
+        Some(u) => format!(
+            "the Schema Registry refused the credentials of user {u} (HTTP {status}) while \
+             trying to {context}; check --schema-registry-username and the password in \
+             --schema-registry-password-file, and the user's rights in the registry"
+        ),
+        None => format!(
+            "the Schema Registry wants credentials (HTTP {status}) while trying to {context}, \
+             and none are configured: set --schema-registry-username and \
+             --schema-registry-password-file"
+        ),
+    }
+}
+
 impl PipelineError {
     /// A serialisation failure of one of our own values (`what`), for `map_err`.
     pub fn serialize<E: std::fmt::Display>(what: &'static str) -> impl FnOnce(E) -> Self {
@@ -139,6 +165,7 @@ impl PipelineError {
                     ErrorClass::Fatal
                 }
             }
+            PipelineError::SchemaRegistryAuth { .. } => ErrorClass::Fatal,
             PipelineError::Decode(_) => ErrorClass::DeadLetter,
             PipelineError::Encode { .. } => ErrorClass::Fatal,
             PipelineError::Schema { .. } | PipelineError::Config(_) => ErrorClass::Fatal,
@@ -256,6 +283,26 @@ mod tests {
             ErrorClass::DeadLetter
         );
         assert_eq!(PipelineError::Config("x".into()).class(), ErrorClass::Fatal);
+    }
+
+    #[test]
+    fn a_refused_registry_credential_is_fatal_and_names_the_user_and_status() {
+        let e = PipelineError::SchemaRegistryAuth {
+            context: "register t.ingestion.v1-medpipe.ingestion.RecordIngested".into(),
+            user: Some("medpipe-ingestion".into()),
+            status: 401,
+        };
+        assert_eq!(e.class(), ErrorClass::Fatal);
+        assert!(e.to_string().starts_with(
+            "the Schema Registry refused the credentials of user medpipe-ingestion (HTTP 401)"
+        ));
+        let anonymous = PipelineError::SchemaRegistryAuth {
+            context: "decode".into(),
+            user: None,
+            status: 403,
+        };
+        assert!(anonymous.to_string().contains("none are configured"));
+        assert!(anonymous.to_string().contains("(HTTP 403)"));
     }
 
     #[test]

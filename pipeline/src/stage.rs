@@ -27,15 +27,17 @@ pub struct CommonArgs {
 }
 
 /// Connects to the registry, registers every schema and creates missing topics.
-/// Retries for up to `wait` so a stage started alongside the stack does not fail at once.
+/// Retries for up to `wait` so a stage started alongside the stack does not fail at once,
+/// but stops at once when the registry refuses its credentials: waiting cannot fix that.
 pub async fn prepare(kafka: &KafkaArgs, wait: Duration) -> Result<Arc<Codec>, PipelineError> {
     kafka.validate()?;
     let topics = kafka.topics();
-    let codec = Codec::new(&kafka.schema_registry_url, &topics)?;
+    let codec = kafka.codec(&topics)?;
     let deadline = tokio::time::Instant::now() + wait;
     loop {
         match codec.register_all().await {
             Ok(()) => break,
+            Err(e @ PipelineError::SchemaRegistryAuth { .. }) => return Err(e),
             Err(e) if tokio::time::Instant::now() < deadline => {
                 tracing::warn!(error = %e, registry = %kafka.schema_registry_url, "Schema Registry not ready; retrying.");
                 codec.clear_cached_errors();

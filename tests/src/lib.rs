@@ -58,6 +58,8 @@ impl Pipeline {
         let kafka = pipeline::config::KafkaArgs {
             bootstrap_servers: BOOTSTRAP.into(),
             schema_registry_url: REGISTRY.into(),
+            schema_registry_username: None,
+            schema_registry_password_file: None,
             topic_prefix: prefix.clone(),
             topic_partitions: 3,
             topic_replication: 1,
