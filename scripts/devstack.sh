@@ -386,6 +386,7 @@ start_kafka() {
       java $KAFKA_HEAP_OPTS -server \
       -XX:+UseG1GC -XX:MaxGCPauseMillis=20 -XX:InitiatingHeapOccupancyPercent=35 \
       -XX:+ExplicitGCInvokesConcurrent -Djava.awt.headless=true \
+      "-Xlog:gc*,safepoint:file=$LOG_DIR/gc.log:time,uptime:filecount=3,filesize=20m" \
       -Dlog4j2.configurationFile="$LOG4J2_CONFIG" -Dkafka.logs.dir="$LOG_DIR" \
       -cp "$KAFKA_LIBS/*" kafka.Kafka "$KAFKA_CONFIG"
     pid=$(<"$KAFKA_PID_FILE")
