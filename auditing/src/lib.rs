@@ -548,7 +548,10 @@ impl Auditor {
                 Some(b) if !self.config.topics.is_dlq(m.topic()) => {
                     match self.rt.block_on(self.codec.decode(b)) {
                         Ok(ev) => Some(ev),
-                        Err(e) if e.class() == pipeline::ErrorClass::Retry => return Err(e),
+                        // Only an undecodable message is recorded undecoded; a registry
+                        // that does not answer or refuses our credentials is not the
+                        // message's fault.
+                        Err(e) if e.class() != pipeline::ErrorClass::DeadLetter => return Err(e),
                         Err(_) => None,
                     }
                 }

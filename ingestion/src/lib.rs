@@ -182,11 +182,19 @@ impl Ingestor {
         self.ledger = read_ledger(&self.config, &self.shutdown)?;
         // Commands are rare, so the command consumer is simply recreated: the new
         // member's assignment starts at the committed offsets.
-        self.commands = command_consumer(&self.config)?;
+        self.replace_command_consumer()?;
         info!(
             ledger_entries = self.ledger.len(),
             "Resuming from the committed ledger."
         );
+        Ok(())
+    }
+
+    /// A new command consumer; the old one is closed aside (`pipeline::kafka::drop_aside`).
+    fn replace_command_consumer(&mut self) -> Result<(), PipelineError> {
+        let new = command_consumer(&self.config)?;
+        let old = std::mem::replace(&mut self.commands, new);
+        pipeline::kafka::drop_aside("command consumer", old, &self.metrics.calls_abandoned);
         Ok(())
     }
 
@@ -542,7 +550,7 @@ impl Ingestor {
                 why,
                 "The command consumer has been stuck for 30s; recreating it."
             );
-            self.commands = command_consumer(&self.config)?;
+            self.replace_command_consumer()?;
         }
         let mut handled = false;
         for _ in 0..16 {
@@ -616,6 +624,10 @@ impl Ingestor {
                 );
                 return self.dead_letter_command(msg, "unexpected_event_type", &reason);
             }
+            // Only a message that cannot be decoded is dead-lettered. A registry that does
+            // not answer (retried after a rewind) or refuses our credentials (fatal) says
+            // nothing about the command, which must not be lost to the DLQ for it.
+            Err(e) if e.class() != ErrorClass::DeadLetter => return Err(e),
             Err(e) => return self.dead_letter_command(msg, "undecodable", &e.to_string()),
         };
         let refusal = match self.claim_for_command(&event.event_id, &cmd)? {

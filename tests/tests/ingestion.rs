@@ -620,3 +620,73 @@ fn two_instances_share_a_landing_folder_without_claiming_a_file_twice() {
         "both instances claimed files: {per_instance:?}"
     );
 }
+
+/// An intake command that arrives while the Schema Registry does not answer (ingestion
+/// has never decoded a command, so it must look the schema up) is not dead-lettered: it
+/// waits for the registry and is carried out once it answers.
+#[test]
+fn a_command_met_during_a_registry_outage_is_carried_out_afterwards_not_dead_lettered() {
+    let mut p = Pipeline::new();
+    p.start("ingestion", &SMALL_CHUNKS);
+    let intake = p.ingestion_dir().join("intake");
+    std::fs::create_dir_all(&intake).unwrap();
+    std::fs::write(
+        intake.join("export.ndjson"),
+        synthetic_file(SourceFormat::FhirNdjson, 10, &fresh_tag()),
+    )
+    .unwrap();
+    let id = uuid::Uuid::new_v4().to_string();
+    let command = Event::new(
+        "test-operator",
+        &id,
+        None,
+        Payload::StartDataIntakeCommand(StartDataIntakeCommand {
+            command_id: id.clone(),
+            file_path: "export.ndjson".into(),
+            format: None,
+            requested_by: "svc-test".into(),
+        }),
+    );
+    // Encoded while the registry answers; ingestion has not seen the schema yet.
+    let bytes = p.rt.block_on(p.codec.encode(&command)).expect("encode");
+    let served = std::time::Instant::now() + Duration::from_secs(60);
+    while !p.log("ingestion").contains("Ingestion started") {
+        assert!(
+            std::time::Instant::now() < served,
+            "ingestion did not start"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let registry = tests::faults::Registry::new();
+    registry.pause();
+    p.send_raw(&p.topics.name(TopicKind::IngestionCommands), &bytes);
+    let met = std::time::Instant::now() + Duration::from_secs(60);
+    while !p
+        .log("ingestion")
+        .contains("rewinding to the committed state")
+    {
+        assert!(
+            std::time::Instant::now() < met,
+            "ingestion never met the outage:\n{}",
+            p.log("ingestion")
+        );
+        assert!(p.exited("ingestion").is_none(), "ingestion exited");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    registry.resume();
+    let tail = p.tail();
+    tail.wait_until("the commanded batch", Duration::from_secs(120), |t| {
+        finished_count(t, &p) >= 1
+    });
+    p.stop("ingestion");
+    let dead = p.read(&[p.topics.dlq("ingestion")]);
+    assert!(dead.is_empty(), "{} dead letters", dead.len());
+    let all = batches(&p);
+    let batch = all.values().next().expect("the commanded batch");
+    let (_, emitted, _) = check_batch(batch);
+    assert_eq!(emitted, 10);
+    assert_eq!(
+        batch[0].header.causation_id.as_deref(),
+        Some(command.header.event_id.as_str())
+    );
+}
