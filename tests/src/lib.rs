@@ -521,26 +521,64 @@ impl Tail {
         let handle = std::thread::spawn(move || {
             let rt = tokio::runtime::Runtime::new().expect("runtime");
             let codec = Codec::new(REGISTRY, &Topics::new("unused")).expect("codec");
-            let consumer: BaseConsumer = pipeline::kafka::readback_config(&broker(), "tail")
-                .create()
-                .expect("tail consumer");
-            let mut tpl = TopicPartitionList::new();
+            // Where to go on from, per partition: a consumer that stops receiving is
+            // replaced (after the broker fenced itself, a tail kept a stale view of the
+            // partitions' leaders and never received again) and resumes here.
+            let mut next: HashMap<(String, i32), Offset> = HashMap::new();
             for n in &names {
                 for p in 0..3 {
-                    tpl.add_partition_offset(n, p, Offset::Beginning)
-                        .expect("tpl");
+                    next.insert((n.clone(), p), Offset::Beginning);
                 }
             }
-            consumer.assign(&tpl).expect("assign");
+            let assigned = |next: &HashMap<(String, i32), Offset>| {
+                let consumer: BaseConsumer = pipeline::kafka::readback_config(&broker(), "tail")
+                    .create()
+                    .expect("tail consumer");
+                let mut tpl = TopicPartitionList::new();
+                for ((t, p), o) in next {
+                    tpl.add_partition_offset(t, *p, *o).expect("tpl");
+                }
+                consumer.assign(&tpl).expect("assign");
+                consumer
+            };
+            let mut consumer = assigned(&next);
+            let mut last = Instant::now();
             while !s.load(std::sync::atomic::Ordering::SeqCst) {
-                if let Some(Ok(m)) = consumer.poll(Duration::from_millis(100)) {
-                    let t = m
-                        .payload()
-                        .and_then(|b| rt.block_on(codec.decode(b)).ok())
-                        .map_or("(raw)".to_string(), |e| e.header.event_type);
-                    if let Ok(mut c) = c.lock() {
-                        *c.entry((m.topic().to_string(), t)).or_default() += 1;
+                let Some(Ok(m)) = consumer.poll(Duration::from_millis(100)) else {
+                    if last.elapsed() > Duration::from_secs(20) {
+                        // Quiet for 20 s: most likely nothing to read, but a fresh
+                        // consumer costs little and cannot miss anything.
+                        let old = std::mem::replace(&mut consumer, assigned(&next));
+                        std::thread::spawn(move || drop(old));
+                        last = Instant::now();
                     }
+                    continue;
+                };
+                last = Instant::now();
+                next.insert(
+                    (m.topic().to_string(), m.partition()),
+                    Offset::Offset(m.offset() + 1),
+                );
+                // A registry that does not answer is waited for, so no record is
+                // miscounted as undecodable during an outage.
+                let t = match m.payload() {
+                    None => "(raw)".to_string(),
+                    Some(b) => loop {
+                        match rt.block_on(codec.decode(b)) {
+                            Ok(e) => break e.header.event_type,
+                            Err(e)
+                                if e.class() == pipeline::ErrorClass::Retry
+                                    && !s.load(std::sync::atomic::Ordering::SeqCst) =>
+                            {
+                                codec.clear_cached_errors();
+                                std::thread::sleep(Duration::from_millis(200));
+                            }
+                            Err(_) => break "(raw)".to_string(),
+                        }
+                    },
+                };
+                if let Ok(mut c) = c.lock() {
+                    *c.entry((m.topic().to_string(), t)).or_default() += 1;
                 }
             }
         });
