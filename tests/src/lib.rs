@@ -786,6 +786,46 @@ pub fn batch_of(contents: &[u8]) -> String {
     ingestion::batch_id_for(&hex::encode(sha2::Sha256::digest(contents)))
 }
 
+/// Records lost and duplicated in `stages` (each: how often each (batch, position) was
+/// seen), for batches of `1..=n` positions.
+fn losses_in(
+    stages: &[&HashMap<(String, i64), usize>],
+    batches: &std::collections::BTreeMap<String, usize>,
+) -> (usize, usize) {
+    let (mut lost, mut duplicated) = (0, 0);
+    for seen in stages {
+        for (batch, &n) in batches {
+            for p in 1..=n as i64 {
+                match seen.get(&(batch.clone(), p)).copied().unwrap_or(0) {
+                    0 => lost += 1,
+                    1 => {}
+                    c => duplicated += c - 1,
+                }
+            }
+        }
+    }
+    (lost, duplicated)
+}
+
+/// A `DataIngestionStarted` of a CSV batch with no release, reprocess or expectations, as
+/// `source` would send it: for tests that feed a stage events by hand.
+pub fn ingestion_started(source: &str, batch: &str) -> pipeline::Event {
+    pipeline::Event::new(
+        source,
+        batch,
+        None,
+        Payload::DataIngestionStarted(pipeline::events::DataIngestionStarted {
+            batch_id: batch.to_string(),
+            format: "csv".into(),
+            file_sha256: "00".into(),
+            release_of: None,
+            expected_concept_maps: None,
+            expected_policy: None,
+            reprocess_of: None,
+        }),
+    )
+}
+
 /// A batch's closing events when every stage finished it exactly once, sorted.
 const FINISHED_ONCE: [&str; 3] = [
     "AnonymizationFinished",
@@ -856,19 +896,10 @@ impl Flow {
 
     /// Records lost and duplicated at any stage, summed over the stages.
     pub fn losses(&self, batches: &std::collections::BTreeMap<String, usize>) -> (usize, usize) {
-        let (mut lost, mut duplicated) = (0, 0);
-        for seen in [&self.ingested, &self.anonymized, &self.canonical] {
-            for (batch, &n) in batches {
-                for p in 1..=n as i64 {
-                    match seen.get(&(batch.clone(), p)).copied().unwrap_or(0) {
-                        0 => lost += 1,
-                        1 => {}
-                        c => duplicated += c - 1,
-                    }
-                }
-            }
-        }
-        (lost, duplicated)
+        losses_in(
+            &[&self.ingested, &self.anonymized, &self.canonical],
+            batches,
+        )
     }
 
     /// Records lost and duplicated by ingestion and anonymization only, for batches whose
@@ -877,19 +908,7 @@ impl Flow {
         &self,
         batches: &std::collections::BTreeMap<String, usize>,
     ) -> (usize, usize) {
-        let (mut lost, mut duplicated) = (0, 0);
-        for seen in [&self.ingested, &self.anonymized] {
-            for (batch, &n) in batches {
-                for p in 1..=n as i64 {
-                    match seen.get(&(batch.clone(), p)).copied().unwrap_or(0) {
-                        0 => lost += 1,
-                        1 => {}
-                        c => duplicated += c - 1,
-                    }
-                }
-            }
-        }
-        (lost, duplicated)
+        losses_in(&[&self.ingested, &self.anonymized], batches)
     }
 
     /// Forgets every record and closing of these batches, so that the exactly-once checks

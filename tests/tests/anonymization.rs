@@ -84,24 +84,11 @@ fn no_input_identifier_survives_anonymization_in_any_format() {
 /// `MEDPIPE_BATCH_CLOSE_TIMEOUT` has passed it fails it with `counts_mismatch`, once.
 #[test]
 fn a_batch_whose_records_never_all_arrive_fails_at_its_deadline_instead_of_finishing() {
-    use pipeline::events::{DataIngestionFinished, DataIngestionStarted};
+    use pipeline::events::DataIngestionFinished;
     let mut p = Pipeline::new();
     p.start("anonymization", &[("MEDPIPE_BATCH_CLOSE_TIMEOUT", "3s")]);
     let batch = format!("short-{}", fresh_tag());
-    let started = pipeline::Event::new(
-        "medpipe-ingestion",
-        &batch,
-        None,
-        Payload::DataIngestionStarted(DataIngestionStarted {
-            batch_id: batch.clone(),
-            format: "csv".into(),
-            file_sha256: "00".into(),
-            release_of: None,
-            expected_concept_maps: None,
-            expected_policy: None,
-            reprocess_of: None,
-        }),
-    );
+    let started = tests::ingestion_started("medpipe-ingestion", &batch);
     let finished = pipeline::Event::caused_by(
         &started,
         "medpipe-ingestion",

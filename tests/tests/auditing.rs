@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use auditing::entry::AuditEntry;
-use pipeline::events::{CanonicalPatient, DataIngestionStarted, Payload, Provenance};
+use pipeline::events::{CanonicalPatient, Payload, Provenance};
 use pipeline::topics::TopicKind;
 use pipeline::Event;
 use pipeline::ResourceType;
@@ -420,20 +420,7 @@ fn the_phi_sentinel_and_the_stall_monitor_alert_without_values() {
         }),
     ));
     let stalled = format!("stall-{tag}");
-    p.send(&Event::new(
-        "medpipe-ingestion",
-        &stalled,
-        None,
-        Payload::DataIngestionStarted(DataIngestionStarted {
-            batch_id: stalled.clone(),
-            format: "csv".into(),
-            file_sha256: "00".into(),
-            release_of: None,
-            expected_concept_maps: None,
-            expected_policy: None,
-            reprocess_of: None,
-        }),
-    ));
+    p.send(&tests::ingestion_started("medpipe-ingestion", &stalled));
     let audit = p.topics.name(TopicKind::Audit);
     let deadline = Instant::now() + Duration::from_secs(60);
     let alerts = loop {
@@ -521,20 +508,7 @@ fn closing_counts_that_do_not_add_up_raise_a_gap_alert() {
     let mut p = Pipeline::new();
     p.start("auditing", &[]);
     let batch = format!("gap-{}", tests::fresh_tag());
-    let started = Event::new(
-        "medpipe-ingestion",
-        &batch,
-        None,
-        Payload::DataIngestionStarted(DataIngestionStarted {
-            batch_id: batch.clone(),
-            format: "csv".into(),
-            file_sha256: "00".into(),
-            release_of: None,
-            expected_concept_maps: None,
-            expected_policy: None,
-            reprocess_of: None,
-        }),
-    );
+    let started = tests::ingestion_started("medpipe-ingestion", &batch);
     let finished = Event::caused_by(
         &started,
         "medpipe-ingestion",

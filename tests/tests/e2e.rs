@@ -188,20 +188,7 @@ fn a_poison_message_goes_to_the_dlq_with_context_and_later_records_flow() {
         )
         .map_err(|(e, _)| e)
         .expect("send poison");
-    let good = pipeline::Event::new(
-        "test",
-        "b-poison",
-        None,
-        Payload::DataIngestionStarted(pipeline::events::DataIngestionStarted {
-            batch_id: "b-poison".into(),
-            format: "csv".into(),
-            file_sha256: "00".into(),
-            release_of: None,
-            expected_concept_maps: None,
-            expected_policy: None,
-            reprocess_of: None,
-        }),
-    );
+    let good = tests::ingestion_started("test", "b-poison");
     let bytes = p.rt.block_on(p.codec.encode(&good)).expect("encode");
     producer
         .send(BaseRecord::to(&ingestion).key("b-poison").payload(&bytes))

@@ -19,7 +19,6 @@ use axum::response::{IntoResponse, Response};
 use base64::Engine;
 use clap::Parser;
 use pipeline::config::KafkaArgs;
-use pipeline::events::{DataIngestionStarted, Payload};
 use pipeline::{ErrorClass, Event, PipelineError};
 
 const USER: &str = "medpipe-ingestion";
@@ -172,20 +171,7 @@ fn password_file(dir: &tempfile::TempDir, password: &str) -> PathBuf {
 
 fn started_event() -> Event {
     let batch = format!("registry-auth-{}", tests::fresh_tag());
-    Event::new(
-        "medpipe-ingestion",
-        &batch,
-        None,
-        Payload::DataIngestionStarted(DataIngestionStarted {
-            batch_id: batch.clone(),
-            format: "csv".into(),
-            file_sha256: "00".into(),
-            release_of: None,
-            expected_concept_maps: None,
-            expected_policy: None,
-            reprocess_of: None,
-        }),
-    )
+    tests::ingestion_started("medpipe-ingestion", &batch)
 }
 
 /// Checks a refusal: fatal, saying `what` (who was refused, with the status), and no
