@@ -244,8 +244,22 @@ fn a_stage_killed_while_its_commit_is_in_flight_loses_and_duplicates_nothing() {
 fn a_stage_fenced_by_a_second_instance_with_its_transactional_id_exits_and_loses_nothing() {
     let mut p = Pipeline::new();
     let tail = p.tail();
-    let batches = start_flowing(&mut p, &tail, &[]);
+    let mut batches = start_flowing(&mut p, &tail, &[]);
     p.start_named("anonymization-twin", "anonymization", &[]);
+    // The first instance finds out it was fenced only when it next commits. On a fast run
+    // it had processed every record before the twin started, and stayed up with nothing
+    // to commit; so more records arrive once the twin (which fenced it at start) owns its
+    // partitions. Each file is one batch on one partition: twenty of them miss the first
+    // instance's partitions only if all land on the twin's (at worst (2/3)^20, 1 in 3,300).
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !p.log("anonymization-twin").contains("Partitions assigned") {
+        assert!(Instant::now() < deadline, "the twin never got partitions");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    for (i, (batch, body)) in tests::ndjson_files(20, 150).into_iter().enumerate() {
+        batches.insert(batch, 150);
+        p.drop_file(&format!("more-{i}.ndjson"), &body);
+    }
     let status = p.wait_exit(
         "anonymization",
         Duration::from_secs(120),
