@@ -190,6 +190,15 @@ fn closed_count(t: &Tail, topics: &Topics) -> usize {
     ) + t.count(&topics.name(TopicKind::Canonization), "CanonizationFailed")
 }
 
+/// Where a fault strikes: between 2% and 90% of the canonical records out.
+fn fault_point(rng: &mut Rng, total: usize) -> usize {
+    rng.between(total as u64 / 50, total as u64 * 9 / 10) as usize
+}
+
+fn random_stage(rng: &mut Rng) -> &'static str {
+    STAGES[rng.between(0, STAGES.len() as u64) as usize]
+}
+
 /// One run; returns its report row.
 fn run(rng: &mut Rng, run_no: u64, records: usize, files: usize, stage_kills: u64) -> String {
     let started = Instant::now();
@@ -219,12 +228,12 @@ fn run(rng: &mut Rng, run_no: u64, records: usize, files: usize, stage_kills: u6
         },
     )];
     for _ in 0..stage_kills {
-        let at = rng.between(total as u64 / 50, total as u64 * 9 / 10) as usize;
-        let stage = STAGES[rng.between(0, STAGES.len() as u64) as usize];
+        let at = fault_point(rng, total);
+        let stage = random_stage(rng);
         plan.push((at, Fault::Stage(stage)));
     }
     for _ in 0..env_or("GAMEDAY_REGISTRY_OUTAGES", 1) {
-        let at = rng.between(total as u64 / 50, total as u64 * 9 / 10) as usize;
+        let at = fault_point(rng, total);
         plan.push((
             at,
             Fault::Registry {
@@ -233,12 +242,12 @@ fn run(rng: &mut Rng, run_no: u64, records: usize, files: usize, stage_kills: u6
         ));
     }
     for _ in 0..env_or("GAMEDAY_BAD_CREDENTIALS", 1) {
-        let at = rng.between(total as u64 / 50, total as u64 * 9 / 10) as usize;
-        let stage = STAGES[rng.between(0, STAGES.len() as u64) as usize];
+        let at = fault_point(rng, total);
+        let stage = random_stage(rng);
         plan.push((at, Fault::BadCredentials(stage)));
     }
     for _ in 0..env_or("GAMEDAY_DISK_FULL", 1) {
-        let at = rng.between(total as u64 / 50, total as u64 * 9 / 10) as usize;
+        let at = fault_point(rng, total);
         plan.push((
             at,
             Fault::AuditDiskFull {
@@ -247,7 +256,7 @@ fn run(rng: &mut Rng, run_no: u64, records: usize, files: usize, stage_kills: u6
         ));
     }
     for _ in 0..env_or("GAMEDAY_HL7_BURSTS", 1) {
-        let at = rng.between(total as u64 / 50, total as u64 * 9 / 10) as usize;
+        let at = fault_point(rng, total);
         plan.push((
             at,
             Fault::Hl7Burst {
