@@ -178,7 +178,8 @@ fn strimzi_acl(out: &mut String, kind: &str, name: &str, prefixed: bool, operati
     );
 }
 
-/// The manifests, one `KafkaUser` per stage and one for the registry.
+/// The manifests, one `KafkaUser` per stage, one for the operator CLI and one for the
+/// registry.
 pub fn render_users(args: &UsersArgs) -> String {
     use pipeline::access::{grants, Operation, PatternType, ResourceKind};
     let mut out = String::from(
@@ -188,7 +189,7 @@ pub fn render_users(args: &UsersArgs) -> String {
         let _ = write!(
             out,
             "---\n\
-             # medpipe-{stage}: only its own topics, consumer group and transactional ids.\n\
+             # {principal}: {why}\n\
              apiVersion: kafka.strimzi.io/v1beta2\n\
              kind: KafkaUser\n\
              metadata:\n  \
@@ -207,6 +208,12 @@ pub fn render_users(args: &UsersArgs) -> String {
                  acls:\n",
             stage = g.stage,
             principal = g.principal,
+            why = if g.stage == "operator" {
+                "the operator CLI: reads the pipeline's topics, writes requests and redriven \
+                 dead letters."
+            } else {
+                "only its own topics, consumer group and transactional ids."
+            },
             cluster = args.cluster,
             secret = args.password_secret,
         );

@@ -88,7 +88,8 @@ fn stage_common(topics: &Topics, stage: &str) -> Vec<Acl> {
     ]
 }
 
-/// Every stage's grant, for a pipeline under `topics.prefix`.
+/// Every stage's grant, and the operator CLI's ([`operator`]), for a pipeline under
+/// `topics.prefix`.
 ///
 /// - ingestion reads intake commands and the saga, writes the ingestion topic (where
 ///   PHI is sealed), the saga and its dead letters, and owns its ledger;
@@ -157,7 +158,67 @@ pub fn grants(topics: &Topics) -> Vec<Grant> {
             topic(topics.state("auditing"), rw),
         ],
     );
-    vec![ingestion, anonymization, canonization, auditing]
+    vec![
+        ingestion,
+        anonymization,
+        canonization,
+        auditing,
+        operator(topics),
+    ]
+}
+
+/// The principal of the `medpipe` operator CLI (`<prefix>-operator`), for the commands an
+/// operator runs against a live pipeline:
+///
+/// - `summary`, `dlq list`/`show`, `audit verify` and the waits of `batch retry|release|
+///   withdraw|reprocess` read the pipeline's topics (`<prefix>.`, as auditing does);
+/// - `intake` writes an intake command; the `batch` requests write the saga topic;
+/// - `dlq redrive` puts dead letters back on the topics the first three stages read
+///   (intake commands, saga, ingestion, anonymization), under its own transactional ids
+///   (`<prefix>-dlq-redrive-<stage>`) and redrive ledger.
+///
+/// It may not write the audit, canonical or lifecycle topics, and owns no stage's group,
+/// transactional ids or state. `setup` (creating topics and registering schemas) and
+/// `replay` (copying batches to a new topic prefix) are platform work, not granted here.
+pub fn operator(topics: &Topics) -> Grant {
+    use Operation::*;
+    let r: &[Operation] = &[Read, Describe];
+    let w: &[Operation] = &[Write, Describe];
+    let mut acls = vec![Acl {
+        kind: ResourceKind::Topic,
+        name: format!("{}.", topics.prefix),
+        pattern: PatternType::Prefixed,
+        operations: r.to_vec(),
+    }];
+    acls.extend(
+        [
+            TopicKind::IngestionCommands,
+            TopicKind::Saga,
+            TopicKind::Ingestion,
+            TopicKind::Anonymization,
+        ]
+        .map(|k| topic(topics.name(k), w)),
+    );
+    acls.extend([
+        topic(topics.redrive_ledger(), &[Read, Write, Describe]),
+        Acl {
+            kind: ResourceKind::TransactionalId,
+            name: format!("{}-dlq-redrive-", topics.prefix),
+            pattern: PatternType::Prefixed,
+            operations: w.to_vec(),
+        },
+        Acl {
+            kind: ResourceKind::Group,
+            name: format!("{READBACK_GROUP_PREFIX}-"),
+            pattern: PatternType::Prefixed,
+            operations: r.to_vec(),
+        },
+    ]);
+    Grant {
+        stage: "operator",
+        principal: format!("{}-operator", topics.prefix),
+        acls,
+    }
 }
 
 #[cfg(test)]
@@ -207,10 +268,11 @@ mod tests {
                 "{} may write the audit topic",
                 g.stage
             );
-            // Only ingestion writes the topic where PHI is sealed.
+            // Only ingestion writes the topic where PHI is sealed (and the operator, whose
+            // redrive puts anonymization's dead letters back there).
             assert_eq!(
                 allows(g, ResourceKind::Topic, &ingestion_topic, Operation::Write),
-                g.stage == "ingestion"
+                g.stage == "ingestion" || g.stage == "operator"
             );
             // A stage's transactional ids are its own.
             for other in ["ingestion", "anonymization", "canonization", "auditing"] {
@@ -239,5 +301,65 @@ mod tests {
                 Operation::Write
             ));
         }
+    }
+
+    #[test]
+    fn the_operator_writes_only_requests_and_redriven_inputs() {
+        let t = Topics::new("medpipe");
+        let op = operator(&t);
+        assert_eq!(op.principal, "medpipe-operator");
+        for k in [
+            TopicKind::IngestionCommands,
+            TopicKind::Saga,
+            TopicKind::Ingestion,
+            TopicKind::Anonymization,
+        ] {
+            assert!(allows(
+                &op,
+                ResourceKind::Topic,
+                &t.name(k),
+                Operation::Write
+            ));
+        }
+        let mut forbidden: Vec<String> = TopicKind::canonical().map(|k| t.name(k)).collect();
+        forbidden.push(t.name(TopicKind::Audit));
+        forbidden.push(t.name(TopicKind::Canonization));
+        forbidden.extend(crate::topics::DLQ_STAGES.iter().map(|s| t.dlq(s)));
+        forbidden.push(t.ingestion_ledger());
+        for name in &forbidden {
+            assert!(
+                !allows(&op, ResourceKind::Topic, name, Operation::Write),
+                "the operator may write {name}"
+            );
+        }
+        for stage in ["ingestion", "anonymization", "canonization", "auditing"] {
+            let state = t.state(stage);
+            assert!(!allows(&op, ResourceKind::Topic, &state, Operation::Read));
+            assert!(!allows(&op, ResourceKind::Topic, &state, Operation::Write));
+            assert!(!allows(
+                &op,
+                ResourceKind::Group,
+                &format!("medpipe-{stage}"),
+                Operation::Read
+            ));
+            assert!(!allows(
+                &op,
+                ResourceKind::TransactionalId,
+                &format!("medpipe-{stage}-0"),
+                Operation::Write
+            ));
+        }
+        assert!(allows(
+            &op,
+            ResourceKind::TransactionalId,
+            "medpipe-dlq-redrive-anonymization",
+            Operation::Write
+        ));
+        assert!(allows(
+            &op,
+            ResourceKind::Topic,
+            &t.redrive_ledger(),
+            Operation::Read
+        ));
     }
 }
