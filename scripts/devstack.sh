@@ -17,7 +17,9 @@
 #                                      its in-memory schemas); resume-registry: SIGCONT
 #
 # Endpoints:  Kafka bootstrap 127.0.0.1:9092 (KRaft controller 127.0.0.1:9093;
-#             SASL/SCRAM-SHA-512 with ACLs on 127.0.0.1:9094)
+#             SASL/SCRAM-SHA-512 with ACLs on 127.0.0.1:9094, and the same over TLS on
+#             127.0.0.1:9095, its certificate signed by a dev CA made at first start:
+#             $MEDPIPE_STATE/tls/ca.crt)
 #             Schema Registry http://127.0.0.1:8081 (schemas in memory only)
 #
 # Environment:
@@ -37,9 +39,12 @@ readonly KAFKA_HOST=127.0.0.1
 readonly KAFKA_PORT=9092
 readonly CONTROLLER_PORT=9093
 readonly SASL_PORT=9094
+readonly SASL_SSL_PORT=9095
 readonly REGISTRY_HOST=127.0.0.1
 readonly REGISTRY_PORT=8081
-readonly KAFKA_START_TIMEOUT=90
+# A broker restarted after a SIGKILL first recovers every partition's log; with many
+# partitions on two busy cores that has taken over 90 s (a game day's ninth run).
+readonly KAFKA_START_TIMEOUT=300
 readonly REGISTRY_START_TIMEOUT=30
 readonly STOP_TIMEOUT=30
 
@@ -63,6 +68,7 @@ readonly RIVVEN_BIN=$RIVVEN_ROOT/bin/rivven-schema
 readonly DATA_DIR=$MEDPIPE_STATE/kafka-data
 readonly LOG_DIR=$MEDPIPE_STATE/logs
 readonly KAFKA_CONFIG=$MEDPIPE_STATE/server.properties
+readonly TLS_DIR=$MEDPIPE_STATE/tls
 readonly KAFKA_PID_FILE=$MEDPIPE_STATE/kafka.pid
 readonly REGISTRY_PID_FILE=$MEDPIPE_STATE/schema-registry.pid
 readonly KAFKA_LOG=$LOG_DIR/server.log
@@ -331,16 +337,56 @@ cmd_install() {
   install_java
   have python3 || apt_install python3
   have curl || apt_install curl
+  have openssl || apt_install openssl
   install_kafka_libs
   install_registry
 }
 
 # ------------------------------------------------------------------- start --
 
+# The TLS listener's certificates, made once per state directory (reset deletes them): a
+# dev CA (clients trust $TLS_DIR/ca.crt) and the broker's key and certificate for
+# 127.0.0.1 and localhost, signed by it, in a PKCS12 keystore under a random password.
+# Dev only: the CA's key sits beside it unencrypted.
+ensure_dev_tls() {
+  [[ -s $TLS_DIR/broker.p12 && -s $TLS_DIR/ca.crt && -s $TLS_DIR/keystore.password ]] && return 0
+  local tmp
+  tmp=$(mktemp -d "$MEDPIPE_STATE/tls.XXXXXX")
+  if ! (
+    cd "$tmp"
+    umask 077
+    openssl req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.crt -days 3650 \
+      -subj "/CN=medpipe dev stack CA" \
+      -addext "basicConstraints=critical,CA:TRUE" -addext "keyUsage=critical,keyCertSign,cRLSign"
+    openssl req -newkey rsa:2048 -nodes -keyout broker.key -out broker.csr -subj "/CN=localhost"
+    printf 'subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n' >broker.ext
+    openssl x509 -req -in broker.csr -CA ca.crt -CAkey ca.key -CAcreateserial \
+      -out broker.crt -days 3650 -extfile broker.ext
+    openssl rand -hex 24 >keystore.password
+    openssl pkcs12 -export -in broker.crt -inkey broker.key -certfile ca.crt \
+      -name broker -out broker.p12 -passout "file:keystore.password"
+    chmod 644 ca.crt
+  ) >"$LOG_DIR/tls.log" 2>&1; then
+    rm -rf "$tmp"
+    show_log_tail "$LOG_DIR/tls.log"
+    die "making the dev TLS certificates failed (see $LOG_DIR/tls.log)"
+  fi
+  chmod 755 "$tmp" # ca.crt is for every client; the keys stay 600
+  rm -rf "$TLS_DIR"
+  mv "$tmp" "$TLS_DIR"
+  log "made a dev CA and broker certificate in $TLS_DIR (clients trust $TLS_DIR/ca.crt)"
+}
+
 render_kafka_config() {
   mkdir -p "$DATA_DIR" "$LOG_DIR"
-  local escaped=${DATA_DIR//[\\&|]/\\&}
-  sed "s|@LOG_DIRS@|$escaped|g" "$SERVER_PROPERTIES_TEMPLATE" >"$KAFKA_CONFIG.tmp"
+  ensure_dev_tls
+  local escaped=${DATA_DIR//[\\&|]/\\&} tls=${TLS_DIR//[\\&|]/\\&} password
+  password=$(<"$TLS_DIR/keystore.password")
+  (
+    umask 077
+    sed -e "s|@LOG_DIRS@|$escaped|g" -e "s|@TLS_DIR@|$tls|g" \
+      -e "s|@KEYSTORE_PASSWORD@|$password|g" "$SERVER_PROPERTIES_TEMPLATE" >"$KAFKA_CONFIG.tmp"
+  )
   mv "$KAFKA_CONFIG.tmp" "$KAFKA_CONFIG"
 }
 
@@ -378,6 +424,7 @@ start_kafka() {
     require_port_free "$KAFKA_PORT"
     require_port_free "$CONTROLLER_PORT"
     require_port_free "$SASL_PORT"
+    require_port_free "$SASL_SSL_PORT"
     render_kafka_config
     format_storage_if_needed
     log "starting Kafka $KAFKA_VERSION (logs: $LOG_DIR)"
@@ -452,6 +499,7 @@ cmd_start() {
       require_port_free "$KAFKA_PORT"
       require_port_free "$CONTROLLER_PORT"
       require_port_free "$SASL_PORT"
+      require_port_free "$SASL_SSL_PORT"
     fi
     if ! find_pid registry >/dev/null; then
       require_port_free "$REGISTRY_PORT"
@@ -512,7 +560,7 @@ cmd_status() {
 cmd_reset() {
   cmd_stop
   log "deleting Kafka data and logs in $MEDPIPE_STATE"
-  rm -rf "$DATA_DIR" "$LOG_DIR" "$KAFKA_CONFIG" "$KAFKA_CONFIG.tmp" "$KAFKA_PID_FILE" "$REGISTRY_PID_FILE"
+  rm -rf "$DATA_DIR" "$LOG_DIR" "$TLS_DIR" "$KAFKA_CONFIG" "$KAFKA_CONFIG.tmp" "$KAFKA_PID_FILE" "$REGISTRY_PID_FILE"
   log "reset done (jar/tool cache in $MEDPIPE_CACHE kept)"
 }
 

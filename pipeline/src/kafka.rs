@@ -10,6 +10,7 @@ use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
 use rdkafka::error::KafkaError;
 use rdkafka::producer::{BaseProducer, BaseRecord};
 use rdkafka::statistics::Statistics;
+use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::ClientContext;
 use rdkafka::{ClientConfig, Offset};
 use tokio_util::sync::CancellationToken;
@@ -110,7 +111,8 @@ impl ClientContext for LastError {
 impl ConsumerContext for LastError {}
 
 /// With credentials configured, asks the brokers for their metadata once, so that
-/// credentials they refuse stop the process at start with an error that says so (librdkafka
+/// credentials they refuse, or a TLS handshake that fails (brokers whose certificate the
+/// configured CA did not sign), stop the process at start with an error that says so (librdkafka
 /// would otherwise retry the handshake quietly until some later call timed out). A broker
 /// that is merely unreachable or slow is left to the callers' own retries.
 pub fn check_credentials(kafka: &Connection, within: Duration) -> Result<(), PipelineError> {
@@ -128,22 +130,35 @@ pub fn check_credentials(kafka: &Connection, within: Duration) -> Result<(), Pip
             kafka.bootstrap, auth.mechanism, auth.username
         ))
     };
+    let untrusted = |reason: &str| {
+        PipelineError::Config(format!(
+            "the TLS handshake with the brokers at {} failed ({reason}); check that \
+             MEDPIPE_KAFKA_TLS_CA_FILE holds the CA that signed the brokers' certificates \
+             and that they are issued for the bootstrap host name",
+            kafka.bootstrap
+        ))
+    };
+    let fatal = |code: Option<RDKafkaErrorCode>, reason: &str| match code {
+        Some(RDKafkaErrorCode::Authentication) => Some(refused(reason)),
+        Some(RDKafkaErrorCode::SSL) if auth.tls_ca.is_some() => Some(untrusted(reason)),
+        _ => None,
+    };
     let deadline = Instant::now() + within;
     loop {
         if client.fetch_metadata(None, Duration::from_secs(2)).is_ok() {
             return Ok(());
         }
-        // librdkafka reports a refused handshake as an error event, which only a poll
-        // delivers (to the poll's result or to the context).
+        // librdkafka reports a refused or failed handshake as an error event, which only a
+        // poll delivers (to the poll's result or to the context).
         if let Some(Err(e)) = client.poll(Duration::from_millis(100)) {
-            if e.rdkafka_error_code() == Some(rdkafka::types::RDKafkaErrorCode::Authentication) {
-                return Err(refused(&e.to_string()));
+            if let Some(err) = fatal(e.rdkafka_error_code(), &e.to_string()) {
+                return Err(err);
             }
         }
-        if let Some((Some(rdkafka::types::RDKafkaErrorCode::Authentication), reason)) =
-            client.context().0.lock().ok().and_then(|l| l.clone())
-        {
-            return Err(refused(&reason));
+        if let Some((code, reason)) = client.context().0.lock().ok().and_then(|l| l.clone()) {
+            if let Some(err) = fatal(code, &reason) {
+                return Err(err);
+            }
         }
         if Instant::now() >= deadline {
             return Ok(());

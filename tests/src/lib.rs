@@ -25,6 +25,30 @@ pub fn broker() -> pipeline::kafka::Connection {
     pipeline::kafka::Connection::plaintext(BOOTSTRAP)
 }
 pub const REGISTRY: &str = "http://127.0.0.1:8081";
+
+/// The dev stack's SASL listeners: SCRAM-SHA-512 over plaintext, and over TLS with a
+/// certificate signed by [`dev_ca`].
+pub const SASL_BOOTSTRAP: &str = "127.0.0.1:9094";
+pub const SASL_SSL_BOOTSTRAP: &str = "127.0.0.1:9095";
+
+/// The CA the dev stack made for its TLS listener (`scripts/devstack.sh`: `$MEDPIPE_STATE/tls`).
+pub fn dev_ca() -> PathBuf {
+    let state = std::env::var_os("MEDPIPE_STATE").map_or_else(
+        || {
+            std::env::var_os("MEDPIPE_CACHE")
+                .map_or_else(
+                    || {
+                        PathBuf::from(std::env::var_os("HOME").unwrap_or_default())
+                            .join(".cache/medpipe")
+                    },
+                    PathBuf::from,
+                )
+                .join("devstack")
+        },
+        PathBuf::from,
+    );
+    state.join("tls/ca.crt")
+}
 pub const MASTER_KEY: &str = "1111111111111111111111111111111111111111111111111111111111111111";
 pub const PSEUDONYM_KEY: &str = "2222222222222222222222222222222222222222222222222222222222222222";
 pub const AUDIT_KEY: &str = "3333333333333333333333333333333333333333333333333333333333333333";
@@ -46,6 +70,9 @@ pub struct Pipeline {
     pub rt: tokio::runtime::Runtime,
     pub codec: Codec,
     children: HashMap<String, Child>,
+    /// Whether a canonization stage ran here (its output is dumped on drop, see
+    /// [`Pipeline::dump_canonical`]).
+    ran_canonization: bool,
 }
 
 impl Pipeline {
@@ -91,6 +118,7 @@ impl Pipeline {
             rt,
             codec,
             children: HashMap::new(),
+            ran_canonization: false,
         }
     }
 
@@ -114,6 +142,7 @@ impl Pipeline {
     /// Starts a stage binary under its own name, so one stage can run as several
     /// processes (each with its own log, `<name>.log`).
     pub fn start_named(&mut self, name: &str, stage: &str, extra_env: &[(&str, &str)]) {
+        self.ran_canonization |= stage == "canonization";
         let exe = bin_dir().join(format!("medpipe-{stage}"));
         assert!(
             exe.exists(),
@@ -491,12 +520,117 @@ impl Pipeline {
     }
 }
 
+impl Pipeline {
+    /// With `MEDPIPE_CANONICAL_DUMP` set to a folder, writes every distinct canonical
+    /// resource this pipeline committed there, as `<prefix>.ndjson`, for the reference
+    /// FHIR validator: `scripts/test.sh` sets it for the broker tests and then runs
+    /// `scripts/fhir-validate.sh` over the folder. Called on drop; a failure to read only
+    /// warns (the folder then lacks this pipeline's resources, which the script's count
+    /// shows).
+    fn dump_canonical(&self) {
+        let Some(dir) = std::env::var_os("MEDPIPE_CANONICAL_DUMP") else {
+            return;
+        };
+        if !self.ran_canonization {
+            return;
+        }
+        let topics: Vec<String> = pipeline::topics::TopicKind::canonical()
+            .map(|k| self.topics.name(k))
+            .collect();
+        let records = match pipeline::readback::read_all(
+            &broker(),
+            &topics,
+            Some((&self.codec, self.rt.handle())),
+            Duration::from_secs(60),
+        ) {
+            Ok(r) => r,
+            Err(e) => {
+                eprintln!(
+                    "warning: canonical resources of {} not dumped: {e}",
+                    self.prefix
+                );
+                return;
+            }
+        };
+        let mut seen = std::collections::HashSet::new();
+        let mut out = String::new();
+        for r in &records {
+            let Some((_, json, _)) = r.event.as_ref().and_then(|e| e.payload.canonical()) else {
+                continue;
+            };
+            // One line per resource, whatever the spacing on the topic.
+            let Ok(v) = serde_json::from_str::<serde_json::Value>(json) else {
+                continue;
+            };
+            let line = v.to_string();
+            if seen.insert(line.clone()) {
+                out.push_str(&line);
+                out.push('\n');
+            }
+        }
+        if out.is_empty() {
+            return;
+        }
+        let dir = PathBuf::from(dir);
+        let written = std::fs::create_dir_all(&dir)
+            .and_then(|()| std::fs::write(dir.join(format!("{}.ndjson", self.prefix)), out));
+        if let Err(e) = written {
+            eprintln!(
+                "warning: canonical resources of {} not dumped: {e}",
+                self.prefix
+            );
+        }
+    }
+}
+
+impl Pipeline {
+    /// Deletes every topic of this pipeline's prefix (its event topics, dead letters,
+    /// ledgers and state), so that a long sequence of runs (the game day) does not pile up
+    /// partitions that a restarted broker must load. Failures only warn.
+    pub fn delete_topics(&self) {
+        use rdkafka::admin::{AdminClient, AdminOptions};
+        use rdkafka::client::DefaultClientContext;
+        let mut names = self.topics.all();
+        names.push(self.topics.ingestion_ledger());
+        names.push(self.topics.redrive_ledger());
+        names.extend(
+            pipeline::topics::STATE_STAGES
+                .iter()
+                .map(|s| self.topics.state(s)),
+        );
+        let admin: AdminClient<DefaultClientContext> =
+            match pipeline::kafka::admin_config(&broker()).create() {
+                Ok(a) => a,
+                Err(e) => {
+                    eprintln!("warning: topics of {} not deleted: {e}", self.prefix);
+                    return;
+                }
+            };
+        let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+        let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(60)));
+        match self.rt.block_on(admin.delete_topics(&refs, &options)) {
+            Ok(results) => {
+                let failed = results.iter().filter(|r| r.is_err()).count();
+                if failed > 0 {
+                    eprintln!(
+                        "warning: {failed} of {} topics of {} not deleted",
+                        refs.len(),
+                        self.prefix
+                    );
+                }
+            }
+            Err(e) => eprintln!("warning: topics of {} not deleted: {e}", self.prefix),
+        }
+    }
+}
+
 impl Drop for Pipeline {
     fn drop(&mut self) {
         for (_, mut c) in self.children.drain() {
             let _ = c.kill();
             let _ = c.wait();
         }
+        self.dump_canonical();
         if std::thread::panicking() {
             // Keep logs of a failed test for inspection.
             let kept = self.dir.path().to_path_buf();

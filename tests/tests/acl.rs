@@ -1,9 +1,12 @@
-//! Least privilege on the real broker: each stage runs as its own SCRAM-SHA-512 principal on
-//! the dev stack's SASL listener (127.0.0.1:9094), held to the ACLs `pipeline::access`
-//! renders (the same ones the Strimzi `KafkaUser`s carry). The whole pipeline must work
-//! exactly once with them, and the broker must refuse canonization's principal when it
-//! reads the ingestion topic (where PHI is sealed) or writes the audit topic, while the
-//! same principal reads its own input. Runs one at a time like the rest of the suite.
+//! Least privilege on the real broker: each stage runs as its own SCRAM-SHA-512 principal
+//! on the dev stack's SASL_SSL listener (127.0.0.1:9095, trusting the dev stack's CA), held
+//! to the ACLs `pipeline::access` renders (the same ones the Strimzi `KafkaUser`s carry).
+//! The whole pipeline must work exactly once with them, and the broker must refuse
+//! canonization's principal when it reads the ingestion topic (where PHI is sealed) or
+//! writes the audit topic, while the same principal reads its own input. The operator CLI
+//! runs as its own principal too: its intake command and redrive work, and it may not
+//! write the audit or canonical topics. A stage with the wrong password, or trusting
+//! another CA, stops at start and says so. Runs one at a time like the rest of the suite.
 
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
@@ -16,14 +19,14 @@ use std::time::{Duration, Instant};
 use pipeline::access::grants;
 use pipeline::crypto::Secret;
 use pipeline::kafka::{consumer_config, producer_config, Connection, ConsumerRole, SaslAuth};
+use pipeline::resources::ResourceType;
 use pipeline::topics::TopicKind;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::types::RDKafkaErrorCode;
-use tests::{Flow, Pipeline};
+use tests::{dev_ca, Flow, Pipeline, SASL_BOOTSTRAP, SASL_SSL_BOOTSTRAP};
 
-const SASL_BOOTSTRAP: &str = "127.0.0.1:9094";
 const FILES: usize = 2;
 const PER_FILE: usize = 300;
 
@@ -107,6 +110,42 @@ fn read_as(kafka: &Connection, topic: &str) -> Result<usize, KafkaError> {
     Ok(n)
 }
 
+/// Runs the operator CLI as the operator's principal on the SASL listener.
+fn as_operator(
+    p: &Pipeline,
+    users: &BTreeMap<&'static str, (String, PathBuf)>,
+    args: &[&str],
+) -> std::process::Output {
+    let (principal, file) = &users["operator"];
+    p.medpipe_command(args)
+        .env("MEDPIPE_BOOTSTRAP_SERVERS", SASL_BOOTSTRAP)
+        .env("MEDPIPE_KAFKA_SASL_MECHANISM", "SCRAM-SHA-512")
+        .env("MEDPIPE_KAFKA_SASL_USERNAME", principal)
+        .env("MEDPIPE_KAFKA_SASL_PASSWORD_FILE", file)
+        .output()
+        .expect("run medpipe")
+}
+
+/// Produces one message to `topic` as `kafka`'s principal: the broker must refuse it.
+fn assert_write_refused(p: &Pipeline, kafka: &Connection, who: &str, topic: &str) {
+    let producer: FutureProducer = producer_config(kafka)
+        .set("message.timeout.ms", "30000")
+        .create()
+        .expect("producer");
+    let sent = p.rt.block_on(
+        producer.send(
+            FutureRecord::to(topic)
+                .key("forged")
+                .payload("forged entry"),
+            Duration::from_secs(30),
+        ),
+    );
+    match sent {
+        Err((e, _)) if authorization_refused(&e) => {}
+        other => panic!("the broker did not refuse {who}'s write to {topic}: {other:?}"),
+    }
+}
+
 fn authorization_refused(e: &KafkaError) -> bool {
     matches!(
         e.rdkafka_error_code(),
@@ -122,6 +161,10 @@ fn each_stage_runs_as_its_own_principal_and_the_broker_refuses_what_it_may_not_d
     let batches: BTreeMap<String, usize> =
         files.iter().map(|(b, _)| (b.clone(), PER_FILE)).collect();
 
+    // The stages speak SASL_SSL, trusting the dev stack's CA, as on a cluster.
+    let ca = dev_ca();
+    assert!(ca.is_file(), "no dev CA at {}", ca.display());
+    let ca = ca.to_string_lossy().into_owned();
     let tail = p.tail();
     for stage in ["ingestion", "anonymization", "canonization", "auditing"] {
         let (principal, file) = &users[stage];
@@ -129,16 +172,26 @@ fn each_stage_runs_as_its_own_principal_and_the_broker_refuses_what_it_may_not_d
         p.start(
             stage,
             &[
-                ("MEDPIPE_BOOTSTRAP_SERVERS", SASL_BOOTSTRAP),
+                ("MEDPIPE_BOOTSTRAP_SERVERS", SASL_SSL_BOOTSTRAP),
                 ("MEDPIPE_KAFKA_SASL_MECHANISM", "SCRAM-SHA-512"),
                 ("MEDPIPE_KAFKA_SASL_USERNAME", principal),
                 ("MEDPIPE_KAFKA_SASL_PASSWORD_FILE", &file),
+                ("MEDPIPE_KAFKA_TLS_CA_FILE", &ca),
             ],
         );
     }
-    for (i, (_, body)) in files.iter().enumerate() {
-        p.drop_file(&format!("export-{i}.ndjson"), body);
-    }
+    // The first file is dropped in landing; the second is named by an intake command the
+    // operator CLI sends as the operator's principal.
+    p.drop_file("export-0.ndjson", &files[0].1);
+    let intake = p.ingestion_dir().join("intake");
+    std::fs::create_dir_all(&intake).unwrap();
+    std::fs::write(intake.join("export-1.ndjson"), &files[1].1).unwrap();
+    let sent = as_operator(&p, &users, &["intake", "export-1.ndjson"]);
+    assert!(
+        sent.status.success(),
+        "the operator's intake command failed:\n{}",
+        String::from_utf8_lossy(&sent.stderr)
+    );
     let lifecycle = p.topics.name(TopicKind::Canonization);
     p.wait_for(
         &tail,
@@ -178,25 +231,29 @@ fn each_stage_runs_as_its_own_principal_and_the_broker_refuses_what_it_may_not_d
         ),
     }
     // Nor may it write the audit topic, which only auditing writes.
-    let producer: FutureProducer = producer_config(&canonization)
-        .set("message.timeout.ms", "30000")
-        .create()
-        .expect("producer");
     let audit = p.topics.name(TopicKind::Audit);
-    let sent = p.rt.block_on(
-        producer.send(
-            FutureRecord::to(&audit)
-                .key("forged")
-                .payload("forged entry"),
-            Duration::from_secs(30),
-        ),
+    assert_write_refused(&p, &canonization, "canonization", &audit);
+
+    // The operator's principal: its redrive (dead-letter and ledger reads, its own
+    // transactional id) works; it may not write the audit topic or a canonical topic.
+    // The redrive ledger is the platform's to create: the super user's dry run does it.
+    assert!(p
+        .medpipe(&["dlq", "redrive", "ingestion", "--dry-run"])
+        .status
+        .success());
+    let redrive = as_operator(&p, &users, &["dlq", "redrive", "ingestion", "--json"]);
+    assert!(
+        redrive.status.success(),
+        "the operator's redrive failed:\n{}",
+        String::from_utf8_lossy(&redrive.stderr)
     );
-    match sent {
-        Err((e, _)) if authorization_refused(&e) => {}
-        other => {
-            panic!("the broker did not refuse canonization's write to the audit topic: {other:?}")
-        }
-    }
+    let summary: serde_json::Value = serde_json::from_slice(&redrive.stdout).expect("JSON");
+    assert_eq!(summary["redriven"], 0, "{summary}");
+    let (principal, file) = &users["operator"];
+    let operator = sasl(principal, file);
+    assert_write_refused(&p, &operator, "the operator", &audit);
+    let patients = p.topics.name(TopicKind::Canonical(ResourceType::Patient));
+    assert_write_refused(&p, &operator, "the operator", &patients);
 
     // A stage given the wrong password stops at start, saying the brokers refused its
     // credentials (and not which password it tried).
@@ -226,5 +283,60 @@ fn each_stage_runs_as_its_own_principal_and_the_broker_refuses_what_it_may_not_d
         "the error does not say the credentials were refused:\n{log}"
     );
     assert!(!log.contains("not-the-password"), "{log}");
+
+    // A stage that trusts another CA than the one that signed the brokers' certificate
+    // stops at start, saying the TLS handshake failed.
+    let other_ca = p.dir.path().join("other-ca");
+    std::fs::create_dir_all(&other_ca).unwrap();
+    let made = std::process::Command::new("openssl")
+        .current_dir(&other_ca)
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.crt",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=not the dev stack CA",
+        ])
+        .output()
+        .expect("run openssl");
+    assert!(
+        made.status.success(),
+        "{}",
+        String::from_utf8_lossy(&made.stderr)
+    );
+    let other = other_ca.join("ca.crt").to_string_lossy().into_owned();
+    let (principal, file) = &users["canonization"];
+    let file = file.to_string_lossy().into_owned();
+    p.start_named(
+        "canonization-other-ca",
+        "canonization",
+        &[
+            ("MEDPIPE_BOOTSTRAP_SERVERS", SASL_SSL_BOOTSTRAP),
+            ("MEDPIPE_KAFKA_SASL_MECHANISM", "SCRAM-SHA-512"),
+            ("MEDPIPE_KAFKA_SASL_USERNAME", principal),
+            ("MEDPIPE_KAFKA_SASL_PASSWORD_FILE", &file),
+            ("MEDPIPE_KAFKA_TLS_CA_FILE", &other),
+            ("MEDPIPE_INSTANCE_ID", "9"),
+        ],
+    );
+    let status = p.wait_exit(
+        "canonization-other-ca",
+        Duration::from_secs(90),
+        "a stage trusting another CA was still running after 90 s",
+    );
+    let log = p.log("canonization-other-ca");
+    assert!(!status.success(), "{log}");
+    assert!(
+        log.contains("TLS handshake with the brokers at 127.0.0.1:9095 failed"),
+        "the error does not say the TLS handshake failed:\n{log}"
+    );
     p.stop_all();
 }
