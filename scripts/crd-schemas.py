@@ -25,7 +25,7 @@ generator; /usr/lib/jvm/temurin-25-jdk-amd64 here, or give --java). By hand it i
     #   -> $Dir/example/prometheus-operator-crd-full/
     #        monitoring.coreos.com_{servicemonitors,prometheusrules}.yaml
     go mod download -json github.com/external-secrets/external-secrets@v1.3.2
-    #   -> $Dir/config/crds/bases/external-secrets.io_externalsecrets.yaml
+    #   -> $Dir/config/crds/bases/external-secrets.io_{externalsecrets,secretstores}.yaml
 
     # Strimzi 0.48.0: Maven Central has no CRD files, but it has the API classes the CRDs
     # are generated from (io.strimzi:api) and Strimzi's generator (io.strimzi:crd-generator,
@@ -76,6 +76,7 @@ WANTED = [
     ("monitoring.coreos.com", "ServiceMonitor", "v1"),
     ("monitoring.coreos.com", "PrometheusRule", "v1"),
     ("external-secrets.io", "ExternalSecret", "v1"),
+    ("external-secrets.io", "SecretStore", "v1"),
 ]
 
 # Go modules that ship their CRD files: module, version, {file in the module: name in CRD_DIR}.
@@ -94,6 +95,8 @@ GO_SOURCES = [
     ("github.com/external-secrets/external-secrets", "v1.3.2", {
         "config/crds/bases/external-secrets.io_externalsecrets.yaml":
             "external-secrets/external-secrets.io_externalsecrets.yaml",
+        "config/crds/bases/external-secrets.io_secretstores.yaml":
+            "external-secrets/external-secrets.io_secretstores.yaml",
     }),
 ]
 
