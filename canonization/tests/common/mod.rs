@@ -261,17 +261,23 @@ pub fn generate(case: Case) -> Value {
         .iter()
         .find(|r| r.position == case.position)
         .unwrap_or_else(|| panic!("{}: no record at position {}", case.name, case.position));
-    let out = engine(case.shift)
+    deidentify(format, record, case.shift).unwrap_or_else(|e| panic!("{}: {e}", case.name))
+}
+
+/// A parsed record, de-identified as a golden input (`RecordAnonymized`'s fields), or why
+/// the engine refuses it.
+pub fn deidentify(format: &str, record: &ParsedRecord, shift: bool) -> Result<Value, String> {
+    let out = engine(shift)
         .anonymize(format, &record.record_type, &record.body, &Known::default())
-        .unwrap_or_else(|e| panic!("{}: {e}", case.name));
-    json!({
+        .map_err(|e| e.to_string())?;
+    Ok(json!({
         "source_format": format,
         "record_type": record.record_type,
         "patient_pseudonym": out.patient_pseudonym,
         "batch_id": "golden",
-        "position": case.position,
+        "position": record.position,
         "content": out.content,
-    })
+    }))
 }
 
 /// All records of a source, de-identified, as golden-style inputs.
