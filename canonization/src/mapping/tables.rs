@@ -341,6 +341,7 @@ pub(crate) struct Hl7Tables {
     pub version: String,
     pub adt_events: Vec<String>,
     pub hospital_services: Vec<String>,
+    pub diagnostic_service_sections: Vec<String>,
     pub coding_systems: BTreeMap<String, String>,
     pub local_system: String,
     pub local_names: Vec<String>,
