@@ -67,7 +67,7 @@ const fn case(name: &'static str, source: Source, position: u64) -> Case {
     }
 }
 
-pub const CASES: [Case; 30] = [
+pub const CASES: [Case; 38] = [
     case("fhir-patient", Source::Ndjson("fhir/patient.ndjson"), 1),
     case(
         "fhir-observation",
@@ -166,6 +166,47 @@ pub const CASES: [Case; 30] = [
     case(
         "csv-ingestion-observation",
         Source::Csv("INGESTION:csv/observations.csv"),
+        1,
+    ),
+    // What the reference validator checks beyond the structure (src/mapping/invariants.rs).
+    case(
+        "fhir-allergy-no-status",
+        Source::Ndjson("fhir/conformance.ndjson"),
+        1,
+    ),
+    case(
+        "fhir-condition-abated-active",
+        Source::Ndjson("fhir/conformance.ndjson"),
+        2,
+    ),
+    case(
+        "fhir-condition-abated-no-status",
+        Source::Ndjson("fhir/conformance.ndjson"),
+        3,
+    ),
+    case(
+        "fhir-medication-request-timing",
+        Source::Ndjson("fhir/conformance.ndjson"),
+        4,
+    ),
+    case(
+        "fhir-observation-component-absent",
+        Source::Ndjson("fhir/conformance.ndjson"),
+        5,
+    ),
+    case(
+        "fhir-observation-string",
+        Source::Ndjson("fhir/conformance.ndjson"),
+        6,
+    ),
+    case(
+        "fhir-patient-marital-status",
+        Source::Ndjson("fhir/conformance.ndjson"),
+        7,
+    ),
+    case(
+        "hl7-oru-r01-sections",
+        Source::Hl7("hl7/oru_r01_sections.hl7"),
         1,
     ),
 ];
