@@ -113,13 +113,11 @@ pub(crate) fn invariants(
     match resource_type {
         "AllergyIntolerance" => allergy_status(r, repairs),
         "Condition" => condition_abatement(r, repairs)?,
-        "Organization" => {
-            if !r.contains_key("name") && !r.contains_key("identifier") {
-                return Err(MapError::invalid(
-                    "Organization breaks FHIR invariant org-1: it has neither name nor \
-                     identifier (after de-identification)",
-                ));
-            }
+        "Organization" if !r.contains_key("name") && !r.contains_key("identifier") => {
+            return Err(MapError::invalid(
+                "Organization breaks FHIR invariant org-1: it has neither name nor \
+                 identifier (after de-identification)",
+            ));
         }
         _ => {}
     }
