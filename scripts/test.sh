@@ -33,6 +33,18 @@ if ! "$venv/bin/python" -c 'import confluent_kafka.schema_registry.avro' >/dev/n
 fi
 export MEDPIPE_PYTHON="$venv/bin/python"
 
+# canonization's conformance test (tests/conformance.rs) runs HAPI FHIR's offline validator
+# through scripts/fhir-validate.sh, which needs Java 17+ and Maven (installed here when
+# missing). Built first, so a Maven failure shows as such: the first build on a machine
+# resolves HAPI FHIR from Maven Central, later ones run offline.
+if ! command -v java >/dev/null 2>&1 || ! command -v mvn >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openjdk-17-jdk-headless maven >/dev/null
+  fi
+fi
+"$here/fhir-validate.sh" --build-only
+
 # The end-to-end tests start the stage binaries as processes, so build them first.
 cargo build --workspace --bins
 # End-to-end tests share one broker on 2 cores: run test binaries' tests one at a time.

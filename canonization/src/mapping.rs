@@ -43,6 +43,7 @@ mod datatypes;
 mod fhir;
 mod finish;
 mod hl7;
+mod invariants;
 mod structure;
 mod tables;
 
@@ -51,6 +52,7 @@ use serde::Serialize;
 use serde_json::Value;
 use uuid::Uuid;
 
+pub use invariants::REPAIR_TAG_SYSTEM;
 pub use pipeline::ResourceType;
 pub use tables::{Tables, TablesError};
 

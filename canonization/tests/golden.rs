@@ -125,6 +125,14 @@ golden! {
     hl7_sample_adt_a08 => "hl7-sample-adt-a08",
     hl7_sample_oru_r01_lab => "hl7-sample-oru-r01-lab",
     hl7_sample_oru_r01_generic => "hl7-sample-oru-r01-generic",
+    fhir_allergy_no_status => "fhir-allergy-no-status",
+    fhir_condition_abated_active => "fhir-condition-abated-active",
+    fhir_condition_abated_no_status => "fhir-condition-abated-no-status",
+    fhir_medication_request_timing => "fhir-medication-request-timing",
+    fhir_observation_component_absent => "fhir-observation-component-absent",
+    fhir_observation_string => "fhir-observation-string",
+    fhir_patient_marital_status => "fhir-patient-marital-status",
+    hl7_oru_r01_sections => "hl7-oru-r01-sections",
 }
 
 /// The committed inputs are what ingestion + de-identification make of the sources today.

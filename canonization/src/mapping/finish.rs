@@ -6,11 +6,14 @@
 //! reference; move or remove `instant`s that de-identification cut to a year; repair
 //! quantities; drop codes outside a required value set; prune everything to the R4
 //! structure (`structure.rs`); then supply the R4 "unknown" value of each required
-//! element still missing, or reject the record where R4 has none.
+//! element still missing, or reject the record where R4 has none. Code system names,
+//! data-absent reasons, string whitespace and the invariants source records break are
+//! `invariants.rs`'s, whose repairs are tagged.
 
 use serde_json::{json, Map, Value};
 
 use super::datatypes::{decimal, is_instant, iso_date_time, reference};
+use super::invariants;
 use super::tables::{Tables, TypeRules};
 use super::{patient_id, MapError};
 use pipeline::ResourceType;
@@ -88,6 +91,8 @@ pub(crate) fn finish(
         add_pseudonym_identifier(&mut r, pseudonym);
     }
 
+    let mut repairs = Vec::new();
+    invariants::terminology(&mut r, &tables.fhir.terminology, &mut repairs);
     fix_instants(rules, &mut r);
     for (key, value) in r.iter_mut() {
         fix_quantities(value, key);
@@ -97,6 +102,7 @@ pub(crate) fn finish(
     }
     tables.structure.conform_resource(&mut r, resource_type);
     fix_invariants(resource_type, &mut r);
+    invariants::invariants(resource_type, &mut r, &mut repairs)?;
 
     for (element, default) in &rules.defaults {
         if !r.contains_key(element) {
@@ -120,6 +126,7 @@ pub(crate) fn finish(
             )));
         }
     }
+    invariants::tag(&mut r, &repairs);
     Ok(Value::Object(r))
 }
 

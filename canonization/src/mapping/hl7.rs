@@ -413,7 +413,14 @@ fn report(t: &Hl7Tables, obr: Seg<'_>, results: &[String], encounter: Option<&st
     if let Some(cc) = codeable(t, obr, 4, 1) {
         r.insert("code".into(), cc);
     }
-    if let Some(c) = obr.value(24).as_deref().and_then(|v| {
+    // OBR-24 is a category only when it is a table 0074 section; the result status is
+    // OBR-25's, above.
+    let section = obr
+        .value(24)
+        .and_then(|v| code(&v))
+        .map(|v| v.to_ascii_uppercase())
+        .filter(|v| t.diagnostic_service_sections.contains(v));
+    if let Some(c) = section.as_deref().and_then(|v| {
         coding(
             Some("http://terminology.hl7.org/CodeSystem/v2-0074"),
             v,
@@ -683,9 +690,13 @@ fn codeable(t: &Hl7Tables, seg: Seg<'_>, n: usize, r: usize) -> Option<Value> {
         let Some(code_text) = seg.text(n, r, c) else {
             continue;
         };
-        let system = seg.text(n, r, s).and_then(|s| system(t, &s));
+        // A code without a system name is the sender's own (see data/hl7v2.toml).
+        let system = match seg.text(n, r, s).and_then(|s| system(t, &s)) {
+            Some(system) => system,
+            None => t.local_system.clone(),
+        };
         let display = seg.text(n, r, d);
-        if let Some(coding) = coding(system.as_deref(), &code_text, display.as_deref()) {
+        if let Some(coding) = coding(Some(&system), &code_text, display.as_deref()) {
             codings.push(coding);
         }
     }

@@ -151,7 +151,30 @@ pub(crate) struct FhirRules {
     pub types: BTreeMap<String, TypeRules>,
     /// `Type.path` (or `*.path`) → the one canonical type that element can reference.
     pub reference_targets: BTreeMap<String, String>,
+    pub terminology: Terminology,
     pub constraint: Vec<Constraint>,
+}
+
+/// Code systems under other names, and the data-absent-reason codes (data/fhir.toml).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct Terminology {
+    pub system_prefixes: BTreeMap<String, String>,
+    pub systems: BTreeMap<String, String>,
+    pub data_absent_reasons: Vec<String>,
+}
+
+impl Terminology {
+    /// The R4 name of a code system URI, when it has another.
+    pub fn system(&self, uri: &str) -> Option<String> {
+        if let Some(r4) = self.systems.get(uri) {
+            return Some(r4.clone());
+        }
+        self.system_prefixes.iter().find_map(|(old, new)| {
+            uri.strip_prefix(old.as_str())
+                .map(|rest| format!("{new}{rest}"))
+        })
+    }
 }
 
 impl FhirRules {
@@ -318,6 +341,7 @@ pub(crate) struct Hl7Tables {
     pub version: String,
     pub adt_events: Vec<String>,
     pub hospital_services: Vec<String>,
+    pub diagnostic_service_sections: Vec<String>,
     pub coding_systems: BTreeMap<String, String>,
     pub local_system: String,
     pub local_names: Vec<String>,
