@@ -45,8 +45,24 @@ if ! command -v java >/dev/null 2>&1 || ! command -v mvn >/dev/null 2>&1; then
 fi
 "$here/fhir-validate.sh" --build-only
 
+# Each end-to-end test pipeline that ran canonization writes its canonical resources here
+# (at most 100 per resource type each; tests/src/lib.rs, `dump_canonical`), and the same
+# validator checks them all once the tests have passed.
+canonical_dump="$(mktemp -d)"
+trap 'rm -rf "$canonical_dump"; cleanup' EXIT
+export MEDPIPE_CANONICAL_DUMP="$canonical_dump/canonical"
+
 # The end-to-end tests start the stage binaries as processes, so build them first.
 cargo build --workspace --bins
 # End-to-end tests share one broker on 2 cores: run test binaries' tests one at a time.
 cargo test --workspace --all-targets -- --test-threads=1
 cargo test --workspace --doc
+
+echo "== FHIR conformance (HAPI's offline validator) of the canonical resources the end-to-end tests committed"
+dumped=$(cat "$MEDPIPE_CANONICAL_DUMP"/*.ndjson 2>/dev/null | wc -l)
+if [ "$dumped" -eq 0 ]; then
+  echo "no canonical resources were dumped by the end-to-end tests" >&2
+  exit 1
+fi
+echo "$dumped resources from $(ls "$MEDPIPE_CANONICAL_DUMP" | wc -l) test pipelines"
+"$here/fhir-validate.sh" --report "$canonical_dump/report.json" "$MEDPIPE_CANONICAL_DUMP"

@@ -521,10 +521,13 @@ impl Pipeline {
 }
 
 impl Pipeline {
-    /// With `MEDPIPE_CANONICAL_DUMP` set to a folder, writes every distinct canonical
-    /// resource this pipeline committed there, as `<prefix>.ndjson`, for the reference
+    /// With `MEDPIPE_CANONICAL_DUMP` set to a folder, writes the distinct canonical
+    /// resources this pipeline committed there, as `<prefix>.ndjson`, for the reference
     /// FHIR validator: `scripts/test.sh` sets it for the broker tests and then runs
-    /// `scripts/fhir-validate.sh` over the folder. Called on drop; a failure to read only
+    /// `scripts/fhir-validate.sh` over the folder. At most `MEDPIPE_CANONICAL_DUMP_PER_TYPE`
+    /// (default 100) of each resource type per pipeline, the first on the topics: the
+    /// validator takes tens of milliseconds per resource, and the large tests repeat a
+    /// few generated shapes thousands of times. Called on drop; a failure to read only
     /// warns (the folder then lacks this pipeline's resources, which the script's count
     /// shows).
     fn dump_canonical(&self) {
@@ -552,18 +555,32 @@ impl Pipeline {
                 return;
             }
         };
+        let per_type: usize = std::env::var("MEDPIPE_CANONICAL_DUMP_PER_TYPE")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(100);
+        let mut by_type: HashMap<String, usize> = HashMap::new();
         let mut seen = std::collections::HashSet::new();
         let mut out = String::new();
         for r in &records {
             let Some((_, json, _)) = r.event.as_ref().and_then(|e| e.payload.canonical()) else {
                 continue;
             };
-            // One line per resource, whatever the spacing on the topic.
+            // One line per resource, whatever the spacing on the topic; what is not JSON
+            // goes in as it is, for the validator to refuse.
             let Ok(v) = serde_json::from_str::<serde_json::Value>(json) else {
+                out.push_str(&json.replace('\n', " "));
+                out.push('\n');
                 continue;
             };
+            let kind = v["resourceType"].as_str().unwrap_or("").to_string();
+            let n = by_type.entry(kind).or_default();
+            if *n >= per_type {
+                continue;
+            }
             let line = v.to_string();
             if seen.insert(line.clone()) {
+                *n += 1;
                 out.push_str(&line);
                 out.push('\n');
             }
