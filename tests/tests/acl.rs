@@ -260,27 +260,16 @@ fn each_stage_runs_as_its_own_principal_and_the_broker_refuses_what_it_may_not_d
     let wrong = p.dir.path().join("wrong.password");
     std::fs::write(&wrong, "not-the-password\n").unwrap();
     let wrong = wrong.to_string_lossy().into_owned();
-    p.start_named(
+    let log = stops_at_start(
+        &mut p,
         "anonymization-wrong-password",
-        "anonymization",
         &[
             ("MEDPIPE_BOOTSTRAP_SERVERS", SASL_BOOTSTRAP),
             ("MEDPIPE_KAFKA_SASL_MECHANISM", "SCRAM-SHA-512"),
             ("MEDPIPE_KAFKA_SASL_USERNAME", &users["anonymization"].0),
             ("MEDPIPE_KAFKA_SASL_PASSWORD_FILE", &wrong),
-            ("MEDPIPE_INSTANCE_ID", "9"),
         ],
-    );
-    let status = p.wait_exit(
-        "anonymization-wrong-password",
-        Duration::from_secs(90),
-        "a stage with the wrong password was still running after 90 s",
-    );
-    let log = p.log("anonymization-wrong-password");
-    assert!(!status.success(), "{log}");
-    assert!(
-        log.contains("refused the SCRAM-SHA-512 credentials of user"),
-        "the error does not say the credentials were refused:\n{log}"
+        "refused the SCRAM-SHA-512 credentials of user",
     );
     assert!(!log.contains("not-the-password"), "{log}");
 
@@ -315,28 +304,38 @@ fn each_stage_runs_as_its_own_principal_and_the_broker_refuses_what_it_may_not_d
     let other = other_ca.join("ca.crt").to_string_lossy().into_owned();
     let (principal, file) = &users["canonization"];
     let file = file.to_string_lossy().into_owned();
-    p.start_named(
+    stops_at_start(
+        &mut p,
         "canonization-other-ca",
-        "canonization",
         &[
             ("MEDPIPE_BOOTSTRAP_SERVERS", SASL_SSL_BOOTSTRAP),
             ("MEDPIPE_KAFKA_SASL_MECHANISM", "SCRAM-SHA-512"),
             ("MEDPIPE_KAFKA_SASL_USERNAME", principal),
             ("MEDPIPE_KAFKA_SASL_PASSWORD_FILE", &file),
             ("MEDPIPE_KAFKA_TLS_CA_FILE", &other),
-            ("MEDPIPE_INSTANCE_ID", "9"),
         ],
-    );
-    let status = p.wait_exit(
-        "canonization-other-ca",
-        Duration::from_secs(90),
-        "a stage trusting another CA was still running after 90 s",
-    );
-    let log = p.log("canonization-other-ca");
-    assert!(!status.success(), "{log}");
-    assert!(
-        log.contains("TLS handshake with the brokers at 127.0.0.1:9095 failed"),
-        "the error does not say the TLS handshake failed:\n{log}"
+        "TLS handshake with the brokers at 127.0.0.1:9095 failed",
     );
     p.stop_all();
+}
+
+/// Starts an extra instance `<stage>-<why>` with `env`: it must exit with an error whose
+/// log says `expected`, within 90 s. Returns its log.
+fn stops_at_start(p: &mut Pipeline, name: &str, env: &[(&str, &str)], expected: &str) -> String {
+    let stage = name.split('-').next().expect("stage name");
+    let mut env = env.to_vec();
+    env.push(("MEDPIPE_INSTANCE_ID", "9"));
+    p.start_named(name, stage, &env);
+    let status = p.wait_exit(
+        name,
+        Duration::from_secs(90),
+        &format!("{name} was still running after 90 s"),
+    );
+    let log = p.log(name);
+    assert!(!status.success(), "{log}");
+    assert!(
+        log.contains(expected),
+        "{name}: the error does not say {expected:?}:\n{log}"
+    );
+    log
 }
