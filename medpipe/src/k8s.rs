@@ -354,7 +354,7 @@ mod tests {
         assert!(canonization.contains(
             "{type: transactionalId, name: \"medpipe-canonization-\", patternType: prefix}"
         ));
-        assert_eq!(rendered.matches("kind: KafkaUser").count(), 5);
+        assert_eq!(rendered.matches("kind: KafkaUser").count(), 6);
     }
 
     /// Every metric the Grafana dashboard (and the PrometheusRule) queries is one the stages
