@@ -60,8 +60,7 @@ pub async fn prepare(kafka: &KafkaArgs, wait: Duration) -> Result<Arc<Codec>, Pi
     compact
         .configs
         .push(("cleanup.policy".into(), "compact".into()));
-    let mut internal = vec![topics.ingestion_ledger(), topics.redrive_ledger()];
-    internal.extend(topics::STATE_STAGES.iter().map(|s| topics.state(s)));
+    let internal = topics.internal();
     topics::ensure_topics(&connection, &internal, &compact).await?;
     Ok(Arc::new(codec))
 }

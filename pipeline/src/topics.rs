@@ -99,6 +99,14 @@ impl Topics {
         format!("{}-internal.{stage}-state.v1", self.prefix)
     }
 
+    /// The compacted state topics outside the `<prefix>.` namespace: ingestion's ledger,
+    /// the redrive ledger and each stateful stage's state.
+    pub fn internal(&self) -> Vec<String> {
+        let mut v = vec![self.ingestion_ledger(), self.redrive_ledger()];
+        v.extend(STATE_STAGES.iter().map(|s| self.state(s)));
+        v
+    }
+
     /// The regex that matches every topic of this pipeline (librdkafka regex syntax).
     pub fn all_regex(&self) -> String {
         format!("^{}\\..*", self.prefix.replace('.', "\\."))

@@ -608,13 +608,7 @@ impl Pipeline {
         use rdkafka::admin::{AdminClient, AdminOptions};
         use rdkafka::client::DefaultClientContext;
         let mut names = self.topics.all();
-        names.push(self.topics.ingestion_ledger());
-        names.push(self.topics.redrive_ledger());
-        names.extend(
-            pipeline::topics::STATE_STAGES
-                .iter()
-                .map(|s| self.topics.state(s)),
-        );
+        names.extend(self.topics.internal());
         let admin: AdminClient<DefaultClientContext> =
             match pipeline::kafka::admin_config(&broker()).create() {
                 Ok(a) => a,
