@@ -491,6 +491,11 @@ impl Pipeline {
         self.http_get(stage, "/metrics")
     }
 
+    /// One sample of the stage's /metrics page (see [`metric_value`]).
+    pub fn metric(&self, stage: &str, sample: &str) -> Option<f64> {
+        metric_value(&self.metrics(stage), sample)
+    }
+
     /// The raw HTTP/1.0 response (status line, headers, body) to `GET path` on a stage's
     /// telemetry address (which auditing's batch status API shares).
     pub fn http_get(&self, stage: &str, path: &str) -> String {
@@ -1174,5 +1179,38 @@ impl Flow {
             "exactly once broken:\n{}",
             problems.join("\n")
         );
+    }
+}
+
+/// The value of one sample in a Prometheus text exposition: `sample` is the metric's name
+/// with its labels as exposed (`medpipe_x_total{kind="gap"}`), matched whole. `# HELP` and
+/// `# TYPE` lines are not samples: a substring search for "name 1" also matches a help text
+/// that starts with "1 while ...".
+pub fn metric_value(exposition: &str, sample: &str) -> Option<f64> {
+    exposition
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| l.rsplit_once(' '))
+        .find(|(name, _)| *name == sample)
+        .and_then(|(_, value)| value.trim().parse().ok())
+}
+
+#[cfg(test)]
+mod metric_tests {
+    use super::metric_value;
+
+    #[test]
+    fn a_help_text_is_not_a_sample() {
+        let page = "# HELP medpipe_auditing_store_full 1 while paused.\n\
+                    # TYPE medpipe_auditing_store_full gauge\n\
+                    medpipe_auditing_store_full 0\n\
+                    medpipe_alerts_total{kind=\"gap\"} 2\n";
+        assert_eq!(metric_value(page, "medpipe_auditing_store_full"), Some(0.0));
+        assert_eq!(
+            metric_value(page, "medpipe_alerts_total{kind=\"gap\"}"),
+            Some(2.0)
+        );
+        assert_eq!(metric_value(page, "medpipe_alerts_total"), None);
+        assert_eq!(metric_value(page, "medpipe_auditing_store"), None);
     }
 }

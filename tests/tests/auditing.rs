@@ -578,10 +578,11 @@ fn closing_counts_that_do_not_add_up_raise_a_gap_alert() {
         ),
         "{details:?}"
     );
-    let metrics = p.metrics("auditing");
-    assert!(
-        metrics.contains("medpipe_compliance_alerts_total{kind=\"gap\"} 2"),
-        "{metrics}"
+    assert_eq!(
+        p.metric("auditing", "medpipe_compliance_alerts_total{kind=\"gap\"}"),
+        Some(2.0),
+        "{}",
+        p.metrics("auditing")
     );
     p.stop("auditing");
     let report = p.medpipe(&[
@@ -679,10 +680,8 @@ fn auditing_pauses_on_a_full_disk_and_resumes_losing_nothing() {
     let (more, _) = synthetic_patients(80);
     p.drop_file("patients-more.csv", &more);
     let deadline = Instant::now() + Duration::from_secs(60);
-    while !p
-        .metrics("auditing")
-        .contains("medpipe_auditing_store_full 1")
-    {
+    let store_full = |p: &Pipeline| p.metric("auditing", "medpipe_auditing_store_full");
+    while store_full(&p) != Some(1.0) {
         assert!(
             Instant::now() < deadline,
             "auditing never reported a full store:\n{}",
@@ -706,9 +705,7 @@ fn auditing_pauses_on_a_full_disk_and_resumes_losing_nothing() {
         "auditing exited on a full disk:\n{}",
         p.log("auditing")
     );
-    assert!(p
-        .metrics("auditing")
-        .contains("medpipe_auditing_store_full 1"));
+    assert_eq!(store_full(&p), Some(1.0), "the full-store gauge went down");
     assert_eq!(
         p.audit_entries().len(),
         at_pause,
@@ -718,10 +715,7 @@ fn auditing_pauses_on_a_full_disk_and_resumes_losing_nothing() {
     disk.free();
     let recorded = p.wait_for_audit_catch_up(Duration::from_secs(120));
     let deadline = Instant::now() + Duration::from_secs(30);
-    while !p
-        .metrics("auditing")
-        .contains("medpipe_auditing_store_full 0")
-    {
+    while store_full(&p) != Some(0.0) {
         assert!(Instant::now() < deadline, "the full-store gauge stayed up");
         std::thread::sleep(Duration::from_millis(200));
     }

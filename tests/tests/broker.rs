@@ -189,11 +189,7 @@ fn a_coordinator_restart_during_in_flight_commits_loses_and_duplicates_nothing()
 
 /// A stage's `commit_in_flight` gauge, from its /metrics.
 fn commit_in_flight(p: &Pipeline, stage: &str) -> bool {
-    let name = format!("medpipe_{stage}_commit_in_flight ");
-    p.metrics(stage)
-        .lines()
-        .find_map(|l| l.strip_prefix(&name))
-        .is_some_and(|v| v.trim() == "1")
+    p.metric(stage, &format!("medpipe_{stage}_commit_in_flight")) == Some(1.0)
 }
 
 /// Stages are SIGKILLed while their commit is in flight: the broker is frozen, so each

@@ -72,13 +72,18 @@ enum Fault {
     /// listener: it must stop at start, saying its credentials were refused, and the
     /// pipeline must not notice.
     BadCredentials(&'static str),
-    /// Fill the audit store's disk until auditing reports it full, keep it full this many
-    /// ms more, then free it.
+    /// Fill the audit store's disk and drop one small HL7 file, wait until auditing
+    /// reports the disk full (`medpipe_auditing_store_full` 1), keep it full this many ms
+    /// more, free it, and wait until auditing reports that it resumed.
     AuditDiskFull { full_ms: u64 },
     /// Drop `deliveries` files at once that hold the same `messages` HL7 ORU^R01
     /// messages (in a different order each, as a lab feed resends them).
     Hl7Burst { messages: usize, deliveries: usize },
 }
+
+/// The HL7 ORU messages dropped while the audit disk is full, so that auditing has
+/// something to write (and so notices).
+const DISK_FULL_MESSAGES: usize = 20;
 
 /// The files of an HL7 burst: the same ORU messages, rotated by one per delivery so each
 /// file is new to ingestion (another batch).
@@ -336,13 +341,21 @@ fn run(rng: &mut Rng, run_no: u64, records: usize, files: usize, stage_kills: u6
                 faults.push(format!("{stage} with wrong credentials@{out}"));
             }
             Fault::AuditDiskFull { full_ms } => {
+                // A full disk is only noticed by a write: one small HL7 delivery (counted
+                // like a burst of one) gives auditing something to record while it is full,
+                // even after the run's own stream has ended.
+                let store_full = |p: &Pipeline| p.metric("auditing", "medpipe_auditing_store_full");
                 disk.fill();
-                let deadline = Instant::now() + Duration::from_secs(60);
                 let noticed = Instant::now();
-                while !p
-                    .metrics("auditing")
-                    .contains("medpipe_auditing_store_full 1")
-                {
+                let tag = tests::fresh_tag();
+                let body = hl7_burst(&tag, DISK_FULL_MESSAGES, 1).remove(0);
+                bursts.push(BTreeMap::from([(
+                    tests::batch_of(&body),
+                    DISK_FULL_MESSAGES,
+                )]));
+                p.drop_file(&format!("lab-{tag}-full.hl7"), &body);
+                let deadline = Instant::now() + Duration::from_secs(60);
+                while store_full(&p) != Some(1.0) {
                     assert!(
                         Instant::now() < deadline,
                         "auditing did not report its full disk within 60 s"
@@ -353,10 +366,21 @@ fn run(rng: &mut Rng, run_no: u64, records: usize, files: usize, stage_kills: u6
                 let noticed = noticed.elapsed();
                 std::thread::sleep(Duration::from_millis(full_ms));
                 assert!(p.exited("auditing").is_none(), "auditing exited");
+                assert_eq!(store_full(&p), Some(1.0), "the full-store gauge went down");
                 disk.free();
+                let freed = Instant::now();
+                while store_full(&p) != Some(0.0) {
+                    assert!(
+                        freed.elapsed() < Duration::from_secs(60),
+                        "auditing did not resume within 60 s of the space returning"
+                    );
+                    assert!(p.exited("auditing").is_none(), "auditing exited");
+                    std::thread::sleep(Duration::from_millis(100));
+                }
                 faults.push(format!(
-                    "audit disk full@{out} (paused after {:.1} s, {full_ms} ms more)",
-                    noticed.as_secs_f64()
+                    "audit disk full@{out} (paused after {:.1} s, {full_ms} ms more, resumed {:.1} s after freeing)",
+                    noticed.as_secs_f64(),
+                    freed.elapsed().as_secs_f64()
                 ));
             }
             Fault::Hl7Burst {
