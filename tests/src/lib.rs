@@ -209,6 +209,18 @@ impl Pipeline {
         out
     }
 
+    /// How many compliance alerts of this kind the audit store holds.
+    pub fn alerts_recorded(&self, kind: auditing::monitors::AlertKind) -> usize {
+        let needle = format!("\"kind\":\"{}\"", kind.as_str());
+        self.audit_entries()
+            .iter()
+            .filter(|e| {
+                e.event_type == auditing::monitors::ALERT_EVENT_TYPE
+                    && e.detail.as_deref().is_some_and(|d| d.contains(&needle))
+            })
+            .count()
+    }
+
     /// Messages on every audited topic (all but the audit topic), by position.
     pub fn audited_positions(&self) -> std::collections::HashSet<(String, i32, i64)> {
         let audit = self.topics.name(pipeline::topics::TopicKind::Audit);

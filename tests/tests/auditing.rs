@@ -729,16 +729,11 @@ fn auditing_pauses_on_a_full_disk_and_resumes_losing_nothing() {
     let twice: Vec<_> = per_position.iter().filter(|(_, n)| **n > 1).collect();
     assert!(twice.is_empty(), "recorded more than once: {twice:?}");
     assert_eq!(per_position.len(), recorded.len());
-    let paused = entries
-        .iter()
-        .filter(|e| {
-            e.event_type == auditing::monitors::ALERT_EVENT_TYPE
-                && e.detail
-                    .as_deref()
-                    .is_some_and(|d| d.contains("\"kind\":\"audit_store_paused\""))
-        })
-        .count();
-    assert_eq!(paused, 1, "the pause is on the record once");
+    assert_eq!(
+        p.alerts_recorded(auditing::monitors::AlertKind::AuditStorePaused),
+        1,
+        "the pause is on the record once"
+    );
     let v = verify(&p, false);
     assert!(v.status.success(), "{}", stderr(&v));
     p.stop_all();

@@ -491,8 +491,15 @@ fn run(rng: &mut Rng, run_no: u64, records: usize, files: usize, stage_kills: u6
             Err(e) => format!("FAILED: {e}"),
         })
         .collect();
+    // Each disk fill paused auditing once, and each pause is on the record as a compliance
+    // alert.
+    let disk_fills = plan
+        .iter()
+        .filter(|(_, f)| matches!(f, Fault::AuditDiskFull { .. }))
+        .count();
+    let pauses = p.alerts_recorded(auditing::monitors::AlertKind::AuditStorePaused);
     let row = format!(
-        "| {run_no} | {total} + {} HL7 | {} | {lost} | {duplicated} | {} + bursts {burst_closed} | {} | {} | {:.0} s |",
+        "| {run_no} | {total} + {} HL7 | {} | {lost} | {duplicated} | {} + bursts {burst_closed} | {} | {}, {pauses} of {disk_fills} disk pauses on record | {:.0} s |",
         all_bursts.values().sum::<usize>(),
         faults.join(", "),
         flow.closed_once(&batches),
@@ -515,6 +522,10 @@ fn run(rng: &mut Rng, run_no: u64, records: usize, files: usize, stage_kills: u6
         assert!(c.is_ok(), "HL7 burst: {c:?}");
     }
     drop(disk);
+    assert_eq!(
+        pauses, disk_fills,
+        "audit_store_paused alerts recorded, against disk fills"
+    );
     assert!(
         verified,
         "audit verify failed: {}",
