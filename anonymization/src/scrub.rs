@@ -2304,6 +2304,22 @@ mod tests {
         );
     }
 
+    /// Found by `never_panics` in CI: `𞹹` is F0 9E B9 B9, and its two equal final bytes
+    /// passed for a doubled final consonant, which was then cut off mid-character.
+    #[test]
+    fn a_character_ending_in_two_equal_bytes_is_not_a_doubled_consonant() {
+        for text in [
+            "A\u{df}A\u{1ee79}D ",
+            "\u{1ee79}s",
+            "x\u{1ee79}ed and \u{1ee79}\u{1ee79}ing",
+        ] {
+            let _ = scrub(text, &Known::default());
+        }
+        // A real doubled consonant still reads as an inflected common word.
+        let out = scrub("The patient stopped the medication.", &Known::default());
+        assert!(out.text.contains("stopped"), "{}", out.text);
+    }
+
     proptest! {
         #[test]
         fn never_panics(s in any::<String>(), n in any::<String>(), i in any::<String>()) {

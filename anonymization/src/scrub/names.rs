@@ -428,10 +428,16 @@ impl NameFinder {
             return true;
         }
         let known = |stem: &str| stem.len() >= 2 && self.vocabulary.contains(stem);
-        // A doubled final consonant before `-ed`/`-ing`/`-er` (`stopped` -> `stop`).
+        // A doubled final consonant before `-ed`/`-ing`/`-er` (`stopped` -> `stop`). Compared
+        // as characters: two equal final bytes can be the inside of one multi-byte character.
         let undouble = |stem: &str| {
-            let b = stem.as_bytes();
-            b.len() >= 3 && b[b.len() - 1] == b[b.len() - 2] && known(&stem[..stem.len() - 1])
+            let mut last = stem.chars().rev();
+            match (last.next(), last.next()) {
+                (Some(a), Some(b)) if a == b && stem.chars().nth(2).is_some() => {
+                    known(&stem[..stem.len() - a.len_utf8()])
+                }
+                _ => false,
+            }
         };
         for suffix in [
             "s", "es", "ed", "d", "ing", "er", "ers", "est", "ly", "ness", "ment",
