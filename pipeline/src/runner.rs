@@ -638,7 +638,7 @@ impl<S: Stage> Runner<S> {
             event: &event,
             redriven: dlq_headers::redrive_count(msg) > 0,
         };
-        let (dead_letter, outputs) = match self.stage.process(&input) {
+        let (dead_letter, outputs) = match process_guarded(&mut self.stage, &input) {
             Outcome::Emit(outputs) => (None, outputs),
             Outcome::DeadLetter { error_type, reason } => (Some((error_type, reason)), vec![]),
             Outcome::DeadLetterAndEmit {
@@ -675,6 +675,29 @@ impl<S: Stage> Runner<S> {
             error_type,
             reason,
         )
+    }
+}
+
+/// The DLQ `error_type` of a record whose processing panicked.
+pub const STAGE_PANICKED: &str = "stage_panicked";
+
+/// `stage.process`, with a panic turned into a dead letter: a record that meets a defect
+/// must not crash the stage, since the restarted stage would read the same record, crash
+/// again and stall its partition. The record is kept on the DLQ for a redrive once the
+/// defect is fixed; its batch then cannot add up, so it fails at its deadline and is held,
+/// as after any loss. The panic's message is not in the reason, since it can quote the
+/// record (the panic hook, `telemetry::init_tracing`, logs where it happened).
+pub fn process_guarded<S: Stage>(stage: &mut S, input: &Input<'_>) -> Outcome {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| stage.process(input))) {
+        Ok(outcome) => outcome,
+        Err(_) => Outcome::DeadLetter {
+            error_type: STAGE_PANICKED,
+            reason: format!(
+                "medpipe-{} panicked processing this {} event (a defect in medpipe; its log says where); kept for a redrive once it is fixed",
+                stage.name(),
+                input.event.event_type()
+            ),
+        },
     }
 }
 
@@ -846,6 +869,76 @@ mod tests {
             offset,
             None,
         )
+    }
+
+    /// A stage that panics with a record's contents in the message, or dead-letters.
+    struct Fragile;
+
+    impl Stage for Fragile {
+        fn name(&self) -> &'static str {
+            "fragile"
+        }
+        fn process(&mut self, input: &Input<'_>) -> Outcome {
+            let crate::events::Payload::SourceRecordIngested(r) = &input.event.payload else {
+                return Outcome::Emit(Vec::new());
+            };
+            if r.record_type == "Patient" {
+                panic!("cannot cut {:?}", r.sealed.ciphertext);
+            }
+            Outcome::DeadLetter {
+                error_type: "other",
+                reason: "r".into(),
+            }
+        }
+    }
+
+    #[test]
+    fn a_panic_in_process_dead_letters_the_record_without_its_message() {
+        use crate::events::{Payload, SealedPayload, SourceRecordIngested};
+        let event = |record_type: &str| {
+            Event::new(
+                "s",
+                "b",
+                None,
+                Payload::SourceRecordIngested(SourceRecordIngested {
+                    batch_id: "b".into(),
+                    position: 1,
+                    source_format: "csv".into(),
+                    record_type: record_type.into(),
+                    sealed: SealedPayload {
+                        key_id: "k".into(),
+                        wrapped_key: vec![],
+                        nonce: vec![],
+                        ciphertext: b"Jane Doe".to_vec(),
+                    },
+                }),
+            )
+        };
+        let input = |event| Input {
+            topic: "t",
+            partition: 0,
+            offset: 3,
+            event,
+            redriven: false,
+        };
+        let panicking = event("Patient");
+        match process_guarded(&mut Fragile, &input(&panicking)) {
+            Outcome::DeadLetter { error_type, reason } => {
+                assert_eq!(error_type, STAGE_PANICKED);
+                assert!(reason.contains("medpipe-fragile panicked"), "{reason}");
+                assert!(!reason.contains("74, 97"), "{reason}");
+            }
+            other => panic!("{other:?}"),
+        }
+        // A stage that does not panic keeps its own outcome.
+        let calm = event("Observation");
+        assert!(matches!(
+            process_guarded(&mut Fragile, &input(&calm)),
+            Outcome::DeadLetter {
+                error_type: "other",
+                ..
+            }
+        ));
     }
 
     #[test]
