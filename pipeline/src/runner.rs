@@ -687,7 +687,7 @@ pub const STAGE_PANICKED: &str = "stage_panicked";
 /// defect is fixed; its batch then cannot add up, so it fails at its deadline and is held,
 /// as after any loss. The panic's message is not in the reason, since it can quote the
 /// record (the panic hook, `telemetry::init_tracing`, logs where it happened).
-pub fn process_guarded<S: Stage>(stage: &mut S, input: &Input<'_>) -> Outcome {
+fn process_guarded<S: Stage>(stage: &mut S, input: &Input<'_>) -> Outcome {
     match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| stage.process(input))) {
         Ok(outcome) => outcome,
         Err(_) => Outcome::DeadLetter {

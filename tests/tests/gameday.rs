@@ -345,8 +345,21 @@ fn run(rng: &mut Rng, run_no: u64, records: usize, files: usize, stage_kills: u6
                 // like a burst of one) gives auditing something to record while it is full,
                 // even after the run's own stream has ended.
                 let store_full = |p: &Pipeline| p.metric("auditing", "medpipe_auditing_store_full");
+                // Waits (60 s at most) until the gauge reads `value`; returns the time since
+                // `since`.
+                let gauge_reaches = |p: &mut Pipeline, value: f64, since: Instant, what: &str| {
+                    while store_full(p) != Some(value) {
+                        assert!(
+                            since.elapsed() < Duration::from_secs(60),
+                            "auditing did not {what} within 60 s"
+                        );
+                        assert!(p.exited("auditing").is_none(), "auditing exited");
+                        std::thread::sleep(Duration::from_millis(100));
+                    }
+                    since.elapsed()
+                };
                 disk.fill();
-                let noticed = Instant::now();
+                let filled = Instant::now();
                 let tag = tests::fresh_tag();
                 let body = hl7_burst(&tag, DISK_FULL_MESSAGES, 1).remove(0);
                 bursts.push(BTreeMap::from([(
@@ -354,33 +367,17 @@ fn run(rng: &mut Rng, run_no: u64, records: usize, files: usize, stage_kills: u6
                     DISK_FULL_MESSAGES,
                 )]));
                 p.drop_file(&format!("lab-{tag}-full.hl7"), &body);
-                let deadline = Instant::now() + Duration::from_secs(60);
-                while store_full(&p) != Some(1.0) {
-                    assert!(
-                        Instant::now() < deadline,
-                        "auditing did not report its full disk within 60 s"
-                    );
-                    assert!(p.exited("auditing").is_none(), "auditing exited");
-                    std::thread::sleep(Duration::from_millis(100));
-                }
-                let noticed = noticed.elapsed();
+                let noticed = gauge_reaches(&mut p, 1.0, filled, "report its full disk");
                 std::thread::sleep(Duration::from_millis(full_ms));
                 assert!(p.exited("auditing").is_none(), "auditing exited");
                 assert_eq!(store_full(&p), Some(1.0), "the full-store gauge went down");
                 disk.free();
-                let freed = Instant::now();
-                while store_full(&p) != Some(0.0) {
-                    assert!(
-                        freed.elapsed() < Duration::from_secs(60),
-                        "auditing did not resume within 60 s of the space returning"
-                    );
-                    assert!(p.exited("auditing").is_none(), "auditing exited");
-                    std::thread::sleep(Duration::from_millis(100));
-                }
+                let resumed =
+                    gauge_reaches(&mut p, 0.0, Instant::now(), "resume once space returned");
                 faults.push(format!(
                     "audit disk full@{out} (paused after {:.1} s, {full_ms} ms more, resumed {:.1} s after freeing)",
                     noticed.as_secs_f64(),
-                    freed.elapsed().as_secs_f64()
+                    resumed.as_secs_f64()
                 ));
             }
             Fault::Hl7Burst {

@@ -432,10 +432,8 @@ impl NameFinder {
         // as characters: two equal final bytes can be the inside of one multi-byte character.
         let undouble = |stem: &str| {
             let mut last = stem.chars().rev();
-            match (last.next(), last.next()) {
-                (Some(a), Some(b)) if a == b && stem.chars().nth(2).is_some() => {
-                    known(&stem[..stem.len() - a.len_utf8()])
-                }
+            match (last.next(), last.next(), last.next()) {
+                (Some(a), Some(b), Some(_)) if a == b => known(&stem[..stem.len() - a.len_utf8()]),
                 _ => false,
             }
         };
